@@ -1,0 +1,321 @@
+"""The one door between xpconv and array libraries.
+
+Everything else in xpconv asks this module for a namespace (``xp``) and never
+imports numpy, cupy or torch itself.  Here live:
+
+* ``namespace_of(*arrays)`` -- the Array-API namespace of some arrays;
+* ``get_namespace(name_or_module)`` -- a namespace by name ("numpy", "cupy",
+  "torch", "array_api_strict") or from a module;
+* ``resolve_device("auto" | "cpu" | "cuda")`` -- which namespace a run uses,
+  probing CUDA for real before choosing CuPy;
+* transfers: ``to_numpy``, ``asarray_in``, ``device_of``;
+* ``Generator`` -- seeded random numbers for every namespace (the standard has
+  no random module): weights are drawn on the host, so one seed gives the same
+  initial weights everywhere;
+* ``cuda_status()`` -- why CUDA is or is not usable (for ``xpconv info``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import warnings
+from types import ModuleType
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+__all__ = [
+    "BackendUnavailable",
+    "Generator",
+    "asarray_in",
+    "cuda_status",
+    "device_of",
+    "get_namespace",
+    "is_numpy_namespace",
+    "namespace_name",
+    "namespace_of",
+    "resolve_device",
+    "to_numpy",
+]
+
+#: pip extra to install for each optional backend
+_EXTRAS = {
+    "cupy": "pip install 'xpconv[cuda12]' (CUDA 12 driver) or 'xpconv[cuda13]' (CUDA 13 driver)",
+    "torch": "pip install torch",
+    "array_api_strict": "pip install 'xpconv[test]' (or pip install array-api-strict)",
+    "numpy": "pip install numpy",
+}
+
+_ALIASES = {
+    "np": "numpy",
+    "numpy": "numpy",
+    "cp": "cupy",
+    "cupy": "cupy",
+    "torch": "torch",
+    "pytorch": "torch",
+    "array_api_strict": "array_api_strict",
+    "array-api-strict": "array_api_strict",
+    "strict": "array_api_strict",
+}
+
+
+class BackendUnavailable(ImportError):
+    """An array library (or the CUDA device it needs) cannot be used here."""
+
+
+# --------------------------------------------------------------------------- namespaces
+
+
+def namespace_of(*arrays: Any) -> ModuleType:
+    """Array-API namespace of ``arrays`` (``None`` and Python scalars are ignored).
+
+    Raises TypeError when the arrays come from different libraries or when none
+    of them is an array.
+    """
+    arrs = [a for a in arrays if a is not None and not isinstance(a, (int, float, bool, complex))]
+    if not arrs:
+        raise TypeError("namespace_of() needs at least one array, got none")
+    try:
+        return array_api_compat.array_namespace(*arrs)
+    except TypeError as exc:
+        kinds = sorted({type(a).__module__ + "." + type(a).__name__ for a in arrs})
+        raise TypeError(f"expected arrays of one array library, got {', '.join(kinds)}: {exc}") from None
+
+
+def namespace_name(xp: ModuleType) -> str:
+    """Short library name of a namespace: 'numpy', 'cupy', 'torch' or 'array_api_strict'."""
+    if array_api_compat.is_numpy_namespace(xp):
+        return "numpy"
+    if array_api_compat.is_cupy_namespace(xp):
+        return "cupy"
+    if array_api_compat.is_torch_namespace(xp):
+        return "torch"
+    if array_api_compat.is_array_api_strict_namespace(xp):
+        return "array_api_strict"
+    return getattr(xp, "__name__", repr(xp))
+
+
+def is_numpy_namespace(xp: ModuleType) -> bool:
+    return array_api_compat.is_numpy_namespace(xp)
+
+
+@functools.lru_cache(maxsize=None)
+def _import_by_name(name: str) -> ModuleType:
+    canonical = _ALIASES.get(name.lower())
+    if canonical is None:
+        raise ValueError(
+            f"unknown array namespace {name!r}; expected one of numpy, cupy, torch, array_api_strict"
+        )
+    try:
+        mod = importlib.import_module(canonical)
+    except ImportError as exc:
+        raise BackendUnavailable(
+            f"array namespace {canonical!r} is not installed ({exc}); to use it: {_EXTRAS[canonical]}"
+        ) from exc
+    if canonical == "array_api_strict":
+        return mod
+    return importlib.import_module(f"array_api_compat.{canonical}")
+
+
+def get_namespace(xp: str | ModuleType | None = None) -> ModuleType:
+    """Array-API namespace from a name ('numpy', 'cupy', 'torch', 'array_api_strict'),
+    a library module (``numpy``, ``cupy``, ``torch``) or a namespace; ``None`` means NumPy.
+
+    The result is the same object ``namespace_of`` returns for that library's arrays.
+    """
+    if xp is None:
+        return _import_by_name("numpy")
+    if isinstance(xp, str):
+        if xp.lower() in ("auto", "cpu", "cuda", "gpu"):
+            return resolve_device(xp)
+        return _import_by_name(xp)
+    if isinstance(xp, ModuleType):
+        name = namespace_name(xp)
+        if name in ("numpy", "cupy", "torch", "array_api_strict"):
+            return _import_by_name(name)
+        return xp
+    raise TypeError(f"expected a namespace name or module for xp, got {type(xp).__name__}")
+
+
+# --------------------------------------------------------------------------- CUDA probing
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_status() -> tuple[bool, str]:
+    """(usable, reason). Usable means CuPy imports *and* a device allocation and a
+    kernel launch succeed (CuPy imports fine on machines with no usable driver and
+    only fails at the first allocation)."""
+    try:
+        import cupy
+    except ImportError:
+        return False, f"CuPy is not installed; to use a GPU: {_EXTRAS['cupy']}"
+    except Exception as exc:  # broken installs raise odd things at import
+        return False, f"CuPy failed to import: {exc}"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+        if n < 1:
+            return False, "no CUDA device found"
+        a = cupy.arange(4, dtype=cupy.float32)
+        float((a * 2).sum())
+    except Exception as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, f"{n} CUDA device(s)"
+
+
+def resolve_device(device: str | None = "auto") -> ModuleType:
+    """Namespace for a device choice.
+
+    * ``"cpu"`` -- NumPy;
+    * ``"cuda"``/``"gpu"`` -- CuPy, or BackendUnavailable saying why not;
+    * ``"auto"``/``None`` -- CuPy if a CUDA device really works, else NumPy (with
+      one warning when CuPy is installed but unusable).
+    """
+    choice = "auto" if device is None else str(device).lower()
+    if choice == "cpu":
+        return _import_by_name("numpy")
+    if choice in ("cuda", "gpu"):
+        ok, why = cuda_status()
+        if not ok:
+            raise BackendUnavailable(f"--device cuda was asked for but CUDA is not usable: {why}")
+        return _import_by_name("cupy")
+    if choice == "auto":
+        ok, why = cuda_status()
+        if ok:
+            return _import_by_name("cupy")
+        if "not installed" not in why:
+            _warn_once(f"CuPy is installed but CUDA is not usable ({why}); falling back to NumPy on the CPU")
+        return _import_by_name("numpy")
+    raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+# --------------------------------------------------------------------------- transfers
+
+
+def device_of(x: Any) -> Any:
+    return array_api_compat.device(x)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A host NumPy copy (or view) of an array from any namespace."""
+    if isinstance(x, np.ndarray):
+        return x
+    if array_api_compat.is_numpy_array(x):
+        return np.asarray(x)
+    if array_api_compat.is_cupy_array(x):
+        return x.get()
+    if array_api_compat.is_torch_array(x):
+        return x.detach().cpu().numpy()
+    if isinstance(x, (int, float, bool, list, tuple)) or np.isscalar(x):
+        return np.asarray(x)
+    try:
+        return np.from_dlpack(x)
+    except Exception:
+        return np.asarray(x)
+
+
+def asarray_in(x: Any, xp: ModuleType, *, dtype: Any = None, device: Any = None, copy: bool | None = None) -> Any:
+    """``x`` as an array of namespace ``xp`` (moving it across libraries via the host
+    when it comes from another one)."""
+    name = namespace_name(xp)
+    try:
+        src = namespace_of(x)
+    except TypeError:
+        src = None
+    if src is not None and namespace_name(src) != name:
+        x = to_numpy(x)
+    if name == "array_api_strict" and isinstance(x, np.ndarray):
+        # array_api_strict only accepts buffers and nested sequences, not foreign arrays
+        x = np.ascontiguousarray(x)
+        if dtype is None:
+            dtype = getattr(xp, x.dtype.name)
+        return xp.asarray(x, dtype=dtype, device=device, copy=copy)
+    if device is None:
+        return xp.asarray(x, dtype=dtype, copy=copy)
+    return xp.asarray(x, dtype=dtype, device=device, copy=copy)
+
+
+# --------------------------------------------------------------------------- random numbers
+
+
+class Generator:
+    """Seeded random numbers for any namespace.
+
+    Values are drawn on the host with ``numpy.random.Generator(PCG64(seed))`` and
+    then moved to the target namespace, so the same seed gives bit-identical
+    weights on NumPy, CuPy, torch and array-api-strict.  Dropout masks on CuPy are
+    drawn on the device from a seed taken from the host stream (still
+    reproducible, but no host-to-device copy per step).
+    """
+
+    def __init__(self, seed: int | None | "Generator" = None):
+        if isinstance(seed, Generator):
+            self._np = seed._np
+        else:
+            self._np = np.random.default_rng(seed)
+
+    @property
+    def numpy(self) -> np.random.Generator:
+        return self._np
+
+    def normal(self, shape, *, xp=None, dtype="float32", device=None, scale: float = 1.0):
+        xp = get_namespace(xp)
+        host = (self._np.standard_normal(size=tuple(shape)) * scale).astype(_np_dtype(dtype))
+        return asarray_in(host, xp, device=device)
+
+    def uniform(self, shape, *, xp=None, dtype="float32", device=None, low=0.0, high=1.0):
+        xp = get_namespace(xp)
+        host = self._np.uniform(low, high, size=tuple(shape)).astype(_np_dtype(dtype))
+        return asarray_in(host, xp, device=device)
+
+    def permutation(self, n: int) -> np.ndarray:
+        """A host permutation of range(n) (indexes host data before transfer)."""
+        return self._np.permutation(n)
+
+    def integers(self, low: int, high: int | None = None, size=None):
+        return self._np.integers(low, high, size=size)
+
+    def dropout_mask(self, shape, ratio: float, *, xp, dtype, device=None):
+        """Array of 0/1 of ``dtype``: 1 where the unit is kept (probability 1 - ratio)."""
+        name = namespace_name(xp)
+        shape = tuple(shape)
+        if name == "cupy":
+            import cupy
+
+            rs = cupy.random.default_rng(int(self._np.integers(2**63)))
+            return (rs.random(shape, dtype=cupy.float32) >= ratio).astype(_np_dtype(dtype))
+        keep = (self._np.random(shape, dtype=np.float32) >= ratio).astype(_np_dtype(dtype))
+        return asarray_in(keep, xp, device=device)
+
+
+def zeros(shape, *, xp=None, dtype="float32", device=None):
+    """Zeros of ``dtype`` in namespace ``xp`` (on ``device``)."""
+    return asarray_in(np.zeros(tuple(shape), dtype=_np_dtype(dtype)), get_namespace(xp), device=device)
+
+
+def _np_dtype(dtype: Any) -> np.dtype:
+    if isinstance(dtype, str):
+        return np.dtype(dtype)
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        return np.dtype(str(dtype).rsplit(".", 1)[-1])
+
+
+def dtype_name(dtype: Any) -> str:
+    """'float32' / 'float64' / ... for a dtype object of any namespace."""
+    return _np_dtype(dtype).name
+
+
+def resolve_dtype(xp: ModuleType, dtype: Any) -> Any:
+    """The namespace's dtype object for a name ('float32') or a dtype of any library."""
+    name = dtype_name(dtype) if not isinstance(dtype, str) else dtype
+    if name not in ("float32", "float64"):
+        raise ValueError(f"dtype must be float32 or float64, got {name!r}")
+    return getattr(xp, name)

@@ -1,0 +1,208 @@
+"""Optimizers with the book's interface: ``update(params, grads)`` updates a dict of
+arrays in place, in whatever namespace the arrays live.
+
+Each optimizer's state (step count and per-parameter slots such as Adam's m and v)
+is returned by ``state_dict()`` and restored by ``load_state_dict()``, so a run
+resumed from a checkpoint continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+from .backend import asarray_in, device_of, namespace_of
+
+__all__ = ["SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam", "OPTIMIZERS", "get_optimizer"]
+
+
+class Optimizer:
+    """Base class. Subclasses list their per-parameter slots in ``_slots`` and
+    implement ``_step(key, p, g, slots)``, updating ``p`` in place."""
+
+    _slots: tuple[str, ...] = ()
+
+    def __init__(self, lr: float = 0.01, weight_decay: float = 0.0):
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"{type(self).__name__}: lr must be a positive number, got {lr!r}")
+        if weight_decay < 0:
+            raise ValueError(f"{type(self).__name__}: weight_decay must be >= 0, got {weight_decay!r}")
+        self.lr = float(lr)
+        self.weight_decay = float(weight_decay)
+        self.iter = 0
+        self.state: dict[str, dict[str, Any]] = {name: {} for name in self._slots}
+
+    # -- hyper-parameters shown in checkpoints and summaries
+    def hyperparameters(self) -> dict[str, float]:
+        return {"lr": self.lr, "weight_decay": self.weight_decay}
+
+    def update(self, params: Mapping[str, Any], grads: Mapping[str, Any]) -> None:
+        missing = [k for k in params if k not in grads]
+        if missing:
+            raise KeyError(f"{type(self).__name__}.update: no gradient for parameter(s) {missing}")
+        self.iter += 1
+        for key in params:
+            p = params[key]
+            g = grads[key]
+            if tuple(g.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"{type(self).__name__}.update: gradient {key!r} has shape {tuple(g.shape)}, "
+                    f"parameter has {tuple(p.shape)}"
+                )
+            if self.weight_decay:
+                g = g + self.weight_decay * p
+            slots = {}
+            for name in self._slots:
+                s = self.state[name].get(key)
+                if s is None or namespace_of(s) is not namespace_of(p):
+                    xp = namespace_of(p)
+                    s = xp.zeros_like(p) if s is None else asarray_in(s, xp, dtype=p.dtype, device=device_of(p))
+                    self.state[name][key] = s
+                slots[name] = s
+            self._step(key, p, g, slots)
+
+    def _step(self, key, p, g, slots) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """{'type', 'hyper', 'iter', 'slots': {slot: {param key: array}}}."""
+        return {
+            "type": type(self).__name__,
+            "hyper": self.hyperparameters(),
+            "iter": self.iter,
+            "slots": {name: dict(values) for name, values in self.state.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        kind = state.get("type", type(self).__name__)
+        if kind != type(self).__name__:
+            raise ValueError(f"optimizer state is for {kind}, not {type(self).__name__}")
+        self.iter = int(state.get("iter", 0))
+        slots = state.get("slots", {})
+        unknown = set(slots) - set(self._slots)
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: unknown optimizer slot(s) {sorted(unknown)}")
+        self.state = {name: dict(slots.get(name, {})) for name in self._slots}
+
+    def __repr__(self) -> str:
+        hp = ", ".join(f"{k}={v:g}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}({hp})"
+
+
+class SGD(Optimizer):
+    """p -= lr * g"""
+
+    def _step(self, key, p, g, slots):
+        p -= self.lr * g
+
+
+class Momentum(Optimizer):
+    """v = momentum*v - lr*g; p += v"""
+
+    _slots = ("v",)
+
+    def __init__(self, lr=0.01, momentum=0.9, weight_decay=0.0):
+        super().__init__(lr, weight_decay)
+        self.momentum = float(momentum)
+
+    def hyperparameters(self):
+        return {**super().hyperparameters(), "momentum": self.momentum}
+
+    def _step(self, key, p, g, slots):
+        v = slots["v"]
+        v *= self.momentum
+        v -= self.lr * g
+        p += v
+
+
+class Nesterov(Momentum):
+    """Nesterov's accelerated gradient in the book's form."""
+
+    def _step(self, key, p, g, slots):
+        v = slots["v"]
+        m = self.momentum
+        v *= m
+        v -= self.lr * g
+        p += (m * m) * v
+        p -= ((1.0 + m) * self.lr) * g
+
+
+class AdaGrad(Optimizer):
+    """h += g*g; p -= lr*g/(sqrt(h) + 1e-7)"""
+
+    _slots = ("h",)
+
+    def _step(self, key, p, g, slots):
+        xp = namespace_of(p)
+        h = slots["h"]
+        h += g * g
+        p -= self.lr * g / (xp.sqrt(h) + 1e-7)
+
+
+class RMSprop(Optimizer):
+    """h = decay*h + (1-decay)*g*g; p -= lr*g/(sqrt(h) + 1e-7)"""
+
+    _slots = ("h",)
+
+    def __init__(self, lr=0.01, decay_rate=0.99, weight_decay=0.0):
+        super().__init__(lr, weight_decay)
+        self.decay_rate = float(decay_rate)
+
+    def hyperparameters(self):
+        return {**super().hyperparameters(), "decay_rate": self.decay_rate}
+
+    def _step(self, key, p, g, slots):
+        xp = namespace_of(p)
+        h = slots["h"]
+        h *= self.decay_rate
+        h += (1.0 - self.decay_rate) * g * g
+        p -= self.lr * g / (xp.sqrt(h) + 1e-7)
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba, 2015) in the book's bias-corrected form."""
+
+    _slots = ("m", "v")
+
+    def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, weight_decay=0.0):
+        super().__init__(lr, weight_decay)
+        if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+            raise ValueError(f"Adam: beta1 and beta2 must be in [0, 1), got {beta1!r}, {beta2!r}")
+        self.beta1 = float(beta1)
+        self.beta2 = float(beta2)
+
+    def hyperparameters(self):
+        return {**super().hyperparameters(), "beta1": self.beta1, "beta2": self.beta2}
+
+    def update(self, params, grads):
+        t = self.iter + 1
+        self._lr_t = self.lr * math.sqrt(1.0 - self.beta2**t) / (1.0 - self.beta1**t)
+        super().update(params, grads)
+
+    def _step(self, key, p, g, slots):
+        xp = namespace_of(p)
+        m, v = slots["m"], slots["v"]
+        m += (1.0 - self.beta1) * (g - m)
+        v += (1.0 - self.beta2) * (g * g - v)
+        p -= self._lr_t * m / (xp.sqrt(v) + 1e-7)
+
+
+OPTIMIZERS = {
+    "sgd": SGD,
+    "momentum": Momentum,
+    "nesterov": Nesterov,
+    "adagrad": AdaGrad,
+    "rmsprop": RMSprop,
+    "adam": Adam,
+}
+
+
+def get_optimizer(name_or_optimizer, **kwargs) -> Optimizer:
+    """An optimizer from its (case-insensitive) name and keyword arguments, or the
+    optimizer itself."""
+    if isinstance(name_or_optimizer, Optimizer):
+        return name_or_optimizer
+    key = str(name_or_optimizer).lower()
+    if key not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name_or_optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[key](**kwargs)
