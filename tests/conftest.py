@@ -1,0 +1,74 @@
+"""Shared fixtures: every array namespace available here, and helpers to build
+arrays in them from host NumPy data."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from xpconv import backend
+
+
+def _available():
+    params = [pytest.param("numpy", id="numpy")]
+    if importlib.util.find_spec("array_api_strict") is not None:
+        params.append(pytest.param("array_api_strict", id="array_api_strict"))
+    elif os.environ.get("CI") == "true":
+        raise RuntimeError("array_api_strict is required in CI: pip install '.[test]'")
+    if importlib.util.find_spec("torch") is not None:
+        params.append(pytest.param("torch", id="torch"))
+    if importlib.util.find_spec("cupy") is not None:
+        params.append(
+            pytest.param(
+                "cupy",
+                id="cupy",
+                marks=[
+                    pytest.mark.gpu,
+                    pytest.mark.skipif(not backend.cuda_status()[0], reason="no usable CUDA device"),
+                ],
+            )
+        )
+    return params
+
+
+NAMESPACES = _available()
+
+
+@pytest.fixture(params=NAMESPACES)
+def xp(request):
+    """The Array-API namespace of one available library (numpy, array_api_strict,
+    torch on CPU, cupy when a CUDA device works)."""
+    return backend.get_namespace(request.param)
+
+
+@pytest.fixture
+def to_xp(xp):
+    """Convert host NumPy data into the current namespace."""
+
+    def convert(a, dtype=None):
+        a = np.asarray(a)
+        return backend.asarray_in(a, xp, dtype=getattr(xp, dtype) if isinstance(dtype, str) else dtype)
+
+    return convert
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
+
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+
+
+def shared_dataset(name: str) -> str:
+    """Path of ../shared/datasets/<name>; under CI its absence is a failure, not a skip."""
+    path = os.path.abspath(os.path.join(SHARED, "datasets", name))
+    if not os.path.isdir(path):
+        msg = f"real dataset folder {path} is missing (expected ../shared/datasets/{name} beside the checkout)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
