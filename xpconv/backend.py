@@ -283,6 +283,7 @@ class Generator:
 
     def dropout_mask(self, shape, ratio: float, *, xp, dtype, device=None):
         """Array of 0/1 of ``dtype``: 1 where the unit is kept (probability 1 - ratio)."""
+        xp = get_namespace(xp)
         name = namespace_name(xp)
         shape = tuple(shape)
         if name == "cupy":
