@@ -220,3 +220,16 @@ def test_params_view_supports_assignment_and_in_place_updates():
 def test_summary_names_layers_and_backend():
     s = SimpleConvNet(seed=0).summary()
     assert "Convolution(1->30, 5x5" in s and "numpy" in s and "parameters" in s
+
+
+def test_device_choice_picks_the_namespace(monkeypatch):
+    from xpconv import backend
+
+    monkeypatch.setattr(backend, "cuda_status", lambda: (False, "CuPy is not installed"))
+    net = TwoLayerNet(4, 3, 2, device="auto", seed=0)
+    assert net.backend_name == "numpy"
+    assert TwoLayerNet(4, 3, 2, device="cpu", seed=0).backend_name == "numpy"
+    with pytest.raises(backend.BackendUnavailable, match="CUDA is not usable"):
+        TwoLayerNet(4, 3, 2, device="cuda", seed=0)
+    with pytest.raises(ValueError, match="device 'cuda' does not fit xp='numpy'"):
+        TwoLayerNet(4, 3, 2, xp="numpy", device="cuda", seed=0)

@@ -22,6 +22,7 @@ from .backend import (
     dtype_name,
     get_namespace,
     namespace_name,
+    resolve_device,
     namespace_of,
     resolve_dtype,
     to_numpy,
@@ -262,10 +263,26 @@ class Sequential:
 # ---------------------------------------------------------------------- named nets
 
 
+_DEVICE_CHOICES = ("auto", "cpu", "cuda", "gpu")
+
+
 def _setup(xp, device, dtype, seed):
-    ns = get_namespace(xp)
+    """(namespace, dtype object, dtype name, Generator, device) for a constructor.
+
+    ``device`` alone ('auto', 'cpu', 'cuda') picks the namespace; with ``xp`` given it
+    is passed on as that library's device (e.g. torch's 'cuda:0')."""
+    choice = device.lower() if isinstance(device, str) else None
+    if xp is None and choice in _DEVICE_CHOICES:
+        ns, device = resolve_device(choice), None
+    else:
+        ns = get_namespace(xp)
+        if choice is not None and namespace_name(ns) != "torch":
+            expected = {"numpy": ("cpu", "auto"), "array_api_strict": ("cpu", "auto"), "cupy": ("cuda", "gpu", "auto")}
+            if choice not in expected.get(namespace_name(ns), (choice,)):
+                raise ValueError(f"device {device!r} does not fit xp={namespace_name(ns)!r}")
+            device = None
     dt = resolve_dtype(ns, dtype)
-    return ns, dt, dtype_name(dt), Generator(seed)
+    return ns, dt, dtype_name(dt), Generator(seed), device
 
 
 class SimpleConvNet(Sequential):
@@ -295,7 +312,7 @@ class SimpleConvNet(Sequential):
         if PH < 1 or PW < 1:
             raise ValueError(f"SimpleConvNet: convolution output {OH}x{OW} is too small for 2x2 pooling")
         pool_output_size = FN * PH * PW
-        ns, dt, dn, rng = _setup(xp, device, dtype, seed)
+        ns, dt, dn, rng, device = _setup(xp, device, dtype, seed)
 
         def init(shape, scale):
             return rng.normal(shape, xp=ns, dtype=dn, device=device, scale=scale)
@@ -346,7 +363,7 @@ class DeepConvNet(Sequential):
         conv_params = conv_params or [{"filter_num": f, "filter_size": 3, "pad": p, "stride": 1} for f, p in default]
         if len(conv_params) != 6:
             raise ValueError(f"DeepConvNet: expected 6 conv_params, got {len(conv_params)}")
-        ns, dt, dn, rng = _setup(xp, device, dtype, seed)
+        ns, dt, dn, rng, device = _setup(xp, device, dtype, seed)
         C, H, W = (int(v) for v in input_dim)
         layers = []
         for i, cp in enumerate(conv_params):
@@ -385,7 +402,7 @@ class TwoLayerNet(Sequential):
     name = "mlp"
 
     def __init__(self, input_size, hidden_size, output_size, weight_init_std=0.01, *, xp=None, device=None, dtype="float32", seed=None):
-        ns, dt, dn, rng = _setup(xp, device, dtype, seed)
+        ns, dt, dn, rng, device = _setup(xp, device, dtype, seed)
         std = float(weight_init_std)
         layers = [
             L.Affine(rng.normal((input_size, hidden_size), xp=ns, dtype=dn, device=device, scale=std),
