@@ -160,8 +160,34 @@ def cuda_status() -> tuple[bool, str]:
         a = cupy.arange(4, dtype=cupy.float32)
         float((a * 2).sum())
     except Exception as exc:
-        return False, f"{type(exc).__name__}: {exc}"
+        hint = _cuda_hint(cupy)
+        return False, f"{type(exc).__name__}: {exc}" + (f" ({hint})" if hint else "")
     return True, f"{n} CUDA device(s)"
+
+
+def _cuda_version(v: int) -> str:
+    """12040 -> '12.4' (the encoding of cudaDriverGetVersion/cudaRuntimeGetVersion)."""
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def _cuda_hint(cupy: ModuleType) -> str:
+    """What to do about a CUDA failure, from the driver's and CuPy's CUDA versions."""
+    try:
+        driver = cupy.cuda.runtime.driverGetVersion()
+        runtime = cupy.cuda.runtime.runtimeGetVersion()
+    except Exception:
+        return ""
+    if driver == 0:
+        return ("no NVIDIA driver found: install the NVIDIA driver, or in Docker run with --gpus all "
+                "and the NVIDIA Container Toolkit")
+    have, need = driver // 1000, runtime // 1000
+    if have >= need:
+        return ""
+    mismatch = (f"the NVIDIA driver supports CUDA {_cuda_version(driver)} but this CuPy is built for "
+                f"CUDA {_cuda_version(runtime)}")
+    if have < 12:
+        return f"{mismatch}: upgrade the driver (>= 525 for xpconv[cuda12], >= 580 for xpconv[cuda13])"
+    return f"{mismatch}: pip uninstall cupy-cuda{need}x && pip install 'xpconv[cuda{have}]', or upgrade the driver"
 
 
 def resolve_device(device: str | None = "auto") -> ModuleType:

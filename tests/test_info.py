@@ -1,0 +1,138 @@
+"""``xpconv info``: the report runs anywhere, its JSON has every section, and a CUDA failure is
+explained (with exit code 0) instead of raised."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+
+from xpconv import __version__, backend, info
+
+INSUFFICIENT = (
+    "CUDARuntimeError: cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version"
+)
+
+
+def run_info(capsys, *argv):
+    rc = info.main(list(argv))
+    return rc, capsys.readouterr().out
+
+
+def test_text_report_runs(capsys):
+    rc, out = run_info(capsys)
+    assert rc == 0
+    assert out.startswith(f"xpconv {__version__}\n")
+    for heading in ("Packages:", "Array namespaces:", "CUDA:", "BLAS used by NumPy:", "--device auto picks:"):
+        assert heading in out
+
+
+def test_json_report_has_every_section(capsys):
+    rc, out = run_info(capsys, "--json")
+    assert rc == 0
+    r = json.loads(out)
+    assert r["xpconv"] == __version__
+    assert r["python"]["version"].count(".") == 2
+    assert set(r["packages"]) >= {"numpy", "array-api-compat", "cupy", "torch"}
+    assert r["packages"]["numpy"] is not None
+    assert set(r["namespaces"]) == {"numpy", "array_api_strict", "torch", "cupy"}
+    assert r["namespaces"]["numpy"] == {"usable": True, "reason": None}
+    for ns in r["namespaces"].values():
+        assert ns["usable"] or ns["reason"]  # every unusable namespace says why
+    assert set(r["cuda"]) >= {"usable", "reason", "devices", "driver_cuda_version", "runtime_cuda_version"}
+    if r["cuda"]["usable"]:
+        for d in r["cuda"]["devices"]:
+            assert set(d) >= {"name", "total_memory_bytes", "compute_capability"}
+    else:
+        assert r["cuda"]["reason"] and r["cuda"]["devices"] == []
+    libs = r["blas"]["libraries"]
+    assert libs, r["blas"]
+    assert all(isinstance(lib["num_threads"], int) and lib["num_threads"] >= 1 for lib in libs)
+    assert r["auto_device"]["device"] in ("cpu", "cuda")
+
+
+def test_auto_pick_agrees_with_resolve_device(recwarn):
+    picked = info.collect()["auto_device"]
+    name = backend.namespace_name(backend.resolve_device("auto"))
+    assert picked == {"device": "cuda" if name == "cupy" else "cpu", "namespace": name}
+
+
+def test_unusable_cupy_is_explained_and_exit_code_is_zero(monkeypatch, capsys):
+    monkeypatch.setattr(backend, "cuda_status", lambda: (False, INSUFFICIENT))
+    rc, out = run_info(capsys)
+    assert rc == 0
+    assert f"no usable CUDA device: {INSUFFICIENT}" in out
+    assert f"cupy              not usable: {INSUFFICIENT}" in out
+    assert "--device auto picks: cpu (numpy)" in out
+
+    rc, out = run_info(capsys, "--json")
+    r = json.loads(out)
+    assert rc == 0
+    assert r["cuda"]["usable"] is False and r["cuda"]["reason"] == INSUFFICIENT
+    assert r["namespaces"]["cupy"] == {"usable": False, "reason": INSUFFICIENT}
+    assert r["auto_device"] == {"device": "cpu", "namespace": "numpy"}
+
+
+class _CUDARuntimeError(RuntimeError):
+    pass
+
+
+def _fake_cupy(driver: int, runtime: int):
+    """A cupy that imports but fails at the first CUDA call, as on a machine whose driver is
+    missing (driver=0) or too old for the wheel's CUDA major."""
+
+    def fail(*args, **kwargs):
+        raise _CUDARuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version")
+
+    rt = types.SimpleNamespace(
+        getDeviceCount=fail, driverGetVersion=lambda: driver, runtimeGetVersion=lambda: runtime
+    )
+    return types.SimpleNamespace(__version__="14.0.1", cuda=types.SimpleNamespace(runtime=rt))
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    def install(driver, runtime):
+        monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(driver, runtime))
+        backend.cuda_status.cache_clear()
+
+    yield install
+    backend.cuda_status.cache_clear()
+
+
+def test_no_driver_hint(fake_cupy, capsys):
+    fake_cupy(driver=0, runtime=13000)
+    rc, out = run_info(capsys)
+    assert rc == 0
+    assert (
+        "no usable CUDA device: _CUDARuntimeError: cudaErrorInsufficientDriver: CUDA driver version is "
+        "insufficient for CUDA runtime version (no NVIDIA driver found: install the NVIDIA driver, or in "
+        "Docker run with --gpus all and the NVIDIA Container Toolkit)"
+    ) in out
+    assert "CuPy built for CUDA 13.0" in out
+    assert "--device auto picks: cpu (numpy)" in out
+
+
+def test_wrong_cupy_wheel_hint(fake_cupy, capsys):
+    fake_cupy(driver=12040, runtime=13000)
+    rc, out = run_info(capsys, "--json")
+    r = json.loads(out)
+    assert rc == 0
+    assert r["packages"]["cupy"] == "14.0.1"
+    assert r["cuda"]["driver_cuda_version"] == "12.4" and r["cuda"]["runtime_cuda_version"] == "13.0"
+    assert r["cuda"]["reason"].endswith(
+        "(the NVIDIA driver supports CUDA 12.4 but this CuPy is built for CUDA 13.0: "
+        "pip uninstall cupy-cuda13x && pip install 'xpconv[cuda12]', or upgrade the driver)"
+    )
+    fake_cupy(driver=11080, runtime=12000)
+    assert "upgrade the driver (>= 525 for xpconv[cuda12], >= 580 for xpconv[cuda13])" in backend.cuda_status()[1]
+
+
+def test_python_dash_m_works():
+    out = subprocess.run(
+        [sys.executable, "-m", "xpconv.info", "--json"], capture_output=True, text=True, check=True
+    ).stdout
+    assert json.loads(out)["xpconv"] == __version__
