@@ -118,8 +118,8 @@ def _split_indices(n: int, test_size: float, seed: int) -> tuple[np.ndarray, np.
 
 
 def _images(raw: np.ndarray, scale: float | None, flatten: bool, keep_uint8: bool = False) -> np.ndarray:
-    """(N, H, W) or (N, H*W) uint8 -> (N, 1, H, W) or (N, C*H*W), converted to float32 once
-    (divided by ``scale`` when given; left uint8 when ``keep_uint8`` and no scale)."""
+    """(N, H, W) uint8 -> (N, 1, H, W), or (N, H*W) with ``flatten``; converted to float32
+    once and divided by ``scale`` when given (left uint8 when ``keep_uint8`` and no scale)."""
     n = raw.shape[0]
     x = raw.reshape(n, -1) if flatten else raw.reshape(n, 1, *raw.shape[-2:])
     if keep_uint8 and scale is None:
