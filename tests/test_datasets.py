@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.server
-import shutil
 import socket
 import threading
 from importlib import resources
