@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -76,7 +77,7 @@ def test_unusable_cupy_is_explained_and_exit_code_is_zero(monkeypatch, capsys):
     assert r["auto_device"] == {"device": "cpu", "namespace": "numpy"}
 
 
-class _CUDARuntimeError(RuntimeError):
+class CUDARuntimeError(RuntimeError):  # named like CuPy's, so messages read as on a real machine
     pass
 
 
@@ -85,7 +86,7 @@ def _fake_cupy(driver: int, runtime: int):
     missing (driver=0) or too old for the wheel's CUDA major."""
 
     def fail(*args, **kwargs):
-        raise _CUDARuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version")
+        raise CUDARuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version")
 
     rt = types.SimpleNamespace(
         getDeviceCount=fail, driverGetVersion=lambda: driver, runtimeGetVersion=lambda: runtime
@@ -108,7 +109,7 @@ def test_no_driver_hint(fake_cupy, capsys):
     rc, out = run_info(capsys)
     assert rc == 0
     assert (
-        "no usable CUDA device: _CUDARuntimeError: cudaErrorInsufficientDriver: CUDA driver version is "
+        "no usable CUDA device: CUDARuntimeError: cudaErrorInsufficientDriver: CUDA driver version is "
         "insufficient for CUDA runtime version (no NVIDIA driver found: install the NVIDIA driver, or in "
         "Docker run with --gpus all and the NVIDIA Container Toolkit)"
     ) in out
@@ -136,3 +137,28 @@ def test_python_dash_m_works():
         [sys.executable, "-m", "xpconv.info", "--json"], capture_output=True, text=True, check=True
     ).stdout
     assert json.loads(out)["xpconv"] == __version__
+
+
+def _docs() -> str:
+    root = Path(__file__).resolve().parents[1]
+    text = "".join(p.read_text(encoding="utf-8") for p in (root / "README.md", root / "docs" / "INSTALL.md") if p.exists())
+    return " ".join(text.split())
+
+
+def _quoted(message: str) -> bool:
+    return " ".join(message.split()) in _docs()
+
+
+def test_troubleshooting_quotes_the_messages_xpconv_prints(fake_cupy):
+    """The install guide's troubleshooting quotes these messages verbatim; keep them in step."""
+    assert _quoted(f"CuPy is not installed; to use a GPU: {backend._EXTRAS['cupy']}")
+    for driver in (0, 12040):  # no driver; a CUDA 12.4 driver under cupy-cuda13x
+        fake_cupy(driver=driver, runtime=13000)
+        with pytest.raises(backend.BackendUnavailable) as err:
+            backend.resolve_device("cuda")
+        assert _quoted(str(err.value)), str(err.value)
+    fake_cupy(driver=0, runtime=13000)
+    backend._warn_once.cache_clear()
+    with pytest.warns(RuntimeWarning) as rec:
+        backend.resolve_device("auto")
+    assert _quoted(f"RuntimeWarning: {rec[0].message}"), str(rec[0].message)
