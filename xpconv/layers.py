@@ -15,12 +15,14 @@ __all__ = [
     "Affine",
     "AvgPooling",
     "BatchNormalization",
+    "ConvBlock",
     "Convolution",
     "Dropout",
     "Pooling",
     "Relu",
     "Sigmoid",
     "SoftmaxWithLoss",
+    "fuse",
 ]
 
 
@@ -63,19 +65,22 @@ class Convolution:
         self.db = None
         self._cache = None
 
-    def forward(self, x):
+    def _checked(self, x):
         FN, C, FH, FW = _shape(self.W)
         _check_window_input("Convolution", x, FH, FW, self.stride, self.pad)
         if int(x.shape[1]) != C:
             raise ValueError(f"Convolution: expected input with C={C} channels (N, {C}, H, W), got shape {_shape(x)}")
-        x = _as_param_dtype("Convolution", x, self.W)
-        out, self._cache = ops.conv2d_forward(x, self.W, self.b, self.stride, self.pad)
+        return _as_param_dtype("Convolution", x, self.W)
+
+    def forward(self, x):
+        out, self._cache = ops.conv2d_forward(self._checked(x), self.W, self.b, self.stride, self.pad)
         return out
 
-    def backward(self, dout):
+    def backward(self, dout, need_dx=True):
+        """dL/dx (None when ``need_dx`` is false: a net's first layer skips it); sets .dW, .db."""
         if self._cache is None:
             raise RuntimeError("Convolution: backward() called before forward()")
-        dx, self.dW, self.db = ops.conv2d_backward(dout, self._cache)
+        dx, self.dW, self.db = ops.conv2d_backward(dout, self._cache, need_dx=need_dx)
         return dx
 
 
@@ -299,6 +304,52 @@ class SoftmaxWithLoss:
     def backward(self, dout=1):
         N = int(self.y.shape[0])
         return (self.y - self._t_one_hot) * (dout / N)
+
+
+class ConvBlock:
+    """Convolution -> Relu [-> Pooling] of a :class:`~xpconv.models.Sequential` run as
+    one fused op (``ops.conv2d_forward(relu=True)`` or
+    ``ops.conv2d_relu_maxpool_forward``): the same numbers as the three layers one
+    after the other, with fewer passes over memory.  Gradients land on the
+    Convolution's ``.dW``/``.db``; the Relu and Pooling layers keep no state."""
+
+    def __init__(self, conv: Convolution, relu: Relu, pool: "Pooling | None" = None):
+        self.conv, self.relu, self.pool = conv, relu, pool
+        self._cache = None
+
+    def forward(self, x, train_flg=True):
+        c, p = self.conv, self.pool
+        x = c._checked(x)
+        if p is None:
+            out, self._cache = ops.conv2d_forward(x, c.W, c.b, c.stride, c.pad, relu=True)
+        else:
+            out, self._cache = ops.conv2d_relu_maxpool_forward(
+                x, c.W, c.b, c.stride, c.pad, p.pool_h, p.pool_w, p.stride, p.pad, training=train_flg
+            )
+        return out
+
+    def backward(self, dout, need_dx=True):
+        if self._cache is None:
+            raise RuntimeError("ConvBlock: backward() called before a training forward()")
+        back = ops.conv2d_backward if self.pool is None else ops.conv2d_relu_maxpool_backward
+        dx, self.conv.dW, self.conv.db = back(dout, self._cache, need_dx=need_dx)
+        return dx
+
+
+def fuse(layers: list) -> list:
+    """The steps that run ``layers``: each Convolution followed by Relu (and a max
+    Pooling) becomes one :class:`ConvBlock`; every other layer stands alone."""
+    steps, i, n = [], 0, len(layers)
+    while i < n:
+        layer = layers[i]
+        if type(layer) is Convolution and i + 1 < n and type(layers[i + 1]) is Relu:
+            pool = layers[i + 2] if i + 2 < n and type(layers[i + 2]) is Pooling else None
+            steps.append(ConvBlock(layer, layers[i + 1], pool))
+            i += 2 if pool is None else 3
+        else:
+            steps.append(layer)
+            i += 1
+    return steps
 
 
 def _labels_in(xp, t, like):

@@ -84,6 +84,7 @@ class Sequential:
 
     def __init__(self, layers: list, loss_layer=None, *, eval_batch_size: int = EVAL_BATCH_SIZE):
         self.layers = list(layers)
+        self._steps: list = []  # what _forward ran: the layers, with fused blocks
         self.last_layer = loss_layer if loss_layer is not None else L.SoftmaxWithLoss()
         self.eval_batch_size = int(eval_batch_size)
         self.config: dict[str, Any] = {}
@@ -139,8 +140,11 @@ class Sequential:
         return self._forward(self._input(x), train_flg)
 
     def _forward(self, x, train_flg: bool):
-        for layer in self.layers:
-            if isinstance(layer, (L.Dropout, L.BatchNormalization)):
+        # Convolution -> Relu [-> Pooling] runs as one fused step (layers.fuse); the
+        # steps are kept for gradient()
+        self._steps = L.fuse(self.layers)
+        for layer in self._steps:
+            if isinstance(layer, (L.Dropout, L.BatchNormalization, L.ConvBlock)):
                 x = layer.forward(x, train_flg)
             else:
                 x = layer.forward(x)
@@ -173,8 +177,12 @@ class Sequential:
         """Gradients of the loss by backpropagation: a dict with the keys of ``params``."""
         self.loss(x, t)
         dout = self.last_layer.backward(1.0)
-        for layer in reversed(self.layers):
-            dout = layer.backward(dout)
+        steps = self._steps
+        for i in range(len(steps) - 1, -1, -1):
+            if i == 0 and type(steps[0]) in (L.Convolution, L.ConvBlock):
+                steps[0].backward(dout, need_dx=False)  # nobody needs dL/d(input)
+            else:
+                dout = steps[i].backward(dout)
         grads = {}
         for key, (layer, attr) in self._slots.items():
             grads[key] = getattr(layer, "d" + attr)

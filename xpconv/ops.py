@@ -7,7 +7,9 @@ FN/FH/FW filters, SH/SW stride, PH/PW pad, OH/OW output, with
 Every function here is the reference implementation.  A backend may register a
 faster kernel with the same name and signature in ``xpconv.kernels``; the
 dispatcher uses it unless fast paths are switched off (``use_fast_paths(False)``),
-and the test-suite proves each one equal to the code below.
+and the test-suite proves each one equal to the code below.  A backward op follows
+its cache: the reference forward's cache (a tuple) goes to the reference backward, a
+kernel's cache to that kernel's backward.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ __all__ = [
     "col2im",
     "conv2d_backward",
     "conv2d_forward",
+    "conv2d_relu_maxpool_backward",
+    "conv2d_relu_maxpool_forward",
     "conv_output_size",
     "cross_entropy_error",
     "im2col",
@@ -62,6 +66,20 @@ def _kernel(xp, name: str):
     from . import kernels
 
     return kernels.lookup(backend.namespace_name(xp), name)
+
+
+def _backward_kernel(xp, name: str, cache):
+    """The backward that fits ``cache``: the reference code writes tuples, a fast
+    forward kernel writes its own cache object, whose backward is the kernel's (even if
+    fast paths were switched off between forward and backward)."""
+    if isinstance(cache, tuple):
+        return None
+    from . import kernels
+
+    fast = kernels.lookup(backend.namespace_name(xp), name)
+    if fast is None:
+        raise TypeError(f"{name}: got a cache made by another backend's kernel ({type(cache).__name__})")
+    return fast
 
 
 # --------------------------------------------------------------------------- shape helpers
@@ -175,14 +193,14 @@ def col2im(col, input_shape, filter_h: int, filter_w: int, stride=1, pad=0):
 # --------------------------------------------------------------------------- convolution
 
 
-def conv2d_forward(x, W, b, stride=1, pad=0):
+def conv2d_forward(x, W, b, stride=1, pad=0, *, relu=False):
     """Convolution (cross-correlation) of x (N, C, H, W) with W (FN, C, FH, FW) plus
-    b (FN,).  Returns ``(out, cache)``: out is (N, FN, OH, OW); cache is opaque and
-    goes to :func:`conv2d_backward`."""
+    b (FN,), followed by a ReLU when ``relu`` is true.  Returns ``(out, cache)``: out is
+    (N, FN, OH, OW); cache is opaque and goes to :func:`conv2d_backward`."""
     xp = namespace_of(x, W, b)
     fast = _kernel(xp, "conv2d_forward")
     if fast is not None:
-        return fast(x, W, b, stride, pad)
+        return fast(x, W, b, stride, pad, relu=relu)
     N, C, H, Wd = x.shape
     FN, _, FH, FW = W.shape
     OH, OW = conv_output_size(H, Wd, FH, FW, stride, pad, where="Convolution")
@@ -190,23 +208,57 @@ def conv2d_forward(x, W, b, stride=1, pad=0):
     col_W = xp.reshape(W, (FN, C * FH * FW)).T
     out = col @ col_W + b
     out = xp.permute_dims(xp.reshape(out, (N, OH, OW, FN)), (0, 3, 1, 2))
-    return out, (tuple(x.shape), tuple(W.shape), col, col_W, stride, pad)
+    mask = None
+    if relu:  # as layers.Relu does it
+        mask = xp.astype(out > 0, out.dtype)
+        out = out * mask
+    return out, (tuple(x.shape), tuple(W.shape), col, col_W, stride, pad, mask)
 
 
-def conv2d_backward(dout, cache):
-    """Gradients ``(dx, dW, db)`` of :func:`conv2d_forward` given dL/dout (N, FN, OH, OW)."""
+def conv2d_backward(dout, cache, *, need_dx=True):
+    """Gradients ``(dx, dW, db)`` of :func:`conv2d_forward` given dL/dout (N, FN, OH, OW);
+    dx is None when ``need_dx`` is false (the first layer of a net needs no dx)."""
     xp = namespace_of(dout)
-    fast = _kernel(xp, "conv2d_backward")
+    fast = _backward_kernel(xp, "conv2d_backward", cache)
     if fast is not None:
-        return fast(dout, cache)
-    x_shape, W_shape, col, col_W, stride, pad = cache
+        return fast(dout, cache, need_dx=need_dx)
+    x_shape, W_shape, col, col_W, stride, pad, mask = cache
+    if mask is not None:
+        dout = dout * mask
     FN, C, FH, FW = W_shape
     d = xp.reshape(xp.permute_dims(dout, (0, 2, 3, 1)), (-1, FN))
     db = xp.sum(d, axis=0)
     dW = xp.reshape((col.T @ d).T, W_shape)
+    if not need_dx:
+        return None, dW, db
     dcol = d @ col_W.T
     dx = col2im(dcol, x_shape, FH, FW, stride, pad)
     return dx, dW, db
+
+
+def conv2d_relu_maxpool_forward(x, W, b, stride, pad, pool_h, pool_w, pool_stride, pool_pad=0, *, training=True):
+    """Convolution + ReLU + max pooling as one op (the classic CNN block): the same
+    result as :func:`conv2d_forward` with ``relu=True`` followed by
+    :func:`max_pool2d_forward`.  Returns ``(out, cache)``, out (N, FN, PH, PW) with PH
+    the pooled height.  ``training=False`` lets a kernel skip what only the backward
+    needs."""
+    xp = namespace_of(x, W, b)
+    fast = _kernel(xp, "conv2d_relu_maxpool_forward")
+    if fast is not None:
+        return fast(x, W, b, stride, pad, pool_h, pool_w, pool_stride, pool_pad, training=training)
+    out, conv_cache = conv2d_forward(x, W, b, stride, pad, relu=True)
+    out, pool_cache = max_pool2d_forward(out, pool_h, pool_w, pool_stride, pool_pad)
+    return out, (conv_cache, pool_cache)
+
+
+def conv2d_relu_maxpool_backward(dout, cache, *, need_dx=True):
+    """Gradients ``(dx, dW, db)`` of :func:`conv2d_relu_maxpool_forward`."""
+    xp = namespace_of(dout)
+    fast = _backward_kernel(xp, "conv2d_relu_maxpool_backward", cache)
+    if fast is not None:
+        return fast(dout, cache, need_dx=need_dx)
+    conv_cache, pool_cache = cache
+    return conv2d_backward(max_pool2d_backward(dout, pool_cache), conv_cache, need_dx=need_dx)
 
 
 # --------------------------------------------------------------------------- pooling
@@ -232,7 +284,7 @@ def max_pool2d_backward(dout, cache):
     """dL/dx of max pooling: each window's gradient goes to exactly one input (the
     first maximum when several tie)."""
     xp = namespace_of(dout)
-    fast = _kernel(xp, "max_pool2d_backward")
+    fast = _backward_kernel(xp, "max_pool2d_backward", cache)
     if fast is not None:
         return fast(dout, cache)
     x_shape, PH_, PW_, stride, pad, arg_max = cache
@@ -262,7 +314,7 @@ def avg_pool2d_forward(x, pool_h: int, pool_w: int, stride=1, pad=0):
 
 def avg_pool2d_backward(dout, cache):
     xp = namespace_of(dout)
-    fast = _kernel(xp, "avg_pool2d_backward")
+    fast = _backward_kernel(xp, "avg_pool2d_backward", cache)
     if fast is not None:
         return fast(dout, cache)
     x_shape, PH_, PW_, stride, pad = cache

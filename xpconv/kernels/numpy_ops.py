@@ -1,0 +1,399 @@
+"""NumPy fast paths for :mod:`xpconv.ops`: the same names, signatures and results
+(tests/test_numpy_kernels.py proves each one equal to the generic code).
+
+How they are fast (benchmarks/README.md has the measurements):
+
+* **Channel-major layout inside.**  Activations are kept as (C, N, H, W) in memory
+  and handed out as the transposed *view* (N, C, H, W), so callers see NCHW while
+  the next kernel reads contiguous memory.  A convolution is then one GEMM,
+  ``out (FN, N*OH*OW) = W (FN, C*FH*FW) @ col (C*FH*FW, N*OH*OW)``, whose rows are
+  exactly W's rows -- no reordering of weights, and the output *is* the next
+  layer's input layout.
+* **Window views, not copy loops.**  The columns are one strided copy out of an
+  ``as_strided`` view of the padded input (inner runs of OW contiguous values).
+* **Bias inside the GEMM.**  ``col`` carries a row of ones and W a column of b, so
+  the bias costs nothing forward, and db falls out of the dW GEMM backward.
+* **Chunks that stay in cache.**  The batch goes through in slices whose columns
+  fit in a few MiB; the column buffer is reused between slices and calls, and the
+  backward recomputes the columns slice by slice instead of keeping N*OH*OW*K
+  values alive (peak memory stays near the activations' size).
+* **Fused conv + ReLU (+ max-pool).**  ReLU is applied in place on the GEMM output
+  while it is in cache.  When a 2x2/stride-2 style pool follows, the columns are
+  ordered pool-window-major, so the GEMM writes each window's members as
+  contiguous blocks: the pool is a running ``np.maximum`` over ph*pw contiguous
+  blocks, and its arg-max (first maximum, as the reference) is kept as uint8.
+* **The first layer's dx is skipped** (``need_dx=False``), as torch skips it for
+  inputs that need no gradient.
+
+Everything stays in the input's floating dtype (float32 in, float32 out).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from .. import ops
+
+__all__ = [
+    "avg_pool2d_backward",
+    "avg_pool2d_forward",
+    "conv2d_backward",
+    "conv2d_forward",
+    "conv2d_relu_maxpool_backward",
+    "conv2d_relu_maxpool_forward",
+    "im2col",
+    "max_pool2d_backward",
+    "max_pool2d_forward",
+]
+
+#: bytes of column buffer per batch slice (the slice of samples that goes through
+#: one GEMM); big enough for efficient GEMMs, small enough to stay in L2/L3 cache
+CHUNK_BYTES = 4 << 20
+
+_local = threading.local()
+
+
+def _scratch(name: str, size: int, dtype) -> np.ndarray:
+    """A reusable 1-D work buffer of at least ``size`` elements (one per name, dtype
+    and thread).  Only ever used inside one kernel call; never returned or cached."""
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = {}
+    key = (name, np.dtype(dtype).str)
+    buf = bufs.get(key)
+    if buf is None or buf.size < size:
+        buf = bufs[key] = np.empty(max(size, 1), dtype)
+    return buf[:size]
+
+
+# --------------------------------------------------------------------------- layout helpers
+
+
+def _cnhw(x, dtype) -> np.ndarray:
+    """(N, C, H, W) -> (C, N, H, W), C-contiguous, of ``dtype``: a view when the
+    memory already is channel-major (a kernel's output), else one copy."""
+    t = np.asarray(x).transpose(1, 0, 2, 3)
+    if t.dtype == dtype and t.flags.c_contiguous:
+        return t
+    return np.ascontiguousarray(t, dtype=dtype)
+
+
+def _padded(a: np.ndarray, PH: int, PW: int, value=0.0) -> np.ndarray:
+    """(A, B, H, W) -> (A, B, H + 2*PH, W + 2*PW) with a border of ``value``."""
+    if PH == 0 and PW == 0:
+        return a
+    A, B, H, W = a.shape
+    out = np.empty((A, B, H + 2 * PH, W + 2 * PW), a.dtype)
+    out[:, :, :PH] = value
+    out[:, :, PH + H :] = value
+    out[:, :, PH : PH + H, :PW] = value
+    out[:, :, PH : PH + H, PW + W :] = value
+    out[:, :, PH : PH + H, PW : PW + W] = a
+    return out
+
+
+class _Geometry:
+    """Shapes of one convolution (the house vocabulary)."""
+
+    __slots__ = ("N", "C", "H", "W", "FN", "FH", "FW", "SH", "SW", "PH", "PW", "OH", "OW", "K")
+
+    def __init__(self, x_shape, W_shape, stride, pad):
+        self.N, self.C, self.H, self.W = (int(s) for s in x_shape)
+        self.FN, C, self.FH, self.FW = (int(s) for s in W_shape)
+        if C != self.C:
+            raise ValueError(f"Convolution: expected input with C={C} channels (N, {C}, H, W), got shape {tuple(x_shape)}")
+        self.SH, self.SW = ops.pair(stride, "stride")
+        self.PH, self.PW = ops.pair(pad, "pad")
+        self.OH, self.OW = ops.conv_output_size(self.H, self.W, self.FH, self.FW, (self.SH, self.SW), (self.PH, self.PW), where="Convolution")
+        self.K = self.C * self.FH * self.FW
+
+
+def _positions(g: _Geometry, n: int, strides, pool):
+    """Shape and strides of the output-position axes of n samples in a padded
+    (C, n, Hp, Wp) array: (n, OH, OW) in natural order, or with ``pool=(ph, pw)``
+    pool-window-major (ph, pw, n, OH//ph, OW//pw): position (QY*ph + py, QX*pw + px)."""
+    _, sN, sH, sW = strides
+    rH, rW = g.SH * sH, g.SW * sW
+    if pool is None:
+        return (n, g.OH, g.OW), (sN, rH, rW)
+    ph, pw = pool
+    return (ph, pw, n, g.OH // ph, g.OW // pw), (rH, rW, sN, ph * rH, pw * rW)
+
+
+def _col_chunks(xpad: np.ndarray, g: _Geometry, pool=None):
+    """Yield ``(n0, n1, col)`` over batch slices: col (K + 1, positions) holds the
+    windows of samples n0:n1 (rows ordered C, FH, FW as W's columns; positions as
+    :func:`_positions`) and a last row of ones (for the bias).  col is a reused
+    buffer: valid until the next step."""
+    K1 = g.K + 1
+    per_sample = g.OH * g.OW if pool is None else (g.OH // pool[0]) * pool[0] * (g.OW // pool[1]) * pool[1]
+    step = max(1, min(g.N, CHUNK_BYTES // (K1 * per_sample * xpad.itemsize)))
+    buf = _scratch("col", K1 * min(step, g.N) * per_sample, xpad.dtype)
+    sC, _, sH, sW = xpad.strides
+    for n0 in range(0, g.N, step):
+        n1 = min(g.N, n0 + step)
+        m = (n1 - n0) * per_sample
+        col = buf[: K1 * m].reshape(K1, m)
+        shape, strides = _positions(g, n1 - n0, xpad.strides, pool)
+        win = as_strided(xpad[:, n0:n1], (g.C, g.FH, g.FW) + shape, (sC, sH, sW) + strides, writeable=False)
+        col[: g.K].reshape(win.shape)[...] = win
+        col[g.K] = 1
+        yield n0, n1, col
+
+
+def _scatter_add(dxpad: np.ndarray, dcol: np.ndarray, g: _Geometry, pool=None) -> None:
+    """Adjoint of the window copy: add dcol (K, positions of dxpad's samples) into
+    the padded gradient dxpad (C, n, Hp, Wp).  One strided add per filter tap
+    (FH*FW of them); each tap's target positions never overlap."""
+    n = dxpad.shape[1]
+    shape, strides = _positions(g, n, dxpad.strides, pool)
+    dv = dcol.reshape((g.C, g.FH, g.FW) + shape)
+    sC = dxpad.strides[0]
+    for ky in range(g.FH):
+        for kx in range(g.FW):
+            t = as_strided(dxpad[:, :, ky:, kx:], (g.C,) + shape, (sC,) + strides)
+            np.add(t, dv[:, ky, kx], out=t)
+
+
+def _weights_with_bias(W, b, dtype) -> np.ndarray:
+    """[W.reshape(FN, K) | b] as one (FN, K + 1) matrix of ``dtype``."""
+    FN = int(W.shape[0])
+    Wa = np.empty((FN, W.size // FN + 1), dtype)
+    Wa[:, :-1] = np.reshape(W, (FN, -1))
+    Wa[:, -1] = b
+    return Wa
+
+
+# --------------------------------------------------------------------------- im2col
+
+
+def im2col(input_data, filter_h, filter_w, stride=1, pad=0, *, pad_value=0.0):
+    """ops.im2col: one copy out of a strided window view."""
+    x = np.asarray(input_data)
+    N, C, H, W = x.shape
+    FH, FW = int(filter_h), int(filter_w)
+    SH, SW = ops.pair(stride, "stride")
+    PH, PW = ops.pair(pad, "pad")
+    OH, OW = ops.conv_output_size(H, W, FH, FW, (SH, SW), (PH, PW))
+    xpad = _padded(x, PH, PW, pad_value)
+    sN, sC, sH, sW = xpad.strides
+    win = as_strided(xpad, (N, OH, OW, C, FH, FW), (sN, SH * sH, SW * sW, sC, sH, sW), writeable=False)
+    return np.ascontiguousarray(win).reshape(N * OH * OW, C * FH * FW)
+
+
+# --------------------------------------------------------------------------- convolution
+
+
+class _ConvCache:
+    __slots__ = ("g", "xpad", "Wa", "out", "pool", "idx", "dtype", "W_shape")
+
+    def __init__(self, g, xpad, Wa, out, pool, idx, dtype, W_shape):
+        self.g, self.xpad, self.Wa, self.out = g, xpad, Wa, out
+        self.pool, self.idx, self.dtype, self.W_shape = pool, idx, dtype, W_shape
+
+
+def conv2d_forward(x, W, b, stride=1, pad=0, *, relu=False):
+    """ops.conv2d_forward: (N, FN, OH, OW) as a view of channel-major memory."""
+    g = _Geometry(x.shape, W.shape, stride, pad)
+    dt = np.result_type(x, W, b)
+    xpad = _padded(_cnhw(x, dt), g.PH, g.PW)
+    Wa = _weights_with_bias(W, b, dt)
+    out = np.empty((g.FN, g.N, g.OH, g.OW), dt)
+    for n0, n1, col in _col_chunks(xpad, g):
+        o = out[:, n0:n1].reshape(g.FN, -1)
+        np.matmul(Wa, col, out=o)
+        if relu:
+            np.maximum(o, 0, out=o)
+    cache = _ConvCache(g, xpad, Wa, out if relu else None, None, None, dt, tuple(W.shape))
+    return out.transpose(1, 0, 2, 3), cache
+
+
+def _conv_backward(d: np.ndarray, cache: _ConvCache, need_dx: bool):
+    """Shared backward of conv2d_forward and the fused conv-relu-maxpool.
+
+    d: dL/d(output) channel-major, (FN, N, QH, QW) for the pooled kernel, else
+    (FN, N, OH, OW).  Per batch slice: mask by the ReLU (and route through the pool
+    arg-max), then dW|db += dz @ col.T and dcol = W.T @ dz scattered into dx."""
+    g, pool, dt = cache.g, cache.pool, cache.dtype
+    FN, K = g.FN, g.K
+    dWa = np.zeros((FN, K + 1), dt)
+    dxpad = np.zeros(cache.xpad.shape, dt) if need_dx else None
+    WT = np.ascontiguousarray(cache.Wa[:, :K].T) if need_dx else None
+    npool = 1 if pool is None else pool[0] * pool[1]
+    Q = d.shape[2] * d.shape[3]
+    for n0, n1, col in _col_chunks(cache.xpad, g, pool):
+        m = (n1 - n0) * Q
+        dchunk = d[:, n0:n1].reshape(FN, m)
+        if cache.out is not None:  # the fused ReLU: its output > 0 is its mask
+            mask = np.greater(cache.out[:, n0:n1].reshape(FN, m), 0, out=_scratch("mask", FN * m, bool).reshape(FN, m))
+            dm = np.multiply(dchunk, mask, out=_scratch("dm", FN * m, dt).reshape(FN, m))
+        else:
+            dm = dchunk
+        if pool is None:
+            dz = dm
+        else:  # each pooled gradient goes to its window's (first) maximum
+            dz = _scratch("dz", FN * npool * m, dt).reshape(FN, npool, m)
+            idx = cache.idx[:, n0 * Q : n1 * Q]
+            hit = _scratch("hit", FN * m, bool).reshape(FN, m)
+            for k in range(npool):
+                np.multiply(dm, np.equal(idx, k, out=hit), out=dz[:, k])
+            dz = dz.reshape(FN, npool * m)
+        dWa += dz @ col.T
+        if need_dx:
+            dcol = np.matmul(WT, dz, out=_scratch("dcol", K * dz.shape[1], dt).reshape(K, -1))
+            _scatter_add(dxpad[:, n0:n1], dcol, g, pool)
+    dW = np.ascontiguousarray(dWa[:, :K]).reshape(cache.W_shape)
+    db = dWa[:, K].copy()
+    if not need_dx:
+        return None, dW, db
+    dx = dxpad[:, :, g.PH : g.PH + g.H, g.PW : g.PW + g.W]
+    return dx.transpose(1, 0, 2, 3), dW, db
+
+
+def conv2d_backward(dout, cache, *, need_dx=True):
+    """ops.conv2d_backward for a cache of :func:`conv2d_forward`."""
+    dt = np.result_type(dout, cache.dtype)
+    return _conv_backward(_cnhw(dout, dt), cache, need_dx)
+
+
+class _Composed:
+    """Cache of a conv-relu-maxpool that ran as two kernels (pool not tiling)."""
+
+    __slots__ = ("conv", "pool")
+
+    def __init__(self, conv, pool):
+        self.conv, self.pool = conv, pool
+
+
+def conv2d_relu_maxpool_forward(x, W, b, stride, pad, pool_h, pool_w, pool_stride, pool_pad=0, *, training=True):
+    """ops.conv2d_relu_maxpool_forward.  When the pool windows tile the image
+    (stride == pool size, no pad) the GEMM writes pool-window-major blocks and the
+    pool is a running maximum over them; otherwise conv+relu, then max-pool."""
+    g = _Geometry(x.shape, W.shape, stride, pad)
+    ph, pw = int(pool_h), int(pool_w)
+    ps, pp = ops.pair(pool_stride, "Pooling stride"), ops.pair(pool_pad, "Pooling pad")
+    QH, QW = ops.conv_output_size(g.OH, g.OW, ph, pw, ps, pp, where="Pooling")
+    if ps != (ph, pw) or pp != (0, 0):
+        out, conv_cache = conv2d_forward(x, W, b, stride, pad, relu=True)
+        out, pool_cache = max_pool2d_forward(out, ph, pw, ps, pp)
+        return out, _Composed(conv_cache, pool_cache)
+    dt = np.result_type(x, W, b)
+    xpad = _padded(_cnhw(x, dt), g.PH, g.PW)
+    Wa = _weights_with_bias(W, b, dt)
+    FN, npool, Q = g.FN, ph * pw, QH * QW
+    out = np.empty((FN, g.N, QH, QW), dt)
+    idx = np.empty((FN, g.N * Q), np.uint8 if npool <= 256 else np.intp) if training else None
+    for n0, n1, col in _col_chunks(xpad, g, (ph, pw)):
+        m = (n1 - n0) * Q
+        z = _scratch("z", FN * npool * m, dt).reshape(FN, npool, m)
+        np.matmul(Wa, col, out=z.reshape(FN, npool * m))
+        o = out[:, n0:n1].reshape(FN, m)
+        np.copyto(o, z[:, 0])
+        if training:
+            ix = idx[:, n0 * Q : n1 * Q]
+            ix[...] = 0
+            gt = _scratch("gt", FN * m, bool).reshape(FN, m)
+            for k in range(1, npool):  # strictly greater: the first maximum wins, as argmax
+                np.greater(z[:, k], o, out=gt)
+                np.copyto(ix, k, where=gt)
+                np.maximum(o, z[:, k], out=o)
+        else:
+            for k in range(1, npool):
+                np.maximum(o, z[:, k], out=o)
+        np.maximum(o, 0, out=o)  # relu(max(z)) == max(relu(z))
+    cache = _ConvCache(g, xpad, Wa, out, (ph, pw), idx, dt, tuple(W.shape)) if training else None
+    return out.transpose(1, 0, 2, 3), cache
+
+
+def conv2d_relu_maxpool_backward(dout, cache, *, need_dx=True):
+    """ops.conv2d_relu_maxpool_backward for a cache of the kernel above."""
+    if isinstance(cache, _Composed):
+        return conv2d_backward(max_pool2d_backward(dout, cache.pool), cache.conv, need_dx=need_dx)
+    if cache is None:
+        raise RuntimeError("conv2d_relu_maxpool_backward: the forward ran with training=False and kept nothing")
+    dt = np.result_type(dout, cache.dtype)
+    return _conv_backward(_cnhw(dout, dt), cache, need_dx)
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+def _pool_taps(xpad: np.ndarray, ph, pw, SH, SW, OH, OW):
+    """The ph*pw strided views (A, B, OH, OW) of a padded (A, B, Hp, Wp) array, one
+    per window position, in the reference's order (row-major in the window)."""
+    for py in range(ph):
+        for px in range(pw):
+            yield xpad[:, :, py : py + SH * (OH - 1) + 1 : SH, px : px + SW * (OW - 1) + 1 : SW]
+
+
+class _PoolCache:
+    __slots__ = ("x_shape", "pool", "stride", "pad", "out_hw", "idx", "dtype")
+
+    def __init__(self, x_shape, pool, stride, pad, out_hw, idx, dtype):
+        self.x_shape, self.pool, self.stride, self.pad = x_shape, pool, stride, pad
+        self.out_hw, self.idx, self.dtype = out_hw, idx, dtype
+
+
+def _pool_setup(x, pool_h, pool_w, stride, pad, where):
+    N, C, H, W = (int(s) for s in x.shape)
+    ph, pw = int(pool_h), int(pool_w)
+    SH, SW = ops.pair(stride, "stride")
+    PH, PW = ops.pair(pad, "pad")
+    OH, OW = ops.conv_output_size(H, W, ph, pw, (SH, SW), (PH, PW), where=where)
+    return (N, C, H, W), (ph, pw), (SH, SW), (PH, PW), (OH, OW)
+
+
+def max_pool2d_forward(x, pool_h, pool_w, stride=1, pad=0):
+    """ops.max_pool2d_forward: a running maximum over the ph*pw strided taps, and the
+    first arg-max as uint8."""
+    shape, (ph, pw), (SH, SW), (PH, PW), (OH, OW) = _pool_setup(x, pool_h, pool_w, stride, pad, "Pooling")
+    xc = _padded(_cnhw(x, x.dtype), PH, PW, -np.inf)
+    taps = _pool_taps(xc, ph, pw, SH, SW, OH, OW)
+    out = np.array(next(taps))
+    idx = np.zeros(out.shape, np.uint8 if ph * pw <= 256 else np.intp)
+    gt = np.empty(out.shape, bool)
+    for k, tap in enumerate(taps, start=1):
+        np.greater(tap, out, out=gt)
+        np.copyto(idx, k, where=gt)
+        np.maximum(out, tap, out=out)
+    return out.transpose(1, 0, 2, 3), _PoolCache(shape, (ph, pw), (SH, SW), (PH, PW), (OH, OW), idx, x.dtype)
+
+
+def max_pool2d_backward(dout, cache):
+    """ops.max_pool2d_backward: each window's gradient to its first maximum."""
+    N, C, H, W = cache.x_shape
+    (ph, pw), (SH, SW), (PH, PW), (OH, OW) = cache.pool, cache.stride, cache.pad, cache.out_hw
+    d = _cnhw(dout, np.result_type(dout, cache.dtype))
+    dx = np.zeros((C, N, H + 2 * PH, W + 2 * PW), d.dtype)
+    hit = np.empty(d.shape, bool)
+    part = np.empty(d.shape, d.dtype)
+    for k, tap in enumerate(_pool_taps(dx, ph, pw, SH, SW, OH, OW)):
+        np.multiply(d, np.equal(cache.idx, k, out=hit), out=part)
+        tap += part
+    return dx[:, :, PH : PH + H, PW : PW + W].transpose(1, 0, 2, 3)
+
+
+def avg_pool2d_forward(x, pool_h, pool_w, stride=1, pad=0):
+    """ops.avg_pool2d_forward (zero padding counted in the window)."""
+    shape, (ph, pw), (SH, SW), (PH, PW), (OH, OW) = _pool_setup(x, pool_h, pool_w, stride, pad, "AvgPooling")
+    xc = _padded(_cnhw(x, x.dtype), PH, PW, 0.0)
+    taps = _pool_taps(xc, ph, pw, SH, SW, OH, OW)
+    out = np.array(next(taps))
+    for tap in taps:
+        out += tap
+    out /= ph * pw
+    return out.transpose(1, 0, 2, 3), _PoolCache(shape, (ph, pw), (SH, SW), (PH, PW), (OH, OW), None, x.dtype)
+
+
+def avg_pool2d_backward(dout, cache):
+    """ops.avg_pool2d_backward: dout / (ph*pw) added to every tap."""
+    N, C, H, W = cache.x_shape
+    (ph, pw), (SH, SW), (PH, PW), (OH, OW) = cache.pool, cache.stride, cache.pad, cache.out_hw
+    d = _cnhw(dout, np.result_type(dout, cache.dtype)) / (ph * pw)
+    dx = np.zeros((C, N, H + 2 * PH, W + 2 * PW), d.dtype)
+    for tap in _pool_taps(dx, ph, pw, SH, SW, OH, OW):
+        tap += d
+    return dx[:, :, PH : PH + H, PW : PW + W].transpose(1, 0, 2, 3)
