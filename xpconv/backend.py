@@ -32,6 +32,7 @@ __all__ = [
     "asarray_in",
     "cuda_status",
     "device_of",
+    "free_device_memory",
     "get_namespace",
     "is_numpy_namespace",
     "namespace_name",
@@ -346,3 +347,28 @@ def resolve_dtype(xp: ModuleType, dtype: Any) -> Any:
     if name not in ("float32", "float64"):
         raise ValueError(f"dtype must be float32 or float64, got {name!r}")
     return getattr(xp, name)
+
+
+def free_device_memory(xp: ModuleType, device: Any = None) -> int | None:
+    """Free bytes on the accelerator that ``xp`` (on ``device``) computes on, or None when
+    its arrays live in host memory (NumPy, array-api-strict, torch on the CPU) or the
+    library cannot tell. The Trainer keeps a dataset resident on a GPU only when it fits."""
+    name = namespace_name(xp)
+    try:
+        if name == "cupy":
+            import cupy
+
+            free, _total = cupy.cuda.runtime.memGetInfo()
+            # memory CuPy's pool already holds is free for our arrays too
+            return int(free) + int(cupy.get_default_memory_pool().free_bytes())
+        if name == "torch":
+            import torch
+
+            dev = torch.device(device) if device is not None else None
+            if dev is None or dev.type != "cuda":
+                return None
+            free, _total = torch.cuda.mem_get_info(dev)
+            return int(free)
+    except Exception:
+        return None
+    return None

@@ -1,0 +1,562 @@
+"""The ``xpconv`` command: train, eval, predict, bench, info.
+
+    xpconv train                         # SimpleConvNet on the bundled digits, >= 97% in seconds
+    xpconv train --dataset mnist --data-dir ~/mnist --device cuda
+    xpconv eval runs/20250101-120000/last.safetensors
+    xpconv predict runs/.../best.safetensors digit.png more.npy
+
+User errors (bad options, missing or damaged data and checkpoint files) print one line
+``xpconv: error: ...`` on stderr and exit with status 2; Ctrl-C during training writes
+``interrupted.safetensors`` and exits with status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import importlib
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from ._version import __version__
+
+__all__ = ["main", "recipe", "RECIPES"]
+
+PROG = "xpconv"
+MODELS = ("simple", "deep", "mlp")
+DATASET_NAMES = ("digits", "mnist", "fashion-mnist")
+OPTIMIZER_NAMES = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam")
+
+#: learning rate used with an optimizer that is not the recipe's own
+DEFAULT_LR = {"sgd": 0.1, "momentum": 0.01, "nesterov": 0.01, "adagrad": 0.05, "rmsprop": 0.001, "adam": 0.001}
+
+_BOOK_SIMPLE = {
+    "model_config": {"conv_param": {"filter_num": 30, "filter_size": 5, "pad": 0, "stride": 1}, "hidden_size": 100, "weight_init_std": 0.01},
+    "optimizer": "adam", "lr": 0.001, "epochs": 20, "batch_size": 100,
+}
+#: Default training recipe per (dataset, model). digits/simple is tuned to pass 97% test
+#: accuracy with margin on any seed (98.3-99.2% over seeds 0-4) in about a second of
+#: training on a 2-core CPU; the MNIST recipes are the book's.
+RECIPES: dict[tuple[str, str], dict[str, Any]] = {
+    ("digits", "simple"): {
+        "model_config": {"conv_param": {"filter_num": 30, "filter_size": 3, "pad": 1, "stride": 1}, "hidden_size": 100, "weight_init_std": 0.1},
+        "optimizer": "adagrad", "lr": 0.05, "epochs": 20, "batch_size": 50,
+    },
+    ("digits", "deep"): {"model_config": {"hidden_size": 50}, "optimizer": "adam", "lr": 0.001, "epochs": 30, "batch_size": 50},
+    ("digits", "mlp"): {"model_config": {"hidden_size": 100, "weight_init_std": 0.1}, "optimizer": "adagrad", "lr": 0.05, "epochs": 30, "batch_size": 50},
+    ("mnist", "simple"): _BOOK_SIMPLE,
+    ("mnist", "deep"): {"model_config": {"hidden_size": 50}, "optimizer": "adam", "lr": 0.001, "epochs": 20, "batch_size": 100},
+    ("mnist", "mlp"): {"model_config": {"hidden_size": 100, "weight_init_std": 0.01}, "optimizer": "adam", "lr": 0.001, "epochs": 20, "batch_size": 100},
+}
+for _m in MODELS:
+    RECIPES[("fashion-mnist", _m)] = RECIPES[("mnist", _m)]
+
+
+class UserError(Exception):
+    """A problem the user can fix (printed as one line, exit status 2)."""
+
+
+def recipe(dataset: str, model: str) -> dict[str, Any]:
+    """The default recipe (model config, optimizer, lr, epochs, batch size) for a pair."""
+    r = RECIPES[(dataset, model)]
+    return {**r, "model_config": dict(r["model_config"])}
+
+
+def model_config(model: str, dataset_info: dict, recipe_config: dict) -> dict[str, Any]:
+    """Constructor config of ``model`` for a dataset's image shape and number of classes."""
+    C, H, W = (int(v) for v in dataset_info["input_dim"])
+    if model == "mlp":
+        return {"input_size": C * H * W, "output_size": int(dataset_info["classes"]), **recipe_config}
+    return {"input_dim": [C, H, W], "output_size": int(dataset_info["classes"]), **recipe_config}
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="xpconv: the CNN stack of 'Deep Learning from Scratch' on NumPy, CuPy and other Array-API libraries.",
+        epilog="Run 'xpconv COMMAND --help' for the options of a command.",
+        formatter_class=fmt,
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train",
+        help="train a network (default: SimpleConvNet on the bundled digits)",
+        description=(
+            "Train a network and write metrics.json, curves.png, misclassified.png, filters.png and\n"
+            "checkpoints (last.safetensors, best.safetensors) into the output folder.\n"
+            "Options left out take the recipe of the chosen dataset and model (see README);\n"
+            "with --resume they take the checkpoint's settings."
+        ),
+        formatter_class=fmt,
+    )
+    t.add_argument("--model", choices=MODELS, default=None,
+                   help="network: 'simple' = conv-relu-pool-affine(100)-relu-affine (the book's SimpleConvNet), "
+                        "'deep' = the book's DeepConvNet (6 conv layers, dropout), 'mlp' = TwoLayerNet (default: simple)")
+    t.add_argument("--dataset", choices=DATASET_NAMES, default=None,
+                   help="'digits' = bundled UCI 8x8 digits (offline, fixed seeded 80/20 split); 'mnist' and "
+                        "'fashion-mnist' = 28x28 IDX files, downloaded when missing (default: digits)")
+    t.add_argument("--data-dir", metavar="DIR", default=None,
+                   help="folder holding the MNIST/Fashion-MNIST .gz files (default: $XPCONV_DATA_DIR/<dataset> or the "
+                        "per-user cache); with only the t10k files the 10,000 test images are split 8,000/2,000")
+    t.add_argument("--no-download", action="store_true", help="never download missing dataset files")
+    t.add_argument("--epochs", type=_positive_int, default=None, help="number of epochs in total (with --resume: including those done)")
+    t.add_argument("--batch-size", type=_positive_int, default=None, help="samples per mini-batch")
+    t.add_argument("--optimizer", choices=OPTIMIZER_NAMES, type=str.lower, default=None, help="update rule")
+    t.add_argument("--lr", type=_positive_float, default=None,
+                   help="learning rate (default: the recipe's, or for another optimizer: "
+                        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+    t.add_argument("--seed", type=int, default=None, help="seed of the initial weights, the sample order and dropout (default: 0)")
+    t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="'cpu' = NumPy, 'cuda' = CuPy on the GPU, 'auto' = CUDA when it really works, else CPU (default: auto)")
+    t.add_argument("--dtype", choices=("float32", "float64"), default=None, help="floating-point type of weights and data (default: float32)")
+    t.add_argument("--out", metavar="DIR", default=None, help="output folder (default: runs/<timestamp>; with --resume: the checkpoint's folder)")
+    t.add_argument("--resume", metavar="CKPT", default=None,
+                   help="continue from a checkpoint (last.safetensors) at its next epoch, with its optimizer state; "
+                        "with the same settings this repeats an uninterrupted run exactly")
+    t.add_argument("--no-plots", action="store_true", help="do not draw the PNG figures")
+    t.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no per-epoch lines; only the result")
+    t.add_argument("--distributed", action="store_true",
+                   help="data-parallel training over MPI/NCCL (launch with mpiexec -n K); needs xpconv.distributed and mpi4py")
+
+    e = sub.add_parser("eval", help="accuracy of a checkpoint on a dataset's test set",
+                       description="Evaluate a checkpoint on the test set of the dataset it was trained on (or --dataset).")
+    e.add_argument("checkpoint", metavar="CKPT", help="a .safetensors checkpoint or params file written by xpconv")
+    e.add_argument("--dataset", choices=DATASET_NAMES, default=None, help="dataset (default: the one the checkpoint was trained on)")
+    e.add_argument("--data-dir", metavar="DIR", default=None, help="folder holding the MNIST/Fashion-MNIST files")
+    e.add_argument("--no-download", action="store_true", help="never download missing dataset files")
+    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute (default: auto)")
+    e.add_argument("--batch-size", type=_positive_int, default=500, help="samples per evaluation chunk (default: 500)")
+
+    pr = sub.add_parser(
+        "predict",
+        help="classify images (PNG or .npy) with a checkpoint",
+        description=(
+            "Print the predicted class and its probability for each image.\n"
+            "PNG/JPEG/...: read with Pillow, converted to grey, resized to the model's input size and\n"
+            "scaled to [0, 1]; an image with a light background (dark ink) is inverted to match the\n"
+            "training data (light ink on dark). .npy: (H, W), (C, H, W) or (N, C, H, W) arrays, used as\n"
+            "they are (uint8 is divided by 255), already in the training data's scale."
+        ),
+        formatter_class=fmt,
+    )
+    pr.add_argument("checkpoint", metavar="CKPT", help="a .safetensors checkpoint or params file written by xpconv")
+    pr.add_argument("files", metavar="FILE", nargs="+", help="image files (.png, .jpg, ...) or .npy arrays")
+    pr.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="where to compute (default: cpu)")
+    pr.add_argument("--top", type=_positive_int, default=1, help="show the K most probable classes (default: 1)")
+
+    sub.add_parser("bench", help="benchmarks (xpconv.bench): run 'xpconv bench --help'", add_help=False)
+    sub.add_parser("info", help="versions, namespaces and CUDA status (xpconv.info)", add_help=False)
+    return p
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _err(message: str) -> None:
+    sys.stderr.write(f"{PROG}: error: {message}\n")
+    sys.stderr.flush()
+
+
+def _note(message: str) -> None:
+    sys.stderr.write(f"{PROG}: note: {message}\n")
+    sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    """Show warnings as ``xpconv: warning: ...`` lines (no file names and source lines)."""
+    old = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        sys.stderr.write(f"{PROG}: warning: {message}\n")
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = old
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .backend import BackendUnavailable
+    from .checkpoint import CheckpointError
+    from .trainer import TrainingDiverged
+
+    errs: list[type[BaseException]] = [UserError, ValueError, CheckpointError, BackendUnavailable, TrainingDiverged, OSError]
+    try:
+        from .datasets import DatasetError
+
+        errs.append(DatasetError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def _run_module(name: str, argv: Sequence[str]) -> int:
+    """``xpconv bench|info ...``: hand over to ``xpconv.<name>.main(argv)``."""
+    modname = f"xpconv.{name}"
+    try:
+        mod = importlib.import_module(modname)
+    except ModuleNotFoundError as exc:
+        if exc.name == modname:
+            _err(f"'{PROG} {name}' is not available in this installation ({modname} is missing)")
+            return 2
+        raise
+    result = mod.main(list(argv))
+    return int(result or 0)
+
+
+def _load_data(dataset: str, data_dir, no_download: bool):
+    from .datasets import load_dataset
+
+    return load_dataset(dataset, data_dir=data_dir, download=not no_download, seed=0)
+
+
+def _default_out() -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path("runs") / stamp
+    k = 1
+    while out.exists():
+        k += 1
+        out = Path("runs") / f"{stamp}-{k}"
+    return out
+
+
+def _dataset_info(name: str) -> dict:
+    from .datasets import DATASETS
+
+    return DATASETS[name]
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _train_settings(args) -> tuple[dict, Any]:
+    """The run's configuration (a JSON-able dict) and the checkpoint to resume (or None)."""
+    ckpt = None
+    if args.resume:
+        from .checkpoint import load_checkpoint
+
+        device = args.device
+        ckpt = load_checkpoint(args.resume, device=device, dtype=args.dtype)
+        old = dict(ckpt.extra.get("config") or {})
+        if not old or ckpt.epoch is None or ckpt.optimizer is None:
+            raise UserError(f"{args.resume}: not a training checkpoint written by 'xpconv train' (no run configuration); use it with eval/predict")
+        for key in ("model", "dataset"):
+            given = getattr(args, key)
+            if given is not None and given != old[key]:
+                raise UserError(f"--{key} {given} does not match the checkpoint's {old[key]!r} ({args.resume})")
+        cfg = dict(old)
+        for key in ("epochs", "batch_size", "seed"):
+            given = getattr(args, key)
+            if given is not None and given != cfg.get(key):
+                if key != "epochs":
+                    _note(f"--{key.replace('_', '-')} {given} differs from the checkpoint's {cfg.get(key)}: the run will not repeat an uninterrupted one")
+                cfg[key] = given
+        if args.optimizer is not None and args.optimizer != cfg["optimizer"]:
+            raise UserError(f"--optimizer {args.optimizer} does not match the checkpoint's {cfg['optimizer']!r}: its state cannot be reused")
+        if args.lr is not None and args.lr != cfg["lr"]:
+            _note(f"--lr {args.lr:g} replaces the checkpoint's {cfg['lr']:g}")
+            cfg["lr"] = args.lr
+            ckpt.optimizer.lr = float(args.lr)
+        if args.data_dir is not None:
+            cfg["data_dir"] = args.data_dir
+        cfg["dtype"] = args.dtype or cfg.get("dtype", "float32")
+        cfg["device"] = args.device
+        if ckpt.epoch >= cfg["epochs"]:
+            raise UserError(
+                f"{args.resume} already has {ckpt.epoch} of {cfg['epochs']} epochs; pass --epochs N with N > {ckpt.epoch} to train further"
+            )
+        cfg["resumed_from"] = str(args.resume)
+        return cfg, ckpt
+
+    dataset = args.dataset or "digits"
+    model = args.model or "simple"
+    r = recipe(dataset, model)
+    optimizer = args.optimizer or r["optimizer"]
+    lr = args.lr if args.lr is not None else (r["lr"] if optimizer == r["optimizer"] else DEFAULT_LR[optimizer])
+    info = _dataset_info(dataset)
+    cfg = {
+        "model": model,
+        "dataset": dataset,
+        "data_dir": args.data_dir,
+        "model_config": model_config(model, info, r["model_config"]),
+        "input_dim": list(info["input_dim"]),
+        "class_names": list(info.get("class_names") or []),
+        "epochs": args.epochs or r["epochs"],
+        "batch_size": args.batch_size or r["batch_size"],
+        "optimizer": optimizer,
+        "lr": lr,
+        "seed": 0 if args.seed is None else args.seed,
+        "split_seed": 0,
+        "device": args.device,
+        "dtype": args.dtype or "float32",
+        "xpconv_version": __version__,
+    }
+    return cfg, None
+
+
+def _setup_distributed(args):
+    if not args.distributed:
+        return None
+    try:
+        from . import distributed
+    except ModuleNotFoundError as exc:
+        if exc.name == "xpconv.distributed":
+            raise UserError("--distributed is not available in this installation (xpconv.distributed is missing)") from None
+        raise
+    return distributed.setup(args.device)
+
+
+def cmd_train(args) -> int:
+    from . import backend
+    from .models import build_model
+    from .optim import get_optimizer
+    from .trainer import Trainer
+
+    cfg, ckpt = _train_settings(args)
+    comm = _setup_distributed(args)
+    is_root = comm is None or comm.is_root
+    say = (lambda *a: print(*a, flush=True)) if is_root else (lambda *a: None)
+
+    (x_train, t_train), (x_test, t_test) = _load_data(cfg["dataset"], cfg.get("data_dir"), args.no_download)
+    cfg["train_samples"], cfg["test_samples"] = int(x_train.shape[0]), int(x_test.shape[0])
+    device = comm.device if comm is not None else cfg["device"]
+    if ckpt is not None:
+        net, optimizer, start_epoch, history = ckpt.model, ckpt.optimizer, int(ckpt.epoch), ckpt.metrics
+        if comm is not None:
+            net.to(device)
+    else:
+        net = build_model(cfg["model"], cfg["model_config"], device=device, dtype=cfg["dtype"], seed=cfg["seed"])
+        optimizer = get_optimizer(cfg["optimizer"], lr=cfg["lr"])
+        start_epoch, history = 0, []
+    cfg["backend"] = backend.namespace_name(net.xp)
+
+    out = Path(args.out) if args.out else (Path(args.resume).parent if ckpt is not None else _default_out())
+    if is_root:
+        out.mkdir(parents=True, exist_ok=True)
+    n_batches = cfg["train_samples"] // cfg["batch_size"]
+    say(
+        f"{PROG} {__version__}: {type(net).__name__} on {cfg['dataset']} ({cfg['train_samples']:,} train / "
+        f"{cfg['test_samples']:,} test), {cfg['backend']} {cfg['dtype']}, {type(optimizer).__name__} lr {cfg['lr']:g}, "
+        f"{cfg['epochs']} epochs x {n_batches} batches of {cfg['batch_size']}, seed {cfg['seed']}"
+        + (f"; {comm.size} ranks" if comm is not None else "")
+    )
+    if ckpt is not None:
+        say(f"resuming from {args.resume} after epoch {start_epoch}")
+    say(f"writing to {out}")
+
+    trainer = Trainer(
+        net, x_train, t_train, x_test, t_test,
+        epochs=cfg["epochs"], mini_batch_size=cfg["batch_size"], optimizer=optimizer,
+        verbose=not args.quiet, progress=None if not args.quiet else False,
+        seed=cfg["seed"], out_dir=out if is_root else None, config=cfg,
+        start_epoch=start_epoch, history=history, comm=comm,
+    )
+    t0 = time.perf_counter()
+    try:
+        trainer.train()
+    except KeyboardInterrupt:
+        path = trainer.save_interrupted()
+        pos = trainer.position
+        msg = f"interrupted at epoch {pos['epoch']}, iteration {pos['iteration']}"
+        if path is not None:
+            msg += f"; saved {path} (mid-epoch weights)"
+            if trainer.last_checkpoint is not None:
+                msg += f"; resume exactly with --resume {trainer.last_checkpoint}"
+        sys.stderr.write(f"{PROG}: {msg}\n")
+        return 130
+    seconds = time.perf_counter() - t0
+    if not is_root:
+        return 0
+    files = ["metrics.json", "last.safetensors"] + (["best.safetensors"] if (out / "best.safetensors").exists() else [])
+    if not args.no_plots and trainer.history:
+        from .plotting import save_run_plots
+
+        notes = save_run_plots(
+            out, net, trainer.history, x_test, t_test,
+            train_loss_list=trainer.train_loss_list, first_epoch=start_epoch,
+            class_names=cfg.get("class_names") or None, input_dim=cfg.get("input_dim"),
+            title=f"{type(net).__name__} on {cfg['dataset']}",
+        )
+        for name, note in notes.items():
+            if note.startswith("not written"):
+                _note(f"{name} {note}")
+            else:
+                files.append(name)
+    m = trainer.metrics()["final"]
+    if m:
+        say(
+            f"test accuracy {m['test_acc']:.4f} (best {m['best_test_acc']:.4f} at epoch {m['best_epoch']}) "
+            f"after {m['epoch']} epochs, {seconds:.1f} s"
+        )
+    say(f"results in {out}: {', '.join(files)}")
+    return 0
+
+
+# --------------------------------------------------------------------------- eval / predict
+
+
+def _load_for_inference(path: str, device: str):
+    from .checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path, device=device)
+    cfg = dict(ckpt.extra.get("config") or {})
+    model_cfg = ckpt.metadata["model"].get("config") or {}
+    input_dim = cfg.get("input_dim") or model_cfg.get("input_dim")
+    if input_dim is None and "input_size" in model_cfg:
+        side = int(round(math.sqrt(model_cfg["input_size"])))
+        input_dim = [1, side, side] if side * side == model_cfg["input_size"] else None
+    return ckpt, cfg, input_dim
+
+
+def cmd_eval(args) -> int:
+    ckpt, cfg, input_dim = _load_for_inference(args.checkpoint, args.device)
+    dataset = args.dataset or cfg.get("dataset")
+    if dataset is None:
+        raise UserError(f"{args.checkpoint} does not say which dataset it was trained on; pass --dataset")
+    info = _dataset_info(dataset)
+    if input_dim is not None and list(input_dim) != list(info["input_dim"]):
+        raise UserError(f"{args.checkpoint} takes inputs of shape {tuple(input_dim)}, but {dataset} images are {tuple(info['input_dim'])}")
+    _, (x_test, t_test) = _load_data(dataset, args.data_dir if args.data_dir is not None else cfg.get("data_dir"), args.no_download)
+    t0 = time.perf_counter()
+    acc = ckpt.model.accuracy(x_test, t_test, batch_size=args.batch_size)
+    n = int(x_test.shape[0])
+    epoch = f", epoch {ckpt.epoch}" if ckpt.epoch is not None else ""
+    print(f"{args.checkpoint} ({type(ckpt.model).__name__}{epoch}) on {dataset} test set: "
+          f"accuracy {acc:.4f} ({round(acc * n):,} of {n:,}) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _read_image(path: Path, input_dim) -> tuple[list, list[str]]:
+    """[(label, array (C, H, W) float32)] and notes for one file."""
+    import numpy as np
+
+    C, H, W = (int(v) for v in input_dim)
+    if path.suffix.lower() == ".npy":
+        try:
+            a = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise UserError(f"{path}: not a plain .npy array ({exc})") from None
+        if a.dtype == np.uint8:
+            a = a.astype(np.float32) / 255.0
+        a = np.asarray(a, dtype=np.float32)
+        if a.ndim == 2:
+            a = a[None, None]
+        elif a.ndim == 3:
+            a = a[None] if a.shape[0] == C else a[:, None]
+        if a.ndim != 4 or tuple(a.shape[1:]) != (C, H, W):
+            raise UserError(f"{path}: array of shape {a.shape}; this model takes ({C}, {H}, {W}) images (or (N, {C}, {H}, {W}))")
+        return [(f"{path}[{i}]" if a.shape[0] > 1 else str(path), a[i]) for i in range(a.shape[0])], []
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:  # pragma: no cover - Pillow is a dependency
+        raise UserError("reading images needs Pillow: pip install pillow") from None
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L")
+            size = im.size
+            if size != (W, H):
+                im = im.resize((W, H), Image.LANCZOS)
+            g = np.asarray(im, dtype=np.float32) / 255.0
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: not an image Pillow can read (and not a .npy file)") from None
+    notes = []
+    if size != (W, H):
+        notes.append(f"resized {size[0]}x{size[1]} -> {W}x{H}")
+    border = np.concatenate([g[0], g[-1], g[:, 0], g[:, -1]])
+    if border.mean() > 0.5:
+        g = 1.0 - g
+        notes.append("inverted (light background)")
+    return [(str(path), np.repeat(g[None], C, axis=0))], notes
+
+
+def cmd_predict(args) -> int:
+    import numpy as np
+
+    from .plotting import predict_proba
+
+    ckpt, cfg, input_dim = _load_for_inference(args.checkpoint, args.device)
+    if input_dim is None:
+        raise UserError(f"{args.checkpoint}: cannot tell the model's input image size")
+    names = cfg.get("class_names") or None
+    items, notes_of = [], {}
+    for f in args.files:
+        path = Path(f)
+        if not path.is_file():
+            raise UserError(f"{path}: no such file")
+        got, notes = _read_image(path, input_dim)
+        items += got
+        for label, _ in got:
+            notes_of[label] = notes
+    x = np.stack([a for _, a in items]).astype(np.float32)
+    p = predict_proba(ckpt.model, x)
+    k = min(args.top, p.shape[1])
+    for (label, _), row in zip(items, p):
+        order = np.argsort(-row)[:k]
+        parts = []
+        for c in order:
+            name = names[c] if names and c < len(names) else str(int(c))
+            parts.append(f"{name} ({row[c]:.3f})" if k > 1 else f"class {name} (probability {row[c]:.3f})")
+        note = f"  [{'; '.join(notes_of[label])}]" if notes_of.get(label) else ""
+        print(f"{label}: {', '.join(parts)}{note}")
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("bench", "info"):
+        return _run_module(argv[0], argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handler = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict}[args.command]
+    with _one_line_warnings():
+        try:
+            return handler(args)
+        except KeyboardInterrupt:
+            sys.stderr.write(f"{PROG}: interrupted\n")
+            return 130
+        except _user_errors() as exc:
+            _err(str(exc) or type(exc).__name__)
+            return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Pictures of a training run: learning curves, misclassified test images, first-layer filters.
+
+Matplotlib is used through its Agg canvas directly (no pyplot, no global backend
+switch), so these functions work on headless machines and leave an interactive
+session's backend alone.  Every function writes one PNG and returns its path (or,
+for :func:`plot_filters`, None with a reason when the first layer has no picture).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .backend import to_numpy
+
+__all__ = ["plot_curves", "plot_filters", "plot_misclassified", "predict_labels", "predict_proba", "save_run_plots"]
+
+
+def _figure(w: float, h: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path) -> Path:
+    import io
+
+    from .checkpoint import atomic_write
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return atomic_write(path, buf.getvalue())
+
+
+def plot_curves(
+    history: Sequence[Mapping[str, Any]],
+    path,
+    train_loss_list: Sequence[float] | None = None,
+    *,
+    first_epoch: int | None = None,
+    title: str | None = None,
+) -> Path:
+    """Loss (left) and accuracy (right) by epoch. ``history``: the per-epoch records
+    (``epoch``, ``train_loss``, ``train_acc``, ``test_acc``); ``train_loss_list``: the
+    per-iteration losses of epochs ``first_epoch + 1`` to the last one (all epochs by
+    default; a resumed run has only its own), drawn faintly behind the epoch means."""
+    epochs = [r["epoch"] for r in history]
+    fig = _figure(10, 4)
+    ax1, ax2 = fig.subplots(1, 2)
+    if train_loss_list and epochs:
+        n, last = len(train_loss_list), epochs[-1]
+        first = epochs[0] - 1 if first_epoch is None else int(first_epoch)
+        per_epoch = n / max(1, last - first)
+        xs = [first + (i + 1) / per_epoch for i in range(n)]
+        ax1.plot(xs, train_loss_list, color="tab:blue", alpha=0.25, linewidth=0.8, label="train loss (iteration)")
+    ax1.plot(epochs, [r["train_loss"] for r in history], "o-", color="tab:blue", label="train loss (epoch mean)")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss")
+    ax1.set_yscale("log")
+    ax1.set_title("training loss")
+    ax1.grid(True, alpha=0.3)
+    ax1.legend()
+    ax2.plot(epochs, [r["train_acc"] for r in history], "o-", label="train")
+    ax2.plot(epochs, [r["test_acc"] for r in history], "s-", label="test")
+    if history:
+        best = max(history, key=lambda r: r["test_acc"])
+        ax2.annotate(f"{best['test_acc']:.4f}", (best["epoch"], best["test_acc"]), textcoords="offset points", xytext=(0, -14), ha="center")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("accuracy")
+    ax2.set_title("accuracy")
+    ax2.grid(True, alpha=0.3)
+    ax2.legend(loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def predict_proba(model, x, batch_size: int = 500) -> np.ndarray:
+    """Softmax probabilities (N, K) of every sample as a host array, computed in chunks."""
+    from .ops import softmax
+
+    chunks = [to_numpy(softmax(model.predict(x[i : i + batch_size]))) for i in range(0, int(x.shape[0]), batch_size)]
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0))
+
+
+def predict_labels(model, x, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted class, its probability) for every sample, as host arrays."""
+    p = predict_proba(model, x, batch_size)
+    if p.size == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    return p.argmax(axis=1), p.max(axis=1)
+
+
+def _as_images(x: np.ndarray, image_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """(N, H, W) host images from NCHW (first channel) or flattened (N, H*W) data."""
+    x = to_numpy(x)
+    if x.ndim == 4:
+        return x[:, 0]
+    if x.ndim == 3:
+        return x
+    side = int(round(math.sqrt(x.shape[1])))
+    hw = image_hw or (side, side)
+    return x.reshape(x.shape[0], *hw)
+
+
+def plot_misclassified(x, t_true, t_pred, path, *, class_names: Sequence[str] | None = None, probs=None, max_images: int = 36) -> Path:
+    """A grid of wrongly classified images titled ``true -> predicted``.
+
+    ``x``: the images (NCHW or flattened), ``t_true``/``t_pred``: class indices of the
+    same samples; ``probs``: the predicted class's probability (optional). The first
+    ``max_images`` wrong ones are drawn."""
+    t_true = to_numpy(t_true)
+    if t_true.ndim == 2:
+        t_true = t_true.argmax(axis=1)
+    t_pred = to_numpy(t_pred)
+    wrong = np.flatnonzero(t_true != t_pred)
+    shown = wrong[:max_images]
+    names = list(class_names) if class_names is not None else None
+
+    def name(k):
+        return names[int(k)] if names is not None and int(k) < len(names) else str(int(k))
+
+    n = len(shown)
+    cols = min(9, max(1, n))
+    rows = max(1, math.ceil(n / cols))
+    fig = _figure(1.25 * cols + 0.4, 1.45 * rows + 0.7)
+    fig.suptitle(f"misclassified test images: {len(wrong)} of {len(t_true)} (true \u2192 predicted)" + (f", first {n} shown" if len(wrong) > n else ""), fontsize=10)
+    if n == 0:
+        ax = fig.add_subplot(1, 1, 1)
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
+    else:
+        imgs = _as_images(to_numpy(x)[shown])
+        for k, (i, img) in enumerate(zip(shown, imgs)):
+            ax = fig.add_subplot(rows, cols, k + 1)
+            ax.imshow(img, cmap="gray_r", interpolation="nearest")
+            label = f"{name(t_true[i])} \u2192 {name(t_pred[i])}"
+            if probs is not None:
+                label += f"\n({float(to_numpy(probs)[i]):.0%})"
+            ax.set_title(label, fontsize=8, color="tab:red")
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def first_layer_filters(model, input_dim: Sequence[int] | None = None) -> tuple[np.ndarray | None, str]:
+    """(images (K, FH, FW), description) of the model's first-layer weights, or
+    (None, reason) when they have no natural picture."""
+    keys = list(model.params)
+    if not keys:
+        return None, "the model has no parameters"
+    W = to_numpy(model.params[keys[0]]).astype(np.float64)
+    if W.ndim == 4:
+        FN, C, FH, FW = W.shape
+        what = f"{FN} filters {FH}x{FW}" + (f" (channel 0 of {C})" if C > 1 else "")
+        return W[:, 0], what
+    if W.ndim == 2:
+        D, M = W.shape
+        if input_dim is not None and len(input_dim) == 3 and input_dim[0] == 1 and input_dim[1] * input_dim[2] == D:
+            hw = (int(input_dim[1]), int(input_dim[2]))
+        else:
+            side = int(round(math.sqrt(D)))
+            if side * side != D:
+                return None, f"the first layer's {D} inputs are not a square image"
+            hw = (side, side)
+        k = min(M, 64)
+        return W[:, :k].T.reshape(k, *hw), f"weights of the first {k} of {M} hidden units as {hw[0]}x{hw[1]} images"
+    return None, f"the first parameter has shape {W.shape}"
+
+
+def plot_filters(model, path, input_dim: Sequence[int] | None = None) -> tuple[Path | None, str]:
+    """The first layer's filters (a conv net) or input weights of the first hidden units
+    (an MLP with square images), each scaled to its own range. Returns (path, what) or
+    (None, why not)."""
+    imgs, what = first_layer_filters(model, input_dim)
+    if imgs is None:
+        return None, what
+    n = len(imgs)
+    cols = min(10, n)
+    rows = math.ceil(n / cols)
+    fig = _figure(1.0 * cols + 0.4, 1.0 * rows + 0.6)
+    fig.suptitle(f"first layer: {what}", fontsize=10)
+    for k, img in enumerate(imgs):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        lim = float(np.abs(img).max()) or 1.0
+        ax.imshow(img, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return _save(fig, path), what
+
+
+def save_run_plots(out_dir, model, history, x_test, t_test, *, train_loss_list=None, first_epoch=None, class_names=None, input_dim=None, title=None) -> dict[str, str]:
+    """curves.png, misclassified.png and filters.png in ``out_dir``. Returns {file: note}."""
+    out = Path(out_dir)
+    notes = {}
+    plot_curves(history, out / "curves.png", train_loss_list, first_epoch=first_epoch, title=title)
+    notes["curves.png"] = "loss and accuracy by epoch"
+    pred, prob = predict_labels(model, x_test)
+    t = to_numpy(t_test)
+    t = t.argmax(axis=1) if t.ndim == 2 else t
+    wrong = np.flatnonzero(pred != t)
+    plot_misclassified(x_test, t, pred, out / "misclassified.png", class_names=class_names, probs=prob)
+    notes["misclassified.png"] = f"{len(wrong)} of {len(t)} test images misclassified"
+    path, what = plot_filters(model, out / "filters.png", input_dim=input_dim)
+    notes["filters.png"] = what if path else f"not written: {what}"
+    return notes
