@@ -1,0 +1,200 @@
+"""Run xpconv's CUDA kernel sources on the CPU, so their index arithmetic and the
+host code that launches them are tested on machines without a GPU.
+
+The ``.cu`` files are compiled as C++ by the host compiler with a small shim
+(``__global__`` and friends defined away, ``blockIdx``/``threadIdx``/``blockDim``/
+``gridDim`` as globals) and loaded with ctypes.  :func:`fake_cupy` returns a
+stand-in ``cupy`` module whose arrays are NumPy arrays and whose ``RawModule``
+runs those host builds: importing ``xpconv.kernels.cupy_ops`` against it runs the
+real launch code on the CPU.
+
+A launch is checked the way a GPU would need it: the argument count and every
+argument's type against the kernel's C signature (CuPy passes a Python int as
+int64 and a NumPy scalar by its bytes, so an int must be ``int32`` and a float of
+the kernel's type), pointers to C-contiguous arrays of the right dtype, writable
+where the kernel writes.  Then each thread of the launch runs in turn (all of
+them for small launches, else 2 blocks of 3 threads, which still walks the
+grid-stride loops).  Kernels of these sources share no memory between threads
+and never synchronize, so running threads one after another is exact.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import types
+
+import numpy as np
+
+SHIM = r"""
+#define __global__
+#define __device__
+#define __forceinline__ inline
+struct xpc_uint3 { unsigned int x, y, z; };
+static xpc_uint3 blockIdx, threadIdx, blockDim, gridDim;
+extern "C" void xpc_emu_set(unsigned int block, unsigned int thread, unsigned int threads, unsigned int blocks)
+{
+    blockIdx.x = block; blockIdx.y = 0; blockIdx.z = 0;
+    threadIdx.x = thread; threadIdx.y = 0; threadIdx.z = 0;
+    blockDim.x = threads; blockDim.y = 1; blockDim.z = 1;
+    gridDim.x = blocks; gridDim.y = 1; gridDim.z = 1;
+}
+"""
+
+#: launches with at most this many threads run every thread; larger ones run 2 x 3
+EXACT_THREADS = 4096
+
+_POINTEE = {"float": np.float32, "double": np.float64, "int": np.int32}
+_SCALAR = {"float": (np.float32, ctypes.c_float), "double": (np.float64, ctypes.c_double), "int": (np.int32, ctypes.c_int)}
+_ENTRY = re.compile(r'extern\s+"C"\s+void\s+(\w+)\s*\(([^)]*)\)')
+
+
+def compiler() -> str | None:
+    """The host C++ compiler to use, or None."""
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+
+
+_BUILD_DIR = None
+
+
+def _build_dir() -> str:
+    global _BUILD_DIR
+    if _BUILD_DIR is None:
+        _BUILD_DIR = tempfile.mkdtemp(prefix="xpconv-cuda-host-")
+    return _BUILD_DIR
+
+
+def _run(cmd):
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout}{proc.stderr}")
+    return proc.stdout
+
+
+def _parse_params(text: str):
+    params = []
+    for raw in text.split(","):
+        p = " ".join(raw.replace("__restrict__", " ").replace("*", " * ").split())
+        if not p:
+            continue
+        *typ, _name = p.split(" ")
+        pointer = "*" in typ
+        const = "const" in typ
+        base = [t for t in typ if t not in ("const", "*")]
+        if len(base) != 1:
+            raise ValueError(f"cannot read kernel parameter {raw!r}")
+        params.append((base[0], pointer, const))
+    return tuple(params)
+
+
+class HostModule:
+    """A host build of one CUDA source: ``get_function(name)`` like cupy.RawModule."""
+
+    launches: list = []  # (kernel name, grid, block) of every launch, all modules
+
+    def __init__(self, code: str, options=()):
+        cxx = compiler()
+        if cxx is None:
+            raise RuntimeError("no host C++ compiler (g++ or clang++) to build CUDA sources for the CPU")
+        key = hashlib.sha256(code.encode()).hexdigest()[:16]
+        d = _build_dir()
+        shim, src, lib = (os.path.join(d, f"{key}{ext}") for ext in ("_shim.h", ".cpp", ".so"))
+        if not os.path.exists(lib):
+            with open(shim, "w") as f:
+                f.write(SHIM)
+            with open(src, "w") as f:
+                f.write(code)
+            _run([cxx, "-std=c++14", "-O1", "-fPIC", "-shared", "-include", shim, "-x", "c++", src, "-o", lib + ".tmp"])
+            os.replace(lib + ".tmp", lib)
+        if not os.path.exists(lib + ".sig"):
+            pre = _run([cxx, "-std=c++14", "-E", "-P", "-include", shim, "-x", "c++", src])
+            sigs = {m.group(1): m.group(2) for m in _ENTRY.finditer(pre) if m.group(1).startswith("xpc_") and m.group(1) != "xpc_emu_set"}
+            with open(lib + ".sig", "w") as f:
+                json.dump(sigs, f)
+        with open(lib + ".sig") as f:
+            self.signatures = {k: _parse_params(v) for k, v in json.load(f).items()}
+        self.lib = ctypes.CDLL(lib)
+        self.lib.xpc_emu_set.argtypes = [ctypes.c_uint] * 4
+
+    def get_function(self, name: str):
+        if name not in self.signatures:
+            raise AttributeError(f"no kernel {name!r} in this source; it has {sorted(self.signatures)}")
+        return HostKernel(self, name, self.signatures[name])
+
+
+class HostKernel:
+    def __init__(self, module: HostModule, name: str, params):
+        self.module, self.name, self.params = module, name, params
+        self.fn = getattr(module.lib, name)
+        self.fn.restype = None
+
+    def __call__(self, grid, block, args, **kwargs):
+        if kwargs:
+            raise TypeError(f"{self.name}: unexpected launch options {kwargs}")
+        for what, dims in (("grid", grid), ("block", block)):
+            if not (isinstance(dims, tuple) and 1 <= len(dims) <= 3 and all(isinstance(v, int) and v >= 1 for v in dims)):
+                raise TypeError(f"{self.name}: {what} must be a tuple of 1-3 positive ints, got {dims!r}")
+        if len(grid) != 1 or len(block) != 1:
+            raise ValueError(f"{self.name}: these kernels index with x only, got grid={grid}, block={block}")
+        if block[0] > 1024 or grid[0] > 2**31 - 1:
+            raise ValueError(f"{self.name}: launch too large for CUDA: grid={grid}, block={block}")
+        if len(args) != len(self.params):
+            raise TypeError(f"{self.name}: takes {len(self.params)} arguments, got {len(args)}")
+        cargs = []
+        for i, (arg, (base, pointer, const)) in enumerate(zip(args, self.params)):
+            where = f"{self.name} argument {i}"
+            if pointer:
+                if arg is None:
+                    cargs.append(ctypes.c_void_p(None))
+                    continue
+                if not isinstance(arg, np.ndarray):
+                    raise TypeError(f"{where}: expected an array for a {base}*, got {type(arg).__name__}")
+                if arg.dtype != _POINTEE[base]:
+                    raise TypeError(f"{where}: expected a {np.dtype(_POINTEE[base]).name} array for a {base}*, got {arg.dtype}")
+                if not arg.flags.c_contiguous:
+                    raise ValueError(f"{where}: the kernel needs a C-contiguous array, got strides {arg.strides}")
+                if not const and not arg.flags.writeable:
+                    raise ValueError(f"{where}: the kernel writes to this array, but it is read-only")
+                cargs.append(ctypes.c_void_p(arg.ctypes.data))
+            else:
+                np_type, c_type = _SCALAR[base]
+                if type(arg) is not np_type:
+                    raise TypeError(
+                        f"{where}: a {base} parameter needs a numpy.{np_type.__name__} scalar "
+                        f"(CuPy would pass {type(arg).__name__} with other bytes), got {arg!r}"
+                    )
+                cargs.append(c_type(arg.item()))
+        HostModule.launches.append((self.name, grid, block))
+        blocks, threads = grid[0], block[0]
+        if blocks * threads > EXACT_THREADS:
+            blocks, threads = 2, 3
+        for b in range(blocks):
+            for t in range(threads):
+                self.module.lib.xpc_emu_set(b, t, threads, blocks)
+                self.fn(*cargs)
+
+
+def fake_cupy() -> types.ModuleType:
+    """A stand-in for the ``cupy`` module: NumPy arrays, host-built RawModules.
+
+    It carries only what ``xpconv.kernels.cupy_ops`` may use; anything else is an
+    AttributeError, so code that strays from that subset fails here too.
+    """
+    m = types.ModuleType("cupy")
+    m.__dict__.update(
+        ndarray=np.ndarray,
+        empty=np.empty,
+        ascontiguousarray=np.ascontiguousarray,
+        int32=np.int32,
+        float32=np.float32,
+        float64=np.float64,
+        RawModule=HostModule,
+        __xpconv_fake__=True,
+    )
+    return m

@@ -1,0 +1,571 @@
+"""The CuPy fast paths (xpconv/kernels/cupy_ops.py + conv.cu, pool.cu).
+
+Without a GPU: every .cu source compiles with ``nvcc --ptx`` (when nvcc is on
+PATH) and defines every kernel cupy_ops launches; cupy_ops' ops have the generic
+ops' signatures (read with ast: no CuPy needed); and every op equals the generic
+path on fresh random inputs, with the .cu sources built for the CPU and cupy_ops
+run against a stand-in ``cupy`` (tests/cuda_host.py).
+
+With a GPU (marked ``gpu``): the same equality tests on real CuPy arrays against
+the generic path on CuPy (``ops.use_fast_paths(False)``), and whole-model
+training on CuPy against NumPy.
+
+Random inputs are drawn from a fresh seed each run; a failure names it, and
+XPCONV_TEST_SEED=<seed> replays it.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import importlib.util
+import inspect
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from xpconv import backend, kernels, ops
+from xpconv.kernels import cuda_source
+
+from . import cuda_host
+
+KERNEL_DIR = pathlib.Path(cuda_source.__file__).parent
+CUPY_OPS = KERNEL_DIR / "cupy_ops.py"
+GENERIC_OPS = (
+    "im2col",
+    "col2im",
+    "conv2d_forward",
+    "conv2d_backward",
+    "max_pool2d_forward",
+    "max_pool2d_backward",
+    "avg_pool2d_forward",
+    "avg_pool2d_backward",
+    "conv2d_relu_maxpool_forward",
+    "conv2d_relu_maxpool_backward",
+)
+DTYPES = ("float32", "float64")
+NVCC = shutil.which("nvcc")
+
+
+# ====================================================================== sources, nvcc
+
+
+def _launched_kernels() -> set[tuple[str, str]]:
+    """(source, kernel) of every ``_launch("source", "kernel", ...)`` in cupy_ops.py."""
+    found = set()
+    for node in ast.walk(ast.parse(CUPY_OPS.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "_launch":
+            src, name = node.args[0], node.args[1]
+            assert isinstance(src, ast.Constant) and isinstance(name, ast.Constant), ast.unparse(node)
+            found.add((src.value, name.value))
+    return found
+
+
+def _expected_entry_points(source: str) -> set[str]:
+    return {f"xpc_{k}_{sfx}" for s, k in _launched_kernels() if s == source for sfx in ("f32", "f64")}
+
+
+def test_every_cu_file_is_a_listed_source():
+    assert sorted(p.stem for p in KERNEL_DIR.glob("*.cu")) == sorted(cuda_source.SOURCES)
+    assert {s for s, _ in _launched_kernels()} == set(cuda_source.SOURCES)
+
+
+@pytest.mark.parametrize("source", cuda_source.SOURCES)
+def test_sources_include_no_headers(source):
+    # NVRTC (what cupy.RawModule compiles with) has no host headers
+    text = cuda_source.read_source(source)
+    assert not re.search(r"^\s*#\s*include", text, re.M), f"{source}.cu must not #include anything (NVRTC)"
+
+
+@pytest.mark.parametrize("arch", [None, "sm_80", "sm_90"], ids=["default-arch", "sm_80", "sm_90"])
+@pytest.mark.parametrize("source", cuda_source.SOURCES)
+def test_nvcc_compiles_source_to_ptx(source, arch, tmp_path):
+    if NVCC is None:
+        pytest.skip("nvcc is not on PATH: cannot compile the CUDA sources (install the CUDA toolkit to run this check)")
+    ptx = tmp_path / f"{source}.ptx"
+    cmd = [NVCC, "--ptx", *cuda_source.OPTIONS, "-Werror", "all-warnings"]
+    if arch:
+        cmd.append(f"-arch={arch}")
+    cmd += ["-o", str(ptx), str(cuda_source.source_path(source))]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}{proc.stderr}"
+    entries = set(re.findall(r"\.entry\s+(\w+)\s*\(", ptx.read_text()))
+    missing = _expected_entry_points(source) - entries
+    assert not missing, f"{source}.cu lacks kernels that cupy_ops launches: {sorted(missing)}"
+
+
+# ====================================================================== signatures
+
+
+def _ast_signature(fn: ast.FunctionDef):
+    """[(name, kind, default)] of a function read from source."""
+    a = fn.args
+    out = []
+    pos = a.posonlyargs + a.args
+    defaults = [inspect.Parameter.empty] * (len(pos) - len(a.defaults)) + [ast.literal_eval(d) for d in a.defaults]
+    for p, d in zip(a.posonlyargs, defaults):
+        out.append((p.arg, inspect.Parameter.POSITIONAL_ONLY, d))
+    for p, d in zip(a.args, defaults[len(a.posonlyargs) :]):
+        out.append((p.arg, inspect.Parameter.POSITIONAL_OR_KEYWORD, d))
+    if a.vararg:
+        out.append((a.vararg.arg, inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.empty))
+    for p, d in zip(a.kwonlyargs, a.kw_defaults):
+        out.append((p.arg, inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.empty if d is None else ast.literal_eval(d)))
+    if a.kwarg:
+        out.append((a.kwarg.arg, inspect.Parameter.VAR_KEYWORD, inspect.Parameter.empty))
+    return out
+
+
+def _public_functions() -> dict[str, ast.FunctionDef]:
+    tree = ast.parse(CUPY_OPS.read_text())
+    return {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")}
+
+
+def test_cupy_ops_has_the_generic_ops_signatures():
+    funcs = _public_functions()
+    for name in GENERIC_OPS:
+        assert name in funcs, f"cupy_ops lacks {name}"
+        generic = [(p.name, p.kind, p.default) for p in inspect.signature(getattr(ops, name)).parameters.values()]
+        assert _ast_signature(funcs[name]) == generic, f"cupy_ops.{name} signature differs from xpconv.ops.{name}"
+    extra = set(funcs) - set(GENERIC_OPS)
+    assert not extra, f"public functions in cupy_ops with no generic counterpart: {sorted(extra)}"
+
+
+def test_cupy_ops_all_lists_its_public_functions():
+    tree = ast.parse(CUPY_OPS.read_text())
+    (all_node,) = [n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "__all__"]
+    assert sorted(ast.literal_eval(all_node.value)) == sorted(_public_functions())
+
+
+# ====================================================================== implementations
+
+
+class Impl:
+    """cupy_ops over one kind of array: 'host' (the .cu built for the CPU, NumPy
+    arrays, a stand-in cupy) or 'cupy' (a real GPU)."""
+
+    def __init__(self, name, module, asarray, to_host):
+        self.name, self.ops, self.asarray, self.to_host = name, module, asarray, to_host
+
+    def __repr__(self):
+        return f"Impl({self.name})"
+
+
+def _fresh(module_name: str, alias: str):
+    spec = importlib.util.spec_from_file_location(alias, KERNEL_DIR / f"{module_name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@functools.lru_cache(maxsize=None)
+def _host_impl() -> Impl:
+    """A private copy of cupy_ops bound to cuda_host's stand-in cupy (the real
+    modules and a real cupy, if installed, are left untouched)."""
+    src = _fresh("cuda_source", "xpconv.kernels._host_cuda_source")
+    src.module = functools.lru_cache(maxsize=None)(lambda name: cuda_host.HostModule(src.read_source(name), src.OPTIONS))
+    saved = sys.modules.get("cupy")
+    sys.modules["cupy"] = cuda_host.fake_cupy()
+    try:
+        mod = _fresh("cupy_ops", "xpconv.kernels._host_cupy_ops")
+    finally:
+        if saved is None:
+            del sys.modules["cupy"]
+        else:
+            sys.modules["cupy"] = saved
+    mod.cuda_source = src
+    return Impl("host", mod, np.asarray, np.asarray)
+
+
+def _cupy_impl() -> Impl:
+    import cupy
+
+    from xpconv.kernels import cupy_ops
+
+    return Impl("cupy", cupy_ops, cupy.asarray, cupy.asnumpy)
+
+
+HAS_CUPY = importlib.util.find_spec("cupy") is not None
+needs_cuda = pytest.mark.skipif(not (HAS_CUPY and backend.cuda_status()[0]), reason="no usable CUDA device (CuPy)")
+needs_cxx = pytest.mark.skipif(cuda_host.compiler() is None, reason="no host C++ compiler (g++/clang++) to build the .cu sources for the CPU")
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("host", marks=needs_cxx),
+        pytest.param("cupy", marks=[pytest.mark.gpu, needs_cuda]),
+    ]
+)
+def impl(request) -> Impl:
+    return _host_impl() if request.param == "host" else _cupy_impl()
+
+
+@pytest.fixture
+def seeded():
+    """(rng, seed): fresh each run unless XPCONV_TEST_SEED is set."""
+    seed = int(os.environ.get("XPCONV_TEST_SEED", np.random.SeedSequence().entropy % 2**32))
+    return np.random.default_rng(seed), seed
+
+
+def generic(op, *args, **kwargs):
+    with ops.use_fast_paths(False):
+        return getattr(ops, op)(*args, **kwargs)
+
+
+def geometries(rng, count, *, max_filter=5):
+    """Random (N, C, H, W, FH, FW, (SH, SW), (PH, PW)) with odd sizes, strides 1-3, pads 0-2."""
+    for _ in range(count):
+        N, C = int(rng.integers(1, 4)), int(rng.integers(1, 5))
+        H, W = (int(v) for v in rng.choice([3, 5, 6, 7, 9, 11, 13], size=2))
+        SH, SW = (int(v) for v in rng.integers(1, 4, size=2))
+        PH, PW = (int(v) for v in rng.integers(0, 3, size=2))
+        FH = int(rng.integers(1, min(max_filter, H + 2 * PH) + 1))
+        FW = int(rng.integers(1, min(max_filter, W + 2 * PW) + 1))
+        yield N, C, H, W, FH, FW, (SH, SW), (PH, PW)
+
+
+def check(impl, got, want, what, seed, *, exact=False, dtype="float32"):
+    got, want = impl.to_host(got), impl.to_host(want)
+    msg = f"{impl.name}: {what} (XPCONV_TEST_SEED={seed})"
+    assert got.shape == want.shape, msg
+    assert got.dtype == want.dtype, msg
+    if exact:
+        np.testing.assert_array_equal(got, want, err_msg=msg)
+    else:
+        # sums in another order (cuBLAS, another transposition): errors scale with the
+        # largest terms, not with each (possibly cancelled) result
+        eps = 1e-5 if dtype == "float32" else 1e-12
+        scale = max(1.0, float(np.max(np.abs(want), initial=0.0)))
+        np.testing.assert_allclose(got, want, rtol=eps, atol=eps * scale, err_msg=msg)
+
+
+def randn(impl, rng, shape, dtype):
+    return impl.asarray(rng.standard_normal(shape).astype(dtype))
+
+
+# ====================================================================== op equality
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_im2col_and_col2im_equal_generic(impl, seeded, dtype):
+    rng, seed = seeded
+    for N, C, H, W, FH, FW, stride, pad in geometries(rng, 25):
+        what = f"N={N} C={C} H={H} W={W} FH={FH} FW={FW} stride={stride} pad={pad} {dtype}"
+        x = randn(impl, rng, (N, C, H, W), dtype)
+        for pad_value in (0.0, -float("inf")):
+            want = generic("im2col", x, FH, FW, stride, pad, pad_value=pad_value)
+            got = impl.ops.im2col(x, FH, FW, stride, pad, pad_value=pad_value)
+            check(impl, got, want, f"im2col {what} pad_value={pad_value}", seed, exact=True)
+        col = randn(impl, rng, tuple(want.shape), dtype)
+        want = generic("col2im", col, (N, C, H, W), FH, FW, stride, pad)
+        got = impl.ops.col2im(col, (N, C, H, W), FH, FW, stride, pad)
+        check(impl, got, want, f"col2im {what}", seed, dtype=dtype)
+
+
+def check_grads(impl, got, want, what, seed, dtype, need_dx=True):
+    assert (got[0] is None) == (not need_dx), f"{impl.name}: {what}: dx must be None exactly when need_dx=False"
+    for name, g, w in zip(("dx", "dW", "db"), got, want):
+        if w is not None:
+            check(impl, g, w, f"{name} of {what}", seed, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("relu", [False, True], ids=["conv", "conv+relu"])
+def test_conv_forward_backward_equal_generic(impl, seeded, dtype, relu):
+    rng, seed = seeded
+    for N, C, H, W, FH, FW, stride, pad in geometries(rng, 15):
+        FN = int(rng.integers(1, 6))
+        what = f"N={N} C={C} H={H} W={W} FN={FN} FH={FH} FW={FW} stride={stride} pad={pad} relu={relu} {dtype}"
+        x = randn(impl, rng, (N, C, H, W), dtype)
+        Wt = randn(impl, rng, (FN, C, FH, FW), dtype)
+        b = randn(impl, rng, (FN,), dtype)
+        want, wcache = generic("conv2d_forward", x, Wt, b, stride, pad, relu=relu)
+        got, gcache = impl.ops.conv2d_forward(x, Wt, b, stride, pad, relu=relu)
+        check(impl, got, want, f"conv2d_forward {what}", seed, dtype=dtype)
+        dout = randn(impl, rng, tuple(want.shape), dtype)
+        for need_dx in (True, False):
+            check_grads(
+                impl,
+                impl.ops.conv2d_backward(dout, gcache, need_dx=need_dx),
+                generic("conv2d_backward", dout, wcache, need_dx=need_dx),
+                f"conv2d_backward need_dx={need_dx} {what}",
+                seed,
+                dtype,
+                need_dx,
+            )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("values", ["normal", "ties"])
+def test_conv_relu_maxpool_equals_generic(impl, seeded, dtype, values):
+    rng, seed = seeded
+    done = 0
+    for N, C, H, W, FH, FW, stride, pad in geometries(rng, 60):
+        OH, OW = ops.conv_output_size(H, W, FH, FW, stride, pad)
+        KH, KW = int(rng.integers(1, min(3, OH + 1) + 1)), int(rng.integers(1, min(3, OW + 1) + 1))
+        pstride = tuple(int(v) for v in rng.integers(1, 4, size=2))
+        ppad = (int(rng.integers(0, min(2, KH // 2) + 1)), int(rng.integers(0, min(2, KW // 2) + 1)))
+        if OH + 2 * ppad[0] < KH or OW + 2 * ppad[1] < KW:
+            continue
+        FN = int(rng.integers(1, 6))
+        what = (
+            f"N={N} C={C} H={H} W={W} FN={FN} FH={FH} FW={FW} stride={stride} pad={pad} "
+            f"pool={KH}x{KW} pool_stride={pstride} pool_pad={ppad} {dtype} {values}"
+        )
+        if values == "ties":  # integer data and weights: many equal maxima, and many <= 0
+            x = impl.asarray(rng.integers(-1, 2, size=(N, C, H, W)).astype(dtype))
+            Wt = impl.asarray(rng.integers(-1, 2, size=(FN, C, FH, FW)).astype(dtype))
+            b = impl.asarray(rng.integers(-1, 2, size=(FN,)).astype(dtype))
+        else:
+            x, Wt, b = (randn(impl, rng, s, dtype) for s in ((N, C, H, W), (FN, C, FH, FW), (FN,)))
+        args = (x, Wt, b, stride, pad, KH, KW, pstride, ppad)
+        want, wcache = generic("conv2d_relu_maxpool_forward", *args)
+        got, gcache = impl.ops.conv2d_relu_maxpool_forward(*args)
+        check(impl, got, want, f"conv2d_relu_maxpool_forward {what}", seed, dtype=dtype)
+        inference, none = impl.ops.conv2d_relu_maxpool_forward(*args, training=False)
+        assert none is None
+        check(impl, inference, got, f"conv2d_relu_maxpool_forward training=False {what}", seed, exact=True)
+        dout = randn(impl, rng, tuple(want.shape), dtype)
+        for need_dx in (True, False):
+            check_grads(
+                impl,
+                impl.ops.conv2d_relu_maxpool_backward(dout, gcache, need_dx=need_dx),
+                generic("conv2d_relu_maxpool_backward", dout, wcache, need_dx=need_dx),
+                f"conv2d_relu_maxpool_backward need_dx={need_dx} {what}",
+                seed,
+                dtype,
+                need_dx,
+            )
+        done += 1
+    assert done >= 10
+    with pytest.raises(RuntimeError, match="training=False"):
+        impl.ops.conv2d_relu_maxpool_backward(dout, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("values", ["normal", "ties"])
+def test_max_pool_equals_generic_first_maximum_wins(impl, seeded, dtype, values):
+    rng, seed = seeded
+    for N, C, H, W, KH, KW, stride, pad in geometries(rng, 20, max_filter=4):
+        what = f"N={N} C={C} H={H} W={W} pool={KH}x{KW} stride={stride} pad={pad} {dtype} {values}"
+        host = rng.integers(0, 3, size=(N, C, H, W)) if values == "ties" else rng.standard_normal((N, C, H, W))
+        x = impl.asarray(host.astype(dtype))
+        want, wcache = generic("max_pool2d_forward", x, KH, KW, stride, pad)
+        got, gcache = impl.ops.max_pool2d_forward(x, KH, KW, stride, pad)
+        check(impl, got, want, f"max_pool2d_forward {what}", seed, exact=True)
+        dout = randn(impl, rng, tuple(want.shape), dtype)
+        got = impl.ops.max_pool2d_backward(dout, gcache)
+        check(impl, got, generic("max_pool2d_backward", dout, wcache), f"max_pool2d_backward {what}", seed, dtype=dtype)
+
+
+def test_max_pool_nan_and_infinities_route_like_argmax(impl, seeded):
+    rng, seed = seeded
+    host = np.array([[[[1.0, np.nan, 3.0, -np.inf], [np.nan, 5.0, -np.inf, -np.inf], [np.inf, 2.0, 0.0, 0.0]]]], dtype="float32")
+    x = impl.asarray(host)
+    for stride, pad in ((1, 0), (1, 1), (2, 1)):
+        want, wcache = generic("max_pool2d_forward", x, 2, 2, stride, pad)
+        got, gcache = impl.ops.max_pool2d_forward(x, 2, 2, stride, pad)
+        check(impl, got, want, f"max_pool2d_forward stride={stride} pad={pad}", seed, exact=True)
+        dout = randn(impl, rng, tuple(want.shape), "float32")
+        got = impl.ops.max_pool2d_backward(dout, gcache)
+        check(impl, got, generic("max_pool2d_backward", dout, wcache), f"max_pool2d_backward stride={stride} pad={pad}", seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_avg_pool_equals_generic(impl, seeded, dtype):
+    rng, seed = seeded
+    for N, C, H, W, KH, KW, stride, pad in geometries(rng, 20, max_filter=4):
+        what = f"N={N} C={C} H={H} W={W} pool={KH}x{KW} stride={stride} pad={pad} {dtype}"
+        x = randn(impl, rng, (N, C, H, W), dtype)
+        want, wcache = generic("avg_pool2d_forward", x, KH, KW, stride, pad)
+        got, gcache = impl.ops.avg_pool2d_forward(x, KH, KW, stride, pad)
+        check(impl, got, want, f"avg_pool2d_forward {what}", seed, dtype=dtype)
+        dout = randn(impl, rng, tuple(want.shape), dtype)
+        got = impl.ops.avg_pool2d_backward(dout, gcache)
+        check(impl, got, generic("avg_pool2d_backward", dout, wcache), f"avg_pool2d_backward {what}", seed, dtype=dtype)
+
+
+def test_launches_split_over_the_batch_give_the_same_result(impl, seeded, monkeypatch):
+    # a tiny index limit forces one launch per sample or two
+    rng, seed = seeded
+    N, C, H, W, FN = 5, 2, 9, 9, 4
+    x = randn(impl, rng, (N, C, H, W), "float32")
+    Wt = randn(impl, rng, (FN, C, 3, 3), "float32")
+    b = randn(impl, rng, (FN,), "float32")
+    dout_conv = randn(impl, rng, (N, FN, 9, 9), "float32")
+    whole = impl.ops.conv2d_forward(x, Wt, b, 1, 1)
+    whole_grads = impl.ops.conv2d_backward(dout_conv, whole[1])
+    pooled = impl.ops.max_pool2d_forward(x, 2, 2, 2, 1)
+    monkeypatch.setattr(impl.ops, "_INDEX_LIMIT", 81 * 18 + 1)  # P*K of one sample
+    split = impl.ops.conv2d_forward(x, Wt, b, 1, 1)
+    check(impl, split[0], whole[0], "split conv2d_forward", seed, exact=True)
+    for name, g, w in zip(("dx", "dW", "db"), impl.ops.conv2d_backward(dout_conv, split[1]), whole_grads):
+        check(impl, g, w, f"split conv2d_backward {name}", seed)
+    split_pool = impl.ops.max_pool2d_forward(x, 2, 2, 2, 1)
+    check(impl, split_pool[0], pooled[0], "split max_pool2d_forward", seed, exact=True)
+    dpool = randn(impl, rng, tuple(pooled[0].shape), "float32")
+    check(impl, impl.ops.max_pool2d_backward(dpool, split_pool[1]), impl.ops.max_pool2d_backward(dpool, pooled[1]), "split max_pool2d_backward", seed, exact=True)
+    monkeypatch.setattr(impl.ops, "_INDEX_LIMIT", 1000)
+    with pytest.raises(ValueError, match="32-bit index limit"):
+        impl.ops.im2col(x, 3, 3, 1, 1)
+
+
+def test_other_dtypes_and_generic_caches_use_the_generic_path(impl, seeded):
+    rng, seed = seeded
+    xi = impl.asarray(rng.integers(-5, 5, size=(2, 3, 6, 5)).astype("int32"))
+    check(impl, impl.ops.im2col(xi, 3, 2, 2, 1), generic("im2col", xi, 3, 2, 2, 1), "int32 im2col", seed, exact=True)
+    xh = impl.asarray(rng.standard_normal((2, 3, 6, 5)).astype("float16"))
+    out, cache = impl.ops.max_pool2d_forward(xh, 2, 2, 2, 0)
+    check(impl, out, generic("max_pool2d_forward", xh, 2, 2, 2, 0)[0], "float16 max pool", seed, exact=True)
+    # a cache from the generic forward goes to the generic backward
+    x = randn(impl, rng, (2, 3, 6, 5), "float64")
+    Wt = randn(impl, rng, (2, 3, 3, 3), "float64")
+    b = randn(impl, rng, (2,), "float64")
+    out, wcache = generic("conv2d_forward", x, Wt, b, 1, 1)
+    dout = randn(impl, rng, tuple(out.shape), "float64")
+    for g, w in zip(impl.ops.conv2d_backward(dout, wcache), generic("conv2d_backward", dout, wcache)):
+        check(impl, g, w, "generic cache", seed, exact=True, dtype="float64")
+    # a cache of another op is refused, not misread
+    _, pool_cache = impl.ops.avg_pool2d_forward(x, 2, 2, 2, 0)
+    with pytest.raises(TypeError, match="max_pool2d_backward: got a cache made by another op"):
+        impl.ops.max_pool2d_backward(dout, pool_cache)
+    _, conv_cache = impl.ops.conv2d_forward(x, Wt, b, 1, 1)
+    with pytest.raises(TypeError, match="conv2d_relu_maxpool_backward: got a cache made by another op"):
+        impl.ops.conv2d_relu_maxpool_backward(dout, conv_cache)
+
+
+def test_errors_name_the_op_and_the_shapes(impl):
+    x = impl.asarray(np.zeros((1, 1, 4, 4), dtype="float32"))
+    with pytest.raises(ValueError, match=r"im2col: filter larger than the padded input"):
+        impl.ops.im2col(x, 7, 3, 1, 1)
+    with pytest.raises(ValueError, match=r"Pooling: filter larger"):
+        impl.ops.max_pool2d_forward(x, 5, 5, 1, 0)
+    out, cache = impl.ops.conv2d_forward(x, impl.asarray(np.ones((2, 1, 3, 3), "float32")), impl.asarray(np.zeros(2, "float32")))
+    with pytest.raises(ValueError, match=r"Convolution backward: expected dout of shape \(1, 2, 2, 2\), got \(1, 2, 3, 2\)"):
+        impl.ops.conv2d_backward(impl.asarray(np.zeros((1, 2, 3, 2), "float32")), cache)
+    with pytest.raises(ValueError, match=r"col2im: expected col of shape"):
+        impl.ops.col2im(impl.asarray(np.zeros((3, 9), "float32")), (1, 1, 4, 4), 3, 3, 1, 1)
+
+
+# ====================================================================== host-only checks
+
+
+@needs_cxx
+def test_each_op_is_one_kernel_launch():
+    impl = _host_impl()
+    launches = cuda_host.HostModule.launches
+    x = np.random.default_rng(0).standard_normal((2, 3, 9, 8)).astype("float32")
+
+    def count(fn, *args):
+        before = len(launches)
+        result = fn(*args)
+        return [name for name, _, _ in launches[before:]], result
+
+    names, col = count(impl.ops.im2col, x, 5, 4, 1, 2)
+    assert names == ["xpc_im2col_f32"]
+    names, _ = count(impl.ops.col2im, col, x.shape, 5, 4, 1, 2)
+    assert names == ["xpc_col2im_f32"]
+    names, (out, cache) = count(impl.ops.max_pool2d_forward, x, 3, 3, 2, 1)
+    assert names == ["xpc_max_pool_fwd_f32"]
+    names, _ = count(impl.ops.max_pool2d_backward, np.ones_like(out), cache)
+    assert names == ["xpc_max_pool_bwd_f32"]
+    names, (out, cache) = count(impl.ops.avg_pool2d_forward, x.astype("float64"), 3, 3, 2, 1)
+    assert names == ["xpc_avg_pool_fwd_f64"]
+    names, _ = count(impl.ops.avg_pool2d_backward, np.ones_like(out), cache)
+    assert names == ["xpc_avg_pool_bwd_f64"]
+    Wt, b = np.ones((4, 3, 3, 3), "float32"), np.zeros(4, "float32")
+    names, (out, cache) = count(impl.ops.conv2d_forward, x, Wt, b, 1, 1)
+    assert names == ["xpc_im2col_f32", "xpc_bias_nhwc_to_nchw_f32"]
+    names, _ = count(impl.ops.conv2d_backward, np.ones_like(out), cache)
+    assert names == ["xpc_nchw_to_nhwc_f32", "xpc_col2im_f32"]
+    names, _ = count(functools.partial(impl.ops.conv2d_backward, need_dx=False), np.ones_like(out), cache)
+    assert names == ["xpc_nchw_to_nhwc_f32"]
+    names, (out, cache) = count(impl.ops.conv2d_relu_maxpool_forward, x, Wt, b, 1, 1, 2, 2, 2)
+    assert names == ["xpc_im2col_f32", "xpc_bias_relu_maxpool_f32"]
+    names, _ = count(impl.ops.conv2d_relu_maxpool_backward, np.ones_like(out), cache)
+    assert names == ["xpc_maxpool_bwd_nhwc_f32", "xpc_col2im_f32"]
+
+
+@needs_cxx
+def test_launch_arguments_are_checked_like_a_gpu_would_need():
+    # the stand-in refuses what would silently break on a GPU
+    impl = _host_impl()
+    k = impl.ops.cuda_source.function("conv", "xpc_col2im_f32")
+    col, x = np.zeros((4, 9), "float32"), np.zeros((1, 1, 4, 4), "float32")
+    ints = [np.int32(v) for v in (16, 1, 4, 4, 3, 3, 1, 1, 0, 0, 2, 2)]
+    with pytest.raises(TypeError, match="int32"):
+        k((1,), (256,), (col, x, 16, *ints[1:]))  # a Python int would reach the GPU as int64
+    with pytest.raises(TypeError, match="float32 array"):
+        k((1,), (256,), (col.astype("float64"), x, *ints))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        k((1,), (256,), (np.zeros((9, 4), "float32").T, x, *ints))
+    with pytest.raises(TypeError, match="takes 14 arguments"):
+        k((1,), (256,), (col, x, *ints[:-1]))
+
+
+# ====================================================================== whole model
+
+
+def _train_losses(net, x, t, steps=10):
+    from xpconv.optim import Adam
+
+    opt = Adam(lr=0.001)
+    losses = []
+    for _ in range(steps):
+        grads = net.gradient(x, t)
+        opt.update(net.params, grads)
+        losses.append(float(net.loss(x, t)))
+    return losses
+
+
+@needs_cxx
+def test_simple_convnet_trains_the_same_through_host_built_kernels(monkeypatch):
+    """SimpleConvNet on NumPy with every conv/pool op routed to the host-built cupy_ops."""
+    from xpconv.models import SimpleConvNet
+
+    impl = _host_impl()
+    rng = np.random.default_rng(1)
+    x = rng.random((6, 1, 12, 12)).astype("float32")
+    t = rng.integers(0, 10, 6)
+    with ops.use_fast_paths(False):
+        want = _train_losses(SimpleConvNet(input_dim=(1, 12, 12), seed=3), x, t)
+    monkeypatch.setattr(kernels, "lookup", lambda ns, op: getattr(impl.ops, op, None))
+    launches = len(cuda_host.HostModule.launches)
+    got = _train_losses(SimpleConvNet(input_dim=(1, 12, 12), seed=3), x, t)
+    assert len(cuda_host.HostModule.launches) > launches
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("model", ["SimpleConvNet", "DeepConvNet"])
+def test_model_trains_the_same_on_cupy_and_numpy(model):
+    """10 Adam steps from one seed: CuPy (fast kernels) and NumPy losses within 1e-5
+    (SimpleConvNet) / 1e-4 (DeepConvNet, float32 through six convolutions)."""
+    from xpconv import models
+
+    rng = np.random.default_rng(2)
+    x = rng.random((20, 1, 28, 28)).astype("float32")
+    t = rng.integers(0, 10, 20)
+    cls = getattr(models, model)
+    kwargs = {"dropout_ratio": 0.0} if model == "DeepConvNet" else {}
+    want = _train_losses(cls(seed=5, xp="numpy", **kwargs), x, t)
+    ns = backend.get_namespace("cupy")
+    assert kernels.lookup("cupy", "conv2d_forward") is not None
+    got = _train_losses(cls(seed=5, xp=ns, **kwargs), x, t)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 if model == "SimpleConvNet" else 1e-4)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_ops_dispatch_cupy_arrays_to_the_kernels():
+    from xpconv.kernels import cupy_ops
+
+    for name in GENERIC_OPS:
+        assert kernels.lookup("cupy", name) is getattr(cupy_ops, name)

@@ -1,0 +1,398 @@
+"""CuPy fast paths for :mod:`xpconv.ops`, with the generic ops' names and signatures.
+
+``xpconv.ops`` dispatches here when its arrays are CuPy arrays (and fast paths are
+on).  Each function gives the result of its generic counterpart; tests/test_cupy_kernels.py
+proves it on a GPU, and without one through a host build of the same CUDA sources.
+
+How the work is split:
+
+* im2col, col2im, max/average pooling forward and backward are one CUDA kernel
+  each (``conv.cu``, ``pool.cu``), one thread per output element.  Backward passes
+  are gathers -- each input pixel sums what reaches it, in the generic code's
+  order -- so there are no atomics and results are deterministic.
+* Convolution is the im2col kernel + one cuBLAS product ``col @ W.T`` giving NHWC
+  rows + one kernel that adds the bias (and applies the ReLU, ``relu=True``) while
+  moving them to NCHW.  Backward moves dout to NHWC rows in one kernel (applying
+  the ReLU's mask), then cuBLAS for dW and dcol, a column sum for db and the
+  col2im kernel; ``need_dx=False`` skips dcol and col2im.
+* ``conv2d_relu_maxpool_forward`` never writes the convolution's output: one
+  kernel reads the NHWC rows, adds the bias, applies the ReLU and max-pools into
+  the NCHW result, recording each window's argmax (-1 where the ReLU passes no
+  gradient).  Its backward is one gather kernel from the pooled gradient straight
+  to the NHWC rows the two products need.
+
+Inputs the kernels do not cover (dtypes other than float32/float64, mixed dtypes,
+malformed shapes) run the generic code, which also raises the user-facing errors
+and returns its own (tuple) caches, which ``xpconv.ops`` routes to the generic
+backward.  This module's caches are objects, never tuples.
+
+Kernel index arithmetic is 32-bit: a launch is split over the batch so that each
+piece's arrays hold fewer than ``_INDEX_LIMIT`` elements.
+"""
+
+from __future__ import annotations
+
+import cupy
+
+from .. import ops
+from . import cuda_source
+
+__all__ = [
+    "avg_pool2d_backward",
+    "avg_pool2d_forward",
+    "col2im",
+    "conv2d_backward",
+    "conv2d_forward",
+    "conv2d_relu_maxpool_backward",
+    "conv2d_relu_maxpool_forward",
+    "im2col",
+    "max_pool2d_backward",
+    "max_pool2d_forward",
+]
+
+_THREADS = 256
+_MAX_BLOCKS = 1 << 16  # grid-stride loops cover larger launches
+#: most elements one launch may touch in any array (32-bit indices, with room for the grid stride)
+_INDEX_LIMIT = 2**31 - 1 - _THREADS * _MAX_BLOCKS
+_SUFFIX = {"float32": "f32", "float64": "f64"}
+
+
+# --------------------------------------------------------------------------- launching
+
+
+def _suffix(*arrays) -> str | None:
+    """Kernel suffix ('f32'/'f64') when all arrays share one dtype the kernels have."""
+    dtype = arrays[0].dtype
+    if any(a.dtype != dtype for a in arrays[1:]):
+        return None
+    return _SUFFIX.get(dtype.name)
+
+
+def _launch(source: str, kernel: str, sfx: str, N: int, out_per_sample: int, per_sample=(), shared=(), ints=(), tail=()):
+    """Run ``xpc_<kernel>_<sfx>`` of ``<source>.cu``, one thread per output element,
+    ``out_per_sample`` of them for each of N samples.
+
+    Arguments go in the kernels' order: the ``per_sample`` arrays (one equal block
+    per sample each, or None), the ``shared`` arrays, the element count, ``ints``
+    as int32, then ``tail`` (scalars already of the kernel's type: CuPy would pass
+    a Python int as int64).  When the batch is too large for 32-bit indices the
+    launch repeats over slices of it.
+    """
+    if N == 0 or out_per_sample == 0:
+        return
+    per = max([out_per_sample] + [a.size // N for a in per_sample if a is not None])
+    if per > _INDEX_LIMIT:
+        raise ValueError(
+            f"xpc_{kernel}: one sample needs {per} elements in one CUDA launch, more than the "
+            f"kernels' 32-bit index limit of {_INDEX_LIMIT}"
+        )
+    fn = cuda_source.function(source, f"xpc_{kernel}_{sfx}")
+    int_args = tuple(cupy.int32(v) for v in ints)
+    step = _INDEX_LIMIT // per
+    for n0 in range(0, N, step):
+        n1 = min(N, n0 + step)
+        if n1 - n0 == N:
+            arrays = tuple(per_sample)
+        else:
+            arrays = tuple(None if a is None else a[n0 * (a.shape[0] // N) : n1 * (a.shape[0] // N)] for a in per_sample)
+        total = (n1 - n0) * out_per_sample
+        blocks = min(-(-total // _THREADS), _MAX_BLOCKS)
+        fn((blocks,), (_THREADS,), (*arrays, *shared, cupy.int32(total), *int_args, *tail))
+
+
+def _generic(op: str, *args, **kwargs):
+    """The reference implementation of ``xpconv.ops.<op>``."""
+    with ops.use_fast_paths(False):
+        return getattr(ops, op)(*args, **kwargs)
+
+
+def _geometry(H: int, W: int, FH: int, FW: int, stride, pad, where: str):
+    """(SH, SW, PH, PW, OH, OW), validated with the generic code's messages."""
+    SH, SW = ops.pair(stride, "stride")
+    PH, PW = ops.pair(pad, "pad")
+    OH, OW = ops.conv_output_size(H, W, FH, FW, (SH, SW), (PH, PW), where=where)
+    return SH, SW, PH, PW, OH, OW
+
+
+def _dout(where: str, dout, expected, dtype):
+    """dout checked against the forward's output shape, as a C-contiguous array of the forward's dtype."""
+    if tuple(dout.shape) != tuple(expected):
+        raise ValueError(f"{where} backward: expected dout of shape {tuple(expected)}, got {tuple(dout.shape)}")
+    return cupy.ascontiguousarray(dout if dout.dtype == dtype else dout.astype(dtype))
+
+
+def _neg_inf(dtype):
+    return dtype.type(-float("inf"))
+
+
+class _Cache:
+    """A kernel's cache: an object, so ``xpconv.ops`` routes it back here (it sends
+    tuples, the generic forward's caches, to the generic backward)."""
+
+    __slots__ = ()
+
+    def __init__(self, **fields):
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+
+def _check_cache(op: str, cache, cls, kind=None) -> None:
+    if not isinstance(cache, cls) or (kind is not None and cache.kind != kind):
+        raise TypeError(f"{op}: got a cache made by another op or backend ({type(cache).__name__})")
+
+
+# --------------------------------------------------------------------------- im2col / col2im
+
+
+def im2col(input_data, filter_h, filter_w, stride=1, pad=0, *, pad_value=0.0):
+    """(N, C, H, W) -> (N*OH*OW, C*FH*FW) in one kernel; see :func:`xpconv.ops.im2col`."""
+    sfx = _suffix(input_data)
+    if sfx is None or len(input_data.shape) != 4:
+        return _generic("im2col", input_data, filter_h, filter_w, stride, pad, pad_value=pad_value)
+    N, C, H, W = (int(s) for s in input_data.shape)
+    FH, FW = int(filter_h), int(filter_w)
+    geom = _geometry(H, W, FH, FW, stride, pad, "im2col")
+    return _im2col(cupy.ascontiguousarray(input_data), sfx, FH, FW, *geom, pad_value)
+
+
+def _im2col(x, sfx, FH, FW, SH, SW, PH, PW, OH, OW, pad_value):
+    N, C, H, W = x.shape
+    K, P = C * FH * FW, OH * OW
+    col = cupy.empty((N * P, K), dtype=x.dtype)
+    ints = (C, H, W, FH, FW, SH, SW, PH, PW, OH, OW)
+    _launch("conv", "im2col", sfx, N, P * K, (x, col), (), ints, (x.dtype.type(pad_value),))
+    return col
+
+
+def col2im(col, input_shape, filter_h, filter_w, stride=1, pad=0):
+    """(N*OH*OW, C*FH*FW) -> (N, C, H, W), overlapping windows summed, in one
+    gather kernel; see :func:`xpconv.ops.col2im`."""
+    sfx = _suffix(col)
+    shape = tuple(int(s) for s in input_shape)
+    if sfx is None or len(shape) != 4 or len(col.shape) != 2:
+        return _generic("col2im", col, input_shape, filter_h, filter_w, stride, pad)
+    N, C, H, W = shape
+    FH, FW = int(filter_h), int(filter_w)
+    SH, SW, PH, PW, OH, OW = _geometry(H, W, FH, FW, stride, pad, "col2im")
+    if tuple(col.shape) != (N * OH * OW, C * FH * FW):
+        return _generic("col2im", col, input_shape, filter_h, filter_w, stride, pad)  # raises the shape error
+    return _col2im(cupy.ascontiguousarray(col), sfx, shape, FH, FW, SH, SW, PH, PW, OH, OW)
+
+
+def _col2im(col, sfx, x_shape, FH, FW, SH, SW, PH, PW, OH, OW):
+    N, C, H, W = x_shape
+    x = cupy.empty(x_shape, dtype=col.dtype)
+    _launch("conv", "col2im", sfx, N, C * H * W, (col, x), (), (C, H, W, FH, FW, SH, SW, PH, PW, OH, OW))
+    return x
+
+
+# --------------------------------------------------------------------------- convolution
+
+
+class _ConvCache(_Cache):
+    __slots__ = ("x_shape", "W_shape", "Wm", "col", "geometry", "relu_out")
+    # Wm: W as (FN, C*FH*FW); col: im2col(x); geometry: (SH, SW, PH, PW, OH, OW);
+    # relu_out: the output when a ReLU was applied (its mask is out > 0), else None
+
+
+class _ConvPoolCache(_Cache):
+    __slots__ = ("conv", "pool", "pool_geometry", "argmax")
+    # conv: _ConvCache of the convolution; pool: (KH, KW); pool_geometry: (SH, SW, PH,
+    # PW, QH, QW); argmax: int32 (N, FN, QH, QW) window positions, -1 where no gradient
+
+
+def _convolvable(x, W, b) -> str | None:
+    """The kernel suffix when the kernels cover this convolution, else None."""
+    sfx = _suffix(x, W, b)
+    if sfx is None or len(x.shape) != 4 or len(W.shape) != 4:
+        return None
+    if tuple(b.shape) != (W.shape[0],) or x.shape[1] != W.shape[1]:
+        return None
+    return sfx
+
+
+def _conv_rows(x, W, stride, pad, sfx):
+    """im2col + cuBLAS: y (N*OH*OW, FN), the convolution without bias in NHWC rows,
+    and the cache the backward needs."""
+    N, C, H, Wd = (int(s) for s in x.shape)
+    FN, _, FH, FW = (int(s) for s in W.shape)
+    geom = _geometry(H, Wd, FH, FW, stride, pad, "Convolution")
+    col = _im2col(cupy.ascontiguousarray(x), sfx, FH, FW, *geom, 0.0)
+    Wm = cupy.ascontiguousarray(W).reshape(FN, C * FH * FW)
+    y = col @ Wm.T
+    return y, _ConvCache(x_shape=(N, C, H, Wd), W_shape=(FN, C, FH, FW), Wm=Wm, col=col, geometry=geom, relu_out=None)
+
+
+def conv2d_forward(x, W, b, stride=1, pad=0, *, relu=False):
+    """im2col kernel + cuBLAS + one bias(+ReLU)/NCHW kernel; see :func:`xpconv.ops.conv2d_forward`."""
+    sfx = _convolvable(x, W, b)
+    if sfx is None:
+        return _generic("conv2d_forward", x, W, b, stride, pad, relu=relu)
+    y, cache = _conv_rows(x, W, stride, pad, sfx)
+    N, FN = cache.x_shape[0], cache.W_shape[0]
+    OH, OW = cache.geometry[4:]
+    P = OH * OW
+    out = cupy.empty((N, FN, OH, OW), dtype=x.dtype)
+    _launch("conv", "bias_nhwc_to_nchw", sfx, N, FN * P, (y, out), (cupy.ascontiguousarray(b),), (FN, P, int(bool(relu))))
+    if relu:
+        cache.relu_out = out
+    return out, cache
+
+
+def conv2d_backward(dout, cache, *, need_dx=True):
+    """One NHWC(+ReLU mask) kernel + cuBLAS + column sum + col2im kernel; see
+    :func:`xpconv.ops.conv2d_backward`."""
+    if isinstance(cache, tuple):
+        return _generic("conv2d_backward", dout, cache, need_dx=need_dx)
+    _check_cache("conv2d_backward", cache, _ConvCache)
+    N = cache.x_shape[0]
+    FN = cache.W_shape[0]
+    OH, OW = cache.geometry[4:]
+    P = OH * OW
+    dtype = cache.col.dtype
+    dout = _dout("Convolution", dout, (N, FN, OH, OW), dtype)
+    d = cupy.empty((N * P, FN), dtype=dtype)
+    _launch("conv", "nchw_to_nhwc", _SUFFIX[dtype.name], N, P * FN, (dout, cache.relu_out, d), (), (FN, P))
+    return _conv_grads(d, cache, need_dx)
+
+
+def _conv_grads(d, cache: _ConvCache, need_dx: bool):
+    """(dx, dW, db) from d = dL/d(output) as NHWC rows (N*OH*OW, FN)."""
+    db = d.sum(axis=0)
+    dW = (d.T @ cache.col).reshape(cache.W_shape)
+    if not need_dx:
+        return None, dW, db
+    _, _, FH, FW = cache.W_shape
+    dcol = d @ cache.Wm
+    dx = _col2im(dcol, _SUFFIX[d.dtype.name], cache.x_shape, FH, FW, *cache.geometry)
+    return dx, dW, db
+
+
+def conv2d_relu_maxpool_forward(x, W, b, stride, pad, pool_h, pool_w, pool_stride, pool_pad=0, *, training=True):
+    """im2col kernel + cuBLAS + one bias/ReLU/max-pool kernel (the convolution's
+    output is never written); see :func:`xpconv.ops.conv2d_relu_maxpool_forward`.
+    With ``training=False`` nothing is kept for a backward (the cache is None)."""
+    sfx = _convolvable(x, W, b)
+    if sfx is None:
+        return _generic(
+            "conv2d_relu_maxpool_forward", x, W, b, stride, pad, pool_h, pool_w, pool_stride, pool_pad, training=training
+        )
+    N, C, H, Wd = (int(s) for s in x.shape)
+    FN, _, FH, FW = (int(s) for s in W.shape)
+    KH, KW = int(pool_h), int(pool_w)
+    OH, OW = _geometry(H, Wd, FH, FW, stride, pad, "Convolution")[4:]
+    pgeom = _geometry(OH, OW, KH, KW, pool_stride, pool_pad, "Pooling")
+    QH, QW = pgeom[4:]
+    y, conv = _conv_rows(x, W, stride, pad, sfx)
+    out = cupy.empty((N, FN, QH, QW), dtype=x.dtype)
+    argmax = cupy.empty((N, FN, QH, QW), dtype=cupy.int32) if training else None
+    ints = (FN, OH, OW, KH, KW, *pgeom)
+    _launch("conv", "bias_relu_maxpool", sfx, N, FN * QH * QW, (y, out, argmax), (cupy.ascontiguousarray(b),), ints, (_neg_inf(x.dtype),))
+    if not training:
+        return out, None
+    return out, _ConvPoolCache(conv=conv, pool=(KH, KW), pool_geometry=pgeom, argmax=argmax)
+
+
+def conv2d_relu_maxpool_backward(dout, cache, *, need_dx=True):
+    """One gather kernel from the pooled gradient to NHWC rows + cuBLAS + column sum
+    + col2im kernel; see :func:`xpconv.ops.conv2d_relu_maxpool_backward`."""
+    if cache is None:
+        raise RuntimeError("conv2d_relu_maxpool_backward: the forward ran with training=False and kept nothing")
+    if isinstance(cache, tuple):
+        return _generic("conv2d_relu_maxpool_backward", dout, cache, need_dx=need_dx)
+    _check_cache("conv2d_relu_maxpool_backward", cache, _ConvPoolCache)
+    conv = cache.conv
+    N = conv.x_shape[0]
+    FN = conv.W_shape[0]
+    OH, OW = conv.geometry[4:]
+    QH, QW = cache.pool_geometry[4:]
+    dtype = conv.col.dtype
+    dout = _dout("Convolution+ReLU+Pooling", dout, (N, FN, QH, QW), dtype)
+    d = cupy.empty((N * OH * OW, FN), dtype=dtype)
+    ints = (FN, OH, OW, *cache.pool, *cache.pool_geometry)
+    _launch("conv", "maxpool_bwd_nhwc", _SUFFIX[dtype.name], N, OH * OW * FN, (dout, cache.argmax, d), (), ints)
+    return _conv_grads(d, conv, need_dx)
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+class _PoolCache(_Cache):
+    __slots__ = ("kind", "x_shape", "pool", "geometry", "dtype", "argmax")
+    # kind: 'max' | 'avg'; pool: (KH, KW); geometry: (SH, SW, PH, PW, OH, OW);
+    # argmax: int32 (N, C, OH, OW) window positions (max pooling), else None
+
+    def ints(self):
+        N, C, H, W = self.x_shape
+        return (H, W, *self.pool, *self.geometry)
+
+
+_POOL_NAMES = {"max": "Pooling", "avg": "AvgPooling"}
+
+
+def _pool_forward(kind: str, x, pool_h, pool_w, stride, pad):
+    N, C, H, W = (int(s) for s in x.shape)
+    KH, KW = int(pool_h), int(pool_w)
+    geom = _geometry(H, W, KH, KW, stride, pad, _POOL_NAMES[kind])
+    OH, OW = geom[4:]
+    sfx = _suffix(x)
+    x = cupy.ascontiguousarray(x)
+    out = cupy.empty((N, C, OH, OW), dtype=x.dtype)
+    argmax = cupy.empty((N, C, OH, OW), dtype=cupy.int32) if kind == "max" else None
+    cache = _PoolCache(kind=kind, x_shape=(N, C, H, W), pool=(KH, KW), geometry=geom, dtype=x.dtype, argmax=argmax)
+    if kind == "max":
+        _launch("pool", "max_pool_fwd", sfx, N, C * OH * OW, (x, out, argmax), (), cache.ints(), (_neg_inf(x.dtype),))
+    else:
+        _launch("pool", "avg_pool_fwd", sfx, N, C * OH * OW, (x, out), (), cache.ints())
+    return out, cache
+
+
+def _pool_backward(dout, cache: _PoolCache):
+    N, C, H, W = cache.x_shape
+    OH, OW = cache.geometry[4:]
+    dout = _dout(_POOL_NAMES[cache.kind], dout, (N, C, OH, OW), cache.dtype)
+    sfx = _SUFFIX[cache.dtype.name]
+    dx = cupy.empty((N, C, H, W), dtype=cache.dtype)
+    if cache.kind == "max":
+        _launch("pool", "max_pool_bwd", sfx, N, C * H * W, (dout, cache.argmax, dx), (), cache.ints())
+    else:
+        _launch("pool", "avg_pool_bwd", sfx, N, C * H * W, (dout, dx), (), cache.ints())
+    return dx
+
+
+def _poolable(x) -> bool:
+    return _suffix(x) is not None and len(x.shape) == 4
+
+
+def max_pool2d_forward(x, pool_h, pool_w, stride=1, pad=0):
+    """Max pooling in one kernel that also records each window's first argmax; see
+    :func:`xpconv.ops.max_pool2d_forward`."""
+    if not _poolable(x):
+        return _generic("max_pool2d_forward", x, pool_h, pool_w, stride, pad)
+    return _pool_forward("max", x, pool_h, pool_w, stride, pad)
+
+
+def max_pool2d_backward(dout, cache):
+    """One gather kernel: each input pixel sums the gradients of the windows whose
+    argmax it is; see :func:`xpconv.ops.max_pool2d_backward`."""
+    if isinstance(cache, tuple):
+        return _generic("max_pool2d_backward", dout, cache)
+    _check_cache("max_pool2d_backward", cache, _PoolCache, "max")
+    return _pool_backward(dout, cache)
+
+
+def avg_pool2d_forward(x, pool_h, pool_w, stride=1, pad=0):
+    """Average pooling (zero padding counted) in one kernel; see
+    :func:`xpconv.ops.avg_pool2d_forward`."""
+    if not _poolable(x):
+        return _generic("avg_pool2d_forward", x, pool_h, pool_w, stride, pad)
+    return _pool_forward("avg", x, pool_h, pool_w, stride, pad)
+
+
+def avg_pool2d_backward(dout, cache):
+    """One gather kernel: each input pixel sums dout / (KH*KW) over the windows
+    covering it; see :func:`xpconv.ops.avg_pool2d_backward`."""
+    if isinstance(cache, tuple):
+        return _generic("avg_pool2d_backward", dout, cache)
+    _check_cache("avg_pool2d_backward", cache, _PoolCache, "avg")
+    return _pool_backward(dout, cache)
