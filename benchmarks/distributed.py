@@ -1,0 +1,219 @@
+"""Data-parallel throughput against the number of ranks, with the allreduce share of a step.
+
+    python benchmarks/distributed.py                       # ranks 1 and 2, SimpleConvNet, global batch 128
+    python benchmarks/distributed.py --ranks 1 2 4 --batch 256 --steps 40
+
+For each configuration the script launches ``mpiexec -n K`` on itself (worker mode);
+every rank trains the book's SimpleConvNet (1x28x28 input, 30 5x5 filters, hidden 100,
+float32, NumPy) on its B/K share of a fixed global batch B of synthetic MNIST-shaped
+data with Adam, through ``xpconv.distributed`` (gradient allreduce of one flat buffer
+per step).  Reported per configuration:
+
+* step ms: wall time of one global step (median over windows of --steps steps; the
+  slowest rank counts, since the allreduce makes every rank wait for it);
+* samples/s: B / step time;  speedup against the first row;
+* allreduce ms and share: time inside ``allreduce_mean`` per step and its fraction of
+  the step (on a CPU this includes waiting for the slower rank);
+* allreduce alone: the same allreduce timed back to back with nothing else running
+  (the communication itself).
+
+BLAS threads per rank = cores // ranks (so each row uses the whole machine), plus a
+1-rank, 1-thread row.  A table is printed and the numbers go to
+benchmarks/results/distributed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "distributed.json"
+
+
+# --------------------------------------------------------------------------- worker (one rank)
+
+
+def worker(args) -> None:
+    import numpy as np
+    from mpi4py import MPI
+
+    from xpconv import distributed
+    from xpconv.backend import Generator
+    from xpconv.models import SimpleConvNet
+    from xpconv.optim import Adam
+
+    comm = distributed.setup(device="cpu")
+    B = args.batch
+    b = comm.local_batch_size(B)
+    g = Generator(0)
+    x = g.normal((B, 1, 28, 28), xp="numpy", dtype="float32")
+    t = g.integers(0, 10, size=B)
+    net = SimpleConvNet(xp="numpy", seed=0)
+    comm.broadcast_params(net.params)
+    opt = distributed.DistributedOptimizer(Adam(lr=1e-3), comm)
+    xs, ts = comm.shard(x), comm.shard(t)
+
+    def step():
+        grads = net.gradient(xs, ts)
+        opt.update(net.params, grads)
+
+    def slowest(*values):  # the step waits for the slowest rank: report its times
+        buf = np.asarray(values, dtype=np.float64)
+        comm.mpi_comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.MAX)
+        return buf.tolist()
+
+    for _ in range(args.warmup):
+        step()
+    windows, inside = [], []
+    for _ in range(args.repeats):
+        comm.barrier()
+        comm.stats.reset()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        step_s, allreduce_s = slowest((time.perf_counter() - t0) / args.steps, comm.stats.allreduce_seconds / args.steps)
+        windows.append(step_s)
+        inside.append(allreduce_s)
+    collectives = comm.stats.collective_calls // comm.stats.allreduce_calls
+
+    # the allreduce alone, back to back (communication without compute imbalance)
+    grads = net.gradient(xs, ts)
+    alone = []
+    for _ in range(args.repeats):
+        comm.barrier()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            comm.allreduce_mean(grads)
+        alone.append(slowest((time.perf_counter() - t0) / args.steps)[0])
+
+    if comm.is_root:
+        i = sorted(range(len(windows)), key=windows.__getitem__)[len(windows) // 2]  # the median window
+        n_params = sum(int(np.prod(v.shape)) for v in net.params.values())
+        result = {
+            "ranks": comm.size,
+            "threads_per_rank": int(os.environ.get("OPENBLAS_NUM_THREADS", "0")),
+            "global_batch": B,
+            "local_batch": b,
+            "step_ms": windows[i] * 1e3,
+            "step_ms_windows": [w * 1e3 for w in windows],
+            "samples_per_s": B / windows[i],
+            "allreduce_ms": inside[i] * 1e3,
+            "allreduce_share": inside[i] / windows[i],
+            "allreduce_alone_ms": statistics.median(alone) * 1e3,
+            "gradient_bytes": n_params * 4,
+            "parameters": n_params,
+            "collectives_per_step": collectives,
+        }
+        Path(args.worker).write_text(json.dumps(result))
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def mpiexec_cmd() -> list[str]:
+    exe = shutil.which("mpiexec") or str(Path(sys.executable).with_name("mpiexec"))
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+    return [exe, "--oversubscribe"] if "Open MPI" in version else [exe]
+
+
+def run_config(ranks: int, threads: int, args) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "result.json"
+        cmd = [*mpiexec_cmd(), "-n", str(ranks), sys.executable, __file__, "--worker", str(out),
+               "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--repeats", str(args.repeats)]
+        env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+                   OMPI_MCA_btl_tcp_if_include="lo",
+                   OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        subprocess.run(cmd, env=env, check=True, timeout=args.timeout)
+        return json.loads(out.read_text())
+
+
+def machine() -> dict:
+    import numpy as np
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        from mpi4py import MPI
+
+        mpi = MPI.Get_library_version().splitlines()[0].strip()
+    except Exception as exc:  # pragma: no cover
+        mpi = f"unavailable ({exc})"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_average_1_5_15min": list(os.getloadavg()),
+            "python": platform.python_version(), "numpy": np.__version__,
+            "mpi": mpi, "commit": commit, "platform": platform.platform()}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--batch", type=int, default=128, help="global batch size (divisible by every rank count)")
+    ap.add_argument("--steps", type=int, default=10, help="steps per timing window")
+    ap.add_argument("--repeats", type=int, default=5, help="timing windows (the median is reported)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return
+
+    cores = os.cpu_count() or 1
+    configs = [(1, 1)] + [(k, max(1, cores // k)) for k in args.ranks]
+    configs = list(dict.fromkeys(configs))
+    rows = []
+    for ranks, threads in configs:
+        print(f"running {ranks} rank(s) x {threads} thread(s) ...", flush=True)
+        rows.append(run_config(ranks, threads, args))
+    base = rows[0]["samples_per_s"]
+    for r in rows:
+        r["speedup"] = r["samples_per_s"] / base
+
+    header = f"{'ranks':>5} {'thr/rank':>8} {'B/rank':>6} {'step ms':>8} {'samples/s':>10} {'speedup':>7} {'allreduce ms':>12} {'share':>6} {'alone ms':>8}"
+    print()
+    print(f"SimpleConvNet (float32, NumPy), global batch {args.batch}, gradient {rows[0]['gradient_bytes'] / 1e6:.2f} MB "
+          f"in {rows[0]['collectives_per_step']} allreduce per step")
+    print(header)
+    for r in rows:
+        print(f"{r['ranks']:>5} {r['threads_per_rank']:>8} {r['local_batch']:>6} {r['step_ms']:>8.1f} {r['samples_per_s']:>10.0f} "
+              f"{r['speedup']:>7.2f} {r['allreduce_ms']:>12.2f} {r['allreduce_share']:>6.1%} {r['allreduce_alone_ms']:>8.2f}")
+    report = {
+        "benchmark": "distributed data-parallel throughput (xpconv.distributed, MPI)",
+        "command": "python benchmarks/distributed.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "model": "SimpleConvNet (1x28x28, 30 filters 5x5, hidden 100, 10 classes), float32, NumPy, Adam",
+        "machine": machine(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "note": "shared, noisy machine: treat differences under ~10% as noise",
+        "results": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
