@@ -78,7 +78,8 @@ class CheckpointError(Exception):
 def atomic_write(path, data: bytes | str) -> Path:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never
     a mix: temp file in the same folder, write, flush, fsync, ``os.replace``, fsync
-    of the folder. Returns the path."""
+    of the folder. The file gets the mode of the one it replaces, or the umask's
+    (usually 0644) when new. Returns the path."""
     path = Path(path)
     if isinstance(data, str):
         data = data.encode("utf-8")
@@ -86,6 +87,7 @@ def atomic_write(path, data: bytes | str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
+        _chmod_like_new_file(fd, path)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -99,6 +101,35 @@ def atomic_write(path, data: bytes | str) -> Path:
         raise
     _fsync_dir(folder)
     return path
+
+
+def _umask() -> int:
+    """The process's umask (read from /proc where possible: setting it to read it back
+    is not thread-safe)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _chmod_like_new_file(fd: int, path: Path) -> None:
+    """Give the temp file (created 0600 by mkstemp) the mode the final file should have:
+    the mode of the file it replaces, or what ``open(path, 'w')`` would give (0666 less
+    the umask, usually 0644)."""
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except OSError:
+        mode = 0o666 & ~_umask()
+    try:
+        os.fchmod(fd, mode)
+    except (AttributeError, OSError):  # no fchmod (Windows) or a file system without modes
+        pass
 
 
 def _fsync_dir(folder: Path) -> None:
