@@ -343,12 +343,13 @@ def cmd_train(args) -> int:
     from . import backend
     from .models import build_model
     from .optim import get_optimizer
-    from .trainer import Trainer
+    from .trainer import Trainer, format_seconds
 
     cfg, ckpt = _train_settings(args)
     comm = _setup_distributed(args)
     is_root = comm is None or comm.is_root
     say = (lambda *a: print(*a, flush=True)) if is_root else (lambda *a: None)
+    tell = say if not args.quiet else (lambda *a: None)  # the set-up lines; --quiet keeps only the result
 
     (x_train, t_train), (x_test, t_test) = _load_data(cfg["dataset"], cfg.get("data_dir"), args.no_download)
     cfg["train_samples"], cfg["test_samples"] = int(x_train.shape[0]), int(x_test.shape[0])
@@ -367,20 +368,20 @@ def cmd_train(args) -> int:
     if is_root:
         out.mkdir(parents=True, exist_ok=True)
     n_batches = cfg["train_samples"] // cfg["batch_size"]
-    say(
+    tell(
         f"{PROG} {__version__}: {type(net).__name__} on {cfg['dataset']} ({cfg['train_samples']:,} train / "
         f"{cfg['test_samples']:,} test), {cfg['backend']} {cfg['dtype']}, {type(optimizer).__name__} lr {cfg['lr']:g}, "
         f"{cfg['epochs']} epochs x {n_batches} batches of {cfg['batch_size']}, seed {cfg['seed']}"
         + (f"; {comm.size} ranks" if comm is not None else "")
     )
     if ckpt is not None:
-        say(f"resuming from {args.resume} after epoch {start_epoch}")
-    say(f"writing to {out}")
+        tell(f"resuming from {args.resume} after epoch {start_epoch}")
+    tell(f"writing to {out}")
 
     trainer = Trainer(
         net, x_train, t_train, x_test, t_test,
         epochs=cfg["epochs"], mini_batch_size=cfg["batch_size"], optimizer=optimizer,
-        verbose=not args.quiet, progress=None if not args.quiet else False,
+        verbose=not args.quiet, progress=None if not args.quiet else False, summary=False,
         seed=cfg["seed"], out_dir=out if is_root else None, config=cfg,
         start_epoch=start_epoch, history=history, comm=comm,
     )
@@ -419,7 +420,7 @@ def cmd_train(args) -> int:
     if m:
         say(
             f"test accuracy {m['test_acc']:.4f} (best {m['best_test_acc']:.4f} at epoch {m['best_epoch']}) "
-            f"after {m['epoch']} epochs, {seconds:.1f} s"
+            f"after {m['epoch']} epoch{'s' if m['epoch'] != 1 else ''}, {format_seconds(seconds)}"
         )
     say(f"results in {out}: {', '.join(files)}")
     return 0

@@ -33,7 +33,7 @@ from . import backend
 from .backend import asarray_in, namespace_of, to_numpy
 from .optim import get_optimizer
 
-__all__ = ["Trainer", "TrainingDiverged", "write_metrics"]
+__all__ = ["Trainer", "TrainingDiverged", "format_seconds", "write_metrics"]
 
 #: the data set is kept on the accelerator when it needs at most this fraction of free memory
 RESIDENT_FRACTION = 0.25
@@ -74,7 +74,8 @@ class Trainer:
     * ``comm``: a data-parallel communicator (see ``xpconv.distributed``): each rank
       trains on its shard of every global batch, gradients are averaged over ranks,
       only rank 0 prints and writes files;
-    * ``resident``: True/False forces keeping the data on the model's device or not.
+    * ``resident``: True/False forces keeping the data on the model's device or not;
+    * ``summary``: with ``verbose``, print the final test accuracy after training.
     """
 
     def __init__(
@@ -103,6 +104,7 @@ class Trainer:
         history: list | None = None,
         comm=None,
         resident: bool | None = None,
+        summary: bool = True,
     ):
         self.network = network
         self.epochs = int(epochs)
@@ -125,6 +127,7 @@ class Trainer:
         self.log_every = max(1, int(log_every))
         self.eval_batch_size = max(1, int(eval_batch_size))
         self.comm = comm
+        self.summary = bool(summary)
         self.is_root = comm is None or bool(getattr(comm, "is_root", True))
         self.progress = (self.verbose and sys.stderr.isatty()) if progress is None else bool(progress)
         self.progress = self.progress and self.is_root
@@ -273,7 +276,7 @@ class Trainer:
             "train_loss": train_loss,
             "train_acc": train_acc,
             "test_acc": test_acc,
-            "seconds": round(seconds, 3),
+            "seconds": round(seconds, 4),
             "samples_per_s": round(samples / seconds, 1) if seconds > 0 else None,
         }
         return record
@@ -329,15 +332,18 @@ class Trainer:
             if self.stop_training:
                 break
         self.seconds = time.perf_counter() - t0
-        if self.verbose and self.is_root and self.test_acc_list:
-            print(f"test acc {self.test_acc_list[-1]:.4f} after {self.current_epoch} epochs", flush=True)
+        if self.verbose and self.summary and self.is_root and self.test_acc_list:
+            print(f"test acc {self.test_acc_list[-1]:.4f} after {self.current_epoch} epoch{'s' if self.current_epoch != 1 else ''} ({format_seconds(self.seconds)})", flush=True)
         return self.history
 
     def format_record(self, r: Mapping[str, Any]) -> str:
+        """The per-epoch line: epoch, train loss, train/test accuracy, seconds, samples/s."""
         width = len(str(self.epochs))
+        rate = r.get("samples_per_s")
         return (
             f"epoch {r['epoch']:>{width}}/{self.epochs}  train loss {r['train_loss']:.4f}  "
-            f"train acc {r['train_acc']:.4f}  test acc {r['test_acc']:.4f}  {r['seconds']:.1f}s"
+            f"train acc {r['train_acc']:.4f}  test acc {r['test_acc']:.4f}  {format_seconds(r['seconds'])}"
+            + (f"  ({rate:,.0f} samples/s)" if rate else "")
         )
 
     # ------------------------------------------------------------------ files
@@ -390,6 +396,19 @@ class Trainer:
         path = self.checkpoint(self.out_dir / "interrupted.safetensors", extra={"interrupted_at": at})
         write_metrics(self.out_dir / "metrics.json", {**self.metrics(), "interrupted_at": at})
         return path
+
+
+def format_seconds(seconds: float) -> str:
+    """A duration with the precision that means something: '35 ms', '0.38 s', '12.4 s', '3 min 05 s'."""
+    s = float(seconds)
+    if s < 0.1:
+        return f"{s * 1000:.0f} ms"
+    if s < 10:
+        return f"{s:.2f} s"
+    if s < 120:
+        return f"{s:.1f} s"
+    m, rest = divmod(round(s), 60)
+    return f"{m} min {rest:02d} s"
 
 
 def _nbytes(a) -> int:
