@@ -50,6 +50,8 @@ def plot_curves(
     (``epoch``, ``train_loss``, ``train_acc``, ``test_acc``); ``train_loss_list``: the
     per-iteration losses of epochs ``first_epoch + 1`` to the last one (all epochs by
     default; a resumed run has only its own), drawn faintly behind the epoch means."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
     epochs = [r["epoch"] for r in history]
     fig = _figure(10, 4)
     ax1, ax2 = fig.subplots(1, 2)
@@ -63,6 +65,8 @@ def plot_curves(
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("loss")
     ax1.set_yscale("log")
+    ax1.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    ax1.yaxis.set_minor_formatter(FuncFormatter(_minor_log_label))
     ax1.set_title("training loss")
     ax1.grid(True, alpha=0.3)
     ax1.legend()
@@ -70,16 +74,35 @@ def plot_curves(
     ax2.plot(epochs, [r["test_acc"] for r in history], "s-", label="test")
     if history:
         best = max(history, key=lambda r: r["test_acc"])
-        ax2.annotate(f"{best['test_acc']:.4f}", (best["epoch"], best["test_acc"]), textcoords="offset points", xytext=(0, -14), ha="center")
+        ax2.plot([best["epoch"]], [best["test_acc"]], "*", color="tab:red", markersize=12, zorder=3,
+                 label=f"best test {best['test_acc']:.4f} (epoch {best['epoch']})")
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(epochs) == 1:
+            ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
+    accs = [r[k] for r in history for k in ("train_acc", "test_acc") if r[k] is not None and math.isfinite(r[k])]
+    if accs:  # at least 0.05 of range, so one epoch or a flat curve is not magnified
+        lo, hi = min(accs), max(accs)
+        pad = max(0.01, (0.05 - (hi - lo)) / 2)
+        ax2.set_ylim(max(0.0, lo - pad), min(1.0, hi + pad) + 0.002)
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("accuracy")
     ax2.set_title("accuracy")
     ax2.grid(True, alpha=0.3)
-    ax2.legend(loc="lower right")
+    ax2.legend(loc="best")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _minor_log_label(v: float, _pos=None) -> str:
+    """Label the minor ticks 2x and 5x of a log axis (matplotlib shows minor labels only
+    when the axis spans too few decades to have enough major ones)."""
+    if not (v > 0 and math.isfinite(v)):
+        return ""
+    mantissa = v / 10 ** math.floor(math.log10(v) + 1e-9)
+    return f"{v:g}" if round(mantissa) in (2, 5) else ""
 
 
 def predict_proba(model, x, batch_size: int = 500) -> np.ndarray:
@@ -131,7 +154,7 @@ def plot_misclassified(x, t_true, t_pred, path, *, class_names: Sequence[str] | 
     cols = min(9, max(1, n))
     rows = max(1, math.ceil(n / cols))
     fig = _figure(1.25 * cols + 0.4, 1.45 * rows + 0.7)
-    fig.suptitle(f"misclassified test images: {len(wrong)} of {len(t_true)} (true \u2192 predicted)" + (f", first {n} shown" if len(wrong) > n else ""), fontsize=10)
+    fig.suptitle(f"misclassified test images: {len(wrong)} of {len(t_true)} (true \u2192 predicted" + (", its probability)" if probs is not None else ")") + (f", first {n} shown" if len(wrong) > n else ""), fontsize=10)
     if n == 0:
         ax = fig.add_subplot(1, 1, 1)
         ax.axis("off")
@@ -186,8 +209,8 @@ def plot_filters(model, path, input_dim: Sequence[int] | None = None) -> tuple[P
     n = len(imgs)
     cols = min(10, n)
     rows = math.ceil(n / cols)
-    fig = _figure(1.0 * cols + 0.4, 1.0 * rows + 0.6)
-    fig.suptitle(f"first layer: {what}", fontsize=10)
+    fig = _figure(1.0 * cols + 0.4, 1.0 * rows + 0.8)
+    fig.suptitle(f"first layer: {what}\n(red > 0 > blue, each scaled to its own largest |weight|)", fontsize=10)
     for k, img in enumerate(imgs):
         ax = fig.add_subplot(rows, cols, k + 1)
         lim = float(np.abs(img).max()) or 1.0
