@@ -1,0 +1,309 @@
+"""The NumPy fast paths (xpconv/kernels/numpy_ops.py) give the generic path's results.
+
+Every kernel numpy_ops defines is run against the reference code in xpconv.ops
+(``ops.use_fast_paths(False)``) on random inputs: odd sizes, strides 1-3, pads 0-2,
+non-square filters and pools, float32 and float64, forward and backward (with and
+without dL/dx), in one batch slice and in many (``CHUNK_BYTES`` shrunk so every
+sample is its own GEMM).  At model level, the fused Convolution->Relu[->Pooling]
+steps of ``Sequential`` give the same loss and gradients as the unfused layers run
+one by one on the generic path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from xpconv import kernels, layers, ops
+from xpconv.kernels import numpy_ops
+from xpconv.models import DeepConvNet, SimpleConvNet
+
+DTYPES = ("float32", "float64")
+# (N, C, H, W, FN, FH, FW, stride, pad): odd sizes, strides 1-3, pads 0-2, non-square filters
+CONV_CASES = [
+    (3, 2, 7, 9, 4, 3, 2, 1, 0),
+    (2, 3, 8, 5, 5, 2, 3, (2, 1), (1, 2)),
+    (1, 1, 11, 10, 3, 5, 4, 3, 2),
+    (4, 3, 6, 6, 2, 1, 1, 2, 1),
+    (2, 2, 9, 7, 3, 3, 3, (3, 2), (2, 0)),
+    (5, 1, 12, 12, 6, 5, 5, 1, 0),
+]
+# (N, C, H, W, ph, pw, stride, pad)
+POOL_CASES = [
+    (2, 3, 6, 6, 2, 2, 2, 0),
+    (3, 2, 7, 5, 3, 2, 1, 0),
+    (2, 2, 8, 9, 3, 3, 2, 1),
+    (2, 3, 9, 7, 2, 3, 3, 2),
+    (1, 2, 5, 5, 2, 2, (1, 2), (1, 0)),
+]
+# conv case + (ph, pw, pool stride, pool pad): tiling pools take the fused kernel,
+# the others the composed one (conv+relu kernel, then the max-pool kernel)
+FUSED_CASES = [
+    ((3, 2, 9, 9, 4, 3, 3, 1, 1), (2, 2, 2, 0)),  # 9x9 out: the last row/column is cut off
+    ((2, 3, 10, 8, 5, 3, 2, 1, 0), (2, 3, (2, 3), 0)),  # non-square tiling pool
+    ((2, 1, 13, 11, 3, 4, 3, (2, 1), 2), (3, 3, 3, 0)),
+    ((2, 2, 8, 8, 3, 3, 3, 1, 1), (3, 3, 2, 0)),  # overlapping windows: composed
+    ((2, 2, 7, 9, 3, 2, 2, 1, 0), (2, 2, 2, 1)),  # padded pool: composed
+]
+
+
+@pytest.fixture(params=["one-slice", "slice-per-sample"])
+def chunking(request, monkeypatch):
+    """Run every kernel with its default batch slices and with one sample per GEMM."""
+    if request.param == "slice-per-sample":
+        monkeypatch.setattr(numpy_ops, "CHUNK_BYTES", 1)
+    return request.param
+
+
+def tol(dtype):
+    return {"rtol": 2e-4, "atol": 2e-5} if dtype == "float32" else {"rtol": 1e-10, "atol": 1e-12}
+
+
+def close(got, want, dtype, what):
+    assert got.dtype == np.dtype(dtype), f"{what}: dtype {got.dtype}, expected {dtype}"
+    assert got.shape == want.shape, f"{what}: shape {got.shape}, expected {want.shape}"
+    np.testing.assert_allclose(got, want, err_msg=what, **tol(dtype))
+
+
+def run_both(fn):
+    """fn() on the fast path and on the generic path: (fast result, generic result)."""
+    with ops.use_fast_paths(True):
+        fast = fn()
+    with ops.use_fast_paths(False):
+        ref = fn()
+    return fast, ref
+
+
+def conv_inputs(rng, case, dtype):
+    N, C, H, W, FN, FH, FW, stride, pad = case
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    Wt = (rng.standard_normal((FN, C, FH, FW)) * 0.5).astype(dtype)
+    b = (rng.standard_normal(FN) * 0.1).astype(dtype)
+    return x, Wt, b, stride, pad
+
+
+def test_numpy_kernels_are_registered():
+    """The tests below exercise real kernels, not the generic code twice."""
+    for name in numpy_ops.__all__:
+        assert kernels.lookup("numpy", name) is getattr(numpy_ops, name), name
+    for name in numpy_ops.__all__:
+        assert hasattr(ops, name), f"numpy_ops.{name} has no generic counterpart in xpconv.ops"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONV_CASES + [c[0] for c in FUSED_CASES])
+def test_im2col_equals_generic(rng, case, dtype):
+    x, Wt, _, stride, pad = conv_inputs(rng, case, dtype)
+    FH, FW = Wt.shape[2:]
+    fast, ref = run_both(lambda: ops.im2col(x, FH, FW, stride, pad))
+    np.testing.assert_array_equal(fast, ref)
+    fast, ref = run_both(lambda: ops.im2col(x, FH, FW, stride, pad, pad_value=-np.inf))
+    np.testing.assert_array_equal(fast, ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv2d_forward_backward_equal_generic(rng, chunking, case, relu, dtype):
+    x, Wt, b, stride, pad = conv_inputs(rng, case, dtype)
+    N, FN = x.shape[0], Wt.shape[0]
+
+    def run():
+        out, cache = ops.conv2d_forward(x, Wt, b, stride, pad, relu=relu)
+        dout = np.random.default_rng(7).standard_normal(out.shape).astype(dtype)
+        return out, cache, ops.conv2d_backward(dout, cache), ops.conv2d_backward(dout, cache, need_dx=False)
+
+    (out, cache, grads, grads_nodx), (rout, rcache, rgrads, rgrads_nodx) = run_both(run)
+    assert not isinstance(cache, tuple) and isinstance(rcache, tuple), "expected the kernel on the fast path only"
+    close(np.asarray(out), rout, dtype, "conv out")
+    for got, want, name in zip(grads, rgrads, ("dx", "dW", "db")):
+        close(np.asarray(got), want, dtype, name)
+    assert grads_nodx[0] is None and rgrads_nodx[0] is None
+    close(grads_nodx[1], rgrads[1], dtype, "dW (need_dx=False)")
+    close(grads_nodx[2], rgrads[2], dtype, "db (need_dx=False)")
+    assert out.shape[:2] == (N, FN)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", POOL_CASES)
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_pooling_forward_backward_equal_generic(rng, case, kind, dtype):
+    N, C, H, W, ph, pw, stride, pad = case
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    x[0, 0, :2, :2] = 0.5  # a tie: the first maximum wins on both paths
+    fwd, bwd = (ops.max_pool2d_forward, ops.max_pool2d_backward) if kind == "max" else (ops.avg_pool2d_forward, ops.avg_pool2d_backward)
+
+    def run():
+        out, cache = fwd(x, ph, pw, stride, pad)
+        dout = np.random.default_rng(3).standard_normal(out.shape).astype(dtype)
+        return out, cache, bwd(dout, cache)
+
+    (out, cache, dx), (rout, rcache, rdx) = run_both(run)
+    assert not isinstance(cache, tuple) and isinstance(rcache, tuple)
+    close(np.asarray(out), rout, dtype, f"{kind}-pool out")
+    close(np.asarray(dx), rdx, dtype, f"{kind}-pool dx")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case,pool", FUSED_CASES)
+def test_fused_conv_relu_maxpool_equals_generic(rng, chunking, case, pool, dtype):
+    x, Wt, b, stride, pad = conv_inputs(rng, case, dtype)
+    ph, pw, ps, pp = pool
+
+    def run():
+        out, cache = ops.conv2d_relu_maxpool_forward(x, Wt, b, stride, pad, ph, pw, ps, pp)
+        dout = np.random.default_rng(5).standard_normal(out.shape).astype(dtype)
+        infer, _ = ops.conv2d_relu_maxpool_forward(x, Wt, b, stride, pad, ph, pw, ps, pp, training=False)
+        grads = ops.conv2d_relu_maxpool_backward(dout, cache)
+        nodx = ops.conv2d_relu_maxpool_backward(dout, cache, need_dx=False)
+        return out, infer, cache, grads, nodx
+
+    (out, infer, cache, grads, nodx), (rout, _, rcache, rgrads, rnodx) = run_both(run)
+    assert not isinstance(cache, tuple) and isinstance(rcache, tuple)
+    close(np.asarray(out), rout, dtype, "fused out")
+    close(np.asarray(infer), rout, dtype, "fused out (training=False)")
+    for got, want, name in zip(grads, rgrads, ("dx", "dW", "db")):
+        close(np.asarray(got), want, dtype, f"fused {name}")
+    assert nodx[0] is None and rnodx[0] is None
+    close(nodx[1], rgrads[1], dtype, "fused dW (need_dx=False)")
+    close(nodx[2], rgrads[2], dtype, "fused db (need_dx=False)")
+
+    # and the same as the three unfused reference ops one after the other
+    with ops.use_fast_paths(False):
+        z, c1 = ops.conv2d_forward(x, Wt, b, stride, pad)
+        mask = (z > 0).astype(dtype)
+        p, c2 = ops.max_pool2d_forward(z * mask, ph, pw, ps, pp)
+        dout = np.random.default_rng(5).standard_normal(p.shape).astype(dtype)
+        dx, dW, db = ops.conv2d_backward(ops.max_pool2d_backward(dout, c2) * mask, c1)
+    close(np.asarray(out), p, dtype, "fused vs unfused out")
+    for got, want, name in zip(grads, (dx, dW, db), ("dx", "dW", "db")):
+        close(np.asarray(got), want, dtype, f"fused vs unfused {name}")
+
+
+def test_fused_relu_dead_windows_get_no_gradient(rng):
+    """A pool window whose pre-activations are all negative outputs 0 and passes no
+    gradient on either path (the fused kernel takes the arg-max before the ReLU)."""
+    x = rng.standard_normal((2, 1, 6, 6)).astype("float32")
+    Wt = np.zeros((2, 1, 1, 1), "float32")
+    Wt[0] = 1.0
+    b = np.array([-100.0, 0.0], "float32")  # channel 0 all dead, channel 1 all exactly 0
+
+    def run():
+        out, cache = ops.conv2d_relu_maxpool_forward(x, Wt, b, 1, 0, 2, 2, 2)
+        return out, ops.conv2d_relu_maxpool_backward(np.ones(out.shape, "float32"), cache)
+
+    (out, (dx, dW, db)), (rout, (rdx, rdW, rdb)) = run_both(run)
+    np.testing.assert_array_equal(out, 0)
+    np.testing.assert_array_equal(rout, 0)
+    for got, want in ((dx, rdx), (dW, rdW), (db, rdb)):
+        np.testing.assert_array_equal(got, 0)
+        np.testing.assert_array_equal(want, 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_ties_route_the_gradient_to_the_first_maximum(rng, dtype):
+    """Windows of equal positive values: dx goes to each window's first member on
+    both paths (as argmax), not spread or sent to the last one."""
+    x = np.kron(rng.uniform(1, 2, (2, 1, 3, 4)), np.ones((2, 2))).astype(dtype)  # constant 2x2 blocks
+    Wt = np.ones((3, 1, 1, 1), dtype)
+    b = np.zeros(3, dtype)
+
+    def run():
+        out, cache = ops.conv2d_relu_maxpool_forward(x, Wt, b, 1, 0, 2, 2, 2)
+        return ops.conv2d_relu_maxpool_backward(np.ones(out.shape, dtype), cache)[0]
+
+    dx, rdx = run_both(run)
+    close(np.asarray(dx), rdx, dtype, "dx with ties")
+    np.testing.assert_array_equal(np.asarray(rdx)[:, :, ::2, ::2], 3)  # 3 filters each send 1
+    np.testing.assert_array_equal(np.asarray(rdx)[:, :, 1::2, :], 0)
+
+
+def test_kernel_outputs_feed_the_generic_path_and_back(rng):
+    """Kernel outputs are NCHW views of channel-major memory; the generic code takes
+    them as inputs, and the kernels take generic (C-contiguous NCHW) outputs."""
+    x, Wt, b, stride, pad = conv_inputs(rng, (3, 2, 8, 7, 4, 3, 3, 1, 1), "float64")
+    out, _ = ops.conv2d_forward(x, Wt, b, stride, pad, relu=True)
+    assert not out.flags.c_contiguous  # the layout the next kernel reads fast
+    W2 = rng.standard_normal((3, 4, 2, 2))
+    b2 = rng.standard_normal(3)
+    fast, ref = run_both(lambda: ops.conv2d_forward(out, W2, b2, 2, 0)[0])
+    close(np.asarray(fast), ref, "float64", "conv of a kernel output")
+    with ops.use_fast_paths(False):
+        gen, _ = ops.conv2d_forward(x, Wt, b, stride, pad, relu=True)
+    fast2, _ = ops.conv2d_forward(np.ascontiguousarray(gen), W2, b2, 2, 0)
+    close(np.asarray(fast2), ref, "float64", "kernel on a generic output")
+
+
+def test_backward_follows_the_cache_not_the_switch(rng):
+    """A kernel's cache goes to the kernel's backward even with fast paths switched
+    off in between (and gives the generic gradients)."""
+    x, Wt, b, stride, pad = conv_inputs(rng, (2, 2, 7, 7, 3, 3, 3, 1, 1), "float64")
+    out, cache = ops.conv2d_forward(x, Wt, b, stride, pad)
+    dout = rng.standard_normal(out.shape)
+    with ops.use_fast_paths(False):
+        dx, dW, db = ops.conv2d_backward(dout, cache)
+        _, rcache = ops.conv2d_forward(x, Wt, b, stride, pad)
+        rdx, rdW, rdb = ops.conv2d_backward(dout, rcache)
+    for got, want, name in ((dx, rdx, "dx"), (dW, rdW, "dW"), (db, rdb, "db")):
+        close(np.asarray(got), want, "float64", name)
+
+
+def test_float32_stays_float32(rng):
+    x, Wt, b, stride, pad = conv_inputs(rng, (2, 2, 8, 8, 3, 3, 3, 1, 0), "float32")
+    out, cache = ops.conv2d_relu_maxpool_forward(x, Wt, b, stride, pad, 2, 2, 2)
+    grads = ops.conv2d_relu_maxpool_backward(np.ones(out.shape, "float32"), cache)
+    assert out.dtype == np.float32
+    assert all(g.dtype == np.float32 for g in grads)
+
+
+# ---------------------------------------------------------------------- model level
+
+
+def _unfused_gradient(net, x, t):
+    """Loss and gradients of ``net`` with every layer run on its own, on the generic path."""
+    with ops.use_fast_paths(False):
+        h = x
+        for layer in net.layers:
+            h = layer.forward(h, True) if isinstance(layer, (layers.Dropout, layers.BatchNormalization)) else layer.forward(h)
+        loss = net.last_layer.forward(h, t)
+        d = net.last_layer.backward(1.0)
+        for layer in reversed(net.layers):
+            d = layer.backward(d)
+    return float(loss), {k: np.array(getattr(layer, "d" + attr)) for k, (layer, attr) in net._slots.items()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("model", ["simple", "deep"])
+def test_fused_model_equals_unfused_generic_layers(rng, model, dtype):
+    if model == "simple":
+        net = SimpleConvNet(input_dim=(2, 13, 11), conv_param={"filter_num": 5, "filter_size": 3, "pad": 1, "stride": 1},
+                            hidden_size=7, weight_init_std=0.3, dtype=dtype, seed=1)
+        kinds = [layers.ConvBlock, layers.Affine, layers.Relu, layers.Affine]
+    else:
+        net = DeepConvNet(input_dim=(1, 12, 12), hidden_size=9, dropout_ratio=0.0, dtype=dtype, seed=1)
+        kinds = [layers.ConvBlock] * 6 + [layers.Affine, layers.Relu, layers.Dropout, layers.Affine, layers.Dropout]
+    x = rng.standard_normal((4,) + tuple(net.config["input_dim"])).astype(dtype)
+    t = rng.integers(0, 10, 4)
+    ref_loss, ref = _unfused_gradient(net, x, t)
+    grads = net.gradient(x, t)
+    assert [type(s) for s in net._steps] == kinds
+    blocks = [s for s in net._steps if isinstance(s, layers.ConvBlock)]
+    assert not isinstance(blocks[0]._cache, tuple), "the model should run the NumPy kernels"
+    assert float(net.loss(x, t)) == pytest.approx(ref_loss, rel=1e-5 if dtype == "float32" else 1e-12)
+    assert set(grads) == set(ref)
+    for k in ref:
+        close(np.asarray(grads[k]), ref[k], dtype, f"{model} {k}")
+    # inference (training=False keeps nothing) gives the training forward's scores
+    with ops.use_fast_paths(False):
+        want = np.asarray(net.predict(x))
+    close(np.asarray(net.predict(x)), want, dtype, f"{model} predict")
+
+
+def test_fuse_groups_conv_relu_pool_only():
+    conv = layers.Convolution(np.zeros((2, 1, 3, 3), "float32"), np.zeros(2, "float32"))
+    conv2 = layers.Convolution(np.zeros((2, 2, 3, 3), "float32"), np.zeros(2, "float32"))
+    relu, relu2, pool, avg = layers.Relu(), layers.Relu(), layers.Pooling(2, 2, 2), layers.AvgPooling(2, 2, 2)
+    steps = layers.fuse([conv, relu, pool, conv2, relu2, avg])
+    assert [type(s) for s in steps] == [layers.ConvBlock, layers.ConvBlock, layers.AvgPooling]
+    assert steps[0].pool is pool and steps[1].pool is None
+    assert layers.fuse([conv, pool, relu]) == [conv, pool, relu]
