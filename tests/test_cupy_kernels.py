@@ -1,10 +1,16 @@
 """The CuPy fast paths (xpconv/kernels/cupy_ops.py + conv.cu, pool.cu).
 
-Without a GPU: every .cu source compiles with ``nvcc --ptx`` (when nvcc is on
-PATH) and defines every kernel cupy_ops launches; cupy_ops' ops have the generic
-ops' signatures (read with ast: no CuPy needed); and every op equals the generic
-path on fresh random inputs, with the .cu sources built for the CPU and cupy_ops
-run against a stand-in ``cupy`` (tests/cuda_host.py).
+Without a GPU:
+
+* every .cu source defines exactly the ``extern "C"`` kernels cupy_ops launches
+  (read without a compiler), and compiles with ``nvcc --ptx`` for sm_80 and sm_90
+  with every warning an error (when nvcc is on PATH; a planted error and a
+  planted warning prove the check fails);
+* every op xpconv.ops dispatches to exists in cupy_ops with the generic op's
+  parameters (inspect on a copy imported against a stand-in ``cupy``);
+* every op equals the generic path on fresh random inputs (odd sizes, strides
+  1-3, pads 0-2, float32 and float64), with the .cu sources built for the CPU
+  and cupy_ops' real launch code run against the stand-in (tests/cuda_host.py).
 
 With a GPU (marked ``gpu``): the same equality tests on real CuPy arrays against
 the generic path on CuPy (``ops.use_fast_paths(False)``), and whole-model
@@ -37,20 +43,34 @@ from . import cuda_host
 
 KERNEL_DIR = pathlib.Path(cuda_source.__file__).parent
 CUPY_OPS = KERNEL_DIR / "cupy_ops.py"
-GENERIC_OPS = (
-    "im2col",
-    "col2im",
-    "conv2d_forward",
-    "conv2d_backward",
-    "max_pool2d_forward",
-    "max_pool2d_backward",
-    "avg_pool2d_forward",
-    "avg_pool2d_backward",
-    "conv2d_relu_maxpool_forward",
-    "conv2d_relu_maxpool_backward",
-)
+OPS_PY = pathlib.Path(ops.__file__)
 DTYPES = ("float32", "float64")
+HAS_CUPY_SPEC = importlib.util.find_spec("cupy") is not None
 NVCC = shutil.which("nvcc")
+#: the GPU architectures the sources are compiled for in CI: A100 (sm_80) and H100 (sm_90)
+ARCHES = ("sm_80", "sm_90")
+
+
+def _dispatched_ops() -> list[str]:
+    """Every op name xpconv.ops hands to a fast kernel (its ``_kernel(xp, "name")`` and
+    ``_backward_kernel(xp, "name", cache)`` calls), read from ops.py."""
+    found = set()
+    for node in ast.walk(ast.parse(OPS_PY.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("_kernel", "_backward_kernel"):
+            name = node.args[1]
+            assert isinstance(name, ast.Constant) and isinstance(name.value, str), ast.unparse(node)
+            found.add(name.value)
+    return sorted(found)
+
+
+GENERIC_OPS = tuple(_dispatched_ops())
+
+
+def test_ops_dispatches_the_ops_this_file_checks():
+    # guards the reader above: if ops.py stopped naming its kernels this way, every
+    # check below would pass vacuously
+    assert {"im2col", "col2im", "conv2d_forward", "conv2d_backward", "max_pool2d_forward"} <= set(GENERIC_OPS)
+    assert all(callable(getattr(ops, name, None)) for name in GENERIC_OPS)
 
 
 # ====================================================================== sources, nvcc
@@ -71,9 +91,55 @@ def _expected_entry_points(source: str) -> set[str]:
     return {f"xpc_{k}_{sfx}" for s, k in _launched_kernels() if s == source for sfx in ("f32", "f64")}
 
 
+_EXTERN_C = re.compile(r'extern\s+"C"\s+__global__\s+void\s+([\w#]+)\s*\(')
+
+
+def _declared_entry_points(text: str) -> set[str]:
+    """The ``extern "C"`` kernel names a .cu source defines, read without a compiler:
+    declared directly, or by a function-like macro (``xpc_im2col_##SUFFIX``) expanded
+    at each of its top-level uses (``XPC_CONV_ENTRY_POINTS(f32, float)``)."""
+    text = text.replace("\\\n", " ")
+    macros, plain = {}, []
+    for line in text.splitlines():
+        m = re.match(r"\s*#\s*define\s+(\w+)\(([^)]*)\)(.*)$", line)
+        if m:
+            macros[m.group(1)] = ([a.strip() for a in m.group(2).split(",")], m.group(3))
+        elif not line.lstrip().startswith("#"):
+            plain.append(line)
+    names = set()
+    for line in plain:
+        names.update(n for n in _EXTERN_C.findall(line) if "#" not in n)
+        m = re.match(r"\s*(\w+)\(([^)]*)\)\s*;?\s*$", line)
+        if m and m.group(1) in macros:
+            params, body = macros[m.group(1)]
+            args = dict(zip(params, (a.strip() for a in m.group(2).split(","))))
+            for name in _EXTERN_C.findall(body):
+                names.add("".join(args.get(piece.strip(), piece.strip()) for piece in name.split("##")))
+    return names
+
+
 def test_every_cu_file_is_a_listed_source():
     assert sorted(p.stem for p in KERNEL_DIR.glob("*.cu")) == sorted(cuda_source.SOURCES)
     assert {s for s, _ in _launched_kernels()} == set(cuda_source.SOURCES)
+
+
+@pytest.mark.parametrize("source", cuda_source.SOURCES)
+def test_sources_define_exactly_the_kernels_cupy_ops_launches(source):
+    # no compiler needed: a kernel renamed on one side only fails here, in any CI
+    declared = _declared_entry_points(cuda_source.read_source(source))
+    expected = _expected_entry_points(source)
+    assert expected, f"cupy_ops launches nothing from {source}.cu"
+    assert not expected - declared, f"{source}.cu lacks kernels that cupy_ops launches: {sorted(expected - declared)}"
+    assert not declared - expected, f"{source}.cu defines kernels nothing launches: {sorted(declared - expected)}"
+
+
+def test_entry_point_reader_expands_macros():
+    text = (
+        '#define ENTRIES(SUFFIX, T) \\\n  extern "C" __global__ void xpc_a_##SUFFIX(T* x) {} \\\n'
+        '  extern "C" __global__ void xpc_b_##SUFFIX(T* x) {}\n'
+        'extern "C" __global__ void xpc_plain(int n) {}\nENTRIES(f32, float)\nENTRIES(f64, double)\n'
+    )
+    assert _declared_entry_points(text) == {"xpc_plain", "xpc_a_f32", "xpc_b_f32", "xpc_a_f64", "xpc_b_f64"}
 
 
 @pytest.mark.parametrize("source", cuda_source.SOURCES)
@@ -83,64 +149,108 @@ def test_sources_include_no_headers(source):
     assert not re.search(r"^\s*#\s*include", text, re.M), f"{source}.cu must not #include anything (NVRTC)"
 
 
-@pytest.mark.parametrize("arch", [None, "sm_80", "sm_90"], ids=["default-arch", "sm_80", "sm_90"])
-@pytest.mark.parametrize("source", cuda_source.SOURCES)
-def test_nvcc_compiles_source_to_ptx(source, arch, tmp_path):
-    if NVCC is None:
-        pytest.skip("nvcc is not on PATH: cannot compile the CUDA sources (install the CUDA toolkit to run this check)")
-    ptx = tmp_path / f"{source}.ptx"
+def _nvcc_ptx(src: pathlib.Path, arch: str | None, ptx: pathlib.Path) -> subprocess.CompletedProcess:
+    """``nvcc --ptx`` with NVRTC's options, every warning an error."""
     cmd = [NVCC, "--ptx", *cuda_source.OPTIONS, "-Werror", "all-warnings"]
     if arch:
         cmd.append(f"-arch={arch}")
-    cmd += ["-o", str(ptx), str(cuda_source.source_path(source))]
+    cmd += ["-o", str(ptx), str(src)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}{proc.stderr}"
-    entries = set(re.findall(r"\.entry\s+(\w+)\s*\(", ptx.read_text()))
+    proc.command = " ".join(cmd)
+    return proc
+
+
+needs_nvcc = pytest.mark.skipif(
+    NVCC is None, reason="nvcc is not on PATH: cannot compile the CUDA sources (install the CUDA toolkit to run this check)"
+)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", [None, *ARCHES], ids=["default-arch", *ARCHES])
+@pytest.mark.parametrize("source", cuda_source.SOURCES)
+def test_nvcc_compiles_source_to_ptx(source, arch, tmp_path):
+    ptx = tmp_path / f"{source}.ptx"
+    proc = _nvcc_ptx(pathlib.Path(str(cuda_source.source_path(source))), arch, ptx)
+    assert proc.returncode == 0, f"{proc.command}\n{proc.stdout}{proc.stderr}"
+    text = ptx.read_text()
+    if arch:
+        assert re.search(rf"^\.target\s+{arch}\b", text, re.M), f"{source}.ptx is not for {arch}"
+    entries = set(re.findall(r"\.entry\s+(\w+)\s*\(", text))
     missing = _expected_entry_points(source) - entries
     assert not missing, f"{source}.cu lacks kernels that cupy_ops launches: {sorted(missing)}"
+    # the compiler agrees with the compiler-free reader above
+    assert entries == _declared_entry_points(cuda_source.read_source(source))
+
+
+@needs_nvcc
+@pytest.mark.parametrize(
+    "planted, message",
+    [
+        ("{ x[0] = undeclared_name; }", "undeclared_name"),  # a syntax/semantic error
+        ("{ int unused_local = 3; x[0] = 1.0f; }", "unused_local"),  # a warning: -Werror makes it fail
+    ],
+    ids=["error", "warning"],
+)
+def test_nvcc_check_fails_on_a_broken_source(planted, message, tmp_path):
+    # the compile check above can fail: the same command on conv.cu with one bad kernel appended
+    src = tmp_path / "broken.cu"
+    src.write_text(cuda_source.read_source("conv") + f'\nextern "C" __global__ void xpc_broken_f32(float* x) {planted}\n')
+    proc = _nvcc_ptx(src, ARCHES[-1], tmp_path / "broken.ptx")
+    assert proc.returncode != 0, f"{proc.command} accepted a broken source"
+    assert message in proc.stdout + proc.stderr
 
 
 # ====================================================================== signatures
 
 
-def _ast_signature(fn: ast.FunctionDef):
-    """[(name, kind, default)] of a function read from source."""
-    a = fn.args
-    out = []
-    pos = a.posonlyargs + a.args
-    defaults = [inspect.Parameter.empty] * (len(pos) - len(a.defaults)) + [ast.literal_eval(d) for d in a.defaults]
-    for p, d in zip(a.posonlyargs, defaults):
-        out.append((p.arg, inspect.Parameter.POSITIONAL_ONLY, d))
-    for p, d in zip(a.args, defaults[len(a.posonlyargs) :]):
-        out.append((p.arg, inspect.Parameter.POSITIONAL_OR_KEYWORD, d))
-    if a.vararg:
-        out.append((a.vararg.arg, inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.empty))
-    for p, d in zip(a.kwonlyargs, a.kw_defaults):
-        out.append((p.arg, inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.empty if d is None else ast.literal_eval(d)))
-    if a.kwarg:
-        out.append((a.kwarg.arg, inspect.Parameter.VAR_KEYWORD, inspect.Parameter.empty))
-    return out
+def _load_cupy_ops_with(fake_cupy):
+    """A private copy of cupy_ops imported against ``fake_cupy`` (the real module
+    and a real cupy, if installed, are left untouched)."""
+    saved = sys.modules.get("cupy")
+    sys.modules["cupy"] = fake_cupy
+    try:
+        return _fresh("cupy_ops", "xpconv.kernels._host_cupy_ops")
+    finally:
+        if saved is None:
+            del sys.modules["cupy"]
+        else:
+            sys.modules["cupy"] = saved
 
 
-def _public_functions() -> dict[str, ast.FunctionDef]:
-    tree = ast.parse(CUPY_OPS.read_text())
-    return {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")}
+def _public_functions(module) -> dict:
+    return {
+        name: fn
+        for name, fn in vars(module).items()
+        if inspect.isfunction(fn) and fn.__module__ == module.__name__ and not name.startswith("_")
+    }
+
+
+def _parameters(fn) -> list:
+    """(name, kind, default) of each parameter: what a caller relies on (annotations aside)."""
+    return [(p.name, p.kind.name, p.default) for p in inspect.signature(fn).parameters.values()]
 
 
 def test_cupy_ops_has_the_generic_ops_signatures():
-    funcs = _public_functions()
+    # cupy_ops imported against the stand-in cupy: no CuPy, GPU or compiler needed
+    module = _load_cupy_ops_with(cuda_host.fake_cupy())
+    funcs = _public_functions(module)
     for name in GENERIC_OPS:
-        assert name in funcs, f"cupy_ops lacks {name}"
-        generic = [(p.name, p.kind, p.default) for p in inspect.signature(getattr(ops, name)).parameters.values()]
-        assert _ast_signature(funcs[name]) == generic, f"cupy_ops.{name} signature differs from xpconv.ops.{name}"
+        assert name in funcs, f"cupy_ops lacks {name}, which xpconv.ops dispatches to"
+        want, got = _parameters(getattr(ops, name)), _parameters(funcs[name])
+        assert got == want, f"cupy_ops.{name} parameters {got} differ from xpconv.ops.{name}'s {want}"
     extra = set(funcs) - set(GENERIC_OPS)
     assert not extra, f"public functions in cupy_ops with no generic counterpart: {sorted(extra)}"
+    assert sorted(module.__all__) == sorted(funcs)
 
 
-def test_cupy_ops_all_lists_its_public_functions():
-    tree = ast.parse(CUPY_OPS.read_text())
-    (all_node,) = [n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "__all__"]
-    assert sorted(ast.literal_eval(all_node.value)) == sorted(_public_functions())
+@pytest.mark.skipif(not HAS_CUPY_SPEC, reason="CuPy is not installed")
+def test_real_cupy_ops_imports_without_a_gpu_and_is_what_lookup_returns():
+    # importing needs CuPy installed, not a working device
+    from xpconv.kernels import cupy_ops
+
+    for name in GENERIC_OPS:
+        assert kernels.lookup("cupy", name) is getattr(cupy_ops, name)
+        assert _parameters(getattr(cupy_ops, name)) == _parameters(getattr(ops, name))
 
 
 # ====================================================================== implementations
@@ -166,19 +276,11 @@ def _fresh(module_name: str, alias: str):
 
 @functools.lru_cache(maxsize=None)
 def _host_impl() -> Impl:
-    """A private copy of cupy_ops bound to cuda_host's stand-in cupy (the real
-    modules and a real cupy, if installed, are left untouched)."""
+    """A private copy of cupy_ops bound to cuda_host's stand-in cupy, whose kernels
+    are the .cu sources built for the CPU."""
     src = _fresh("cuda_source", "xpconv.kernels._host_cuda_source")
     src.module = functools.lru_cache(maxsize=None)(lambda name: cuda_host.HostModule(src.read_source(name), src.OPTIONS))
-    saved = sys.modules.get("cupy")
-    sys.modules["cupy"] = cuda_host.fake_cupy()
-    try:
-        mod = _fresh("cupy_ops", "xpconv.kernels._host_cupy_ops")
-    finally:
-        if saved is None:
-            del sys.modules["cupy"]
-        else:
-            sys.modules["cupy"] = saved
+    mod = _load_cupy_ops_with(cuda_host.fake_cupy())
     mod.cuda_source = src
     return Impl("host", mod, np.asarray, np.asarray)
 
@@ -191,8 +293,7 @@ def _cupy_impl() -> Impl:
     return Impl("cupy", cupy_ops, cupy.asarray, cupy.asnumpy)
 
 
-HAS_CUPY = importlib.util.find_spec("cupy") is not None
-needs_cuda = pytest.mark.skipif(not (HAS_CUPY and backend.cuda_status()[0]), reason="no usable CUDA device (CuPy)")
+needs_cuda = pytest.mark.skipif(not (HAS_CUPY_SPEC and backend.cuda_status()[0]), reason="no usable CUDA device (CuPy)")
 needs_cxx = pytest.mark.skipif(cuda_host.compiler() is None, reason="no host C++ compiler (g++/clang++) to build the .cu sources for the CPU")
 
 
