@@ -1,0 +1,331 @@
+"""Trainer: the book's interface, per-epoch lines and progress, NaN/inf stops, exact
+resume (optimizer state and Dropout generators), chunked evaluation, other namespaces."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+
+from xpconv.backend import namespace_name, to_numpy
+from xpconv.checkpoint import load_checkpoint
+from xpconv.datasets import load_digits
+from xpconv.models import DeepConvNet, SimpleConvNet
+from xpconv.trainer import Trainer, TrainingDiverged, format_seconds, write_metrics
+
+CONV = {"filter_num": 8, "filter_size": 3, "pad": 1, "stride": 1}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    (x_train, t_train), (x_test, t_test) = load_digits(normalize=True, flatten=False)
+    return x_train[:600], t_train[:600], x_test[:200], t_test[:200]
+
+
+def _net(xp="numpy", seed=0, **kw):
+    return SimpleConvNet(input_dim=(1, 8, 8), conv_param=CONV, hidden_size=32, weight_init_std=0.1, xp=xp, seed=seed, **kw)
+
+
+def _params(net):
+    return {k: to_numpy(v).copy() for k, v in net.params.items()}
+
+
+# ----------------------------------------------------------------------------- book interface
+
+
+def test_book_interface(digits, capsys):
+    net = _net()
+    trainer = Trainer(net, *digits, epochs=3, mini_batch_size=50, optimizer="AdaGrad", optimizer_param={"lr": 0.05},
+                      evaluate_sample_num_per_epoch=None, verbose=True)
+    history = trainer.train()
+    iters = 600 // 50
+    assert len(trainer.train_loss_list) == 3 * iters
+    assert all(math.isfinite(v) and v > 0 for v in trainer.train_loss_list)
+    assert len(trainer.train_acc_list) == len(trainer.test_acc_list) == 3
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    # it learns: loss falls, accuracy well above chance (10%)
+    assert np.mean(trainer.train_loss_list[-iters:]) < 0.5 * np.mean(trainer.train_loss_list[:iters])
+    assert trainer.test_acc_list[-1] > 0.8
+    assert trainer.test_acc_list[-1] == pytest.approx(net.accuracy(digits[2], digits[3]))
+
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 4
+    for k, line in enumerate(out[:3], 1):
+        m = re.fullmatch(
+            rf"epoch {k}/3  train loss (\d\.\d{{4}})  train acc (\d\.\d{{4}})  test acc (\d\.\d{{4}})  (\d+ ms|\d+\.\d\d s)  \([\d,]+ samples/s\)",
+            line,
+        )
+        assert m, line
+        r = history[k - 1]
+        assert float(m.group(1)) == pytest.approx(r["train_loss"], abs=6e-5)
+        assert float(m.group(3)) == pytest.approx(r["test_acc"], abs=6e-5)
+    assert re.fullmatch(r"test acc \d\.\d{4} after 3 epochs \(.+\)", out[3])
+
+
+def test_defaults_are_the_books(digits):
+    t = Trainer(_net(), *digits, verbose=False)
+    assert t.epochs == 20 and t.batch_size == 100
+    assert type(t.optimizer).__name__ == "SGD" and t.optimizer.lr == 0.01
+    assert t.evaluate_sample_num_per_epoch is None
+
+
+def test_evaluate_sample_num_per_epoch(digits, monkeypatch):
+    net = _net()
+    seen = []
+    real = net.accuracy
+
+    def spy(x, t, batch_size=100):
+        seen.append(int(x.shape[0]))
+        return real(x, t, batch_size=batch_size)
+
+    monkeypatch.setattr(net, "accuracy", spy)
+    Trainer(net, *digits, epochs=2, mini_batch_size=100, evaluate_sample_num_per_epoch=70, verbose=False).train()
+    assert seen == [70, 70, 70, 70]  # train and test, each epoch
+
+
+def test_evaluation_runs_in_bounded_chunks(digits, monkeypatch):
+    net = _net()
+    sizes = []
+    real = net._forward
+
+    def spy(x, train_flg):
+        sizes.append((int(x.shape[0]), train_flg))
+        return real(x, train_flg)
+
+    monkeypatch.setattr(net, "_forward", spy)
+    trainer = Trainer(net, *digits, epochs=1, mini_batch_size=100, eval_batch_size=64, verbose=False)
+    trainer.train()
+    evals = [n for n, train in sizes if not train]
+    assert sum(evals) == 600 + 200
+    assert max(evals) == 64
+    assert max(n for n, train in sizes if train) == 100
+
+
+def test_progress_bar_shows_rate_and_loss(digits, capsys, monkeypatch):
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")  # redraw at every update, however fast
+    Trainer(_net(), *digits, epochs=1, mini_batch_size=50, verbose=False, progress=True, log_every=2).train()
+    err = capsys.readouterr().err
+    assert "epoch 1/1" in err
+    assert "img/s" in err
+    assert re.search(r"loss=\d\.\d{4}", err)
+
+
+def test_callbacks_and_stop(digits):
+    seen = []
+
+    def cb(trainer, record):
+        seen.append(record["epoch"])
+        if record["epoch"] == 2:
+            trainer.stop_training = True
+
+    trainer = Trainer(_net(), *digits, epochs=5, mini_batch_size=100, verbose=False, on_epoch_end=cb)
+    trainer.train()
+    assert seen == [1, 2]
+    assert trainer.current_epoch == 2 and len(trainer.test_acc_list) == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"mini_batch_size": 0}, "mini_batch_size must be >= 1"),
+        ({"mini_batch_size": 601}, "mini_batch_size 601 is larger than the 600 training samples"),
+        ({"epochs": -1}, "epochs must be >= 0"),
+        ({"optimizer": "adamw"}, "unknown optimizer 'adamw'"),
+    ],
+)
+def test_bad_arguments(digits, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Trainer(_net(), *digits, verbose=False, **kwargs)
+
+
+def test_mismatched_data(digits):
+    x, t, xt, tt = digits
+    with pytest.raises(ValueError, match="600 training samples but 599 labels"):
+        Trainer(_net(), x, t[:-1], xt, tt, verbose=False)
+    with pytest.raises(ValueError, match="200 test samples but 10 labels"):
+        Trainer(_net(), x, t, xt, tt[:10], verbose=False)
+
+
+def test_format_seconds():
+    assert format_seconds(0.0123) == "12 ms"
+    assert format_seconds(0.384) == "0.38 s"
+    assert format_seconds(9.994) == "9.99 s"
+    assert format_seconds(12.34) == "12.3 s"
+    assert format_seconds(185) == "3 min 05 s"
+
+
+# ----------------------------------------------------------------------------- files, failure, resume
+
+
+def test_out_dir_files_and_metrics(digits, tmp_path):
+    trainer = Trainer(_net(), *digits, epochs=2, mini_batch_size=100, verbose=False, out_dir=tmp_path, config={"what": "test"})
+    trainer.train()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors", "last.safetensors", "metrics.json"]
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert [r["epoch"] for r in m["epochs"]] == [1, 2]
+    assert set(m["epochs"][0]) >= {"epoch", "train_loss", "train_acc", "test_acc", "seconds"}
+    assert m["final"]["test_acc"] == m["epochs"][-1]["test_acc"] == trainer.test_acc_list[-1]
+    assert m["config"] == {"what": "test"}
+    c = load_checkpoint(tmp_path / "last.safetensors")
+    assert c.epoch == 2 and c.metrics == m["epochs"] and c.extra["config"] == {"what": "test"}
+    best = load_checkpoint(tmp_path / "best.safetensors")
+    assert best.epoch == max(m["epochs"], key=lambda r: r["test_acc"])["epoch"]
+
+
+def test_write_metrics_keeps_json_valid(tmp_path):
+    p = write_metrics(tmp_path / "m.json", {"epochs": [{"train_loss": float("nan"), "x": float("inf")}], "final": {}})
+    assert json.loads(p.read_text()) == {"epochs": [{"train_loss": None, "x": None}], "final": {}}
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("bad, log_every", [(float("nan"), 1), (float("inf"), 10)])
+def test_nan_or_inf_loss_stops_training(digits, tmp_path, bad, log_every):
+    """A non-finite loss at epoch 2, iteration 4 stops training with a message naming
+    them; last.safetensors from epoch 1 stays, with finite weights."""
+    net = _net()
+    trainer = Trainer(net, *digits, epochs=3, mini_batch_size=50, verbose=False, out_dir=tmp_path, log_every=log_every)
+    real = trainer.train_step
+
+    def poisoned(xb, tb):
+        if trainer.position == {"epoch": 2, "iteration": 4}:
+            net.params["W2"] = net.params["W2"] * bad  # what an exploding update does
+        return real(xb, tb)
+
+    trainer.train_step = poisoned
+    with pytest.raises(TrainingDiverged) as info:
+        trainer.train()
+    err = info.value
+    assert (err.epoch, err.iteration) == (2, 4)
+    msg = str(err)
+    assert "epoch 2, iteration 4 of 12" in msg
+    assert str(tmp_path / "last.safetensors") in msg
+    assert "nan" in msg.lower() or "inf" in msg.lower()
+    c = load_checkpoint(tmp_path / "last.safetensors")
+    assert c.epoch == 1
+    assert all(np.isfinite(to_numpy(v)).all() for v in c.model.params.values())
+    assert len(json.loads((tmp_path / "metrics.json").read_text())["epochs"]) == 1
+
+
+def test_divergence_before_any_checkpoint_says_so(digits):
+    net = _net()
+    net.params["W1"] = net.params["W1"] * float("nan")
+    with pytest.raises(TrainingDiverged, match=r"epoch 1, iteration 1 of 6; no checkpoint was written"):
+        Trainer(net, *digits, epochs=1, mini_batch_size=100, verbose=False).train()
+
+
+def test_interrupt_saves_a_checkpoint(digits, tmp_path):
+    net = _net()
+    trainer = Trainer(net, *digits, epochs=3, mini_batch_size=100, verbose=False, out_dir=tmp_path)
+    real = trainer.train_step
+
+    def interrupted(xb, tb):
+        if trainer.position == {"epoch": 2, "iteration": 3}:
+            raise KeyboardInterrupt
+        return real(xb, tb)
+
+    trainer.train_step = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    path = trainer.save_interrupted()
+    assert path == tmp_path / "interrupted.safetensors"
+    c = load_checkpoint(path)
+    assert c.epoch == 1  # epochs completed
+    assert c.extra["interrupted_at"] == {"epoch": 2, "iteration": 3}
+    for k, v in _params(net).items():
+        np.testing.assert_array_equal(to_numpy(c.model.params[k]), v)
+    assert json.loads((tmp_path / "metrics.json").read_text())["interrupted_at"] == {"epoch": 2, "iteration": 3}
+
+
+def _run(net, data, epochs, out_dir, **kw):
+    t = Trainer(net, *data, epochs=epochs, mini_batch_size=50, optimizer="Adam", optimizer_param={"lr": 0.002},
+                verbose=False, out_dir=out_dir, seed=7, **kw)
+    t.train()
+    return t
+
+
+def test_resume_repeats_an_uninterrupted_run(digits, tmp_path):
+    """4 epochs in one go == 2 epochs, then a fresh process-like restart from the
+    checkpoint for 2 more: same weights, same optimizer state, same metrics. DeepConvNet
+    has Dropout, so its generators must be restored too."""
+    data = digits[0][:300], digits[1][:300], digits[2][:100], digits[3][:100]
+
+    def deep():
+        return DeepConvNet(input_dim=(1, 8, 8), hidden_size=16, xp="numpy", seed=3)
+
+    full = _run(deep(), data, 4, tmp_path / "full")
+    _run(deep(), data, 2, tmp_path / "half")
+    c = load_checkpoint(tmp_path / "half" / "last.safetensors")
+    assert c.epoch == 2
+    resumed = Trainer(c.model, *data, epochs=4, mini_batch_size=50, optimizer=c.optimizer, verbose=False,
+                      out_dir=tmp_path / "half", seed=7, start_epoch=c.epoch, history=c.metrics)
+    resumed.train()
+
+    a, b = _params(full.network), _params(resumed.network)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    strip = lambda hist: [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_s")} for r in hist]  # noqa: E731
+    assert strip(full.history) == strip(resumed.history)
+    assert resumed.test_acc_list == full.test_acc_list
+    assert resumed.optimizer.iter == full.optimizer.iter
+    sa, sb = full.optimizer.state_dict()["slots"], resumed.optimizer.state_dict()["slots"]
+    for slot in sa:
+        for k in sa[slot]:
+            np.testing.assert_array_equal(to_numpy(sa[slot][k]), to_numpy(sb[slot][k]))
+    ma = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    mb = json.loads((tmp_path / "half" / "metrics.json").read_text())
+    assert strip(ma["epochs"]) == strip(mb["epochs"])
+
+
+def test_resume_without_dropout_state_would_differ(digits, tmp_path):
+    """The resume test above can fail: restarting with fresh Dropout generators (what a
+    checkpoint without them would give) changes the result."""
+    data = digits[0][:300], digits[1][:300], digits[2][:100], digits[3][:100]
+
+    def deep():
+        return DeepConvNet(input_dim=(1, 8, 8), hidden_size=16, xp="numpy", seed=3)
+
+    full = _run(deep(), data, 3, tmp_path / "full")
+    _run(deep(), data, 2, tmp_path / "half")
+    c = load_checkpoint(tmp_path / "half" / "last.safetensors")
+    fresh = deep()
+    fresh.load_params(tmp_path / "half" / "last.safetensors")  # weights only
+    t = Trainer(fresh, *data, epochs=3, mini_batch_size=50, optimizer=c.optimizer, verbose=False, seed=7, start_epoch=2, history=c.metrics)
+    t.train()
+    assert any(not np.array_equal(v, _params(full.network)[k]) for k, v in _params(t.network).items())
+
+
+# ----------------------------------------------------------------------------- other namespaces
+
+
+def test_trains_in_every_namespace(xp, digits):
+    """Host data, model in any namespace: batches move one at a time; results agree with
+    NumPy's closely (float32 rounding differs between libraries)."""
+    ref = Trainer(_net(), *digits, epochs=1, mini_batch_size=100, verbose=False)
+    ref.train()
+    net = _net(xp=xp)
+    t = Trainer(net, *digits, epochs=1, mini_batch_size=100, verbose=False)
+    t.train()
+    assert t.resident is False
+    assert namespace_name(net.xp) == namespace_name(xp)
+    np.testing.assert_allclose(t.train_loss_list, ref.train_loss_list, rtol=2e-3)
+    assert abs(t.test_acc_list[0] - ref.test_acc_list[0]) <= 0.02
+
+
+def test_resident_data_gives_the_same_run(digits):
+    """Data kept in the model's namespace (as on a GPU) trains exactly like host data
+    moved a batch at a time."""
+    torch = pytest.importorskip("torch")
+    runs = []
+    for resident in (False, True):
+        t = Trainer(_net(xp="torch"), *digits, epochs=2, mini_batch_size=100, verbose=False, resident=resident)
+        assert t.resident is resident
+        if resident:
+            assert isinstance(t.x_train, torch.Tensor)
+        t.train()
+        runs.append((t.train_loss_list, t.test_acc_list, _params(t.network)))
+    assert runs[0][0] == runs[1][0] and runs[0][1] == runs[1][1]
+    for k in runs[0][2]:
+        np.testing.assert_array_equal(runs[0][2][k], runs[1][2][k])
