@@ -10,7 +10,9 @@ Each rank starts from a different seed (seed + rank), so the result also proves
 that rank 0's initial parameters are broadcast.  --save-at S CKPT writes a
 checkpoint (parameters, optimizer state, step) after global step S; --resume CKPT
 continues from one, on however many ranks this run has.  --fail-rank/--fail-step/
---fail-mode inject a fault (raise, exit: os._exit(3), kill: SIGKILL).
+--fail-mode inject a fault (raise, exit: os._exit(3), kill: SIGKILL).  --device cuda
+trains CuPy models, one GPU per rank, reduced with NCCL (or --backend mpi: staged
+through the host).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import signal
 import numpy as np
 
 from xpconv import distributed
-from xpconv.backend import Generator
+from xpconv.backend import Generator, asarray_in
 from xpconv.models import DeepConvNet, SimpleConvNet
 from xpconv.optim import Adam
 
@@ -30,13 +32,13 @@ N_SAMPLES = 48
 CONFIGS = [("simple", "float32"), ("simple", "float64"), ("deep", "float32"), ("deep", "float64")]
 
 
-def build(kind: str, dtype: str, seed: int):
+def build(kind: str, dtype: str, seed: int, xp: str = "numpy"):
     if kind == "simple":
         return SimpleConvNet((1, 8, 8), {"filter_num": 4, "filter_size": 3}, hidden_size=16, output_size=4,
-                             weight_init_std=0.3, xp="numpy", dtype=dtype, seed=seed)
+                             weight_init_std=0.3, xp=xp, dtype=dtype, seed=seed)
     convs = [{"filter_num": 4, "filter_size": 3, "pad": p, "stride": 1} for p in (1, 1, 1, 2, 1, 1)]
     return DeepConvNet((1, 8, 8), convs, hidden_size=12, output_size=4, dropout_ratio=0.3,
-                       xp="numpy", dtype=dtype, seed=seed)
+                       xp=xp, dtype=dtype, seed=seed)
 
 
 def data():
@@ -85,11 +87,17 @@ def main():
     ap.add_argument("--fail-rank", type=int, default=-1)
     ap.add_argument("--fail-step", type=int, default=0)
     ap.add_argument("--fail-mode", choices=["raise", "exit", "kill"], default="raise")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--backend", choices=["auto", "mpi", "nccl"], default="auto")
     args = ap.parse_args()
 
-    comm = distributed.setup(device="cpu")
+    comm = distributed.setup(device=args.device, backend=args.backend)
     x, t = data()
-    nets = {f"{k}_{d}": build(k, d, args.seed + comm.rank) for k, d in CONFIGS}
+    xp = "cupy" if comm.device == "cuda" else "numpy"
+    nets = {f"{k}_{d}": build(k, d, args.seed + comm.rank, xp) for k, d in CONFIGS}
+    # the data in each model's namespace (host NumPy arrays stay as they are)
+    on = {name: (x, t) if xp == "numpy" else (asarray_in(x, net.xp, dtype=net.dtype), asarray_in(t, net.xp))
+          for name, net in nets.items()}
     opts = {name: distributed.DistributedOptimizer(Adam(lr=0.01), comm) for name in nets}
     step = 0
     if args.resume:
@@ -110,9 +118,12 @@ def main():
                     os._exit(3)
                 os.kill(os.getpid(), signal.SIGKILL)
             idx = comm.shard(idx)
+            if xp != "numpy":
+                idx = asarray_in(idx, next(iter(nets.values())).xp)
             for name, net in nets.items():
                 comm.seed_dropout(net, args.seed, step)
-                grads = net.gradient(x[idx], t[idx])
+                xn, tn = on[name]
+                grads = net.gradient(xn[idx], tn[idx])
                 opts[name].update(net.params, grads)
             step += 1
             if args.save_at and step == int(args.save_at[0]) and comm.is_root:
@@ -121,12 +132,13 @@ def main():
                 break
 
     in_sync = all(comm.params_in_sync(net.params) for net in nets.values())
-    acc = {name: comm.evaluate(net, x, t, batch_size=7) for name, net in nets.items()}
+    acc = {name: comm.evaluate(net, *on[name], batch_size=7) for name, net in nets.items()}
     if comm.is_root:
         out = {f"{name}/{k}": v for name, net in nets.items() for k, v in net.state_arrays().items()}
         out.update({f"{name}/accuracy": np.asarray(a) for name, a in acc.items()})
         out["in_sync"] = np.asarray(float(in_sync))
         out["size"] = np.asarray(comm.size)
+        out["backend"] = np.asarray(comm.backend)
         np.savez(args.out, **out)
 
 

@@ -11,7 +11,9 @@ instead of hanging CI.  Without mpi4py these tests skip, except under CI
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -248,6 +250,28 @@ def test_nccl_transport_wiring_without_a_gpu(monkeypatch):
         comm._nccl.allreduce_sum_(np.zeros(2, np.int32))
 
 
+def test_without_cupy_the_module_imports_and_setup_falls_back_to_mpi_on_the_cpu(monkeypatch):
+    """No CuPy (this CI): importing xpconv.distributed pulls in neither CuPy nor MPI,
+    device='auto' gives a CPU job over MPI, and asking for CUDA or NCCL says why not."""
+    code = ("import sys; import xpconv.distributed; "
+            "assert not {'cupy', 'mpi4py'} & set(sys.modules), sorted(m for m in sys.modules if m in ('cupy', 'mpi4py'))")
+    rc, log, _ = run_job([sys.executable, "-c", code])
+    assert rc == 0, log
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy -> ImportError
+    monkeypatch.setattr(distributed, "_COMM", None)
+    assert distributed._cuda_device_count() == 0
+    comm = distributed.setup(device="auto", excepthook=False)
+    assert (comm.device, comm.backend, comm.size) == ("cpu", "mpi", 1) and distributed.current() is comm
+    monkeypatch.setattr(distributed, "_COMM", None)
+    with pytest.raises(backend.BackendUnavailable, match="rank 0: --device cuda was asked for but no CUDA device"):
+        distributed.setup(device="cuda")
+    monkeypatch.setattr(distributed, "_COMM", None)
+    with pytest.raises(backend.BackendUnavailable, match="backend 'nccl' needs CUDA devices"):
+        distributed.setup(device="cpu", backend="nccl")
+    with pytest.raises(backend.BackendUnavailable, match="NCCL is not available through CuPy"):
+        distributed._NCCLTransport(FakeWorld(0, 1))
+
+
 def test_one_gpu_per_rank_is_checked():
     assert distributed._gpu_for_rank(3, 3, 4, 4) == 3
     assert distributed._gpu_for_rank(3, 3, 4, 1) == 0  # launcher shows each rank its own GPU
@@ -268,13 +292,12 @@ def _mpiexec() -> list[str]:
     return [exe, "--oversubscribe"] if "Open MPI" in version else [exe]
 
 
-def launch(n: int, *args, timeout: float = TIMEOUT):
-    """Run the worker on n ranks (n=0: a plain single process, no mpiexec).
-    Returns (returncode, stdout+stderr, seconds); a job still running after
-    ``timeout`` is killed with its whole process group and fails the test."""
-    cmd = [sys.executable, str(WORKER), *map(str, args)]
-    if n:
-        cmd = [*_mpiexec(), "-n", str(n), *cmd]
+def run_job(cmd: list, timeout: float = TIMEOUT, cwd=None):
+    """Run ``cmd`` (a plain process or an mpiexec job) with MPI allowed as root,
+    loopback networking and one BLAS thread per process.  Returns (returncode,
+    stdout+stderr, seconds); a job still running after ``timeout`` is killed with
+    its whole process group and fails the test."""
+    cmd = [str(c) for c in cmd]
     env = dict(os.environ)
     env.update(
         OMPI_ALLOW_RUN_AS_ROOT="1",
@@ -285,7 +308,8 @@ def launch(n: int, *args, timeout: float = TIMEOUT):
         PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
     )
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd,
+                            start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -293,6 +317,12 @@ def launch(n: int, *args, timeout: float = TIMEOUT):
         out, _ = proc.communicate()
         pytest.fail(f"{' '.join(cmd)} still running after {timeout} s (a hang):\n{out[-3000:]}")
     return proc.returncode, out, time.monotonic() - t0
+
+
+def launch(n: int, *args, timeout: float = TIMEOUT):
+    """Run the worker on n ranks (n=0: a plain single process, no mpiexec)."""
+    cmd = [sys.executable, str(WORKER), *args]
+    return run_job([*_mpiexec(), "-n", n, *cmd] if n else cmd, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -323,12 +353,16 @@ def max_rel_diff(a: dict, b: dict, config: str) -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("K", [1, 2, 4])
-def test_K_ranks_give_the_single_process_parameters(runs, K):
+def test_K_ranks_give_the_single_process_parameters(runs, K, record_property, capsys):
+    """The differences are printed (also without -s) and recorded as junit properties."""
     got, ref = runs[K], runs["ref"]
     assert int(got["size"]) == K and float(got["in_sync"]) == 1.0  # every rank bit-identical
-    for config in CONFIGS:
-        diff = max_rel_diff(got, ref, config)
-        print(f"K={K} {config}: max relative difference {diff:.2e} after 20 steps")
+    diffs = {config: max_rel_diff(got, ref, config) for config in CONFIGS}
+    with capsys.disabled():
+        print(f"\n[distributed] K={K}, 20 steps, max relative difference to 1 process: "
+              + ", ".join(f"{c} {d:.2e}" for c, d in diffs.items()))
+    for config, diff in diffs.items():
+        record_property(f"max_rel_diff_K{K}_{config}", diff)
         assert diff <= TOL[config.split("_")[1]], (config, diff)
         assert float(got[f"{config}/accuracy"]) == float(ref[f"{config}/accuracy"])
 
@@ -359,3 +393,166 @@ def test_a_rank_that_dies_ends_the_job(tmp_path, mode):
     rc, log, secs = launch(2, tmp_path / "x.npz", "--fail-rank", 1, "--fail-step", 3, "--fail-mode", mode)
     assert rc != 0 and secs < TIMEOUT, log[-2000:]
     assert not (tmp_path / "x.npz").exists()
+    # the launcher names the rank: Open MPI "process rank 1" / "[prterun-...@1,1]" / "[[job,1],1]", MPICH "RANK 1"
+    assert re.search(r"rank 1\b|@1,1\]|\[\[\d+,1\],1\]", log, re.IGNORECASE), log[-2000:]
+
+
+# --------------------------------------------------------------------------- the xpconv command
+
+
+CLI = [sys.executable, "-c", "import sys; from xpconv.cli import main; sys.exit(main())", "train",
+       "--device", "cpu", "--no-plots"]
+CLI_TOL = 1e-4  # float32, 28 steps an epoch: the K-rank sums round differently (measured ~1e-5)
+
+
+def _in_dir(directory) -> list[str]:
+    """argv prefix running the rest of the command in ``directory`` (one rank of an MPMD job)."""
+    return ["sh", "-c", 'cd "$0" && exec "$@"', str(directory)]
+
+
+def _ckpt(run_dir: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(run_dir / "last.safetensors")
+
+
+def _metrics(run_dir: Path) -> dict:
+    import json
+
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def _ckpt_diff(a: dict, b: dict) -> float:
+    """max over the floating arrays (weights and optimizer state) of max|a - b| / max|b|."""
+    keys = [k for k in b if b[k].dtype.kind == "f" and b[k].size]
+    assert keys and sorted(a) == sorted(b)
+    return max(float(np.max(np.abs(a[k] - b[k])) / max(float(np.max(np.abs(b[k]))), 1e-30)) for k in keys)
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """``xpconv train`` on the bundled digits (SimpleConvNet, the recipe's global batch
+    50): 1 process for 2 and 3 epochs; 2 ranks for 2 epochs, launched as an MPMD job
+    whose ranks run in different folders with a relative --out (as on two nodes
+    without a shared disk), so a file written by rank 1 would land in its own folder;
+    and the two checkpoints of epoch 2 resumed to epoch 3 on the other rank count."""
+    d = tmp_path_factory.mktemp("cli")
+    (d / "rank0").mkdir()
+    (d / "rank1").mkdir()
+    logs = {}
+
+    def job(name, cmd):
+        rc, log, _ = run_job(cmd)
+        assert rc == 0, f"{name} failed:\n{log[-3000:]}"
+        logs[name] = log
+
+    job("one2", [*CLI, "--epochs", 2, "--out", d / "one2"])
+    job("one3", [*CLI, "--epochs", 3, "--out", d / "one3"])
+    two = [*CLI, "--distributed", "--epochs", 2, "--out", "two2"]
+    job("two2", [*_mpiexec(), "-n", 1, *_in_dir(d / "rank0"), *two, ":", "-n", 1, *_in_dir(d / "rank1"), *two])
+    job("two2_to_one3", [*CLI, "--resume", d / "rank0" / "two2" / "last.safetensors", "--epochs", 3, "--out", d / "two2_to_one3"])
+    job("one2_to_two3", [*_mpiexec(), "-n", 2, *CLI, "--distributed", "--resume", d / "one2" / "last.safetensors",
+                         "--epochs", 3, "--out", d / "one2_to_two3"])
+    return d, logs
+
+
+@pytest.mark.slow
+def test_cli_two_ranks_train_like_one_process_and_only_rank_0_prints_and_writes(cli_runs):
+    d, logs = cli_runs
+    two, one = d / "rank0" / "two2", d / "one2"
+    log = logs["two2"]
+    assert "2 ranks" in log
+    for line in ("epoch 1/2 ", "epoch 2/2 ", "test accuracy ", "results in two2"):
+        assert log.count(line) == 1, (line, log)  # rank 1 prints nothing
+    assert sorted(os.listdir(d / "rank1")) == []  # and writes nothing
+    assert {"last.safetensors", "metrics.json"} <= set(os.listdir(two))
+    diff = _ckpt_diff(_ckpt(two), _ckpt(one))
+    print(f"xpconv train, 2 ranks vs 1 process, digits, 2 epochs: max relative difference {diff:.2e}")
+    assert diff <= CLI_TOL
+    acc2 = [r["test_acc"] for r in _metrics(two)["epochs"]]
+    acc1 = [r["test_acc"] for r in _metrics(one)["epochs"]]
+    assert len(acc2) == 2 and np.allclose(acc2, acc1, atol=1.5 / 359)  # at most one test sample apart
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["two2_to_one3", "one2_to_two3"])
+def test_cli_checkpoint_resumes_on_a_different_number_of_ranks(cli_runs, run):
+    """Epochs 1-2 on 2 ranks and epoch 3 on 1 process (and the reverse) end where
+    3 uninterrupted epochs on 1 process end."""
+    d, logs = cli_runs
+    assert "after epoch 2" in logs[run] and logs[run].count("epoch 3/3 ") == 1
+    m = _metrics(d / run)
+    assert [r["epoch"] for r in m["epochs"]] == [1, 2, 3]
+    diff = _ckpt_diff(_ckpt(d / run), _ckpt(d / "one3"))
+    print(f"xpconv train {run}: max relative difference to 3 epochs on 1 process {diff:.2e}")
+    assert diff <= CLI_TOL
+    ref = _metrics(d / "one3")["epochs"]
+    assert abs(m["epochs"][-1]["test_acc"] - ref[-1]["test_acc"]) <= 1.5 / 359
+
+
+# --------------------------------------------------------------------------- NCCL on a GPU
+
+
+def _cuda_why_not() -> str:
+    """'' when CuPy and a CUDA device work, else why not."""
+    if importlib.util.find_spec("cupy") is None:
+        return "CuPy is not installed"
+    ok, why = backend.cuda_status()
+    return "" if ok else f"no usable CUDA device: {why}"
+
+
+CUDA_WHY_NOT = _cuda_why_not()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(CUDA_WHY_NOT), reason=CUDA_WHY_NOT or "CUDA works")
+def test_nccl_one_rank_communicator_on_a_gpu():
+    """A real 1-rank NCCL communicator (id over MPI COMM_SELF): allreduce_mean of
+    CuPy gradients of two dtypes, one NCCL call per dtype, leaves them equal and on
+    the GPU; broadcast keeps the parameters."""
+    import cupy
+
+    comm = distributed.Communicator(MPI.COMM_SELF, device="cuda", nccl=distributed._NCCLTransport(MPI.COMM_SELF))
+    assert comm.backend == "nccl"
+    rng = np.random.default_rng(0)
+    host = {"W1": rng.standard_normal((30, 1, 5, 5)).astype(np.float32), "b1": rng.standard_normal(30).astype(np.float32),
+            "W2": rng.standard_normal((7, 3))}
+    for _ in range(2):
+        grads = {k: cupy.asarray(v) for k, v in host.items()}
+        comm.allreduce_mean(grads)
+        cupy.cuda.get_current_stream().synchronize()
+        for k, v in host.items():
+            assert isinstance(grads[k], cupy.ndarray) and grads[k].dtype == v.dtype
+            np.testing.assert_array_equal(cupy.asnumpy(grads[k]), v)
+    assert comm.stats.collective_calls == 4 and comm.stats.allreduce_calls == 2
+    net = SimpleConvNet((1, 8, 8), {"filter_num": 3, "filter_size": 3}, hidden_size=5, output_size=3, xp="cupy", seed=1)
+    before = net.state_arrays()
+    comm.broadcast_params(net.params)
+    cupy.cuda.get_current_stream().synchronize()
+    for k, v in net.state_arrays().items():
+        np.testing.assert_array_equal(v, before[k])
+    with pytest.raises(TypeError, match="unsupported dtype int32"):
+        comm._nccl.allreduce_sum_(cupy.zeros(2, cupy.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(bool(CUDA_WHY_NOT), reason=CUDA_WHY_NOT or "CUDA works")
+def test_nccl_job_of_one_rank_trains_like_the_mpi_path_and_the_cpu(runs, tmp_path):
+    """``mpiexec -n 1`` worker with --device cuda (setup() picks NCCL) against the
+    same job reducing through the host over MPI: identical; the dropout-free
+    models also match the CPU run (CuPy kernels sum in another order)."""
+    got = {}
+    for name, extra in [("nccl", []), ("mpi", ["--backend", "mpi"])]:
+        rc, log, _ = launch(1, tmp_path / f"{name}.npz", "--device", "cuda", *extra)
+        assert rc == 0, log[-3000:]
+        with np.load(tmp_path / f"{name}.npz") as z:
+            got[name] = {k: z[k] for k in z.files}
+        assert str(got[name]["backend"]) == name
+    for k in got["mpi"]:
+        if k != "backend":
+            np.testing.assert_array_equal(got["nccl"][k], got["mpi"][k], err_msg=k)
+    for config in ("simple_float32", "simple_float64"):
+        diff = max_rel_diff(got["nccl"], runs["ref"], config)
+        print(f"GPU NCCL 1 rank vs CPU 1 process, {config}: max relative difference {diff:.2e}")
+        assert diff <= {"float32": 1e-4, "float64": 1e-10}[config.split("_")[1]], (config, diff)

@@ -65,6 +65,7 @@ from .backend import (
 __all__ = [
     "Communicator",
     "DistributedOptimizer",
+    "current",
     "global_batches",
     "setup",
 ]
@@ -479,6 +480,15 @@ class DistributedOptimizer:
 
 
 _COMM: Communicator | None = None
+
+
+def current() -> Communicator | None:
+    """The communicator made by :func:`setup` in this process, or None (never
+    initializes MPI).  For error handlers: a rank that meets an error the others
+    do not see must call ``current().abort(code, message)`` rather than exit
+    normally, because a normal exit waits in ``MPI_Finalize`` for ranks that are
+    themselves waiting for it in a collective."""
+    return _COMM
 
 
 def _install_excepthook(comm: Communicator) -> None:
