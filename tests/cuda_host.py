@@ -180,8 +180,21 @@ class HostKernel:
                 self.fn(*cargs)
 
 
+#: what the stand-in's ``empty`` fills arrays with, so an element a kernel fails to
+#: write shows up in a comparison instead of whatever the allocator left there
+POISON = {"f": np.nan, "i": np.iinfo(np.int32).min + 7, "u": 0xDEAD, "b": True}
+
+
+def poisoned_empty(shape, dtype=float, order="C"):
+    """``numpy.empty`` with every element set to :data:`POISON` for its kind."""
+    a = np.empty(shape, dtype=dtype, order=order)
+    a.fill(POISON.get(a.dtype.kind, 0))
+    return a
+
+
 def fake_cupy() -> types.ModuleType:
-    """A stand-in for the ``cupy`` module: NumPy arrays, host-built RawModules.
+    """A stand-in for the ``cupy`` module: NumPy arrays, host-built RawModules, and
+    an ``empty`` that poisons new arrays (NaN, a sentinel int).
 
     It carries only what ``xpconv.kernels.cupy_ops`` may use; anything else is an
     AttributeError, so code that strays from that subset fails here too.
@@ -189,7 +202,7 @@ def fake_cupy() -> types.ModuleType:
     m = types.ModuleType("cupy")
     m.__dict__.update(
         ndarray=np.ndarray,
-        empty=np.empty,
+        empty=poisoned_empty,
         ascontiguousarray=np.ascontiguousarray,
         int32=np.int32,
         float32=np.float32,

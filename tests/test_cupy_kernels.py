@@ -594,6 +594,19 @@ def test_each_op_is_one_kernel_launch():
 
 
 @needs_cxx
+def test_stand_in_arrays_start_poisoned_so_unwritten_elements_fail_the_comparisons():
+    impl = _host_impl()
+    assert np.isnan(impl.ops.cupy.empty((2, 3), dtype=np.float32)).all()
+    assert (impl.ops.cupy.empty((4,), dtype=np.int32) == cuda_host.POISON["i"]).all()
+    # a launch that covers only part of its output leaves the rest poisoned
+    x = np.ones((1, 1, 4, 4), "float32")
+    out = impl.ops.cupy.empty((1, 1, 2, 2), dtype=np.float32)
+    k = impl.ops.cuda_source.function("pool", "xpc_avg_pool_fwd_f32")
+    k((1,), (256,), (x, out, *(np.int32(v) for v in (3, 4, 4, 2, 2, 2, 2, 0, 0, 2, 2))))
+    np.testing.assert_array_equal(out.ravel(), [1.0, 1.0, 1.0, np.nan])
+
+
+@needs_cxx
 def test_launch_arguments_are_checked_like_a_gpu_would_need():
     # the stand-in refuses what would silently break on a GPU
     impl = _host_impl()
