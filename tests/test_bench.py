@@ -1,0 +1,126 @@
+"""The benchmark suite (xpconv.bench, ``xpconv bench``, ``python -m benchmarks``) runs
+and writes well-formed JSON.  Tiny sizes and --quick: nothing here is timed or
+compared against a speed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from xpconv import bench, cli
+from xpconv.models import DeepConvNet, SimpleConvNet
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+IMPLS = ["xpconv", "torch", "textbook"] if HAS_TORCH else ["xpconv", "textbook"]
+
+
+def check_structure(data, models, batches, modes, impls, kind):
+    assert data["benchmark"] == "xpconv bench" and data["schema"] == bench.SCHEMA and data["kind"] == kind
+    s = data["settings"]
+    assert s["models"] == models and s["batch_sizes"] == batches and s["impls"] == impls and s["modes"] == modes
+    assert s["dtype"] == "float32" and s["input_dim"] == [1, 28, 28]
+    assert data["machine"]["cores"] >= 1 and data["machine"]["numpy"] == np.__version__
+    cells = {(r["model"], r["batch"], r["mode"], r["impl"]) for r in data["results"]}
+    want = {(m, b, mode, i) for m in models for b in batches for mode in modes for i in impls}
+    assert cells == want and len(data["results"]) == len(want)
+    for r in data["results"]:
+        assert len(r["runs"]) == s["repeats"] and all(v > 0 for v in r["runs"])
+        assert min(r["runs"]) <= r["samples_per_s"] <= max(r["runs"])
+        assert r["steps_per_repeat"] >= 1
+        assert r["peak_mem_bytes"] is None or r["peak_mem_bytes"] >= 0
+    pairs = {(r["model"], r["batch"], r["mode"], r["a"], r["b"]) for r in data["ratios"]}
+    want_pairs = {(m, b, mode, a, c) for m in models for b in batches for mode in modes
+                  for k, a in enumerate(impls) for c in impls[k + 1:]}
+    assert pairs == want_pairs
+    for r in data["ratios"]:
+        ra = next(x for x in data["results"] if (x["model"], x["batch"], x["mode"], x["impl"]) == (r["model"], r["batch"], r["mode"], r["a"]))
+        rb = next(x for x in data["results"] if (x["model"], x["batch"], x["mode"], x["impl"]) == (r["model"], r["batch"], r["mode"], r["b"]))
+        assert r["ratio"] == pytest.approx(ra["samples_per_s"] / rb["samples_per_s"])
+        assert r["per_repeat_min"] <= r["per_repeat_max"]
+
+
+def test_quick_suite_writes_json_with_every_cell_and_the_targets(tmp_path, capsys):
+    out = tmp_path / "sub" / "bench.json"
+    rc = bench.main(["--quick", "--min-time", "0", "--models", "simple", "--batch-sizes", "100", "--json", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    check_structure(data, ["simple"], [100], ["train", "infer"], IMPLS, "suite")
+    assert data["command"].startswith("xpconv bench --quick")
+    names = [t["target"] for t in data["targets"]]
+    assert "simple train b100: xpconv/textbook" in names and "simple infer b100: xpconv/textbook" in names
+    assert any("20 epochs" in n for n in names)
+    if HAS_TORCH:
+        assert "simple train b100: xpconv/torch" in names
+    for t in data["targets"]:
+        assert t["met"] == (t["got"] <= t["want"] if "epochs" in t["target"] else t["got"] >= t["want"])
+    table = capsys.readouterr().out
+    assert "| simple | 100 | train |" in table and "| simple | 100 | infer |" in table
+    assert not list(out.parent.glob(".bench-*")), "the atomic write left its temporary file behind"
+
+
+def test_scaling_mode_through_the_cli(tmp_path, capsys):
+    out = tmp_path / "scaling.json"
+    rc = cli.main(["bench", "--scaling", "--quick", "--min-time", "0", "--models", "deep", "--batch-sizes", "1,3",
+                   "--impls", "xpconv,textbook", "--modes", "train", "--threads", "1", "--json", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    check_structure(data, ["deep"], [1, 3], ["train"], ["xpconv", "textbook"], "scaling")
+    assert data["settings"]["threads"] == 1 and "targets" not in data
+    assert "KB/sample xpconv" in capsys.readouterr().out
+
+
+def test_benchmarks_module_defaults_its_json_into_results(tmp_path, monkeypatch):
+    import benchmarks.__main__ as wrapper
+
+    monkeypatch.setattr(wrapper, "RESULTS", tmp_path)
+    rc = wrapper.main(["--quick", "--min-time", "0", "--models", "deep", "--batch-sizes", "2",
+                       "--impls", "xpconv", "--repeats", "1"])
+    assert rc == 0
+    data = json.loads((tmp_path / "cpu-suite-quick.json").read_text())
+    check_structure(data, ["deep"], [2], ["train", "infer"], ["xpconv"], "suite")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--models", "resnet"], "unknown model"),
+    (["--impls", "jax"], "unknown implementation"),
+    (["--modes", "eval"], "unknown mode"),
+])
+def test_bad_choices_are_refused_by_name(argv, message, capsys):
+    assert bench.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cuda_without_a_device_is_a_clear_error_not_a_crash(capsys, monkeypatch):
+    from xpconv import backend
+
+    monkeypatch.setattr(backend, "cuda_status", lambda: (False, "no CUDA here"))
+    assert bench.main(["--device", "cuda", "--quick"]) == 2
+    assert "no usable CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["simple", "deep"])
+def test_baselines_compute_the_same_network(model):
+    """torch and textbook columns run xpconv's architecture with its initial weights:
+    the same scores (dropout off) and, for the textbook, the same first-step loss.
+    (torch's Dropout scales at training time, the book's at test time: the same cost,
+    scores that differ by (1 - ratio) per dropout layer.)"""
+    net = (SimpleConvNet if model == "simple" else DeepConvNet)(seed=0)
+    x, t = bench._data(3)
+    want = np.asarray(net.predict(x), dtype=np.float64)
+    tb = bench._TextbookNet(net, np)
+    np.testing.assert_allclose(tb.predict(x), want, rtol=1e-3, atol=1e-5)
+    if model == "simple":  # no dropout: the losses agree
+        assert tb.train_step(x, t) == pytest.approx(float(net.loss(x, t)), rel=1e-4)
+    if HAS_TORCH:
+        import torch
+
+        mod = bench._torch_modules(net, torch, "cpu").eval()
+        with torch.no_grad():
+            got = mod(torch.from_numpy(x)).numpy()
+        for m in mod:
+            if isinstance(m, torch.nn.Dropout):
+                got = got * (1.0 - m.p)
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5)
