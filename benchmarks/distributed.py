@@ -5,7 +5,7 @@
 
 For each configuration the script launches ``mpiexec -n K`` on itself (worker mode);
 every rank trains the book's SimpleConvNet (1x28x28 input, 30 5x5 filters, hidden 100,
-float32, NumPy) on its B/K share of a fixed global batch B of synthetic MNIST-shaped
+float32, NumPy; --model deep: the book's DeepConvNet) on its B/K share of a fixed global batch B of synthetic MNIST-shaped
 data with Adam, through ``xpconv.distributed`` (gradient allreduce of one flat buffer
 per step).  Reported per configuration:
 
@@ -17,9 +17,13 @@ per step).  Reported per configuration:
 * allreduce alone: the same allreduce timed back to back with nothing else running
   (the communication itself).
 
+On a machine with as many busy processes as cores, Open MPI's busy-polling rank
+can hold the core its partner needs, and a collective then costs scheduler time
+slices (milliseconds); --mpi-yield sets mpi_yield_when_idle to compare.
+
 BLAS threads per rank = cores // ranks (so each row uses the whole machine), plus a
 1-rank, 1-thread row.  A table is printed and the numbers go to
-benchmarks/results/distributed.json.
+benchmarks/results/distributed-cpu<cores>.json (or --out).
 """
 
 from __future__ import annotations
@@ -37,7 +41,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "distributed.json"
+RESULTS = ROOT / "benchmarks" / "results" / f"distributed-cpu{os.cpu_count() or 1}.json"
+MODELS = {
+    "simple": "SimpleConvNet (1x28x28, 30 filters 5x5, hidden 100, 10 classes)",
+    "deep": "DeepConvNet (1x28x28, six 3x3 convolutions 16-16-32-32-64-64, hidden 50, dropout, 10 classes)",
+}
 
 
 # --------------------------------------------------------------------------- worker (one rank)
@@ -49,7 +57,7 @@ def worker(args) -> None:
 
     from xpconv import distributed
     from xpconv.backend import Generator
-    from xpconv.models import SimpleConvNet
+    from xpconv.models import DeepConvNet, SimpleConvNet
     from xpconv.optim import Adam
 
     comm = distributed.setup(device="cpu")
@@ -58,7 +66,7 @@ def worker(args) -> None:
     g = Generator(0)
     x = g.normal((B, 1, 28, 28), xp="numpy", dtype="float32")
     t = g.integers(0, 10, size=B)
-    net = SimpleConvNet(xp="numpy", seed=0)
+    net = (SimpleConvNet if args.model == "simple" else DeepConvNet)(xp="numpy", seed=0)
     comm.broadcast_params(net.params)
     opt = distributed.DistributedOptimizer(Adam(lr=1e-3), comm)
     xs, ts = comm.shard(x), comm.shard(t)
@@ -130,10 +138,11 @@ def run_config(ranks: int, threads: int, args) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "result.json"
         cmd = [*mpiexec_cmd(), "-n", str(ranks), sys.executable, __file__, "--worker", str(out),
-               "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--model", args.model, "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--repeats", str(args.repeats)]
         env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                    OMPI_MCA_btl_tcp_if_include="lo",
+                   OMPI_MCA_mpi_yield_when_idle="1" if args.mpi_yield else "0",
                    OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                    PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
         subprocess.run(cmd, env=env, check=True, timeout=args.timeout)
@@ -169,12 +178,15 @@ def machine() -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--model", choices=list(MODELS), default="simple")
     ap.add_argument("--batch", type=int, default=128, help="global batch size (divisible by every rank count)")
     ap.add_argument("--steps", type=int, default=10, help="steps per timing window")
     ap.add_argument("--repeats", type=int, default=5, help="timing windows (the median is reported)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--mpi-yield", action="store_true",
+                    help="Open MPI: ranks waiting in a collective yield the core (mpi_yield_when_idle) instead of busy-polling")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -194,7 +206,7 @@ def main(argv=None) -> None:
 
     header = f"{'ranks':>5} {'thr/rank':>8} {'B/rank':>6} {'step ms':>8} {'samples/s':>10} {'speedup':>7} {'allreduce ms':>12} {'share':>6} {'alone ms':>8}"
     print()
-    print(f"SimpleConvNet (float32, NumPy), global batch {args.batch}, gradient {rows[0]['gradient_bytes'] / 1e6:.2f} MB "
+    print(f"{MODELS[args.model].split(' (')[0]} (float32, NumPy), global batch {args.batch}, gradient {rows[0]['gradient_bytes'] / 1e6:.2f} MB "
           f"in {rows[0]['collectives_per_step']} allreduce per step")
     print(header)
     for r in rows:
@@ -203,10 +215,12 @@ def main(argv=None) -> None:
     report = {
         "benchmark": "distributed data-parallel throughput (xpconv.distributed, MPI)",
         "command": "python benchmarks/distributed.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "model": "SimpleConvNet (1x28x28, 30 filters 5x5, hidden 100, 10 classes), float32, NumPy, Adam",
+        "model": MODELS[args.model] + ", float32, NumPy, Adam",
         "machine": machine(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "note": "shared, noisy machine: treat differences under ~10% as noise",
+        "mpi_yield_when_idle": bool(args.mpi_yield),
+        "load_average_after": list(os.getloadavg()),
         "results": rows,
     }
     out = Path(args.out)
