@@ -10,11 +10,11 @@ import re
 import numpy as np
 import pytest
 
-from xpconv.backend import namespace_name, to_numpy
+from xpconv.backend import Generator, namespace_name, to_numpy
 from xpconv.checkpoint import load_checkpoint
 from xpconv.datasets import load_digits
 from xpconv.models import DeepConvNet, SimpleConvNet
-from xpconv.trainer import Trainer, TrainingDiverged, format_seconds, write_metrics
+from xpconv.trainer import Trainer, TrainingDiverged, format_seconds, seed_dropout, write_metrics
 
 CONV = {"filter_num": 8, "filter_size": 3, "pad": 1, "stride": 1}
 
@@ -248,8 +248,8 @@ def _run(net, data, epochs, out_dir, **kw):
 
 def test_resume_repeats_an_uninterrupted_run(digits, tmp_path):
     """4 epochs in one go == 2 epochs, then a fresh process-like restart from the
-    checkpoint for 2 more: same weights, same optimizer state, same metrics. DeepConvNet
-    has Dropout, so its generators must be restored too."""
+    checkpoint for 2 more: same weights, same optimizer state, same metrics (DeepConvNet,
+    so Dropout masks must repeat too)."""
     data = digits[0][:300], digits[1][:300], digits[2][:100], digits[3][:100]
 
     def deep():
@@ -279,22 +279,37 @@ def test_resume_repeats_an_uninterrupted_run(digits, tmp_path):
     assert strip(ma["epochs"]) == strip(mb["epochs"])
 
 
-def test_resume_without_dropout_state_would_differ(digits, tmp_path):
-    """The resume test above can fail: restarting with fresh Dropout generators (what a
-    checkpoint without them would give) changes the result."""
-    data = digits[0][:300], digits[1][:300], digits[2][:100], digits[3][:100]
+def test_dropout_masks_come_from_seed_and_step(digits):
+    """Dropout masks depend on the trainer's seed and the global step only (not on the
+    layers' own generators): what makes resume exact and one process equal a
+    data-parallel run. The same weights with other layer generators train identically;
+    another trainer seed does not."""
+    data = digits[0][:200], digits[1][:200], digits[2][:100], digits[3][:100]
 
-    def deep():
-        return DeepConvNet(input_dim=(1, 8, 8), hidden_size=16, xp="numpy", seed=3)
+    def run(model_seed, trainer_seed):
+        net = DeepConvNet(input_dim=(1, 8, 8), hidden_size=16, xp="numpy", seed=3)
+        for layer in net.layers:
+            if hasattr(layer, "dropout_ratio"):
+                layer.rng = Generator(model_seed)
+        t = Trainer(net, *data, epochs=1, mini_batch_size=50, optimizer="Adam", optimizer_param={"lr": 0.002},
+                    verbose=False, seed=trainer_seed)
+        t.train()
+        return _params(net)
 
-    full = _run(deep(), data, 3, tmp_path / "full")
-    _run(deep(), data, 2, tmp_path / "half")
-    c = load_checkpoint(tmp_path / "half" / "last.safetensors")
-    fresh = deep()
-    fresh.load_params(tmp_path / "half" / "last.safetensors")  # weights only
-    t = Trainer(fresh, *data, epochs=3, mini_batch_size=50, optimizer=c.optimizer, verbose=False, seed=7, start_epoch=2, history=c.metrics)
-    t.train()
-    assert any(not np.array_equal(v, _params(full.network)[k]) for k, v in _params(t.network).items())
+    a, b, c = run(1, 7), run(2, 7), run(1, 8)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert any(not np.array_equal(a[k], c[k]) for k in a)
+
+
+def test_seed_dropout_matches_layer_generators():
+    net = DeepConvNet(input_dim=(1, 8, 8), hidden_size=16, xp="numpy", seed=3)
+    seed_dropout(net, 5, 11)
+    drops = [layer for layer in net.layers if hasattr(layer, "dropout_ratio")]
+    assert len(drops) == 2
+    for i, layer in enumerate(drops):
+        want = Generator([5, 11, i]).dropout_mask((4, 16), 0.5, xp="numpy", dtype="float32")
+        np.testing.assert_array_equal(layer.rng.dropout_mask((4, 16), 0.5, xp="numpy", dtype="float32"), want)
 
 
 # ----------------------------------------------------------------------------- other namespaces

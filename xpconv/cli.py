@@ -6,8 +6,10 @@
     xpconv predict runs/.../best.safetensors digit.png more.npy
 
 User errors (bad options, missing or damaged data and checkpoint files) print one line
-``xpconv: error: ...`` on stderr and exit with status 2; Ctrl-C during training writes
-``interrupted.safetensors`` and exits with status 130.
+``xpconv: error: ...`` on stderr and exit with status 2; running out of (GPU) memory
+prints ``xpconv: error: out of GPU memory at --batch-size N (...): try a smaller
+--batch-size, e.g. --batch-size N/2`` and exits with status 1; Ctrl-C during training
+writes ``interrupted.safetensors`` and exits with status 130.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, Sequence
 
 from ._version import __version__
 
-__all__ = ["main", "recipe", "RECIPES"]
+__all__ = ["main", "out_of_memory_message", "recipe", "RECIPES"]
 
 PROG = "xpconv"
 MODELS = ("simple", "deep", "mlp")
@@ -59,6 +61,28 @@ for _m in MODELS:
 
 class UserError(Exception):
     """A problem the user can fix (printed as one line, exit status 2)."""
+
+
+class OutOfMemory(Exception):
+    """The array library ran out of memory (printed as one line, exit status 1)."""
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """An out-of-memory error of any array library, known by its class name (CuPy's
+    ``cupy.cuda.memory.OutOfMemoryError``, ``torch.OutOfMemoryError``) or a MemoryError."""
+    return isinstance(exc, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(exc).__mro__)
+
+
+def out_of_memory_message(exc: BaseException, batch_size: int | None, option: str = "--batch-size") -> str:
+    """``out of GPU memory at --batch-size 1000 (<the library's message>): try a smaller
+    --batch-size, e.g. --batch-size 500``."""
+    where = "GPU memory" if any(c.__name__ == "OutOfMemoryError" for c in type(exc).__mro__) else "memory"
+    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if batch_size is None:
+        return f"out of {where} ({detail})"
+    smaller = max(1, int(batch_size) // 2)
+    hint = f"try a smaller {option}, e.g. {option} {smaller}" if batch_size > 1 else "the model does not fit even one sample"
+    return f"out of {where} at {option} {batch_size} ({detail}): {hint}"
 
 
 def recipe(dataset: str, model: str) -> dict[str, Any]:
@@ -363,6 +387,11 @@ def cmd_train(args) -> int:
         optimizer = get_optimizer(cfg["optimizer"], lr=cfg["lr"])
         start_epoch, history = 0, []
     cfg["backend"] = backend.namespace_name(net.xp)
+    old_ranks = cfg.get("ranks", 1)
+    cfg["ranks"] = comm.size if comm is not None else 1
+    if ckpt is not None and old_ranks != cfg["ranks"]:
+        _note(f"the checkpoint was trained on {old_ranks} rank(s), this run has {cfg['ranks']}: "
+              "the global batch is the same, results agree up to rounding")
 
     out = Path(args.out) if args.out else (Path(args.resume).parent if ckpt is not None else _default_out())
     if is_root:
@@ -371,23 +400,32 @@ def cmd_train(args) -> int:
     tell(
         f"{PROG} {__version__}: {type(net).__name__} on {cfg['dataset']} ({cfg['train_samples']:,} train / "
         f"{cfg['test_samples']:,} test), {cfg['backend']} {cfg['dtype']}, {type(optimizer).__name__} lr {cfg['lr']:g}, "
-        f"{cfg['epochs']} epochs x {n_batches} batches of {cfg['batch_size']}, seed {cfg['seed']}"
+        f"{cfg['epochs']} epoch{'s' if cfg['epochs'] != 1 else ''} x {n_batches} batches of {cfg['batch_size']}, seed {cfg['seed']}"
         + (f"; {comm.size} ranks" if comm is not None else "")
     )
     if ckpt is not None:
         tell(f"resuming from {args.resume} after epoch {start_epoch}")
     tell(f"writing to {out}")
 
-    trainer = Trainer(
-        net, x_train, t_train, x_test, t_test,
-        epochs=cfg["epochs"], mini_batch_size=cfg["batch_size"], optimizer=optimizer,
-        verbose=not args.quiet, progress=None if not args.quiet else False, summary=False,
-        seed=cfg["seed"], out_dir=out if is_root else None, config=cfg,
-        start_epoch=start_epoch, history=history, comm=comm,
-    )
+    trainer = None
     t0 = time.perf_counter()
     try:
+        trainer = Trainer(
+            net, x_train, t_train, x_test, t_test,
+            epochs=cfg["epochs"], mini_batch_size=cfg["batch_size"], optimizer=optimizer,
+            verbose=not args.quiet, progress=None if not args.quiet else False, summary=False,
+            seed=cfg["seed"], out_dir=out if is_root else None, config=cfg,
+            start_epoch=start_epoch, history=history, comm=comm,
+        )
         trainer.train()
+    except Exception as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        msg = out_of_memory_message(exc, cfg["batch_size"])
+        last = trainer.last_checkpoint if trainer is not None else None
+        if last is not None:
+            msg += f"; the last good checkpoint {last} is kept"
+        raise OutOfMemory(msg) from exc
     except KeyboardInterrupt:
         path = trainer.save_interrupted()
         pos = trainer.position
@@ -554,9 +592,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             sys.stderr.write(f"{PROG}: interrupted\n")
             return 130
+        except OutOfMemory as exc:
+            return _fail(str(exc), 1)
         except _user_errors() as exc:
-            _err(str(exc) or type(exc).__name__)
-            return 2
+            if _is_out_of_memory(exc):  # e.g. eval's chunks on a full GPU
+                return _fail(out_of_memory_message(exc, getattr(args, "batch_size", None)), 1)
+            return _fail(str(exc) or type(exc).__name__, 2)
+        except Exception as exc:
+            if _is_out_of_memory(exc):
+                return _fail(out_of_memory_message(exc, getattr(args, "batch_size", None)), 1)
+            raise
+
+
+def _fail(message: str, code: int) -> int:
+    """Print ``xpconv: error: message``; in a multi-rank job end every rank (an error
+    that only this rank met would leave the others waiting in a collective forever, and
+    a normal exit waits for them in MPI_Finalize)."""
+    _err(message)
+    dist = sys.modules.get("xpconv.distributed")
+    comm = dist.current() if dist is not None and hasattr(dist, "current") else None
+    if comm is not None and comm.size > 1:
+        comm.abort(code, message)
+    return code
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ fits in a quarter of its free memory, the set is moved there once and stays resi
 
 Each epoch visits the training samples in an order drawn from
 ``backend.Generator([seed, epoch])`` in batches of ``mini_batch_size`` (a last batch
-smaller than that is left out, as in the data-parallel trainer), so the order depends
-only on the seed and the epoch: resuming from the checkpoint of epoch k (which also
-stores the optimizer state and the Dropout generators) repeats an uninterrupted run.
+smaller than that is left out, as in the data-parallel trainer), and Dropout masks of
+global step s come from ``backend.Generator([seed, s, layer])``, so the run depends
+only on the seed: resuming from the checkpoint of epoch k (which stores the optimizer
+state) repeats an uninterrupted run, and one process repeats a data-parallel one.
 
 The host does not wait for the device at each step: losses stay arrays and are read
 every ``log_every`` steps (for the progress bar and the NaN/inf check) and at the end
@@ -33,7 +34,7 @@ from . import backend
 from .backend import asarray_in, namespace_of, to_numpy
 from .optim import get_optimizer
 
-__all__ = ["Trainer", "TrainingDiverged", "format_seconds", "write_metrics"]
+__all__ = ["Trainer", "TrainingDiverged", "format_seconds", "seed_dropout", "write_metrics"]
 
 #: the data set is kept on the accelerator when it needs at most this fraction of free memory
 RESIDENT_FRACTION = 0.25
@@ -59,7 +60,7 @@ class Trainer:
 
     Extra keyword arguments:
 
-    * ``seed``: seeds the per-epoch order of the samples;
+    * ``seed``: seeds the per-epoch order of the samples and the Dropout masks of each step;
     * ``progress``: a tqdm bar per epoch (default: when ``verbose`` and stderr is a terminal);
     * ``log_every``: read the loss every this many steps (bar, NaN check);
     * ``eval_batch_size``: chunk size of the accuracy passes;
@@ -248,6 +249,8 @@ class Trainer:
                 if self.comm is not None:
                     idx = self.comm.shard(idx)
                     self.comm.seed_dropout(net, self.seed, step0 + it)
+                else:
+                    seed_dropout(net, self.seed, step0 + it)
                 idx_dev = asarray_in(idx, xp, device=self._device) if self.resident else None
                 xb, tb = self._batch(idx, idx_dev)
                 pending.append(self.train_step(xb, tb))
@@ -262,7 +265,11 @@ class Trainer:
             if bar is not None:
                 bar.close()
         self.train_loss_list += losses
-        train_loss = sum(losses) / len(losses) if losses else float("nan")
+        if self.comm is not None:  # every rank's shard losses, as one process would see them
+            total, count = self.comm.allreduce_sum([sum(losses), len(losses)])
+            train_loss = total / count if count else float("nan")
+        else:
+            train_loss = sum(losses) / len(losses) if losses else float("nan")
 
         x_tr, t_tr, x_te, t_te = self.x_train, self.t_train, self.x_test, self.t_test
         n_eval = self.evaluate_sample_num_per_epoch
@@ -396,6 +403,20 @@ class Trainer:
         path = self.checkpoint(self.out_dir / "interrupted.safetensors", extra={"interrupted_at": at})
         write_metrics(self.out_dir / "metrics.json", {**self.metrics(), "interrupted_at": at})
         return path
+
+
+def seed_dropout(model, seed: int, step: int) -> None:
+    """Give each Dropout layer of ``model`` the generator of global step ``step``: layer i
+    draws its mask from ``backend.Generator([seed, step, i])``. The masks then depend
+    only on (seed, step) -- a resumed run draws what an uninterrupted one drew, and one
+    process draws what a data-parallel run of any size draws for the whole batch."""
+    from .layers import Dropout
+
+    i = 0
+    for layer in getattr(model, "layers", ()):
+        if isinstance(layer, Dropout):
+            layer.rng = backend.Generator([int(seed), int(step), i])
+            i += 1
 
 
 def format_seconds(seconds: float) -> str:
