@@ -263,13 +263,65 @@ def test_without_cupy_the_module_imports_and_setup_falls_back_to_mpi_on_the_cpu(
     comm = distributed.setup(device="auto", excepthook=False)
     assert (comm.device, comm.backend, comm.size) == ("cpu", "mpi", 1) and distributed.current() is comm
     monkeypatch.setattr(distributed, "_COMM", None)
-    with pytest.raises(backend.BackendUnavailable, match="rank 0: --device cuda was asked for but no CUDA device"):
+    with pytest.raises(backend.BackendUnavailable,
+                       match="rank 0: --device cuda was asked for but CUDA is usable on 0 of 1 ranks; here: no CUDA device is visible"):
         distributed.setup(device="cuda")
     monkeypatch.setattr(distributed, "_COMM", None)
     with pytest.raises(backend.BackendUnavailable, match="backend 'nccl' needs CUDA devices"):
         distributed.setup(device="cpu", backend="nccl")
-    with pytest.raises(backend.BackendUnavailable, match="NCCL is not available through CuPy"):
+    with pytest.raises(backend.BackendUnavailable, match="NCCL is not available through CuPy on 1 of 1 ranks .here: cupy.cuda.nccl cannot"):
         distributed._NCCLTransport(FakeWorld(0, 1))
+
+
+def test_a_gpu_job_without_nccl_reduces_over_mpi_with_a_warning_or_fails_when_nccl_was_asked_for(monkeypatch):
+    """CUDA works (stand-ins) but CuPy has no NCCL: backend 'auto' falls back to MPI
+    through the host and says so; backend 'nccl' is an error.  A NCCL whose id
+    cannot be made fails the same way on every rank."""
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    monkeypatch.setattr(distributed, "_cuda_device_count", lambda: 1)
+    monkeypatch.setattr(distributed, "_use_cuda_device", lambda index: None)
+    monkeypatch.setattr(distributed, "cuda_status", lambda: (True, ""))
+    monkeypatch.setattr(distributed, "_COMM", None)
+    with pytest.warns(UserWarning, match="NCCL is not available.*gradients go through the host over MPI"):
+        comm = distributed.setup(device="auto", excepthook=False)
+    assert (comm.device, comm.backend) == ("cuda", "mpi")
+    monkeypatch.setattr(distributed, "_COMM", None)
+    with pytest.raises(backend.BackendUnavailable, match="NCCL is not available"):
+        distributed.setup(device="cuda", backend="nccl", excepthook=False)
+
+    class BrokenNccl(FakeNccl):
+        @staticmethod
+        def get_unique_id():
+            raise RuntimeError("libnccl.so.2: cannot open shared object file")
+
+    with pytest.raises(backend.BackendUnavailable, match="rank 0 could not create an NCCL communicator id .RuntimeError: libnccl"):
+        distributed._NCCLTransport(FakeWorld(0, 2), nccl=BrokenNccl())
+
+
+def test_cuda_on_only_some_ranks_puts_every_rank_on_the_cpu(monkeypatch):
+    """Seen from rank 0 of 2 where only rank 0 has CUDA: the ranks agree (one
+    allreduce) and all train on the CPU, with a warning; --device cuda fails."""
+
+    class HalfWorld(FakeWorld):
+        def Allreduce(self, sendbuf, recvbuf, op=None):  # the other rank has no CUDA: adds 0
+            assert sendbuf is MPI.IN_PLACE and op is MPI.SUM
+
+        def Split_type(self, *args, **kwargs):  # the node communicator: this rank alone
+            node = FakeWorld(0, 1)
+            node.Free = lambda: None
+            return node
+
+    monkeypatch.setattr(MPI, "COMM_WORLD", HalfWorld(0, 2), raising=False)
+    monkeypatch.setattr(distributed, "_cuda_device_count", lambda: 2)
+    monkeypatch.setattr(distributed, "_use_cuda_device", lambda index: None)
+    monkeypatch.setattr(distributed, "cuda_status", lambda: (True, ""))
+    monkeypatch.setattr(distributed, "_COMM", None)
+    with pytest.warns(UserWarning, match="CUDA is usable on only 1 of 2 ranks: every rank trains on the CPU"):
+        comm = distributed.setup(device="auto", excepthook=False)
+    assert comm.device == "cpu" and comm.backend == "mpi"
+    monkeypatch.setattr(distributed, "_COMM", None)
+    with pytest.raises(backend.BackendUnavailable, match="rank 0: --device cuda was asked for but CUDA is usable on 1 of 2 ranks"):
+        distributed.setup(device="cuda", excepthook=False)
 
 
 def test_one_gpu_per_rank_is_checked():

@@ -43,6 +43,7 @@ import hashlib
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, MutableMapping
 
@@ -145,23 +146,44 @@ class _MPITransport:
 
 class _NCCLTransport:
     """Sum and broadcast of contiguous CuPy buffers with NCCL on the current stream.
-    The communicator id is made on rank 0 and broadcast over MPI."""
+    The communicator id is made on rank 0 and broadcast over MPI.
+
+    Every rank learns whether NCCL works on all ranks before any of them enters
+    NCCL's own (blocking) set-up, so a rank without NCCL makes every rank raise
+    the same BackendUnavailable instead of leaving the others waiting."""
 
     name = "nccl"
     on_device = True
 
     def __init__(self, mpi_comm, nccl=None):
+        rank, size = int(mpi_comm.Get_rank()), int(mpi_comm.Get_size())
+        why = ""
         if nccl is None:
             try:
                 from cupy.cuda import nccl
             except ImportError as exc:
-                raise BackendUnavailable(f"NCCL is not available through CuPy ({exc}); use the MPI backend") from exc
+                why = f"cupy.cuda.nccl cannot be imported ({exc})"
+        failed = np.asarray([1 if why else 0], dtype=np.int32)
+        mpi_comm.Allreduce(_mpi().IN_PLACE, failed, op=_mpi().SUM)
+        if int(failed[0]):
+            raise BackendUnavailable(
+                f"rank {rank}: NCCL is not available through CuPy on {int(failed[0])} of {size} ranks"
+                + (f" (here: {why})" if why else "")
+                + "; install NCCL for CuPy (e.g. pip install nvidia-nccl-cu12 / -cu13) or reduce over MPI (setup(backend='mpi'))"
+            )
         self._nccl = nccl
-        uid = np.zeros(128, dtype=np.int8)  # NCCL_UNIQUE_ID_BYTES, sent as bytes (no pickle)
-        if mpi_comm.Get_rank() == 0:
-            uid[:] = nccl.get_unique_id()
+        # 128 id bytes (NCCL_UNIQUE_ID_BYTES, sent as bytes: no pickle) + 1 status byte from rank 0
+        uid = np.zeros(129, dtype=np.int8)
+        if rank == 0:
+            try:
+                uid[:128] = nccl.get_unique_id()
+            except Exception as exc:  # NCCL library missing or broken behind the Python module
+                uid[128] = 1
+                why = f"{type(exc).__name__}: {exc}"
         mpi_comm.Bcast(uid, root=0)
-        self._comm = nccl.NcclCommunicator(mpi_comm.Get_size(), tuple(int(v) for v in uid), mpi_comm.Get_rank())
+        if int(uid[128]):
+            raise BackendUnavailable(f"rank {rank}: rank 0 could not create an NCCL communicator id" + (f" ({why})" if why else ""))
+        self._comm = nccl.NcclCommunicator(size, tuple(int(v) for v in uid[:128]), rank)
         self._types = {"float16": nccl.NCCL_FLOAT16, "float32": nccl.NCCL_FLOAT32, "float64": nccl.NCCL_FLOAT64}
 
     def _type(self, buf) -> int:
@@ -513,7 +535,8 @@ def setup(device: str = "auto", *, backend: str = "auto", excepthook: bool = Tru
     * ``device``: 'cpu', 'cuda' or 'auto' (CUDA when it works).  With CUDA each rank
       uses one GPU: its local rank on the node (or GPU 0 when the launcher shows
       each rank only its own).  Call before building the model.
-    * ``backend``: 'auto' (NCCL for CuPy arrays when on CUDA, MPI otherwise),
+    * ``backend``: 'auto' (NCCL for CuPy arrays when on CUDA, MPI otherwise; without
+      NCCL on every rank: MPI through the host, with a warning),
       'mpi' (everything over MPI, device arrays staged through the host) or 'nccl'.
     * ``excepthook``: with more than one rank, an uncaught exception aborts the job
       with ``rank R failed: ...``.
@@ -536,19 +559,40 @@ def setup(device: str = "auto", *, backend: str = "auto", excepthook: bool = Tru
     if excepthook and comm.size > 1:
         _install_excepthook(comm)
 
+    # Every rank decides for itself, then all agree: a job runs on CUDA only when
+    # CUDA works on every rank (mixed jobs would call different collectives and hang).
     n_gpus = _cuda_device_count() if choice != "cpu" else 0
-    if choice in ("cuda", "gpu") or (choice == "auto" and n_gpus > 0):
-        if n_gpus == 0 and choice != "auto":
-            raise BackendUnavailable(f"rank {comm.rank}: --device cuda was asked for but no CUDA device is visible")
-        _use_cuda_device(_gpu_for_rank(comm.rank, local_rank, local_size, n_gpus))
-        ok, why = cuda_status()  # probes the device just selected
-        if ok:
-            comm.device = "cuda"
-        elif choice != "auto":
-            raise BackendUnavailable(f"rank {comm.rank}: --device cuda was asked for but CUDA is not usable: {why}")
+    want_cuda = choice in ("cuda", "gpu") or (choice == "auto" and n_gpus > 0)
+    ok, why = False, ""
+    if want_cuda:
+        if n_gpus == 0:
+            why = "no CUDA device is visible"
+        else:
+            try:
+                _use_cuda_device(_gpu_for_rank(comm.rank, local_rank, local_size, n_gpus))
+                ok, why = cuda_status()  # probes the device just selected
+            except ValueError as exc:  # more ranks than GPUs on this node
+                why = str(exc)
+    n_ok = int(comm.allreduce_sum([1 if ok else 0])[0]) if choice != "cpu" else 0
+    if choice in ("cuda", "gpu") and n_ok < comm.size:
+        raise BackendUnavailable(
+            f"rank {comm.rank}: --device cuda was asked for but CUDA is usable on {n_ok} of {comm.size} ranks"
+            + (f"; here: {why}" if why else "")
+        )
+    if n_ok == comm.size:
+        comm.device = "cuda"
+    elif n_ok and comm.is_root:
+        warnings.warn(f"CUDA is usable on only {n_ok} of {comm.size} ranks: every rank trains on the CPU"
+                      + (f" (rank 0: {why})" if why else ""), stacklevel=2)
     if backend == "nccl" and comm.device != "cuda":
         raise BackendUnavailable(f"rank {comm.rank}: backend 'nccl' needs CUDA devices (device={device!r})")
     if comm.device == "cuda" and backend != "mpi":
-        comm._nccl = _NCCLTransport(world)
+        try:
+            comm._nccl = _NCCLTransport(world)
+        except BackendUnavailable as exc:  # every rank gets here together
+            if backend == "nccl":
+                raise
+            if comm.is_root:
+                warnings.warn(f"{exc}; gradients go through the host over MPI instead", stacklevel=2)
     _COMM = comm
     return comm
