@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# Everything xpconv's GPU evidence needs, in one go, on the GPU machine (from the repo root):
+#
+#   XPCONV_COMMIT=<hash> bash benchmarks/gpu/run.sh            # all stages
+#   bash benchmarks/gpu/run.sh kernels bench                     # some stages, in this order
+#
+# Stages (in order of value, each under its own time limit, all under XPCONV_GPU_BUDGET seconds, default 560):
+#   machine  nvidia-smi line, versions (Python, NumPy, CuPy, CUDA runtime/driver, torch, cuDNN), commit, tree hash
+#   kernels  tests/test_cupy_kernels.py in full: host-built kernels, nvcc --ptx, and every CuPy kernel = generic path on the GPU
+#   bench    python -m benchmarks --device cuda   (xpconv on CuPy | PyTorch on CUDA: samples/s, peak memory)
+#   epoch    benchmarks/gpu/epoch.py --profile    (one 60,000-sample epoch at batch 100 and 1000 vs torch; kernel profile)
+#   gpu      python -m pytest -m gpu (the rest of the suite on the cupy namespace)
+#
+# Writes under $OUT (or benchmarks/results/gpu-local/ when OUT is unset): gpu-run.log (everything),
+# summary.md (the short tables, also printed last), bench-cuda.json, epoch.json, floor.md.
+# Wheels the image lacks (array-api-compat, array-api-strict) come from .whl/ (carried; see README.md).
+set -uo pipefail
+
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root" || exit 2
+# a hash of the source files that run (xpconv, tests, benchmarks): the GPU machine's copy has
+# no .git, so the log carries this too; `bash benchmarks/gpu/run.sh --tree-hash` prints it here
+tree_hash() {
+  find xpconv tests benchmarks -type f \( -name '*.py' -o -name '*.cu' -o -name '*.sh' \) -not -path '*/results/*' \
+    -not -path '*/__pycache__/*' | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16
+}
+if [ "${1:-}" = "--tree-hash" ]; then
+  tree_hash
+  exit 0
+fi
+OUT=${OUT:-$root/benchmarks/results/gpu-local}
+mkdir -p "$OUT"
+LOG=$OUT/gpu-run.log
+SUMMARY=$OUT/summary.md
+: >"$LOG"
+: >"$SUMMARY"
+exec > >(tee -a "$LOG") 2>&1
+export PYTHONUNBUFFERED=1
+BUDGET=${XPCONV_GPU_BUDGET:-560}
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(machine kernels bench epoch gpu)
+PY=${PYTHON:-python3}
+
+say() { printf '\n==== %s  [%ss elapsed]\n' "$*" "$SECONDS"; }
+note() { printf '%s\n' "$*" | tee -a "$SUMMARY" >/dev/null; printf '%s\n' "$*"; }
+# run_limited CAP CMD...: CMD under min(CAP, what is left of the budget minus 15 s)
+run_limited() {
+  local cap=$1; shift
+  local left=$((BUDGET - SECONDS - 15))
+  [ "$left" -lt "$cap" ] && cap=$left
+  if [ "$cap" -lt 20 ]; then
+    echo "SKIPPED (budget): $*"
+    return 124
+  fi
+  echo "\$ timeout $cap $*"
+  timeout --kill-after=10 "$cap" "$@"
+}
+pytest_line() { grep -E '^(=+ )?[0-9]+ (passed|failed|error|skipped|deselected)|^=+ .*(passed|failed|error).* in [0-9.]+s' "$1" | tail -1; }
+
+# ------------------------------------------------------------------ setup
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/xpconv-site .whl/*.whl \
+    || { echo "FAILED: pip install of .whl/"; exit 2; }
+  export PYTHONPATH="$root:/tmp/xpconv-site${PYTHONPATH:+:$PYTHONPATH}"
+else
+  echo "note: no .whl/ here (run bash ../shared/device/wheels.sh first and carry .whl) -- using what is installed"
+  export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+fi
+commit=${XPCONV_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+tree=$(tree_hash)
+
+note "# xpconv GPU run $(date -u +%Y-%m-%dT%H:%MZ)"
+note ""
+note "commit: $commit (tree hash $tree; stages: ${stages[*]})"
+
+for stage in "${stages[@]}"; do
+  case $stage in
+  machine)
+    say machine
+    smi=$(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv,noheader 2>&1 | head -1)
+    note "nvidia-smi: $smi"
+    nvidia-smi 2>&1 | head -15
+    $PY - <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import platform
+print(f"python {platform.python_version()}", end="")
+try:
+    import numpy; print(f", numpy {numpy.__version__}", end="")
+    import cupy
+    rt, drv = cupy.cuda.runtime.runtimeGetVersion(), cupy.cuda.runtime.driverGetVersion()
+    print(f", cupy {cupy.__version__} (CUDA runtime {rt}, driver {drv})", end="")
+except Exception as exc:
+    print(f", cupy FAILED: {exc!r}", end="")
+try:
+    import torch
+    print(f", torch {torch.__version__} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
+          f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA'})", end="")
+except Exception as exc:
+    print(f", torch FAILED: {exc!r}", end="")
+print()
+EOF
+    $PY -c "import sys; from xpconv.cli import main; sys.exit(main(['info']))" 2>&1 | head -40
+    $PY benchmarks/gpu/floor.py >"$OUT/floor.md" 2>&1 || echo "floor.py FAILED"
+    ;;
+  kernels)
+    say "kernels: tests/test_cupy_kernels.py"
+    run_limited 150 $PY -m pytest -p no:cacheprovider -q -rs --durations=10 tests/test_cupy_kernels.py 2>&1 | tee "$OUT/.kernels.txt"
+    note "pytest tests/test_cupy_kernels.py: $(pytest_line "$OUT/.kernels.txt")"
+    ;;
+  bench)
+    say "bench: python -m benchmarks --device cuda"
+    if [ -f benchmarks/__main__.py ]; then
+      run_limited 200 $PY -m benchmarks --device cuda --json "$OUT/bench-cuda.json" 2>&1 | tee "$OUT/.bench.txt"
+      { echo; echo "## python -m benchmarks --device cuda (last lines)"; echo; echo '```'; tail -40 "$OUT/.bench.txt"; echo '```'; } >>"$SUMMARY"
+    else
+      note "bench: benchmarks/__main__.py is missing in this tree -- the epoch stage still compares with torch"
+    fi
+    ;;
+  epoch)
+    say "epoch: benchmarks/gpu/epoch.py"
+    run_limited 150 $PY benchmarks/gpu/epoch.py --models simple,deep --batches 100,1000 --profile --json "$OUT/epoch.json" \
+      2>&1 | tee "$OUT/.epoch.txt"
+    if grep -q '^## one 60,000-sample epoch' "$OUT/.epoch.txt"; then
+      { echo; sed -n '/^## one 60,000-sample epoch/,$p' "$OUT/.epoch.txt"; grep '^### profile' "$OUT/.epoch.txt"; } >>"$SUMMARY"
+    else
+      { echo; echo "epoch.py did not finish; its last lines:"; echo '```'; tail -15 "$OUT/.epoch.txt"; echo '```'; } >>"$SUMMARY"
+    fi
+    ;;
+  gpu)
+    say "gpu: pytest -m gpu (whole suite on the cupy namespace)"
+    extra=()
+    $PY -c "import pytest_timeout" 2>/dev/null && extra=(--timeout=180)
+    run_limited 400 $PY -m pytest -p no:cacheprovider -q -rs -m gpu --durations=15 "${extra[@]}" \
+      --ignore=tests/test_cupy_kernels.py tests 2>&1 | tee "$OUT/.gpu.txt"
+    note "pytest -m gpu (without test_cupy_kernels.py): $(pytest_line "$OUT/.gpu.txt")"
+    ;;
+  *)
+    echo "unknown stage $stage (expected machine kernels bench epoch gpu)"
+    ;;
+  esac
+done
+rm -f "$OUT"/.kernels.txt "$OUT"/.bench.txt "$OUT"/.epoch.txt "$OUT"/.gpu.txt
+
+say "summary (also in $SUMMARY)"
+cat "$SUMMARY"
