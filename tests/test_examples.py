@@ -62,3 +62,24 @@ def test_train_mnist(tmp_path):
     assert params["W1"].shape == (30, 1, 5, 5) and params["W2"].shape == (30 * 12 * 12, 100)
     assert all(np.isfinite(v).all() for v in params.values())
     assert (tmp_path / "m" / "curves.png").is_file()
+
+
+def test_memory_benchmark_script_runs(tmp_path):
+    """benchmarks/memory_predict.py at tiny sizes (the numbers themselves live in
+    benchmarks/results/, not in a test): it measures each way in a subprocess and writes
+    its JSON."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    out = tmp_path / "mem.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_predict.py"), "--data-dir", tmp_path / "none",
+                           "--chunked-sizes", "300", "--whole-sizes", "300", "--book-sizes", "50", "100", "--chunk", "100",
+                           "--out", out], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = json.loads(out.read_text())
+    runs = {(x["mode"], x["n"]): x for x in r["runs"]}
+    assert set(runs) == {("chunked", 300), ("whole", 300), ("book", 50), ("book", 100)}
+    assert all(x["peak_rss_mb"] >= x["rss_before_predict_mb"] > 10 for x in runs.values())
+    assert runs[("chunked", 300)]["chunk"] == 100 and runs[("chunked", 300)]["data"] == "synthetic"
+    assert r["book_estimate"]["from_sizes"] == [50, 100]
+    assert r["same_labels"] == {"whole n=300": True}
+    assert "written" in proc.stdout
