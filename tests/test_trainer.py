@@ -239,6 +239,21 @@ def test_interrupt_saves_a_checkpoint(digits, tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["interrupted_at"] == {"epoch": 2, "iteration": 3}
 
 
+def test_interrupt_between_epochs_points_at_the_next(digits, tmp_path):
+    """Ctrl-C after an epoch is complete (e.g. while its line is printed) is reported as
+    before the next epoch, and the checkpoint counts the finished epoch."""
+
+    def stop_after_first(trainer, record):
+        raise KeyboardInterrupt
+
+    trainer = Trainer(_net(), *digits, epochs=3, mini_batch_size=100, verbose=False, out_dir=tmp_path, on_epoch_end=stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert trainer.position == {"epoch": 2, "iteration": 0}
+    c = load_checkpoint(trainer.save_interrupted())
+    assert c.epoch == 1 == load_checkpoint(tmp_path / "last.safetensors").epoch
+
+
 def _run(net, data, epochs, out_dir, **kw):
     t = Trainer(net, *data, epochs=epochs, mini_batch_size=50, optimizer="Adam", optimizer_param={"lr": 0.002},
                 verbose=False, out_dir=out_dir, seed=7, **kw)

@@ -326,6 +326,7 @@ class Trainer:
         for epoch in range(self.start_epoch + 1, self.epochs + 1):
             record = self.train_epoch(epoch)
             self.current_epoch = epoch
+            self.position = {"epoch": epoch + 1, "iteration": 0}  # epoch done: a Ctrl-C now is before the next one
             self.history.append(record)
             self.train_acc_list.append(record["train_acc"])
             self.test_acc_list.append(record["test_acc"])
