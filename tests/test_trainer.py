@@ -106,11 +106,15 @@ def test_evaluation_runs_in_bounded_chunks(digits, monkeypatch):
 
 def test_progress_bar_shows_rate_and_loss(digits, capsys, monkeypatch):
     monkeypatch.setenv("TQDM_MININTERVAL", "0")  # redraw at every update, however fast
-    Trainer(_net(), *digits, epochs=1, mini_batch_size=50, verbose=False, progress=True, log_every=2).train()
+    t = Trainer(_net(), *digits, epochs=1, mini_batch_size=50, verbose=False, progress=True, log_every=2)
+    t.train()
     err = capsys.readouterr().err
     assert "epoch 1/1" in err
     assert "img/s" in err
-    assert re.search(r"loss=\d\.\d{4}", err)
+    shown = re.findall(r"loss=(\d\.\d{4})", err)
+    assert len(shown) >= 2
+    assert float(shown[-1]) == pytest.approx(t.history[0]["train_loss"], abs=6e-5)  # the running mean ends at the epoch's
+    assert "600/600" in err
 
 
 def test_callbacks_and_stop(digits):

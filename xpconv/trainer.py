@@ -259,8 +259,9 @@ class Trainer:
                     losses += read
                     pending = []
                     if bar is not None:
+                        # running mean of the epoch; set before update(), whose redraw shows it
+                        bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}", refresh=False)
                         bar.update(len(read) * self.batch_size)
-                        bar.set_postfix(loss=f"{sum(read) / len(read):.4f}", refresh=False)
         finally:
             if bar is not None:
                 bar.close()
