@@ -296,9 +296,13 @@ def conv2d_relu_maxpool_forward(x, W, b, stride, pad, pool_h, pool_w, pool_strid
             ix = idx[:, n0 * Q : n1 * Q]
             ix[...] = 0
             gt = _scratch("gt", FN * m, bool).reshape(FN, m)
+            hit = _scratch("hitk", FN * m, idx.dtype).reshape(FN, m)
             for k in range(1, npool):  # strictly greater: the first maximum wins, as argmax
                 np.greater(z[:, k], o, out=gt)
-                np.copyto(ix, k, where=gt)
+                # k exceeds every index so far: max(ix, gt*k) sets k exactly where gt
+                # (two plain integer loops; copyto(where=) is several times slower)
+                np.multiply(gt, idx.dtype.type(k), out=hit, dtype=idx.dtype)
+                np.maximum(ix, hit, out=ix)
                 np.maximum(o, z[:, k], out=o)
         else:
             for k in range(1, npool):
@@ -355,9 +359,11 @@ def max_pool2d_forward(x, pool_h, pool_w, stride=1, pad=0):
     out = np.array(next(taps))
     idx = np.zeros(out.shape, np.uint8 if ph * pw <= 256 else np.intp)
     gt = np.empty(out.shape, bool)
+    hit = np.empty(out.shape, idx.dtype)
     for k, tap in enumerate(taps, start=1):
         np.greater(tap, out, out=gt)
-        np.copyto(idx, k, where=gt)
+        np.multiply(gt, idx.dtype.type(k), out=hit, dtype=idx.dtype)  # k > every index so far
+        np.maximum(idx, hit, out=idx)
         np.maximum(out, tap, out=out)
     return out.transpose(1, 0, 2, 3), _PoolCache(shape, (ph, pw), (SH, SW), (PH, PW), (OH, OW), idx, x.dtype)
 
