@@ -145,6 +145,23 @@ def test_default_train_reaches_97_percent(tmp_path, capsys, monkeypatch):
     assert m["final"]["test_acc"] >= 0.97
 
 
+def test_other_model_dtype_and_optimizer(tmp_path, capsys):
+    out = tmp_path / "mlp"
+    code, text, err = _main(capsys, "train", "--model", "mlp", "--dtype", "float64", "--optimizer", "Nesterov",
+                            "--epochs", 2, "--batch-size", 100, "--seed", 3, "--out", out)
+    assert code == 0, err
+    assert "TwoLayerNet on digits" in text and "numpy float64, Nesterov lr 0.01, 2 epochs x 14 batches of 100, seed 3" in text
+    c = load_checkpoint(out / "last.safetensors")
+    assert type(c.model).__name__ == "TwoLayerNet" and c.metadata["model"]["dtype"] == "float64"
+    assert type(c.optimizer).__name__ == "Nesterov" and c.optimizer.lr == 0.01 and c.optimizer.iter == 28
+    assert load_params(out / "last.safetensors")["W1"].dtype == np.float64
+    cfg = json.loads((out / "metrics.json").read_text())["config"]
+    assert (cfg["model"], cfg["optimizer"], cfg["dtype"], cfg["seed"], cfg["batch_size"]) == ("mlp", "nesterov", "float64", 3, 100)
+    for name in PNGS:  # an MLP's filters.png shows its first hidden units as 8x8 images
+        with Image.open(out / name) as im:
+            im.verify()
+
+
 def test_quiet(tmp_path, capsys):
     code, out, err = _main(capsys, "train", "--epochs", 1, "--quiet", "--no-plots", "--out", tmp_path / "q")
     assert code == 0
