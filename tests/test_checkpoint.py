@@ -17,10 +17,19 @@ import pytest
 from xpconv import checkpoint as ck
 from xpconv.backend import namespace_name, to_numpy
 from xpconv.checkpoint import CheckpointError, atomic_write, load_checkpoint, load_params, read_checkpoint, save_checkpoint, save_params
-from xpconv.models import DeepConvNet, SimpleConvNet, TwoLayerNet, build_model
+from xpconv.models import DeepConvNet, SimpleConvNet, TwoLayerNet
 from xpconv.optim import Adam, get_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env():
+    """Subprocesses import this checkout's xpconv."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
 SMALL = {"input_dim": [1, 8, 8], "conv_param": {"filter_num": 4, "filter_size": 3, "pad": 1, "stride": 1}, "hidden_size": 12, "output_size": 10}
 
 
@@ -170,7 +179,7 @@ def test_loads_with_numpy_only(tmp_path):
     )
     out = subprocess.run(
         [sys.executable, "-c", script, str(path), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=_env(),
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["SimpleConvNet", "3", "Adam", "0.002"]
@@ -346,7 +355,7 @@ def test_kill_9_mid_save_keeps_previous_checkpoint(tmp_path, where):
     path = save_checkpoint(tmp_path / "last.safetensors", net, opt, epoch=1)
     before = path.read_bytes()
 
-    proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(path), where], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(path), where], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
         line = proc.stdout.readline()
         assert line.startswith("STALLED"), line + proc.stderr.read()
@@ -370,7 +379,7 @@ def test_unkilled_saver_replaces_checkpoint(tmp_path):
     """The same saver, not stopped, does replace the checkpoint (the test above is not
     passing because the subprocess never writes)."""
     path = save_checkpoint(tmp_path / "last.safetensors", _small_net(), epoch=1)
-    out = subprocess.run([sys.executable, "-c", _SAVER, str(path), "normal"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", _SAVER, str(path), "normal"], capture_output=True, text=True, timeout=120, env=_env())
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "SAVED"
     assert load_checkpoint(path).epoch == 2
