@@ -355,6 +355,7 @@ def run_job(cmd: list, timeout: float = TIMEOUT, cwd=None):
         OMPI_ALLOW_RUN_AS_ROOT="1",
         OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
         OMPI_MCA_btl_tcp_if_include="lo",  # loopback only (same-node ranks use shared memory anyway)
+        OMPI_MCA_mpi_yield_when_idle="1",  # waiting ranks yield the core (CI machines are small and shared)
         OMP_NUM_THREADS="1",
         OPENBLAS_NUM_THREADS="1",
         PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
@@ -540,6 +541,20 @@ def test_cli_checkpoint_resumes_on_a_different_number_of_ranks(cli_runs, run):
     assert diff <= CLI_TOL
     ref = _metrics(d / "one3")["epochs"]
     assert abs(m["epochs"][-1]["test_acc"] - ref[-1]["test_acc"]) <= 1.5 / 359
+
+
+@pytest.mark.slow
+def test_the_python_example_of_docs_distributed_runs_on_two_ranks(tmp_path):
+    """docs/DISTRIBUTED.md's "From Python" example, as written, under mpiexec -n 2."""
+    import re
+
+    text = (ROOT / "docs" / "DISTRIBUTED.md").read_text()
+    code = re.search(r"## From Python\n\n```python\n(.*?)```", text, re.S).group(1)
+    (tmp_path / "example.py").write_text(code)
+    rc, log, _ = run_job([*_mpiexec(), "-n", 2, sys.executable, tmp_path / "example.py"], cwd=tmp_path)
+    assert rc == 0, log[-3000:]
+    assert log.count("test accuracy ") == 1 and log.count("epoch 5/5") == 1  # rank 0 only
+    assert (tmp_path / "runs" / "dp" / "last.safetensors").exists()
 
 
 # --------------------------------------------------------------------------- NCCL on a GPU
