@@ -273,15 +273,20 @@ def test_without_cupy_the_module_imports_and_setup_falls_back_to_mpi_on_the_cpu(
         distributed._NCCLTransport(FakeWorld(0, 1))
 
 
+def pretend_cuda(monkeypatch, n_gpus: int) -> None:
+    """Stand-ins: n_gpus visible CUDA devices that work, and no setup() done yet."""
+    monkeypatch.setattr(distributed, "_cuda_device_count", lambda: n_gpus)
+    monkeypatch.setattr(distributed, "_use_cuda_device", lambda index: None)
+    monkeypatch.setattr(distributed, "cuda_status", lambda: (True, ""))
+    monkeypatch.setattr(distributed, "_COMM", None)
+
+
 def test_a_gpu_job_without_nccl_reduces_over_mpi_with_a_warning_or_fails_when_nccl_was_asked_for(monkeypatch):
     """CUDA works (stand-ins) but CuPy has no NCCL: backend 'auto' falls back to MPI
     through the host and says so; backend 'nccl' is an error.  A NCCL whose id
     cannot be made fails the same way on every rank."""
     monkeypatch.setitem(sys.modules, "cupy", None)
-    monkeypatch.setattr(distributed, "_cuda_device_count", lambda: 1)
-    monkeypatch.setattr(distributed, "_use_cuda_device", lambda index: None)
-    monkeypatch.setattr(distributed, "cuda_status", lambda: (True, ""))
-    monkeypatch.setattr(distributed, "_COMM", None)
+    pretend_cuda(monkeypatch, n_gpus=1)
     with pytest.warns(UserWarning, match="NCCL is not available.*gradients go through the host over MPI"):
         comm = distributed.setup(device="auto", excepthook=False)
     assert (comm.device, comm.backend) == ("cuda", "mpi")
@@ -312,10 +317,7 @@ def test_cuda_on_only_some_ranks_puts_every_rank_on_the_cpu(monkeypatch):
             return node
 
     monkeypatch.setattr(MPI, "COMM_WORLD", HalfWorld(0, 2), raising=False)
-    monkeypatch.setattr(distributed, "_cuda_device_count", lambda: 2)
-    monkeypatch.setattr(distributed, "_use_cuda_device", lambda index: None)
-    monkeypatch.setattr(distributed, "cuda_status", lambda: (True, ""))
-    monkeypatch.setattr(distributed, "_COMM", None)
+    pretend_cuda(monkeypatch, n_gpus=2)
     with pytest.warns(UserWarning, match="CUDA is usable on only 1 of 2 ranks: every rank trains on the CPU"):
         comm = distributed.setup(device="auto", excepthook=False)
     assert comm.device == "cpu" and comm.backend == "mpi"
