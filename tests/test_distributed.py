@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -323,6 +324,28 @@ def test_cuda_on_only_some_ranks_puts_every_rank_on_the_cpu(monkeypatch):
     assert comm.device == "cpu" and comm.backend == "mpi"
     monkeypatch.setattr(distributed, "_COMM", None)
     with pytest.raises(backend.BackendUnavailable, match="rank 0: --device cuda was asked for but CUDA is usable on 1 of 2 ranks"):
+        distributed.setup(device="cuda", excepthook=False)
+
+
+def test_more_ranks_than_gpus_on_a_node_trains_on_the_cpu_with_a_warning_or_fails_with_device_cuda(monkeypatch):
+    class CrowdedWorld(FakeWorld):  # rank 3 of 4 ranks on one node with 2 GPUs (every rank alike)
+        def Split_type(self, *args, **kwargs):
+            node = FakeWorld(3, 4)
+            node.Free = lambda: None
+            return node
+
+    monkeypatch.setattr(MPI, "COMM_WORLD", CrowdedWorld(3, 4), raising=False)
+    pretend_cuda(monkeypatch, n_gpus=2)
+    with warnings.catch_warnings(record=True) as record:  # rank 3 trains on the CPU without a word: rank 0 warns
+        warnings.simplefilter("always")
+        comm = distributed.setup(device="auto", excepthook=False)
+    assert comm.device == "cpu" and not record
+    monkeypatch.setattr(MPI, "COMM_WORLD", CrowdedWorld(0, 4), raising=False)
+    pretend_cuda(monkeypatch, n_gpus=2)
+    with pytest.warns(UserWarning, match="CUDA is usable on only 0 of 4 ranks.*rank 0: .*4 ranks on this node but 2 CUDA devices"):
+        distributed.setup(device="auto", excepthook=False)
+    pretend_cuda(monkeypatch, n_gpus=2)
+    with pytest.raises(backend.BackendUnavailable, match="usable on 0 of 4 ranks; here: .*4 ranks on this node but 2 CUDA devices"):
         distributed.setup(device="cuda", excepthook=False)
 
 

@@ -169,7 +169,7 @@ class _NCCLTransport:
             raise BackendUnavailable(
                 f"rank {rank}: NCCL is not available through CuPy on {int(failed[0])} of {size} ranks"
                 + (f" (here: {why})" if why else "")
-                + "; install NCCL for CuPy (e.g. pip install nvidia-nccl-cu12 / -cu13) or reduce over MPI (setup(backend='mpi'))"
+                + "; install NCCL where CuPy finds it (CuPy's installation guide, 'NCCL') or reduce over MPI (setup(backend='mpi'))"
             )
         self._nccl = nccl
         # 128 id bytes (NCCL_UNIQUE_ID_BYTES, sent as bytes: no pickle) + 1 status byte from rank 0
@@ -573,7 +573,7 @@ def setup(device: str = "auto", *, backend: str = "auto", excepthook: bool = Tru
                 ok, why = cuda_status()  # probes the device just selected
             except ValueError as exc:  # more ranks than GPUs on this node
                 why = str(exc)
-    n_ok = int(comm.allreduce_sum([1 if ok else 0])[0]) if choice != "cpu" else 0
+    n_ok, n_want = (int(v) for v in comm.allreduce_sum([ok, want_cuda])) if choice != "cpu" else (0, 0)
     if choice in ("cuda", "gpu") and n_ok < comm.size:
         raise BackendUnavailable(
             f"rank {comm.rank}: --device cuda was asked for but CUDA is usable on {n_ok} of {comm.size} ranks"
@@ -581,7 +581,7 @@ def setup(device: str = "auto", *, backend: str = "auto", excepthook: bool = Tru
         )
     if n_ok == comm.size:
         comm.device = "cuda"
-    elif n_ok and comm.is_root:
+    elif n_want and comm.is_root:
         warnings.warn(f"CUDA is usable on only {n_ok} of {comm.size} ranks: every rank trains on the CPU"
                       + (f" (rank 0: {why})" if why else ""), stacklevel=2)
     if backend == "nccl" and comm.device != "cuda":
