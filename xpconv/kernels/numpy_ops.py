@@ -211,6 +211,85 @@ def conv2d_forward(x, W, b, stride=1, pad=0, *, relu=False):
     return out.transpose(1, 0, 2, 3), cache
 
 
+def _flat_view(a: np.ndarray, n0: int, n1: int, L: int, offset: int = 0) -> np.ndarray:
+    """(A, n1 - n0, L) view of a C-contiguous (A, N, Hp, Wp) array: for each sample,
+    the L values starting ``offset`` elements into its image, read as one flat run
+    (rows run on into the next ones)."""
+    sA, sN = a.strides[0], a.strides[1]
+    start = n0 * a.shape[2] * a.shape[3] + offset
+    return as_strided(a.reshape(-1)[start:], (a.shape[0], n1 - n0, L), (sA, sN, a.itemsize))
+
+
+def _conv_backward_flat(d: np.ndarray, cache: _ConvCache, need_dx: bool):
+    """_conv_backward for stride 1 in the *flat-row* layout.
+
+    Position (oh, ow) of a sample is numbered p = oh*Wp + ow over the padded width
+    Wp, so filter tap (ky, kx) reads the flat run x[ky*Wp + kx + p] for p < L =
+    (OH-1)*Wp + OW: one long contiguous run per (channel, tap, sample) for the
+    columns, and the same for the col2im scatter.  The FW-1 positions per row with
+    ow >= OW are junk: their dz is 0, so they add nothing to dW, db or dx."""
+    g, pool, dt = cache.g, cache.pool, cache.dtype
+    FN, K, C = g.FN, g.K, g.C
+    xpad = np.ascontiguousarray(cache.xpad)
+    Hp, Wp = xpad.shape[2], xpad.shape[3]
+    L = (g.OH - 1) * Wp + g.OW
+    dWa = np.zeros((FN, K + 1), dt)
+    dxpad = np.zeros(xpad.shape, dt) if need_dx else None
+    WT = np.ascontiguousarray(cache.Wa[:, :K].T) if need_dx else None
+    QH, QW = d.shape[2], d.shape[3]
+    Q = QH * QW
+    step = max(1, min(g.N, CHUNK_BYTES // ((K + 1) * L * xpad.itemsize)))
+    colbuf = _scratch("fcol", (K + 1) * min(step, g.N) * L, dt)
+    dzbuf = _scratch("fdz", FN * min(step, g.N) * L, dt)
+    for n0 in range(0, g.N, step):
+        n1 = min(g.N, n0 + step)
+        n = n1 - n0
+        col = colbuf[: (K + 1) * n * L].reshape(K + 1, n * L)
+        for ky in range(g.FH):  # the columns: C*FH*FW runs of L per sample
+            for kx in range(g.FW):
+                src = _flat_view(xpad, n0, n1, L, ky * Wp + kx)
+                r = ky * g.FW + kx
+                col[: K].reshape(C, g.FH * g.FW, n, L)[:, r] = src
+        col[K] = 1
+        dz = dzbuf[: FN * n * L].reshape(FN, n, L)
+        dz[...] = 0
+        # dz's valid positions as (FN, n, OH, OW)
+        sF, sN = dz.strides[0], dz.strides[1]
+        isz = dz.itemsize
+        dchunk = d[:, n0:n1]
+        if pool is None:
+            valid = as_strided(dz, (FN, n, g.OH, g.OW), (sF, sN, Wp * isz, isz))
+            if cache.out is not None:  # the fused ReLU: its output > 0 is its mask
+                np.multiply(dchunk, cache.out[:, n0:n1] > 0, out=valid)
+            else:
+                np.copyto(valid, dchunk)
+        else:  # each pooled gradient goes to its window's (first) maximum, if the ReLU passed it
+            ph, pw = pool
+            dm = np.multiply(dchunk, cache.out[:, n0:n1] > 0, out=_scratch("dm", FN * n * Q, dt).reshape(FN, n, QH, QW))
+            idx = cache.idx[:, n0 * Q : n1 * Q].reshape(FN, n, QH, QW)
+            hit = _scratch("hit", FN * n * Q, bool).reshape(FN, n, QH, QW)
+            for py in range(ph):
+                for px in range(pw):
+                    tgt = as_strided(dz.reshape(-1)[py * Wp + px :], (FN, n, QH, QW), (sF, sN, ph * Wp * isz, pw * isz))
+                    # every position of a window gets dm or 0 (copyto(where=) is ~7x slower)
+                    np.multiply(dm, np.equal(idx, py * pw + px, out=hit), out=tgt)
+        dzf = dz.reshape(FN, n * L)
+        dWa += dzf @ col.T
+        if need_dx:
+            dcol = np.matmul(WT, dzf, out=_scratch("dcol", K * n * L, dt).reshape(K, n * L))
+            dv = dcol.reshape(C, g.FH * g.FW, n, L)
+            for ky in range(g.FH):
+                for kx in range(g.FW):
+                    tgt = _flat_view(dxpad, n0, n1, L, ky * Wp + kx)
+                    np.add(tgt, dv[:, ky * g.FW + kx], out=tgt)
+    dW = np.ascontiguousarray(dWa[:, :K]).reshape(cache.W_shape)
+    db = dWa[:, K].copy()
+    if not need_dx:
+        return None, dW, db
+    dx = dxpad[:, :, g.PH : g.PH + g.H, g.PW : g.PW + g.W]
+    return dx.transpose(1, 0, 2, 3), dW, db
+
+
 def _conv_backward(d: np.ndarray, cache: _ConvCache, need_dx: bool):
     """Shared backward of conv2d_forward and the fused conv-relu-maxpool.
 
@@ -218,6 +297,8 @@ def _conv_backward(d: np.ndarray, cache: _ConvCache, need_dx: bool):
     (FN, N, OH, OW).  Per batch slice: mask by the ReLU (and route through the pool
     arg-max), then dW|db += dz @ col.T and dcol = W.T @ dz scattered into dx."""
     g, pool, dt = cache.g, cache.pool, cache.dtype
+    if g.SH == 1 and g.SW == 1 and need_dx:  # its win is the scatter; without dx the columns below are cheaper
+        return _conv_backward_flat(d, cache, need_dx)
     FN, K = g.FN, g.K
     dWa = np.zeros((FN, K + 1), dt)
     dxpad = np.zeros(cache.xpad.shape, dt) if need_dx else None
