@@ -475,3 +475,36 @@ def test_short_mnist_training(tmp_path, capsys):
     code, text, err = _main(capsys, "eval", out / "last.safetensors", "--no-download")
     assert code == 0, err
     assert f"on mnist test set: accuracy {m['final']['test_acc']:.4f} ({round(m['final']['test_acc'] * 2000):,} of 2,000)" in text
+
+
+# ----------------------------------------------------------------------------- plotting corner cases
+
+
+def _png_size(path):
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        return im.size
+
+
+def test_plot_corner_cases(tmp_path):
+    from xpconv.models import TwoLayerNet
+    from xpconv.plotting import plot_curves, plot_filters, plot_misclassified, save_run_plots
+
+    hist = [{"epoch": e, "train_loss": 1.0 / e, "train_acc": 0.8 + 0.01 * e, "test_acc": 0.79 + 0.01 * e} for e in (4, 5, 6)]
+    assert _png_size(plot_curves(hist, tmp_path / "resumed.png", [0.3] * 30, first_epoch=3)) == (1000, 400)
+    assert _png_size(plot_curves(hist[:1], tmp_path / "one.png"))[0] == 1000  # a single epoch draws too
+
+    x = np.zeros((5, 1, 8, 8), np.float32)
+    t = np.array([0, 1, 2, 3, 4])
+    assert _png_size(plot_misclassified(x, t, t, tmp_path / "none_wrong.png")) == (650, 160)  # wide enough for its text
+    wide, _ = _png_size(plot_misclassified(np.zeros((50, 64), np.float32), np.zeros(50, int), np.ones(50, int), tmp_path / "flat.png"))
+    assert wide > 1000  # flattened 8x8 images, 36 of 50 in a 9-column grid
+
+    odd = TwoLayerNet(10, 4, 3, xp="numpy", seed=0)  # 10 inputs: no square picture
+    path, why = plot_filters(odd, tmp_path / "filters.png")
+    assert path is None and "10 inputs are not a square image" in why and not (tmp_path / "filters.png").exists()
+    notes = save_run_plots(tmp_path / "run", odd, hist, np.zeros((6, 10), np.float32), np.arange(6) % 3)
+    assert notes["filters.png"].startswith("not written")
+    assert notes["misclassified.png"].endswith("of 6 test images misclassified")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["curves.png", "misclassified.png"]

@@ -69,14 +69,16 @@ def plot_curves(
     ax1.yaxis.set_minor_formatter(FuncFormatter(_minor_log_label))
     ax1.set_title("training loss")
     ax1.grid(True, alpha=0.3)
-    ax1.legend()
     ax2.plot(epochs, [r["train_acc"] for r in history], "o-", label="train")
     ax2.plot(epochs, [r["test_acc"] for r in history], "s-", label="test")
     if history:
         best = max(history, key=lambda r: r["test_acc"])
         ax2.plot([best["epoch"]], [best["test_acc"]], "*", color="tab:red", markersize=12, zorder=3,
                  label=f"best test {best['test_acc']:.4f} (epoch {best['epoch']})")
+    resumed = first_epoch is not None and epochs and epochs[0] <= int(first_epoch) < epochs[-1]
     for ax in (ax1, ax2):
+        if resumed:  # this run continued a checkpoint after epoch first_epoch
+            ax.axvline(int(first_epoch), color="grey", linestyle=":", linewidth=1, label=f"resumed after epoch {int(first_epoch)}" if ax is ax1 else None)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if len(epochs) == 1:
             ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
@@ -85,6 +87,7 @@ def plot_curves(
         lo, hi = min(accs), max(accs)
         pad = max(0.01, (0.05 - (hi - lo)) / 2)
         ax2.set_ylim(max(0.0, lo - pad), min(1.0, hi + pad) + 0.002)
+    ax1.legend()
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("accuracy")
     ax2.set_title("accuracy")
@@ -121,24 +124,33 @@ def predict_labels(model, x, batch_size: int = 500) -> tuple[np.ndarray, np.ndar
     return p.argmax(axis=1), p.max(axis=1)
 
 
-def _as_images(x: np.ndarray, image_hw: tuple[int, int] | None = None) -> np.ndarray:
-    """(N, H, W) host images from NCHW (first channel) or flattened (N, H*W) data."""
+def _as_images(x: np.ndarray, image_hw: Sequence[int] | None = None) -> np.ndarray:
+    """(N, H, W) host images from NCHW (first channel) or flattened (N, D) data: (H, W) is
+    ``image_hw`` when it fits, else a square when D is one, else a 1 x D strip."""
     x = to_numpy(x)
     if x.ndim == 4:
         return x[:, 0]
     if x.ndim == 3:
         return x
-    side = int(round(math.sqrt(x.shape[1])))
-    hw = image_hw or (side, side)
+    x = x.reshape(x.shape[0], -1)
+    D = x.shape[1]
+    side = int(round(math.sqrt(D)))
+    if image_hw is not None and len(image_hw) == 2 and int(image_hw[0]) * int(image_hw[1]) == D:
+        hw = (int(image_hw[0]), int(image_hw[1]))
+    elif side * side == D:
+        hw = (side, side)
+    else:
+        hw = (1, D)
     return x.reshape(x.shape[0], *hw)
 
 
-def plot_misclassified(x, t_true, t_pred, path, *, class_names: Sequence[str] | None = None, probs=None, max_images: int = 36) -> Path:
+def plot_misclassified(x, t_true, t_pred, path, *, class_names: Sequence[str] | None = None, probs=None, max_images: int = 36,
+                       image_hw: Sequence[int] | None = None) -> Path:
     """A grid of wrongly classified images titled ``true -> predicted``.
 
     ``x``: the images (NCHW or flattened), ``t_true``/``t_pred``: class indices of the
-    same samples; ``probs``: the predicted class's probability (optional). The first
-    ``max_images`` wrong ones are drawn."""
+    same samples; ``probs``: the predicted class's probability (optional); ``image_hw``:
+    (H, W) of flattened images. The first ``max_images`` wrong ones are drawn."""
     t_true = to_numpy(t_true)
     if t_true.ndim == 2:
         t_true = t_true.argmax(axis=1)
@@ -153,17 +165,17 @@ def plot_misclassified(x, t_true, t_pred, path, *, class_names: Sequence[str] | 
     n = len(shown)
     cols = min(9, max(1, n))
     rows = max(1, math.ceil(n / cols))
-    fig = _figure(1.25 * cols + 0.4, 1.45 * rows + 0.7)
+    fig = _figure(1.25 * cols + 0.4, 1.45 * rows + 0.7) if n else _figure(6.5, 1.6)
     fig.suptitle(f"misclassified test images: {len(wrong)} of {len(t_true)} (true \u2192 predicted" + (", its probability)" if probs is not None else ")") + (f", first {n} shown" if len(wrong) > n else ""), fontsize=10)
     if n == 0:
         ax = fig.add_subplot(1, 1, 1)
         ax.axis("off")
         ax.text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
     else:
-        imgs = _as_images(to_numpy(x)[shown])
+        imgs = _as_images(to_numpy(x)[shown], image_hw)
         for k, (i, img) in enumerate(zip(shown, imgs)):
             ax = fig.add_subplot(rows, cols, k + 1)
-            ax.imshow(img, cmap="gray_r", interpolation="nearest")
+            ax.imshow(img, cmap="gray_r", interpolation="nearest", aspect="auto" if img.shape[0] == 1 else "equal")
             label = f"{name(t_true[i])} \u2192 {name(t_pred[i])}"
             if probs is not None:
                 label += f"\n({float(to_numpy(probs)[i]):.0%})"
@@ -231,7 +243,8 @@ def save_run_plots(out_dir, model, history, x_test, t_test, *, train_loss_list=N
     t = to_numpy(t_test)
     t = t.argmax(axis=1) if t.ndim == 2 else t
     wrong = np.flatnonzero(pred != t)
-    plot_misclassified(x_test, t, pred, out / "misclassified.png", class_names=class_names, probs=prob)
+    hw = list(input_dim)[1:] if input_dim is not None and len(input_dim) == 3 else None
+    plot_misclassified(x_test, t, pred, out / "misclassified.png", class_names=class_names, probs=prob, image_hw=hw)
     notes["misclassified.png"] = f"{len(wrong)} of {len(t)} test images misclassified"
     path, what = plot_filters(model, out / "filters.png", input_dim=input_dim)
     notes["filters.png"] = what if path else f"not written: {what}"
