@@ -44,20 +44,21 @@ def check_structure(data, models, batches, modes, impls, kind):
 
 def test_quick_suite_writes_json_with_every_cell_and_the_targets(tmp_path, capsys):
     out = tmp_path / "sub" / "bench.json"
-    rc = bench.main(["--quick", "--min-time", "0", "--models", "simple", "--batch-sizes", "100", "--json", str(out)])
+    rc = bench.main(["--quick", "--min-time", "0", "--models", "simple", "--batch-sizes", "100", "--modes", "train",
+                     "--json", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
-    check_structure(data, ["simple"], [100], ["train", "infer"], IMPLS, "suite")
+    check_structure(data, ["simple"], [100], ["train"], IMPLS, "suite")
     assert data["command"].startswith("xpconv bench --quick")
     names = [t["target"] for t in data["targets"]]
-    assert "simple train b100: xpconv/textbook" in names and "simple infer b100: xpconv/textbook" in names
+    assert "simple train b100: xpconv/textbook" in names
     assert any("20 epochs" in n for n in names)
     if HAS_TORCH:
         assert "simple train b100: xpconv/torch" in names
     for t in data["targets"]:
         assert t["met"] == (t["got"] <= t["want"] if "epochs" in t["target"] else t["got"] >= t["want"])
     table = capsys.readouterr().out
-    assert "| simple | 100 | train |" in table and "| simple | 100 | infer |" in table
+    assert "| simple | 100 | train |" in table and "| target |" in table
     assert not list(out.parent.glob(".bench-*")), "the atomic write left its temporary file behind"
 
 
@@ -76,7 +77,7 @@ def test_benchmarks_module_defaults_its_json_into_results(tmp_path, monkeypatch)
     import benchmarks.__main__ as wrapper
 
     monkeypatch.setattr(wrapper, "RESULTS", tmp_path)
-    rc = wrapper.main(["--quick", "--min-time", "0", "--models", "deep", "--batch-sizes", "2",
+    rc = wrapper.main(["--quick", "--min-time", "0", "--models", "deep", "--batch-sizes", "2", "--threads", "1",
                        "--impls", "xpconv", "--repeats", "1"])
     assert rc == 0
     data = json.loads((tmp_path / "cpu-suite-quick.json").read_text())

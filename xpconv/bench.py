@@ -566,8 +566,11 @@ def _measure_cell(cases: dict[str, _Case], mode: str, batch: int, repeats: int, 
     fns, steps, peaks, runs = {}, {}, {}, {}
     for impl, case in cases.items():
         fn = case.step(mode)
+        t0 = time.perf_counter()
         peaks[impl] = case.peak(fn)  # first call: warm-up, memory
-        steps[impl] = _calibrate(case, fn, min_time)  # second call: warm-up, calibration
+        first = time.perf_counter() - t0
+        # second call: calibration (skipped for steps slower than a repeat anyway)
+        steps[impl] = 1 if first >= 2 * min_time > 0 else _calibrate(case, fn, min_time)
         fns[impl] = fn
         runs[impl] = []
     order = list(cases)
@@ -580,6 +583,10 @@ def _measure_cell(cases: dict[str, _Case], mode: str, batch: int, repeats: int, 
                 fn()
             dt = case.clock.stop()
             runs[impl].append(batch * k / dt)
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = None
     out = {}
     for impl in order:
         med = statistics.median(runs[impl])
@@ -591,6 +598,7 @@ def _measure_cell(cases: dict[str, _Case], mode: str, batch: int, repeats: int, 
             "spread": (max(runs[impl]) - min(runs[impl])) / med if med else None,
             "steps_per_repeat": steps[impl],
             "peak_mem_bytes": peaks[impl],
+            "loadavg_1min": load,  # other work on the machine while this cell ran
         }
         log(f"  {mode:5s} {impl:9s} {med:12,.0f} samples/s  (runs {', '.join(f'{v:,.0f}' for v in runs[impl])})")
     return out
