@@ -513,7 +513,8 @@ def cli_runs(tmp_path_factory):
     50): 1 process for 2 and 3 epochs; 2 ranks for 2 epochs, launched as an MPMD job
     whose ranks run in different folders with a relative --out (as on two nodes
     without a shared disk), so a file written by rank 1 would land in its own folder;
-    and the two checkpoints of epoch 2 resumed to epoch 3 on the other rank count."""
+    and the two checkpoints of epoch 2 resumed to epoch 3 on the other rank count.
+    Also DeepConvNet (dropout) for 1 epoch on 1 process and on 2 ranks."""
     d = tmp_path_factory.mktemp("cli")
     (d / "rank0").mkdir()
     (d / "rank1").mkdir()
@@ -531,6 +532,8 @@ def cli_runs(tmp_path_factory):
     job("two2_to_one3", [*CLI, "--resume", d / "rank0" / "two2" / "last.safetensors", "--epochs", 3, "--out", d / "two2_to_one3"])
     job("one2_to_two3", [*_mpiexec(), "-n", 2, *CLI, "--distributed", "--resume", d / "one2" / "last.safetensors",
                          "--epochs", 3, "--out", d / "one2_to_two3"])
+    job("deep_one1", [*CLI, "--model", "deep", "--epochs", 1, "--out", d / "deep_one1"])
+    job("deep_two1", [*_mpiexec(), "-n", 2, *CLI, "--distributed", "--model", "deep", "--epochs", 1, "--out", d / "deep_two1"])
     return d, logs
 
 
@@ -547,9 +550,23 @@ def test_cli_two_ranks_train_like_one_process_and_only_rank_0_prints_and_writes(
     diff = _ckpt_diff(_ckpt(two), _ckpt(one))
     print(f"xpconv train, 2 ranks vs 1 process, digits, 2 epochs: max relative difference {diff:.2e}")
     assert diff <= CLI_TOL
-    acc2 = [r["test_acc"] for r in _metrics(two)["epochs"]]
-    acc1 = [r["test_acc"] for r in _metrics(one)["epochs"]]
+    m2, m1 = _metrics(two), _metrics(one)
+    assert (m2["config"]["ranks"], m1["config"]["ranks"]) == (2, 1)
+    acc2, acc1 = [r["test_acc"] for r in m2["epochs"]], [r["test_acc"] for r in m1["epochs"]]
     assert len(acc2) == 2 and np.allclose(acc2, acc1, atol=1.5 / 359)  # at most one test sample apart
+    # the reported train loss is the global batch's (summed over ranks), not rank 0's shard's
+    np.testing.assert_allclose([r["train_loss"] for r in m2["epochs"]], [r["train_loss"] for r in m1["epochs"]], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_dropout_model_on_two_ranks_trains_like_one_process(cli_runs):
+    """DeepConvNet's dropout masks come from (seed, global step, layer) in one process
+    and in K ranks alike, so --distributed changes nothing but rounding."""
+    d, _ = cli_runs
+    diff = _ckpt_diff(_ckpt(d / "deep_two1"), _ckpt(d / "deep_one1"))
+    print(f"xpconv train --model deep, 2 ranks vs 1 process, digits, 1 epoch: max relative difference {diff:.2e}")
+    assert diff <= CLI_TOL
+    assert _metrics(d / "deep_two1")["epochs"][0]["test_acc"] == pytest.approx(_metrics(d / "deep_one1")["epochs"][0]["test_acc"], abs=1.5 / 359)
 
 
 @pytest.mark.slow
@@ -559,6 +576,7 @@ def test_cli_checkpoint_resumes_on_a_different_number_of_ranks(cli_runs, run):
     3 uninterrupted epochs on 1 process end."""
     d, logs = cli_runs
     assert "after epoch 2" in logs[run] and logs[run].count("epoch 3/3 ") == 1
+    assert "the checkpoint was trained on" in logs[run]  # the rank count changed, and the command says so
     m = _metrics(d / run)
     assert [r["epoch"] for r in m["epochs"]] == [1, 2, 3]
     diff = _ckpt_diff(_ckpt(d / run), _ckpt(d / "one3"))
@@ -566,6 +584,23 @@ def test_cli_checkpoint_resumes_on_a_different_number_of_ranks(cli_runs, run):
     assert diff <= CLI_TOL
     ref = _metrics(d / "one3")["epochs"]
     assert abs(m["epochs"][-1]["test_acc"] - ref[-1]["test_acc"]) <= 1.5 / 359
+
+
+@pytest.mark.slow
+def test_cli_an_error_on_one_rank_only_ends_the_job_naming_the_rank(tmp_path):
+    """MNIST under --data-dir data exists on rank 0's node only (MPMD job, a folder per
+    rank): rank 1's dataset error, met after MPI is up, must end the whole job instead
+    of leaving rank 0 waiting in the first broadcast."""
+    from .conftest import shared_dataset
+
+    mnist = shared_dataset("mnist")
+    for r in (0, 1):
+        (tmp_path / f"rank{r}").mkdir()
+    (tmp_path / "rank0" / "data").symlink_to(mnist, target_is_directory=True)
+    cmd = [*CLI, "--distributed", "--dataset", "mnist", "--data-dir", "data", "--no-download", "--epochs", 1, "--out", "run"]
+    rc, log, secs = run_job([*_mpiexec(), "-n", 1, *_in_dir(tmp_path / "rank0"), *cmd, ":", "-n", 1, *_in_dir(tmp_path / "rank1"), *cmd])
+    assert rc != 0 and secs < TIMEOUT, log[-3000:]
+    assert "xpconv.distributed: rank 1 failed: MNIST files missing from data" in log, log[-3000:]
 
 
 @pytest.mark.slow
