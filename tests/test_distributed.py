@@ -667,7 +667,7 @@ def test_nccl_one_rank_communicator_on_a_gpu():
 @pytest.mark.skipif(bool(CUDA_WHY_NOT), reason=CUDA_WHY_NOT or "CUDA works")
 def test_nccl_job_of_one_rank_trains_like_the_mpi_path_and_the_cpu(runs, tmp_path):
     """``mpiexec -n 1`` worker with --device cuda (setup() picks NCCL) against the
-    same job reducing through the host over MPI: identical; the dropout-free
+    same job reducing through the host over MPI: equal; the dropout-free
     models also match the CPU run (CuPy kernels sum in another order)."""
     got = {}
     for name, extra in [("nccl", []), ("mpi", ["--backend", "mpi"])]:
@@ -676,9 +676,10 @@ def test_nccl_job_of_one_rank_trains_like_the_mpi_path_and_the_cpu(runs, tmp_pat
         with np.load(tmp_path / f"{name}.npz") as z:
             got[name] = {k: z[k] for k in z.files}
         assert str(got[name]["backend"]) == name
-    for k in got["mpi"]:
-        if k != "backend":
-            np.testing.assert_array_equal(got["nccl"][k], got["mpi"][k], err_msg=k)
+    assert float(got["nccl"]["in_sync"]) == 1.0
+    for config in CONFIGS:  # the same kernels, one rank: the transports agree (bit-equal unless cuBLAS varies)
+        assert max_rel_diff(got["nccl"], got["mpi"], config) <= TOL[config.split("_")[1]], config
+        assert float(got["nccl"][f"{config}/accuracy"]) == float(got["mpi"][f"{config}/accuracy"])
     for config in ("simple_float32", "simple_float64"):
         diff = max_rel_diff(got["nccl"], runs["ref"], config)
         print(f"GPU NCCL 1 rank vs CPU 1 process, {config}: max relative difference {diff:.2e}")
