@@ -119,7 +119,8 @@ def _declared_entry_points(text: str) -> set[str]:
 
 
 def test_every_cu_file_is_a_listed_source():
-    assert sorted(p.stem for p in KERNEL_DIR.glob("*.cu")) == sorted(cuda_source.SOURCES)
+    assert sorted(p.stem for p in KERNEL_DIR.glob("*.cu")) == sorted((*cuda_source.SOURCES, cuda_source.COMMON))
+    assert not _declared_entry_points(cuda_source.source_path(cuda_source.COMMON).read_text()), "common.cu holds helpers only"
     assert {s for s, _ in _launched_kernels()} == set(cuda_source.SOURCES)
 
 
@@ -169,8 +170,9 @@ needs_nvcc = pytest.mark.skipif(
 @pytest.mark.parametrize("arch", [None, *ARCHES], ids=["default-arch", *ARCHES])
 @pytest.mark.parametrize("source", cuda_source.SOURCES)
 def test_nvcc_compiles_source_to_ptx(source, arch, tmp_path):
-    ptx = tmp_path / f"{source}.ptx"
-    proc = _nvcc_ptx(pathlib.Path(str(cuda_source.source_path(source))), arch, ptx)
+    src, ptx = tmp_path / f"{source}.cu", tmp_path / f"{source}.ptx"
+    src.write_text(cuda_source.read_source(source))  # what NVRTC gets: common.cu + <source>.cu
+    proc = _nvcc_ptx(src, arch, ptx)
     assert proc.returncode == 0, f"{proc.command}\n{proc.stdout}{proc.stderr}"
     text = ptx.read_text()
     if arch:
@@ -369,6 +371,15 @@ def test_im2col_and_col2im_equal_generic(impl, seeded, dtype):
         check(impl, got, want, f"col2im {what}", seed, dtype=dtype)
 
 
+def check_backward(impl, op, dout, gcache, wcache, what, seed, dtype):
+    """``op`` (a convolution backward) from the kernel's cache against the generic one,
+    with and without dx."""
+    for need_dx in (True, False):
+        got = getattr(impl.ops, op)(dout, gcache, need_dx=need_dx)
+        want = generic(op, dout, wcache, need_dx=need_dx)
+        check_grads(impl, got, want, f"{op} need_dx={need_dx} {what}", seed, dtype, need_dx)
+
+
 def check_grads(impl, got, want, what, seed, dtype, need_dx=True):
     assert (got[0] is None) == (not need_dx), f"{impl.name}: {what}: dx must be None exactly when need_dx=False"
     for name, g, w in zip(("dx", "dW", "db"), got, want):
@@ -390,16 +401,7 @@ def test_conv_forward_backward_equal_generic(impl, seeded, dtype, relu):
         got, gcache = impl.ops.conv2d_forward(x, Wt, b, stride, pad, relu=relu)
         check(impl, got, want, f"conv2d_forward {what}", seed, dtype=dtype)
         dout = randn(impl, rng, tuple(want.shape), dtype)
-        for need_dx in (True, False):
-            check_grads(
-                impl,
-                impl.ops.conv2d_backward(dout, gcache, need_dx=need_dx),
-                generic("conv2d_backward", dout, wcache, need_dx=need_dx),
-                f"conv2d_backward need_dx={need_dx} {what}",
-                seed,
-                dtype,
-                need_dx,
-            )
+        check_backward(impl, "conv2d_backward", dout, gcache, wcache, what, seed, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -433,16 +435,7 @@ def test_conv_relu_maxpool_equals_generic(impl, seeded, dtype, values):
         assert none is None
         check(impl, inference, got, f"conv2d_relu_maxpool_forward training=False {what}", seed, exact=True)
         dout = randn(impl, rng, tuple(want.shape), dtype)
-        for need_dx in (True, False):
-            check_grads(
-                impl,
-                impl.ops.conv2d_relu_maxpool_backward(dout, gcache, need_dx=need_dx),
-                generic("conv2d_relu_maxpool_backward", dout, wcache, need_dx=need_dx),
-                f"conv2d_relu_maxpool_backward need_dx={need_dx} {what}",
-                seed,
-                dtype,
-                need_dx,
-            )
+        check_backward(impl, "conv2d_relu_maxpool_backward", dout, gcache, wcache, what, seed, dtype)
         done += 1
     assert done >= 10
     with pytest.raises(RuntimeError, match="training=False"):
@@ -450,19 +443,21 @@ def test_conv_relu_maxpool_equals_generic(impl, seeded, dtype, values):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("values", ["normal", "ties"])
-def test_max_pool_equals_generic_first_maximum_wins(impl, seeded, dtype, values):
+@pytest.mark.parametrize("kind, values", [("max", "normal"), ("max", "ties"), ("avg", "normal")])
+def test_pooling_equals_generic(impl, seeded, dtype, kind, values):
+    # max pooling with ties: the first maximum of each window wins, as xp.argmax's
     rng, seed = seeded
+    fwd, bwd = f"{kind}_pool2d_forward", f"{kind}_pool2d_backward"
     for N, C, H, W, KH, KW, stride, pad in geometries(rng, 20, max_filter=4):
         what = f"N={N} C={C} H={H} W={W} pool={KH}x{KW} stride={stride} pad={pad} {dtype} {values}"
         host = rng.integers(0, 3, size=(N, C, H, W)) if values == "ties" else rng.standard_normal((N, C, H, W))
         x = impl.asarray(host.astype(dtype))
-        want, wcache = generic("max_pool2d_forward", x, KH, KW, stride, pad)
-        got, gcache = impl.ops.max_pool2d_forward(x, KH, KW, stride, pad)
-        check(impl, got, want, f"max_pool2d_forward {what}", seed, exact=True)
+        want, wcache = generic(fwd, x, KH, KW, stride, pad)
+        got, gcache = getattr(impl.ops, fwd)(x, KH, KW, stride, pad)
+        check(impl, got, want, f"{fwd} {what}", seed, exact=kind == "max", dtype=dtype)
         dout = randn(impl, rng, tuple(want.shape), dtype)
-        got = impl.ops.max_pool2d_backward(dout, gcache)
-        check(impl, got, generic("max_pool2d_backward", dout, wcache), f"max_pool2d_backward {what}", seed, dtype=dtype)
+        got = getattr(impl.ops, bwd)(dout, gcache)
+        check(impl, got, generic(bwd, dout, wcache), f"{bwd} {what}", seed, dtype=dtype)
 
 
 def test_max_pool_nan_and_infinities_route_like_argmax(impl, seeded):
@@ -476,20 +471,6 @@ def test_max_pool_nan_and_infinities_route_like_argmax(impl, seeded):
         dout = randn(impl, rng, tuple(want.shape), "float32")
         got = impl.ops.max_pool2d_backward(dout, gcache)
         check(impl, got, generic("max_pool2d_backward", dout, wcache), f"max_pool2d_backward stride={stride} pad={pad}", seed)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_avg_pool_equals_generic(impl, seeded, dtype):
-    rng, seed = seeded
-    for N, C, H, W, KH, KW, stride, pad in geometries(rng, 20, max_filter=4):
-        what = f"N={N} C={C} H={H} W={W} pool={KH}x{KW} stride={stride} pad={pad} {dtype}"
-        x = randn(impl, rng, (N, C, H, W), dtype)
-        want, wcache = generic("avg_pool2d_forward", x, KH, KW, stride, pad)
-        got, gcache = impl.ops.avg_pool2d_forward(x, KH, KW, stride, pad)
-        check(impl, got, want, f"avg_pool2d_forward {what}", seed, dtype=dtype)
-        dout = randn(impl, rng, tuple(want.shape), dtype)
-        got = impl.ops.avg_pool2d_backward(dout, gcache)
-        check(impl, got, generic("avg_pool2d_backward", dout, wcache), f"avg_pool2d_backward {what}", seed, dtype=dtype)
 
 
 def test_launches_split_over_the_batch_give_the_same_result(impl, seeded, monkeypatch):

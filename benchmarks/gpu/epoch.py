@@ -194,12 +194,14 @@ def torch_setup(model: str, batch: int, x_host, t_host, tf32: bool, device: str 
 
 
 def torch_peak(torch, fn) -> int:
+    """Most bytes torch's caching allocator had allocated during ``fn`` beyond its level before."""
     torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
+    stats = torch.cuda.memory_stats
+    before = stats()["allocated_bytes.all.current"]
     fn()
     torch.cuda.synchronize()
-    return max(0, torch.cuda.max_memory_allocated() - base)
+    return max(0, stats()["allocated_bytes.all.peak"] - before)
 
 
 # ------------------------------------------------------------------ timing

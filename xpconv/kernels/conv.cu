@@ -2,8 +2,9 @@
 // moves around the cuBLAS matrix products with bias, ReLU and max pooling fused
 // in (the conv -> ReLU -> max-pool block never writes the convolution's output).
 //
-// Loaded by xpconv/kernels/cuda_source.py into a cupy.RawModule (NVRTC) and
-// driven by xpconv/kernels/cupy_ops.py.  Every kernel is one pass, one thread
+// Loaded by xpconv/kernels/cuda_source.py into a cupy.RawModule (NVRTC), after
+// the helpers of common.cu (XPC_FOR_EACH, xpc_windows_covering, xpc_window_max),
+// and driven by xpconv/kernels/cupy_ops.py.  Every kernel is one pass, one thread
 // per output element, in a grid-stride loop; each has a float (_f32) and a
 // double (_f64) entry point with C linkage.  Results equal the generic code in
 // xpconv/ops.py, summing in the same order (tests/test_cupy_kernels.py).
@@ -20,10 +21,6 @@
 // Shapes: N batch, C channels, H/W height/width, FH/FW filter, SH/SW stride,
 // PH/PW pad, OH/OW output, K = C*FH*FW, P = OH*OW, F = filters.
 
-#define XPC_FOR_EACH(idx, total)                                                     \
-    for (unsigned int idx##_u = blockIdx.x * blockDim.x + threadIdx.x;               \
-         idx##_u < (unsigned int)(total); idx##_u += blockDim.x * gridDim.x)
-
 // col (N*OH*OW, C*FH*FW): row (n*OH + i)*OW + j, column (c*FH + fy)*FW + fx holds
 // x[n, c, i*SH - PH + fy, j*SW - PW + fx], or pad_value outside the image.
 template <typename T>
@@ -32,18 +29,10 @@ __device__ __forceinline__ void im2col_impl(const T* __restrict__ x, T* __restri
                                             int PH, int PW, int OH, int OW, T pad_value)
 {
     const int K = C * FH * FW;
-    XPC_FOR_EACH(e, total) {
-        const int idx = (int)e_u;
-        const int r = idx / K;
-        const int k = idx - r * K;
-        const int j = r % OW;
-        const int t = r / OW;
-        const int i = t % OH;
-        const int n = t / OH;
-        const int fx = k % FW;
-        const int t2 = k / FW;
-        const int fy = t2 % FH;
-        const int c = t2 / FH;
+    XPC_FOR_EACH(idx, total) {
+        int n, i, j, k, c, fy, fx;
+        xpc_unravel4(idx, OH, OW, K, n, i, j, k);
+        xpc_unravel3(k, FH, FW, c, fy, fx);
         const int h = i * SH - PH + fy;
         const int w = j * SW - PW + fx;
         col[idx] = (h >= 0 && h < H && w >= 0 && w < W) ? x[((n * C + c) * H + h) * W + w] : pad_value;
@@ -59,27 +48,14 @@ __device__ __forceinline__ void col2im_impl(const T* __restrict__ col, T* __rest
                                             int PH, int PW, int OH, int OW)
 {
     const int K = C * FH * FW;
-    XPC_FOR_EACH(e, total) {
-        const int idx = (int)e_u;
-        const int w = idx % W;
-        int t = idx / W;
-        const int h = t % H;
-        t /= H;
-        const int c = t % C;
-        const int n = t / C;
-        const int hp = h + PH;
-        const int wp = w + PW;
+    XPC_FOR_EACH(idx, total) {
+        int n, c, h, w;
+        xpc_unravel4(idx, C, H, W, n, c, h, w);
+        const T* cn = col + n * OH * OW * K + c * FH * FW;
         T acc = T(0);
-        for (int fy = hp % SH; fy < FH && fy <= hp; fy += SH) {
-            const int i = (hp - fy) / SH;
-            if (i >= OH) continue;
-            const T* row = col + (n * OH + i) * OW * K + (c * FH + fy) * FW;
-            for (int fx = wp % SW; fx < FW && fx <= wp; fx += SW) {
-                const int j = (wp - fx) / SW;
-                if (j >= OW) continue;
-                acc += row[j * K + fx];
-            }
-        }
+        xpc_windows_covering(h + PH, w + PW, FH, FW, SH, SW, OH, OW, [&](int i, int j, int fy, int fx) {
+            acc += cn[(i * OW + j) * K + fy * FW + fx];
+        });
         x[idx] = acc;
     }
 }
@@ -90,12 +66,9 @@ template <typename T>
 __device__ __forceinline__ void bias_nhwc_to_nchw_impl(const T* __restrict__ y, T* __restrict__ out,
                                                        const T* __restrict__ b, int total, int F, int P, int relu)
 {
-    XPC_FOR_EACH(e, total) {
-        const int idx = (int)e_u;
-        const int p = idx % P;
-        const int t = idx / P;
-        const int f = t % F;
-        const int n = t / F;
+    XPC_FOR_EACH(idx, total) {
+        int n, f, p;
+        xpc_unravel3(idx, F, P, n, f, p);
         T v = y[(n * P + p) * F + f] + b[f];
         if (relu) v = v * (v > T(0) ? T(1) : T(0));
         out[idx] = v;
@@ -108,12 +81,9 @@ template <typename T>
 __device__ __forceinline__ void nchw_to_nhwc_impl(const T* __restrict__ dout, const T* __restrict__ mask,
                                                   T* __restrict__ d, int total, int F, int P)
 {
-    XPC_FOR_EACH(e, total) {
-        const int idx = (int)e_u;
-        const int f = idx % F;
-        const int t = idx / F;
-        const int p = t % P;
-        const int n = t / P;
+    XPC_FOR_EACH(idx, total) {
+        int n, p, f;
+        xpc_unravel3(idx, P, F, n, p, f);
         const int s = (n * F + f) * P + p;
         T v = dout[s];
         if (mask) v = v * (mask[s] > T(0) ? T(1) : T(0));
@@ -134,37 +104,16 @@ __device__ __forceinline__ void bias_relu_maxpool_impl(const T* __restrict__ y, 
                                                        int SH, int SW, int PH, int PW, int QH, int QW,
                                                        T neg_inf)
 {
-    XPC_FOR_EACH(e, total) {
-        const int idx = (int)e_u;
-        const int qj = idx % QW;
-        int t = idx / QW;
-        const int qi = t % QH;
-        t /= QH;
-        const int f = t % F;
-        const int n = t / F;
+    XPC_FOR_EACH(idx, total) {
+        int n, f, qi, qj;
+        xpc_unravel4(idx, F, QH, QW, n, f, qi, qj);
         const T* yn = y + n * OH * OW * F + f;
         const T bias = b[f];
-        const int h0 = qi * SH - PH;
-        const int w0 = qj * SW - PW;
-        T best = neg_inf;
-        int arg = 0;
-        for (int ky = 0; ky < KH; ++ky) {
-            const int h = h0 + ky;
-            const bool row_in = h >= 0 && h < OH;
-            for (int kx = 0; kx < KW; ++kx) {
-                const int w = w0 + kx;
-                T v = neg_inf;
-                if (row_in && w >= 0 && w < OW) {
-                    v = yn[(h * OW + w) * F] + bias;
-                    v = v * (v > T(0) ? T(1) : T(0));
-                }
-                const int k = ky * KW + kx;
-                if (k == 0 || v > best || (v != v && best == best)) {
-                    best = v;
-                    arg = k;
-                }
-            }
-        }
+        int arg;
+        const T best = xpc_window_max(qi * SH - PH, qj * SW - PW, KH, KW, OH, OW, neg_inf, [&](int h, int w) {
+            const T v = yn[(h * OW + w) * F] + bias;
+            return v * (v > T(0) ? T(1) : T(0));
+        }, &arg);
         out[idx] = best;
         if (argmax) argmax[idx] = best > T(0) ? arg : -1;
     }
@@ -179,28 +128,15 @@ __device__ __forceinline__ void maxpool_bwd_nhwc_impl(const T* __restrict__ dpoo
                                                       int KH, int KW, int SH, int SW, int PH, int PW, int QH,
                                                       int QW)
 {
-    XPC_FOR_EACH(e, total) {
-        const int idx = (int)e_u;
-        const int f = idx % F;
-        int t = idx / F;
-        const int w = t % OW;
-        t /= OW;
-        const int h = t % OH;
-        const int n = t / OH;
+    XPC_FOR_EACH(idx, total) {
+        int n, h, w, f;
+        xpc_unravel4(idx, OH, OW, F, n, h, w, f);
         const int base = (n * F + f) * QH * QW;
-        const int hp = h + PH;
-        const int wp = w + PW;
         T acc = T(0);
-        for (int ky = hp % SH; ky < KH && ky <= hp; ky += SH) {
-            const int qi = (hp - ky) / SH;
-            if (qi >= QH) continue;
-            for (int kx = wp % SW; kx < KW && kx <= wp; kx += SW) {
-                const int qj = (wp - kx) / SW;
-                if (qj >= QW) continue;
-                const int o = base + qi * QW + qj;
-                if (argmax[o] == ky * KW + kx) acc += dpool[o];
-            }
-        }
+        xpc_windows_covering(h + PH, w + PW, KH, KW, SH, SW, QH, QW, [&](int qi, int qj, int ky, int kx) {
+            const int o = base + qi * QW + qj;
+            if (argmax[o] == ky * KW + kx) acc += dpool[o];
+        });
         d[idx] = acc;
     }
 }

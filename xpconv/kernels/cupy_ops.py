@@ -37,18 +37,6 @@ import cupy
 from .. import ops
 from . import cuda_source
 
-__all__ = [
-    "avg_pool2d_backward",
-    "avg_pool2d_forward",
-    "col2im",
-    "conv2d_backward",
-    "conv2d_forward",
-    "conv2d_relu_maxpool_backward",
-    "conv2d_relu_maxpool_forward",
-    "im2col",
-    "max_pool2d_backward",
-    "max_pool2d_forward",
-]
 
 _THREADS = 256
 _MAX_BLOCKS = 1 << 16  # grid-stride loops cover larger launches
@@ -331,11 +319,14 @@ _POOL_NAMES = {"max": "Pooling", "avg": "AvgPooling"}
 
 
 def _pool_forward(kind: str, x, pool_h, pool_w, stride, pad):
+    """``<kind>_pool2d_forward``: one kernel, or the generic code for what the kernels do not cover."""
+    sfx = _suffix(x)
+    if sfx is None or len(x.shape) != 4:
+        return _generic(f"{kind}_pool2d_forward", x, pool_h, pool_w, stride, pad)
     N, C, H, W = (int(s) for s in x.shape)
     KH, KW = int(pool_h), int(pool_w)
     geom = _geometry(H, W, KH, KW, stride, pad, _POOL_NAMES[kind])
     OH, OW = geom[4:]
-    sfx = _suffix(x)
     x = cupy.ascontiguousarray(x)
     out = cupy.empty((N, C, OH, OW), dtype=x.dtype)
     argmax = cupy.empty((N, C, OH, OW), dtype=cupy.int32) if kind == "max" else None
@@ -347,7 +338,13 @@ def _pool_forward(kind: str, x, pool_h, pool_w, stride, pad):
     return out, cache
 
 
-def _pool_backward(dout, cache: _PoolCache):
+def _pool_backward(kind: str, dout, cache):
+    """``<kind>_pool2d_backward`` of the cache's forward: a generic cache (a tuple)
+    goes to the generic code, a kernel's to one gather kernel."""
+    op = f"{kind}_pool2d_backward"
+    if isinstance(cache, tuple):
+        return _generic(op, dout, cache)
+    _check_cache(op, cache, _PoolCache, kind)
     N, C, H, W = cache.x_shape
     OH, OW = cache.geometry[4:]
     dout = _dout(_POOL_NAMES[cache.kind], dout, (N, C, OH, OW), cache.dtype)
@@ -360,39 +357,29 @@ def _pool_backward(dout, cache: _PoolCache):
     return dx
 
 
-def _poolable(x) -> bool:
-    return _suffix(x) is not None and len(x.shape) == 4
-
-
 def max_pool2d_forward(x, pool_h, pool_w, stride=1, pad=0):
     """Max pooling in one kernel that also records each window's first argmax; see
     :func:`xpconv.ops.max_pool2d_forward`."""
-    if not _poolable(x):
-        return _generic("max_pool2d_forward", x, pool_h, pool_w, stride, pad)
     return _pool_forward("max", x, pool_h, pool_w, stride, pad)
 
 
 def max_pool2d_backward(dout, cache):
     """One gather kernel: each input pixel sums the gradients of the windows whose
     argmax it is; see :func:`xpconv.ops.max_pool2d_backward`."""
-    if isinstance(cache, tuple):
-        return _generic("max_pool2d_backward", dout, cache)
-    _check_cache("max_pool2d_backward", cache, _PoolCache, "max")
-    return _pool_backward(dout, cache)
+    return _pool_backward("max", dout, cache)
 
 
 def avg_pool2d_forward(x, pool_h, pool_w, stride=1, pad=0):
     """Average pooling (zero padding counted) in one kernel; see
     :func:`xpconv.ops.avg_pool2d_forward`."""
-    if not _poolable(x):
-        return _generic("avg_pool2d_forward", x, pool_h, pool_w, stride, pad)
     return _pool_forward("avg", x, pool_h, pool_w, stride, pad)
 
 
 def avg_pool2d_backward(dout, cache):
     """One gather kernel: each input pixel sums dout / (KH*KW) over the windows
     covering it; see :func:`xpconv.ops.avg_pool2d_backward`."""
-    if isinstance(cache, tuple):
-        return _generic("avg_pool2d_backward", dout, cache)
-    _check_cache("avg_pool2d_backward", cache, _PoolCache, "avg")
-    return _pool_backward(dout, cache)
+    return _pool_backward("avg", dout, cache)
+
+
+#: the ops of :mod:`xpconv.ops` this module has kernels for (each with the generic signature)
+__all__ = sorted(name for name in ops.__all__ if name in globals())

@@ -1,7 +1,7 @@
 // xpconv CUDA kernels for max and average pooling, forward and backward.
 //
-// Loaded by xpconv/kernels/cuda_source.py into a cupy.RawModule (NVRTC) and
-// driven by xpconv/kernels/cupy_ops.py.  One thread per output element in a
+// Loaded by xpconv/kernels/cuda_source.py into a cupy.RawModule (NVRTC), after
+// the helpers of common.cu, and driven by xpconv/kernels/cupy_ops.py.  One thread per output element in a
 // grid-stride loop; a float (_f32) and a double (_f64) entry point of each
 // kernel with C linkage.  Results equal the generic code in xpconv/ops.py
 // (tests/test_cupy_kernels.py).  No #include (NVRTC has no host headers);
@@ -15,10 +15,6 @@
 // Shapes: x (N, C, H, W); windows KH x KW, stride SH/SW, pad PH/PW; out and the
 // argmax (N, C, OH, OW).  Window position k = ky*KW + kx, as in the generic code.
 
-#define XPC_FOR_EACH(idx, total)                                                     \
-    for (unsigned int idx##_u = blockIdx.x * blockDim.x + threadIdx.x;               \
-         idx##_u < (unsigned int)(total); idx##_u += blockDim.x * gridDim.x)
-
 // Max over each window; padding reads as neg_inf (-inf, passed in since NVRTC
 // has no INFINITY).  argmax is the first maximal position (as xp.argmax: the
 // first of tied maxima, the first NaN if any).
@@ -28,31 +24,13 @@ __device__ __forceinline__ void max_pool_fwd_impl(const T* __restrict__ x, T* __
                                                   int KH, int KW, int SH, int SW, int PH, int PW,
                                                   int OH, int OW, T neg_inf)
 {
-    XPC_FOR_EACH(e, total) {
-        const int idx = (int)e_u;
-        const int j = idx % OW;
-        int t = idx / OW;
-        const int i = t % OH;
-        t /= OH;  // n*C + c
+    XPC_FOR_EACH(idx, total) {
+        int t, i, j;  // t = n*C + c
+        xpc_unravel3(idx, OH, OW, t, i, j);
         const T* xc = x + t * H * W;
-        const int h0 = i * SH - PH;
-        const int w0 = j * SW - PW;
-        T best = neg_inf;
-        int arg = 0;
-        for (int ky = 0; ky < KH; ++ky) {
-            const int h = h0 + ky;
-            const bool row_in = h >= 0 && h < H;
-            for (int kx = 0; kx < KW; ++kx) {
-                const int w = w0 + kx;
-                const T v = (row_in && w >= 0 && w < W) ? xc[h * W + w] : neg_inf;
-                const int k = ky * KW + kx;
-                if (k == 0 || v > best || (v != v && best == best)) {
-                    best = v;
-                    arg = k;
-                }
-            }
-        }
-        out[idx] = best;
+        int arg;
+        out[idx] = xpc_window_max(i * SH - PH, j * SW - PW, KH, KW, H, W, neg_inf,
+                                  [&](int h, int w) { return xc[h * W + w]; }, &arg);
         argmax[idx] = arg;
     }
 }
@@ -65,26 +43,15 @@ __device__ __forceinline__ void max_pool_bwd_impl(const T* __restrict__ dout, co
                                                   T* __restrict__ dx, int total, int H, int W, int KH,
                                                   int KW, int SH, int SW, int PH, int PW, int OH, int OW)
 {
-    XPC_FOR_EACH(e, total) {
-        const int idx = (int)e_u;
-        const int w = idx % W;
-        int t = idx / W;
-        const int h = t % H;
-        t /= H;  // n*C + c
+    XPC_FOR_EACH(idx, total) {
+        int t, h, w;  // t = n*C + c
+        xpc_unravel3(idx, H, W, t, h, w);
         const int base = t * OH * OW;
-        const int hp = h + PH;
-        const int wp = w + PW;
         T acc = T(0);
-        for (int ky = hp % SH; ky < KH && ky <= hp; ky += SH) {
-            const int i = (hp - ky) / SH;
-            if (i >= OH) continue;
-            for (int kx = wp % SW; kx < KW && kx <= wp; kx += SW) {
-                const int j = (wp - kx) / SW;
-                if (j >= OW) continue;
-                const int o = base + i * OW + j;
-                if (argmax[o] == ky * KW + kx) acc += dout[o];
-            }
-        }
+        xpc_windows_covering(h + PH, w + PW, KH, KW, SH, SW, OH, OW, [&](int i, int j, int ky, int kx) {
+            const int o = base + i * OW + j;
+            if (argmax[o] == ky * KW + kx) acc += dout[o];
+        });
         dx[idx] = acc;
     }
 }
@@ -95,12 +62,9 @@ __device__ __forceinline__ void avg_pool_fwd_impl(const T* __restrict__ x, T* __
                                                   int H, int W, int KH, int KW, int SH, int SW, int PH,
                                                   int PW, int OH, int OW)
 {
-    XPC_FOR_EACH(e, total) {
-        const int idx = (int)e_u;
-        const int j = idx % OW;
-        int t = idx / OW;
-        const int i = t % OH;
-        t /= OH;
+    XPC_FOR_EACH(idx, total) {
+        int t, i, j;  // t = n*C + c
+        xpc_unravel3(idx, OH, OW, t, i, j);
         const T* xc = x + t * H * W;
         const int h0 = i * SH - PH;
         const int w0 = j * SW - PW;
@@ -124,25 +88,13 @@ __device__ __forceinline__ void avg_pool_bwd_impl(const T* __restrict__ dout, T*
                                                   int PW, int OH, int OW)
 {
     const T count = T(KH * KW);
-    XPC_FOR_EACH(e, total) {
-        const int idx = (int)e_u;
-        const int w = idx % W;
-        int t = idx / W;
-        const int h = t % H;
-        t /= H;
+    XPC_FOR_EACH(idx, total) {
+        int t, h, w;  // t = n*C + c
+        xpc_unravel3(idx, H, W, t, h, w);
         const int base = t * OH * OW;
-        const int hp = h + PH;
-        const int wp = w + PW;
         T acc = T(0);
-        for (int ky = hp % SH; ky < KH && ky <= hp; ky += SH) {
-            const int i = (hp - ky) / SH;
-            if (i >= OH) continue;
-            for (int kx = wp % SW; kx < KW && kx <= wp; kx += SW) {
-                const int j = (wp - kx) / SW;
-                if (j >= OW) continue;
-                acc += dout[base + i * OW + j] / count;
-            }
-        }
+        xpc_windows_covering(h + PH, w + PW, KH, KW, SH, SW, OH, OW,
+                             [&](int i, int j, int, int) { acc += dout[base + i * OW + j] / count; });
         dx[idx] = acc;
     }
 }
