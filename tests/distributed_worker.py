@@ -12,7 +12,7 @@ checkpoint (parameters, optimizer state, step) after global step S; --resume CKP
 continues from one, on however many ranks this run has.  --fail-rank/--fail-step/
 --fail-mode inject a fault (raise, exit: os._exit(3), kill: SIGKILL).  --device cuda
 trains CuPy models, one GPU per rank, reduced with NCCL (or --backend mpi: staged
-through the host).
+through the host); --xp torch trains torch CPU models (reduced through NumPy buffers).
 """
 
 from __future__ import annotations
@@ -89,11 +89,12 @@ def main():
     ap.add_argument("--fail-mode", choices=["raise", "exit", "kill"], default="raise")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--backend", choices=["auto", "mpi", "nccl"], default="auto")
+    ap.add_argument("--xp", choices=["numpy", "torch", "array_api_strict"], help="CPU models of this namespace (default: numpy)")
     args = ap.parse_args()
 
     comm = distributed.setup(device=args.device, backend=args.backend)
     x, t = data()
-    xp = "cupy" if comm.device == "cuda" else "numpy"
+    xp = "cupy" if comm.device == "cuda" else (args.xp or "numpy")
     nets = {f"{k}_{d}": build(k, d, args.seed + comm.rank, xp) for k, d in CONFIGS}
     # the data in each model's namespace (host NumPy arrays stay as they are)
     on = {name: (x, t) if xp == "numpy" else (asarray_in(x, net.xp, dtype=net.dtype), asarray_in(t, net.xp))

@@ -446,6 +446,20 @@ def test_K_ranks_give_the_single_process_parameters(runs, K, record_property, ca
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
+def test_models_of_another_namespace_are_reduced_through_the_host(runs, tmp_path):
+    """torch CPU models on 2 ranks: their gradients go through the host buffers over
+    MPI (the path GPU arrays take without NCCL) and end where NumPy's 1 process ends."""
+    rc, log, _ = launch(2, tmp_path / "torch.npz", "--xp", "torch")
+    assert rc == 0, log[-3000:]
+    with np.load(tmp_path / "torch.npz") as z:
+        got = {k: z[k] for k in z.files}
+    assert str(got["backend"]) == "mpi" and float(got["in_sync"]) == 1.0
+    for config in CONFIGS:
+        assert max_rel_diff(got, runs["ref"], config) <= TOL[config.split("_")[1]], config
+
+
+@pytest.mark.slow
 def test_checkpoint_from_2_ranks_resumes_on_1(runs):
     """Exact equality cannot hold: steps 1-10 summed the gradient over two shards
     and then over ranks (a different rounding order from one process), so the
