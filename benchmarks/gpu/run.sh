@@ -32,6 +32,7 @@ OUT=${OUT:-$root/benchmarks/results/gpu-local}
 mkdir -p "$OUT"
 LOG=$OUT/gpu-run.log
 SUMMARY=$OUT/summary.md
+TMP=$(mktemp -d)  # each stage's own output, for the summary (not under $OUT: at most 8 files come back)
 : >"$LOG"
 : >"$SUMMARY"
 exec > >(tee -a "$LOG") 2>&1
@@ -55,7 +56,11 @@ run_limited() {
   echo "\$ timeout $cap $*"
   timeout --kill-after=10 "$cap" "$@"
 }
-pytest_line() { grep -E '^(=+ )?[0-9]+ (passed|failed|error|skipped|deselected)|^=+ .*(passed|failed|error).* in [0-9.]+s' "$1" | tail -1; }
+pytest_line() {
+  local line
+  line=$(grep -E '^(=+ )?[0-9]+ (passed|failed|error|skipped|deselected)|^=+ .*(passed|failed|error).* in [0-9.]+s' "$1" | tail -1)
+  echo "${line:-no pytest summary (stopped by its time limit? see gpu-run.log)}"
+}
 
 # ------------------------------------------------------------------ setup
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -103,14 +108,14 @@ EOF
     ;;
   kernels)
     say "kernels: tests/test_cupy_kernels.py"
-    run_limited 150 $PY -m pytest -p no:cacheprovider -q -rs --durations=10 tests/test_cupy_kernels.py 2>&1 | tee "$OUT/.kernels.txt"
-    note "pytest tests/test_cupy_kernels.py: $(pytest_line "$OUT/.kernels.txt")"
+    run_limited 150 $PY -m pytest -p no:cacheprovider -q -rs --durations=10 tests/test_cupy_kernels.py 2>&1 | tee "$TMP/kernels.txt"
+    note "pytest tests/test_cupy_kernels.py: $(pytest_line "$TMP/kernels.txt")"
     ;;
   bench)
     say "bench: python -m benchmarks --device cuda"
     if [ -f benchmarks/__main__.py ]; then
-      run_limited 200 $PY -m benchmarks --device cuda --json "$OUT/bench-cuda.json" 2>&1 | tee "$OUT/.bench.txt"
-      { echo; echo "## python -m benchmarks --device cuda (last lines)"; echo; echo '```'; tail -40 "$OUT/.bench.txt"; echo '```'; } >>"$SUMMARY"
+      run_limited 200 $PY -m benchmarks --device cuda --json "$OUT/bench-cuda.json" 2>&1 | tee "$TMP/bench.txt"
+      { echo; echo "## python -m benchmarks --device cuda (last lines)"; echo; echo '```'; tail -40 "$TMP/bench.txt"; echo '```'; } >>"$SUMMARY"
     else
       note "bench: benchmarks/__main__.py is missing in this tree -- the epoch stage still compares with torch"
     fi
@@ -118,11 +123,11 @@ EOF
   epoch)
     say "epoch: benchmarks/gpu/epoch.py"
     run_limited 150 $PY benchmarks/gpu/epoch.py --models simple,deep --batches 100,1000 --profile --json "$OUT/epoch.json" \
-      2>&1 | tee "$OUT/.epoch.txt"
-    if grep -q '^## one 60,000-sample epoch' "$OUT/.epoch.txt"; then
-      { echo; sed -n '/^## one 60,000-sample epoch/,$p' "$OUT/.epoch.txt"; grep '^### profile' "$OUT/.epoch.txt"; } >>"$SUMMARY"
+      2>&1 | tee "$TMP/epoch.txt"
+    if grep -q '^## one 60,000-sample epoch' "$TMP/epoch.txt"; then
+      { echo; sed -n '/^## one 60,000-sample epoch/,$p' "$TMP/epoch.txt"; grep '^### profile' "$TMP/epoch.txt"; } >>"$SUMMARY"
     else
-      { echo; echo "epoch.py did not finish; its last lines:"; echo '```'; tail -15 "$OUT/.epoch.txt"; echo '```'; } >>"$SUMMARY"
+      { echo; echo "epoch.py did not finish; its last lines:"; echo '```'; tail -15 "$TMP/epoch.txt"; echo '```'; } >>"$SUMMARY"
     fi
     ;;
   gpu)
@@ -130,15 +135,15 @@ EOF
     extra=()
     $PY -c "import pytest_timeout" 2>/dev/null && extra=(--timeout=180)
     run_limited 400 $PY -m pytest -p no:cacheprovider -q -rs -m gpu --durations=15 "${extra[@]}" \
-      --ignore=tests/test_cupy_kernels.py tests 2>&1 | tee "$OUT/.gpu.txt"
-    note "pytest -m gpu (without test_cupy_kernels.py): $(pytest_line "$OUT/.gpu.txt")"
+      --ignore=tests/test_cupy_kernels.py tests 2>&1 | tee "$TMP/gpu.txt"
+    note "pytest -m gpu (without test_cupy_kernels.py): $(pytest_line "$TMP/gpu.txt")"
     ;;
   *)
     echo "unknown stage $stage (expected machine kernels bench epoch gpu)"
     ;;
   esac
 done
-rm -f "$OUT"/.kernels.txt "$OUT"/.bench.txt "$OUT"/.epoch.txt "$OUT"/.gpu.txt
+rm -rf "$TMP"
 
 say "summary (also in $SUMMARY)"
 cat "$SUMMARY"
