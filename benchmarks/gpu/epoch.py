@@ -80,6 +80,7 @@ class CupyPeak:
                 outer.used -= kw["mem_size"]
 
         self.cupy, self.Hook = cupy, Hook
+        self.used = self.peak = 0
 
     def measure(self, fn) -> int:
         self.cupy.cuda.get_current_stream().synchronize()
