@@ -148,8 +148,9 @@ def xpconv_trainer_epochs(model: str, batch: int, epochs: int, x_host, t_host, n
 def torch_setup(model: str, batch: int, x_host, t_host, tf32: bool, device: str = "cuda"):
     import torch
 
-    torch.backends.cudnn.allow_tf32 = tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
+    if device == "cuda":
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     nn = torch.nn
     if model == "simple":
         layers = [nn.Conv2d(1, 30, 5), nn.ReLU(), nn.MaxPool2d(2, 2), nn.Flatten(), nn.Linear(30 * 12 * 12, 100), nn.ReLU(), nn.Linear(100, 10)]
@@ -217,10 +218,10 @@ def timed_epochs(epoch_fn, epochs: int) -> list[float]:
     return out
 
 
-def summarise(name, model, batch, seconds, peak) -> dict:
+def summarise(name, model, batch, seconds, peak, samples: int = EPOCH_SAMPLES) -> dict:
     rest = seconds[1:] or seconds
     med = statistics.median(rest)
-    steps = EPOCH_SAMPLES // batch
+    steps = samples // batch
     return {"impl": name, "model": model, "batch": batch, "epochs": seconds, "epoch_s": med,
             "step_ms": med / steps * 1e3, "samples_per_s": steps * batch / med, "peak_bytes": peak}
 
@@ -260,69 +261,82 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="simple")
     p.add_argument("--batches", default="1000")
     p.add_argument("--epochs", type=int, default=3, help="epochs per implementation; the first is a warm-up (default 3)")
+    p.add_argument("--samples", type=int, default=EPOCH_SAMPLES, help=f"samples per epoch (default {EPOCH_SAMPLES:,})")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: the same flow on NumPy and torch's CPU, to check this script without a GPU "
+                   "(no peak memory, no profile; the numbers mean nothing)")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    cuda = args.device == "cuda"
+    ns = "cupy" if cuda else "numpy"
 
-    import cupy
+    cupy = None
+    if cuda:
+        import cupy
 
-    have_torch = False
+    torch = None
     if not args.no_torch:
         try:
             import torch
-
-            have_torch = torch.cuda.is_available()
         except ImportError:
-            pass
-    x_host, t_host = host_data(EPOCH_SAMPLES)
-    peak = CupyPeak(cupy)
+            torch = None
+        if torch is not None and cuda and not torch.cuda.is_available():
+            torch = None
+    tdev = "cuda" if cuda else "cpu"
+    profiling = args.profile and cuda and torch is not None
+    x_host, t_host = host_data(args.samples)
+    peak = CupyPeak(cupy) if cuda else None
     results, profiles, errors = [], [], []
     models = [m.strip() for m in args.models.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
 
-    def add(r):  # one line as soon as it is measured: a run cut short still shows what it got
+    def add(impl, model, batch, seconds, peak_bytes):  # printed at once: a run cut short keeps what it got
+        r = summarise(impl, model, batch, seconds, peak_bytes, args.samples)
         results.append(r)
         pk = f"{r['peak_bytes'] / 2**20:.0f} MiB" if r["peak_bytes"] is not None else "-"
         print(f"{r['model']} b{r['batch']} {r['impl']}: epochs {[round(s, 3) for s in r['epochs']]} s -> "
               f"{r['epoch_s']:.3f} s/epoch, {r['samples_per_s']:,.0f} samples/s, peak {pk}", flush=True)
 
+    def profiled(label, step, xb, tb):
+        try:
+            profiles.append(profile(label, step, xb, tb, torch))
+        except Exception as exc:  # a profiler that cannot read the GPU must not cost the timings
+            errors.append(f"profile {label}: {type(exc).__name__}: {exc}")
+
     for model in models:
         for batch in batches:
-            xpc = xpconv_setup(model, batch, x_host, t_host)
-            xb, tb = xpc[4][:batch], xpc[5][:batch]
-            loop = timed_epochs(xpc[3], args.epochs)
-            add(summarise("xpconv loop", model, batch, loop, peak.measure(lambda: xpc[2](xb, tb))))
-            if args.profile and have_torch and batch == max(batches):
-                try:
-                    profiles.append(profile(f"xpconv {model} b{batch}", xpc[2], xb, tb, torch))
-                except Exception as exc:
-                    errors.append(f"profile xpconv {model} b{batch}: {type(exc).__name__}: {exc}")
-            del xpc, xb, tb
+            net, _opt, step, epoch, x, t = xpconv_setup(model, batch, x_host, t_host, ns)
+            xb, tb = x[:batch], t[:batch]
+            loop = timed_epochs(epoch, args.epochs)
+            add("xpconv loop", model, batch, loop, peak.measure(lambda: step(xb, tb)) if peak else None)
+            if profiling and batch == max(batches):
+                profiled(f"xpconv {model} b{batch}", step, xb, tb)
+            del net, step, epoch, x, t, xb, tb
             try:
-                tr = xpconv_trainer_epochs(model, batch, args.epochs, x_host, t_host)
-                add(summarise("xpconv trainer", model, batch, tr, None))
+                add("xpconv trainer", model, batch, xpconv_trainer_epochs(model, batch, args.epochs, x_host, t_host, ns), None)
             except Exception as exc:  # the Trainer is another issue's code: report, go on
                 errors.append(f"xpconv trainer {model} b{batch}: {type(exc).__name__}: {exc}")
-            cupy.get_default_memory_pool().free_all_blocks()
-            if have_torch:
-                for tf32 in (False, True):
-                    name = "torch tf32" if tf32 else "torch"
-                    tc = torch_setup(model, batch, x_host, t_host, tf32)
-                    xb, tb = tc[4][:batch], tc[5][:batch]
-                    secs = timed_epochs(tc[3], args.epochs)
-                    add(summarise(name, model, batch, secs, torch_peak(torch, lambda: tc[2](xb, tb))))
-                    if args.profile and not tf32 and batch == max(batches):
-                        try:
-                            profiles.append(profile(f"torch {model} b{batch}", tc[2], xb, tb, torch))
-                        except Exception as exc:
-                            errors.append(f"profile torch {model} b{batch}: {type(exc).__name__}: {exc}")
-                    del tc, xb, tb
+            if cuda:
+                cupy.get_default_memory_pool().free_all_blocks()
+            if torch is None:
+                continue
+            for tf32 in (False, True) if cuda else (False,):
+                _net, _opt, step, epoch, x, t = torch_setup(model, batch, x_host, t_host, tf32, tdev)
+                xb, tb = x[:batch], t[:batch]
+                secs = timed_epochs(epoch, args.epochs)
+                add("torch tf32" if tf32 else "torch", model, batch, secs, torch_peak(torch, lambda: step(xb, tb)) if cuda else None)
+                if profiling and not tf32 and batch == max(batches):
+                    profiled(f"torch {model} b{batch}", step, xb, tb)
+                del _net, step, epoch, x, t, xb, tb
+                if cuda:
                     torch.cuda.empty_cache()
-                torch.backends.cudnn.allow_tf32 = True  # PyTorch's defaults back
+            if cuda:  # PyTorch's defaults back
+                torch.backends.cudnn.allow_tf32 = True
                 torch.backends.cuda.matmul.allow_tf32 = False
 
-    print("\n## one 60,000-sample epoch, median of epochs 2..N (epoch 1 warms up)\n")
+    print(f"\n## one {args.samples:,}-sample epoch, median of epochs 2..N (epoch 1 warms up)\n")
     print("| model | batch | impl | epoch s | ms/step | samples/s | peak MiB | vs torch |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     ref = {(r["model"], r["batch"]): r for r in results if r["impl"] == "torch"}
@@ -335,9 +349,10 @@ def main(argv=None) -> int:
     for e in errors:
         print(f"\nERROR {e}")
     if args.json:
-        info = {"python": platform.python_version(), "cupy": cupy.__version__,
-                "device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()}
-        if have_torch:
+        info = {"python": platform.python_version(), "device": args.device, "samples": args.samples}
+        if cuda:
+            info.update(cupy=cupy.__version__, gpu=cupy.cuda.runtime.getDeviceProperties(0)["name"].decode())
+        if torch is not None:
             info["torch"] = torch.__version__
         with open(args.json, "w") as f:
             json.dump({"info": info, "results": results, "profiles": profiles, "errors": errors}, f, indent=1)
