@@ -481,6 +481,37 @@ def test_max_pool_nan_and_infinities_route_like_argmax(impl, seeded):
         check(impl, got, want, f"max_pool2d_backward stride={stride} pad={pad}", seed)
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_large_launches_wrap_their_grid_stride_loops(seeded):
+    # the random geometries above fit in a few blocks; these launches need more threads
+    # than one grid has (256 x 65536), so every thread goes round its loop several times
+    impl = _cupy_impl()
+    rng, seed = seeded
+    x = randn(impl, rng, (48, 16, 61, 67), "float32")  # 3.1 M elements
+    col = impl.ops.im2col(x, 3, 3, 1, 1)  # 28 M elements: ~2 rounds
+    check(impl, col, generic("im2col", x, 3, 3, 1, 1), "large im2col", seed, exact=True)
+    dcol = randn(impl, rng, tuple(col.shape), "float32")
+    del col
+    check(impl, impl.ops.col2im(dcol, x.shape, 3, 3, 1, 1), generic("col2im", dcol, x.shape, 3, 3, 1, 1), "large col2im", seed)
+    del dcol
+    Wt, b = randn(impl, rng, (32, 16, 3, 3), "float32"), randn(impl, rng, (32,), "float32")
+    args = (x, Wt, b, 1, 1, 2, 2, 2)
+    want, wcache = generic("conv2d_relu_maxpool_forward", *args)
+    got, gcache = impl.ops.conv2d_relu_maxpool_forward(*args)
+    check(impl, got, want, "large conv2d_relu_maxpool_forward", seed)
+    dout = randn(impl, rng, tuple(want.shape), "float32")
+    check_backward(impl, "conv2d_relu_maxpool_backward", dout, gcache, wcache, "large", seed, "float32")
+    xs = randn(impl, rng, (128, 64, 64, 64), "float32")  # 33.5 M elements: 2 rounds
+    for kind in ("max", "avg"):
+        want, wcache = generic(f"{kind}_pool2d_forward", xs, 3, 3, 1, 1)
+        got, gcache = getattr(impl.ops, f"{kind}_pool2d_forward")(xs, 3, 3, 1, 1)
+        check(impl, got, want, f"large {kind}_pool2d_forward", seed, exact=kind == "max")
+        dout = randn(impl, rng, tuple(want.shape), "float32")
+        got = getattr(impl.ops, f"{kind}_pool2d_backward")(dout, gcache)
+        check(impl, got, generic(f"{kind}_pool2d_backward", dout, wcache), f"large {kind}_pool2d_backward", seed)
+
+
 def test_launches_split_over_the_batch_give_the_same_result(impl, seeded, monkeypatch):
     # a tiny index limit forces one launch per sample or two
     rng, seed = seeded
