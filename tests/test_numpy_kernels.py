@@ -47,12 +47,28 @@ FUSED_CASES = [
 ]
 
 
-@pytest.fixture(params=["one-slice", "slice-per-sample"])
+@pytest.fixture(params=["one-slice", "slice-per-sample", "slices-on-3-threads"])
 def chunking(request, monkeypatch):
-    """Run every kernel with its default batch slices and with one sample per GEMM."""
-    if request.param == "slice-per-sample":
+    """Run every kernel with its default batch slices, with one sample per GEMM, and
+    with the slices spread over worker threads (XPCONV_NUM_THREADS)."""
+    monkeypatch.delenv(numpy_ops.THREADS_ENV, raising=False)
+    if request.param != "one-slice":
         monkeypatch.setattr(numpy_ops, "CHUNK_BYTES", 1)
+    if request.param == "slices-on-3-threads":
+        monkeypatch.setenv(numpy_ops.THREADS_ENV, "3")
     return request.param
+
+
+def test_worker_threads_setting(monkeypatch):
+    monkeypatch.setenv(numpy_ops.THREADS_ENV, "two")
+    with pytest.raises(ValueError, match="XPCONV_NUM_THREADS must be a positive integer"):
+        numpy_ops._workers()
+    monkeypatch.setenv(numpy_ops.THREADS_ENV, "2")
+    assert numpy_ops._workers() == 2
+    seen = numpy_ops._for_slices(10, 100, lambda a, b: (a, b))
+    assert seen == [(0, 3), (3, 6), (6, 9), (9, 10)]  # ordered, at least two slices per worker
+    monkeypatch.delenv(numpy_ops.THREADS_ENV)
+    assert numpy_ops._for_slices(10, 4, lambda a, b: (a, b)) == [(0, 4), (4, 8), (8, 10)]
 
 
 def tol(dtype):

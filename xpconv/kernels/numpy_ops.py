@@ -30,6 +30,8 @@ Everything stays in the input's floating dtype (float32 in, float32 out).
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import threading
 
 import numpy as np
@@ -54,6 +56,51 @@ __all__ = [
 CHUNK_BYTES = 4 << 20
 
 _local = threading.local()
+
+#: environment variable: worker threads for batch slices (default 1: BLAS alone
+#: uses the cores).  Opt-in: with OPENBLAS_NUM_THREADS=1 and XPCONV_NUM_THREADS=2,
+#: DeepConvNet trained 30-40% faster on a 2-core machine than with 2 BLAS threads,
+#: SimpleConvNet not at all (benchmarks/README.md).
+THREADS_ENV = "XPCONV_NUM_THREADS"
+_pool_lock = threading.Lock()
+_pools: dict = {}
+
+
+def _workers() -> int:
+    env = os.environ.get(THREADS_ENV)
+    if not env:
+        return 1
+    try:
+        n = int(env)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{THREADS_ENV} must be a positive integer, got {env!r}")
+    return n
+
+
+def _executor(n: int):
+    with _pool_lock:
+        ex = _pools.get(n)
+        if ex is None:
+            ex = _pools[n] = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="xpconv-numpy")
+        return ex
+
+
+def _for_slices(N: int, step: int, body):
+    """[body(n0, n1) for each batch slice of ``step`` samples], in order.
+
+    With several workers ($XPCONV_NUM_THREADS) the slices run concurrently (NumPy's
+    loops and BLAS release the GIL), so the copies, masks and pooling between the
+    GEMMs use every core too.  Each worker has its own scratch buffers; slices touch
+    disjoint samples; the caller sums any partial results."""
+    w = _workers() if N > 1 else 1
+    if w > 1:
+        step = max(1, min(step, -(-N // (2 * w))))  # at least two slices per worker
+    slices = [(n0, min(N, n0 + step)) for n0 in range(0, N, step)]
+    if w <= 1 or len(slices) < 2 or threading.current_thread().name.startswith("xpconv-numpy"):
+        return [body(a, b) for a, b in slices]
+    return list(_executor(w).map(lambda s: body(*s), slices))
 
 
 def _scratch(name: str, size: int, dtype) -> np.ndarray:
@@ -123,25 +170,28 @@ def _positions(g: _Geometry, n: int, strides, pool):
     return (ph, pw, n, g.OH // ph, g.OW // pw), (rH, rW, sN, ph * rH, pw * rW)
 
 
-def _col_chunks(xpad: np.ndarray, g: _Geometry, pool=None):
-    """Yield ``(n0, n1, col)`` over batch slices: col (K + 1, positions) holds the
-    windows of samples n0:n1 (rows ordered C, FH, FW as W's columns; positions as
-    :func:`_positions`) and a last row of ones (for the bias).  col is a reused
-    buffer: valid until the next step."""
+def _slice_step(g: _Geometry, pool, itemsize: int) -> int:
+    """Samples per batch slice: the slice's columns fit in CHUNK_BYTES."""
+    return max(1, min(g.N, CHUNK_BYTES // ((g.K + 1) * _per_sample(g, pool) * itemsize)))
+
+
+def _per_sample(g: _Geometry, pool) -> int:
+    return g.OH * g.OW if pool is None else (g.OH // pool[0]) * pool[0] * (g.OW // pool[1]) * pool[1]
+
+
+def _cols(xpad: np.ndarray, g: _Geometry, pool, n0: int, n1: int) -> np.ndarray:
+    """The columns of samples n0:n1 in this thread's scratch buffer: (K + 1,
+    positions), rows ordered C, FH, FW as W's columns, positions as
+    :func:`_positions`, and a last row of ones (for the bias)."""
     K1 = g.K + 1
-    per_sample = g.OH * g.OW if pool is None else (g.OH // pool[0]) * pool[0] * (g.OW // pool[1]) * pool[1]
-    step = max(1, min(g.N, CHUNK_BYTES // (K1 * per_sample * xpad.itemsize)))
-    buf = _scratch("col", K1 * min(step, g.N) * per_sample, xpad.dtype)
+    m = (n1 - n0) * _per_sample(g, pool)
+    col = _scratch("col", K1 * m, xpad.dtype).reshape(K1, m)
     sC, _, sH, sW = xpad.strides
-    for n0 in range(0, g.N, step):
-        n1 = min(g.N, n0 + step)
-        m = (n1 - n0) * per_sample
-        col = buf[: K1 * m].reshape(K1, m)
-        shape, strides = _positions(g, n1 - n0, xpad.strides, pool)
-        win = as_strided(xpad[:, n0:n1], (g.C, g.FH, g.FW) + shape, (sC, sH, sW) + strides, writeable=False)
-        col[: g.K].reshape(win.shape)[...] = win
-        col[g.K] = 1
-        yield n0, n1, col
+    shape, strides = _positions(g, n1 - n0, xpad.strides, pool)
+    win = as_strided(xpad[:, n0:n1], (g.C, g.FH, g.FW) + shape, (sC, sH, sW) + strides, writeable=False)
+    col[: g.K].reshape(win.shape)[...] = win
+    col[g.K] = 1
+    return col
 
 
 def _scatter_add(dxpad: np.ndarray, dcol: np.ndarray, g: _Geometry, pool=None) -> None:
@@ -202,13 +252,24 @@ def conv2d_forward(x, W, b, stride=1, pad=0, *, relu=False):
     xpad = _padded(_cnhw(x, dt), g.PH, g.PW)
     Wa = _weights_with_bias(W, b, dt)
     out = np.empty((g.FN, g.N, g.OH, g.OW), dt)
-    for n0, n1, col in _col_chunks(xpad, g):
+
+    def body(n0, n1):
         o = out[:, n0:n1].reshape(g.FN, -1)
-        np.matmul(Wa, col, out=o)
+        np.matmul(Wa, _cols(xpad, g, None, n0, n1), out=o)
         if relu:
             np.maximum(o, 0, out=o)
+
+    _for_slices(g.N, _slice_step(g, None, xpad.itemsize), body)
     cache = _ConvCache(g, xpad, Wa, out if relu else None, None, None, dt, tuple(W.shape))
     return out.transpose(1, 0, 2, 3), cache
+
+
+def _sum(parts):
+    """Sum of the per-slice partial gradients."""
+    total = parts[0].copy()
+    for p in parts[1:]:
+        total += p
+    return total
 
 
 def _flat_view(a: np.ndarray, n0: int, n1: int, L: int, offset: int = 0) -> np.ndarray:
@@ -233,25 +294,21 @@ def _conv_backward_flat(d: np.ndarray, cache: _ConvCache, need_dx: bool):
     xpad = np.ascontiguousarray(cache.xpad)
     Hp, Wp = xpad.shape[2], xpad.shape[3]
     L = (g.OH - 1) * Wp + g.OW
-    dWa = np.zeros((FN, K + 1), dt)
     dxpad = np.zeros(xpad.shape, dt) if need_dx else None
     WT = np.ascontiguousarray(cache.Wa[:, :K].T) if need_dx else None
     QH, QW = d.shape[2], d.shape[3]
     Q = QH * QW
-    step = max(1, min(g.N, CHUNK_BYTES // ((K + 1) * L * xpad.itemsize)))
-    colbuf = _scratch("fcol", (K + 1) * min(step, g.N) * L, dt)
-    dzbuf = _scratch("fdz", FN * min(step, g.N) * L, dt)
-    for n0 in range(0, g.N, step):
-        n1 = min(g.N, n0 + step)
+
+    def body(n0, n1):
         n = n1 - n0
-        col = colbuf[: (K + 1) * n * L].reshape(K + 1, n * L)
+        col = _scratch("fcol", (K + 1) * n * L, dt).reshape(K + 1, n * L)
         for ky in range(g.FH):  # the columns: C*FH*FW runs of L per sample
             for kx in range(g.FW):
                 src = _flat_view(xpad, n0, n1, L, ky * Wp + kx)
                 r = ky * g.FW + kx
                 col[: K].reshape(C, g.FH * g.FW, n, L)[:, r] = src
         col[K] = 1
-        dz = dzbuf[: FN * n * L].reshape(FN, n, L)
+        dz = _scratch("fdz", FN * n * L, dt).reshape(FN, n, L)
         dz[...] = 0
         # dz's valid positions as (FN, n, OH, OW)
         sF, sN = dz.strides[0], dz.strides[1]
@@ -274,7 +331,6 @@ def _conv_backward_flat(d: np.ndarray, cache: _ConvCache, need_dx: bool):
                     # every position of a window gets dm or 0 (copyto(where=) is ~7x slower)
                     np.multiply(dm, np.equal(idx, py * pw + px, out=hit), out=tgt)
         dzf = dz.reshape(FN, n * L)
-        dWa += dzf @ col.T
         if need_dx:
             dcol = np.matmul(WT, dzf, out=_scratch("dcol", K * n * L, dt).reshape(K, n * L))
             dv = dcol.reshape(C, g.FH * g.FW, n, L)
@@ -282,6 +338,10 @@ def _conv_backward_flat(d: np.ndarray, cache: _ConvCache, need_dx: bool):
                 for kx in range(g.FW):
                     tgt = _flat_view(dxpad, n0, n1, L, ky * Wp + kx)
                     np.add(tgt, dv[:, ky * g.FW + kx], out=tgt)
+        return dzf @ col.T
+
+    step = max(1, min(g.N, CHUNK_BYTES // ((K + 1) * L * xpad.itemsize)))
+    dWa = _sum(_for_slices(g.N, step, body))
     dW = np.ascontiguousarray(dWa[:, :K]).reshape(cache.W_shape)
     db = dWa[:, K].copy()
     if not need_dx:
@@ -300,12 +360,13 @@ def _conv_backward(d: np.ndarray, cache: _ConvCache, need_dx: bool):
     if g.SH == 1 and g.SW == 1 and need_dx:  # its win is the scatter; without dx the columns below are cheaper
         return _conv_backward_flat(d, cache, need_dx)
     FN, K = g.FN, g.K
-    dWa = np.zeros((FN, K + 1), dt)
     dxpad = np.zeros(cache.xpad.shape, dt) if need_dx else None
     WT = np.ascontiguousarray(cache.Wa[:, :K].T) if need_dx else None
     npool = 1 if pool is None else pool[0] * pool[1]
     Q = d.shape[2] * d.shape[3]
-    for n0, n1, col in _col_chunks(cache.xpad, g, pool):
+
+    def body(n0, n1):
+        col = _cols(cache.xpad, g, pool, n0, n1)
         m = (n1 - n0) * Q
         dchunk = d[:, n0:n1].reshape(FN, m)
         if cache.out is not None:  # the fused ReLU: its output > 0 is its mask
@@ -322,10 +383,12 @@ def _conv_backward(d: np.ndarray, cache: _ConvCache, need_dx: bool):
             for k in range(npool):
                 np.multiply(dm, np.equal(idx, k, out=hit), out=dz[:, k])
             dz = dz.reshape(FN, npool * m)
-        dWa += dz @ col.T
         if need_dx:
             dcol = np.matmul(WT, dz, out=_scratch("dcol", K * dz.shape[1], dt).reshape(K, -1))
             _scatter_add(dxpad[:, n0:n1], dcol, g, pool)
+        return dz @ col.T
+
+    dWa = _sum(_for_slices(g.N, _slice_step(g, pool, cache.xpad.itemsize), body))
     dW = np.ascontiguousarray(dWa[:, :K]).reshape(cache.W_shape)
     db = dWa[:, K].copy()
     if not need_dx:
@@ -367,7 +430,9 @@ def conv2d_relu_maxpool_forward(x, W, b, stride, pad, pool_h, pool_w, pool_strid
     FN, npool, Q = g.FN, ph * pw, QH * QW
     out = np.empty((FN, g.N, QH, QW), dt)
     idx = np.empty((FN, g.N * Q), np.uint8 if npool <= 256 else np.intp) if training else None
-    for n0, n1, col in _col_chunks(xpad, g, (ph, pw)):
+
+    def body(n0, n1):
+        col = _cols(xpad, g, (ph, pw), n0, n1)
         m = (n1 - n0) * Q
         z = _scratch("z", FN * npool * m, dt).reshape(FN, npool, m)
         np.matmul(Wa, col, out=z.reshape(FN, npool * m))
@@ -389,6 +454,8 @@ def conv2d_relu_maxpool_forward(x, W, b, stride, pad, pool_h, pool_w, pool_strid
             for k in range(1, npool):
                 np.maximum(o, z[:, k], out=o)
         np.maximum(o, 0, out=o)  # relu(max(z)) == max(relu(z))
+
+    _for_slices(g.N, _slice_step(g, (ph, pw), xpad.itemsize), body)
     cache = _ConvCache(g, xpad, Wa, out, (ph, pw), idx, dt, tuple(W.shape)) if training else None
     return out.transpose(1, 0, 2, 3), cache
 
