@@ -639,6 +639,9 @@ def _machine(device: str, threads: int | None) -> dict:
         "cores": os.cpu_count(),
         "numpy": np.__version__,
         "threads_requested": threads,
+        # thread and kernel settings that change the numbers
+        "env": {k: os.environ[k] for k in ("XPCONV_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                          "MKL_NUM_THREADS", "OPENBLAS_CORETYPE") if k in os.environ},
     }
     try:
         info["loadavg_start"] = list(os.getloadavg())
@@ -889,7 +892,8 @@ def format_table(result: dict) -> str:
         f"xpconv bench ({result['kind']}): device {s['device']}, float32, input {'x'.join(map(str, s['input_dim']))}, "
         f"median of {s['repeats']} repeats (>= {s['min_time_s']:g} s each), samples/s",
         f"machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores; BLAS {blas_txt}; torch {m.get('torch', '-')} "
-        f"x{m.get('torch_threads', '-')}; load average {_load(m, 'loadavg_start')} -> {_load(m, 'loadavg_end')}",
+        f"x{m.get('torch_threads', '-')}; load average {_load(m, 'loadavg_start')} -> {_load(m, 'loadavg_end')}"
+        + "".join(f"; {k}={v}" for k, v in (m.get("env") or {}).items()),
         "",
     ]
     pairs = [(a, b) for i, a in enumerate(impls) for b in impls[i + 1 :]]
