@@ -62,6 +62,18 @@ def test_quick_suite_writes_json_with_every_cell_and_the_targets(tmp_path, capsy
     assert not list(out.parent.glob(".bench-*")), "the atomic write left its temporary file behind"
 
 
+def test_epochs_run_is_timed_and_reported(tmp_path, capsys):
+    out = tmp_path / "run.json"
+    rc = bench.main(["--quick", "--min-time", "0", "--models", "simple", "--batch-sizes", "4", "--impls", "xpconv",
+                     "--modes", "train", "--repeats", "1", "--epochs-run", "2", "--epoch-samples", "300", "--json", str(out)])
+    assert rc == 0
+    run = json.loads(out.read_text())["epochs_run"]
+    assert (run["epochs"], run["samples_per_epoch"], run["batch"], run["model"]) == (2, 300, 100, "simple")
+    assert run["seconds"] > 0 and run["minutes"] == pytest.approx(run["seconds"] / 60)
+    assert run["train_samples_per_s"] == pytest.approx(600 / run["seconds"])
+    assert "Trainer run: 2 epochs x 300 samples" in capsys.readouterr().out
+
+
 def test_scaling_mode_through_the_cli(tmp_path, capsys):
     out = tmp_path / "scaling.json"
     rc = cli.main(["bench", "--scaling", "--quick", "--min-time", "0", "--models", "deep", "--batch-sizes", "1,3",
