@@ -12,6 +12,12 @@ import pytest
 from xpconv import backend
 
 
+def _torch_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def _available():
     params = [pytest.param("numpy", id="numpy")]
     if importlib.util.find_spec("array_api_strict") is not None:
@@ -20,6 +26,13 @@ def _available():
         raise RuntimeError("array_api_strict is required in CI: pip install '.[test]'")
     if importlib.util.find_spec("torch") is not None:
         params.append(pytest.param("torch", id="torch"))
+        params.append(
+            pytest.param(
+                "torch-cuda",
+                id="torch-cuda",
+                marks=[pytest.mark.gpu, pytest.mark.skipif(not _torch_cuda(), reason="torch sees no CUDA device")],
+            )
+        )
     if importlib.util.find_spec("cupy") is not None:
         params.append(
             pytest.param(
@@ -40,8 +53,18 @@ NAMESPACES = _available()
 @pytest.fixture(params=NAMESPACES)
 def xp(request):
     """The Array-API namespace of one available library (numpy, array_api_strict,
-    torch on CPU, cupy when a CUDA device works)."""
-    return backend.get_namespace(request.param)
+    torch on CPU, cupy and torch on CUDA when a CUDA device works).  For torch-cuda the
+    default device is CUDA while the test runs, so every array a test makes lands there."""
+    if request.param != "torch-cuda":
+        yield backend.get_namespace(request.param)
+        return
+    import torch
+
+    torch.set_default_device("cuda")
+    try:
+        yield backend.get_namespace("torch")
+    finally:
+        torch.set_default_device(None)
 
 
 @pytest.fixture

@@ -105,7 +105,13 @@ def test_evaluation_runs_in_bounded_chunks(digits, monkeypatch):
 
 
 def test_progress_bar_shows_rate_and_loss(digits, capsys, monkeypatch):
-    monkeypatch.setenv("TQDM_MININTERVAL", "0")  # redraw at every update, however fast
+    import tqdm.auto
+
+    class Eager(tqdm.auto.tqdm):  # redraw at every update, however fast
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "mininterval": 0})
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Eager)
     t = Trainer(_net(), *digits, epochs=1, mini_batch_size=50, verbose=False, progress=True, log_every=2)
     t.train()
     err = capsys.readouterr().err

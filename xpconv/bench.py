@@ -319,6 +319,10 @@ class _TorchCase(_Case):
         self.opt = torch.optim.Adam(self.module.parameters(), lr=0.001, eps=1e-7)
         self.host_mem = host_mem
         self.clock = _TorchCudaClock(torch) if self.dev == "cuda" else _CpuClock()
+        if self.dev == "cuda":
+            # float32 against float32: cuDNN may use TF32 by default, CuPy's cuBLAS does not
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
 
     def step(self, mode):
         torch, module, opt, x, t = self.torch, self.module, self.opt, self.x, self.t
@@ -664,6 +668,7 @@ def _machine(device: str, threads: int | None) -> dict:
         info["torch_threads"] = torch.get_num_threads()
         if device == "cuda" and torch.cuda.is_available():
             info["torch_cuda_device"] = torch.cuda.get_device_name()
+            info["torch_tf32"] = "off (cudnn.allow_tf32 = cuda.matmul.allow_tf32 = False)"
     if device == "cuda" and importlib.util.find_spec("cupy") is not None:
         try:
             import cupy

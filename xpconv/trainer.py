@@ -216,10 +216,14 @@ class Trainer:
 
     def epoch_order(self, epoch: int):
         """Host indices of the global batches of ``epoch`` (1-based), seeded by (seed, epoch)."""
-        order = backend.Generator([self.seed, int(epoch)]).permutation(self.train_size)
+        order, stop = self._permutation(epoch)
         B = self.batch_size
-        stop = self.train_size - self.train_size % B
         return [order[i : i + B] for i in range(0, stop, B)]
+
+    def _permutation(self, epoch: int):
+        """The epoch's seeded host permutation and how much of it full batches use."""
+        order = backend.Generator([self.seed, int(epoch)]).permutation(self.train_size)
+        return order, self.train_size - self.train_size % self.batch_size
 
     def train_step(self, x_batch, t_batch):
         """One optimizer step; returns the batch loss as an array (no host sync)."""
@@ -238,6 +242,12 @@ class Trainer:
         t0 = time.perf_counter()
         batches = self.epoch_order(epoch)
         n_iter = len(batches)
+        order_dev = None
+        if self.resident and self.comm is None:
+            # the whole epoch's order goes to the device in one copy; each step slices it
+            # there, so a step makes no host-to-device transfer of its own
+            order, stop = self._permutation(epoch)
+            order_dev = asarray_in(order[:stop], xp, device=self._device)
         samples = n_iter * self.batch_size
         bar = self._bar(epoch, samples)
         pending: list = []  # loss arrays not read yet
@@ -251,7 +261,12 @@ class Trainer:
                     self.comm.seed_dropout(net, self.seed, step0 + it)
                 else:
                     seed_dropout(net, self.seed, step0 + it)
-                idx_dev = asarray_in(idx, xp, device=self._device) if self.resident else None
+                if order_dev is not None:
+                    idx_dev = order_dev[(it - 1) * self.batch_size : it * self.batch_size]
+                elif self.resident:
+                    idx_dev = asarray_in(idx, xp, device=self._device)
+                else:
+                    idx_dev = None
                 xb, tb = self._batch(idx, idx_dev)
                 pending.append(self.train_step(xb, tb))
                 if len(pending) >= self.log_every or it == n_iter:
