@@ -139,8 +139,11 @@ def test_cuda_extra_matches_the_base_image_and_pyproject(build_args):
     args.update(build_args or {})
     installed = pip_install_args(install_line(final), args)
     assert len(installed) == 1 and installed[0].startswith("/wheels/xpconv-"), installed
-    extra = re.fullmatch(r".*\.whl\[(\w+)\]", installed[0]).group(1)
-    assert extra == f"cuda{major}", f"base image {base} is CUDA {major} but the image installs xpconv[{extra}]"
+    extras = re.fullmatch(r".*\.whl\[([\w,]+)\]", installed[0]).group(1).split(",")
+    cuda = [e for e in extras if e.startswith("cuda")]
+    assert cuda == [f"cuda{major}"], f"base image {base} is CUDA {major} but the image installs xpconv[{','.join(extras)}]"
+    assert "mpi" in extras, f"the image should install the mpi extra for mpiexec runs, got xpconv[{','.join(extras)}]"
+    extra = cuda[0]
     requirements = pyproject()["project"]["optional-dependencies"][extra]
     assert any(re.match(rf"cupy-cuda{major}x\b", r) for r in requirements), requirements
 
@@ -149,7 +152,7 @@ def test_cpu_image_installs_no_cuda():
     dfp = parse("cpu")
     assert re.fullmatch(r"python:3\.\d+\.\d+-slim-\w+", dfp.parent_images[-1]), dfp.parent_images
     installed = pip_install_args(install_line(stages(dfp)[-1]), {})
-    assert installed == ["/wheels/xpconv-0.0.0-py3-none-any.whl"], installed  # no extra, no cupy
+    assert installed == ["/wheels/xpconv-0.0.0-py3-none-any.whl[mpi]"], installed  # mpi only, no cupy
 
 
 @pytest.mark.parametrize("which", sorted(DOCKERFILES))
