@@ -341,13 +341,7 @@ def _conv_backward_flat(d: np.ndarray, cache: _ConvCache, need_dx: bool):
         return dzf @ col.T
 
     step = max(1, min(g.N, CHUNK_BYTES // ((K + 1) * L * xpad.itemsize)))
-    dWa = _sum(_for_slices(g.N, step, body))
-    dW = np.ascontiguousarray(dWa[:, :K]).reshape(cache.W_shape)
-    db = dWa[:, K].copy()
-    if not need_dx:
-        return None, dW, db
-    dx = dxpad[:, :, g.PH : g.PH + g.H, g.PW : g.PW + g.W]
-    return dx.transpose(1, 0, 2, 3), dW, db
+    return _backward_result(_sum(_for_slices(g.N, step, body)), dxpad, cache)
 
 
 def _conv_backward(d: np.ndarray, cache: _ConvCache, need_dx: bool):
@@ -388,10 +382,15 @@ def _conv_backward(d: np.ndarray, cache: _ConvCache, need_dx: bool):
             _scatter_add(dxpad[:, n0:n1], dcol, g, pool)
         return dz @ col.T
 
-    dWa = _sum(_for_slices(g.N, _slice_step(g, pool, cache.xpad.itemsize), body))
-    dW = np.ascontiguousarray(dWa[:, :K]).reshape(cache.W_shape)
-    db = dWa[:, K].copy()
-    if not need_dx:
+    return _backward_result(_sum(_for_slices(g.N, _slice_step(g, pool, cache.xpad.itemsize), body)), dxpad, cache)
+
+
+def _backward_result(dWa: np.ndarray, dxpad, cache: _ConvCache):
+    """(dx, dW, db) from the summed [dW | db] rows and the padded dx (None: no dx wanted)."""
+    g = cache.g
+    dW = np.ascontiguousarray(dWa[:, : g.K]).reshape(cache.W_shape)
+    db = dWa[:, g.K].copy()
+    if dxpad is None:
         return None, dW, db
     dx = dxpad[:, :, g.PH : g.PH + g.H, g.PW : g.PW + g.W]
     return dx.transpose(1, 0, 2, 3), dW, db
