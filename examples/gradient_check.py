@@ -20,26 +20,10 @@ import sys
 import numpy as np
 
 from xpconv.backend import get_namespace, namespace_name, to_numpy
+from xpconv.gradcheck import numerical_gradient, relative_error
 from xpconv.models import DeepConvNet, SimpleConvNet, TwoLayerNet
 
 TOLERANCE = 1e-6
-
-
-def numerical_gradient(loss, arr, positions, h=1e-5):
-    """Central differences of ``loss()`` at flat ``positions`` of ``arr`` (changed in place
-    and restored; works for arrays of any namespace)."""
-    shape = tuple(int(s) for s in arr.shape)
-    out = np.empty(len(positions))
-    for k, flat in enumerate(positions):
-        pos = tuple(int(i) for i in np.unravel_index(int(flat), shape))
-        old = float(arr[pos])
-        arr[pos] = old + h
-        plus = float(loss())
-        arr[pos] = old - h
-        minus = float(loss())
-        arr[pos] = old
-        out[k] = (plus - minus) / (2 * h)
-    return out
 
 
 def build(model: str, xp):
@@ -77,9 +61,9 @@ def main(argv=None) -> int:
     for key, param in network.params.items():
         size = int(np.prod(tuple(param.shape)))
         positions = np.arange(size) if args.probes <= 0 else rng.choice(size, min(size, args.probes), replace=False)
-        numeric = numerical_gradient(loss, network.params[key], positions)
+        _, numeric = numerical_gradient(loss, network.params[key], positions)
         analytic = to_numpy(grads[key]).ravel()[positions]
-        err = float(np.linalg.norm(analytic - numeric) / max(np.linalg.norm(analytic) + np.linalg.norm(numeric), 1e-12))
+        err = relative_error(analytic, numeric)
         worst = max(worst, err)
         print(f"  {key:>6} {str(tuple(param.shape)):>16}  {len(positions):4d} positions  relative error {err:.2e}")
     ok = worst <= TOLERANCE
