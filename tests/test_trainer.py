@@ -369,3 +369,28 @@ def test_resident_data_gives_the_same_run(digits):
     assert runs[0][0] == runs[1][0] and runs[0][1] == runs[1][1]
     for k in runs[0][2]:
         np.testing.assert_array_equal(runs[0][2][k], runs[1][2][k])
+
+
+def test_ctrl_c_between_an_epoch_and_its_checkpoint_saves_that_epoch(digits, tmp_path, monkeypatch):
+    """A Ctrl-C that lands after epoch 2 ended but before last.safetensors was written:
+    the interrupted save writes epoch 2 to last.safetensors first, so the two agree."""
+    trainer = Trainer(_net(), *digits, epochs=3, mini_batch_size=100, verbose=False, out_dir=tmp_path)
+    real_save = Trainer._save
+
+    def save(self, record):
+        if record["epoch"] == 2 and self._saved_epoch < 2:
+            raise KeyboardInterrupt  # as if the signal came just before the write
+        real_save(self, record)
+
+    monkeypatch.setattr(Trainer, "_save", save)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert load_checkpoint(tmp_path / "last.safetensors").epoch == 1  # what the crash would leave
+    monkeypatch.setattr(Trainer, "_save", real_save)
+    trainer.save_interrupted()
+    last = load_checkpoint(tmp_path / "last.safetensors")
+    stopped = load_checkpoint(tmp_path / "interrupted.safetensors")
+    assert last.epoch == stopped.epoch == 2
+    assert stopped.extra["interrupted_at"] == {"epoch": 3, "iteration": 0}
+    for k, v in last.model.params.items():
+        np.testing.assert_array_equal(to_numpy(v), to_numpy(stopped.model.params[k]))

@@ -147,6 +147,7 @@ class Trainer:
             self.optimizer.load_state_dict(optimizer_state)
         self.start_epoch = int(start_epoch)
         self.current_epoch = self.start_epoch
+        self._saved_epoch = self.start_epoch  # the epoch last.safetensors holds
         self.history: list[dict] = [dict(r) for r in (history or [])][: self.start_epoch]
 
         # book-compatible lists: per-iteration losses (this session), per-epoch accuracies
@@ -341,11 +342,11 @@ class Trainer:
         t0 = time.perf_counter()
         for epoch in range(self.start_epoch + 1, self.epochs + 1):
             record = self.train_epoch(epoch)
-            self.current_epoch = epoch
-            self.position = {"epoch": epoch + 1, "iteration": 0}  # epoch done: a Ctrl-C now is before the next one
             self.history.append(record)
             self.train_acc_list.append(record["train_acc"])
             self.test_acc_list.append(record["test_acc"])
+            self.current_epoch = epoch
+            self.position = {"epoch": epoch + 1, "iteration": 0}  # epoch done: a Ctrl-C now is before the next one
             self.seconds = time.perf_counter() - t0
             if self.is_root:
                 self._save(record)
@@ -406,6 +407,7 @@ class Trainer:
         if self.out_dir is None:
             return
         self.last_checkpoint = self.checkpoint(self.out_dir / "last.safetensors")
+        self._saved_epoch = self.current_epoch
         if record["test_acc"] > self.best_test_acc:
             self.best_test_acc = record["test_acc"]
             self.checkpoint(self.out_dir / "best.safetensors")
@@ -417,6 +419,10 @@ class Trainer:
         if self.out_dir is None or not self.is_root:
             return None
         at = dict(self.position)
+        if at["iteration"] == 0 and self.current_epoch > self._saved_epoch and self.history:
+            # Ctrl-C came after an epoch ended but before its checkpoint was written: the
+            # weights are still that epoch's end, so last.safetensors gets them first
+            self._save(self.history[-1])
         path = self.checkpoint(self.out_dir / "interrupted.safetensors", extra={"interrupted_at": at})
         write_metrics(self.out_dir / "metrics.json", {**self.metrics(), "interrupted_at": at})
         return path
