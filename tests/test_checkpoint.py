@@ -384,3 +384,24 @@ def test_unkilled_saver_replaces_checkpoint(tmp_path):
     assert out.stdout.strip() == "SAVED"
     assert load_checkpoint(path).epoch == 2
     assert [p.name for p in tmp_path.iterdir()] == ["last.safetensors"]
+
+
+def test_ctrl_c_during_a_write_lands_after_it(tmp_path, monkeypatch):
+    """SIGINT in the middle of atomic_write: the file is written whole, no temp file is
+    left, and the KeyboardInterrupt comes once the write is done."""
+    import signal
+
+    from xpconv import checkpoint
+
+    real = checkpoint._chmod_like_new_file
+
+    def interrupted(fd, path):
+        os.kill(os.getpid(), signal.SIGINT)
+        real(fd, path)
+
+    monkeypatch.setattr(checkpoint, "_chmod_like_new_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.atomic_write(tmp_path / "metrics.json", "{}")
+    assert (tmp_path / "metrics.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
