@@ -217,14 +217,17 @@ class Trainer:
 
     def epoch_order(self, epoch: int):
         """Host indices of the global batches of ``epoch`` (1-based), seeded by (seed, epoch)."""
-        order, stop = self._permutation(epoch)
+        return self._split(self._permutation(epoch))
+
+    def _split(self, order):
         B = self.batch_size
-        return [order[i : i + B] for i in range(0, stop, B)]
+        return [order[i : i + B] for i in range(0, len(order), B)]
 
     def _permutation(self, epoch: int):
-        """The epoch's seeded host permutation and how much of it full batches use."""
+        """The epoch's seeded host permutation, cut to whole batches (slices of it make
+        :meth:`epoch_order`)."""
         order = backend.Generator([self.seed, int(epoch)]).permutation(self.train_size)
-        return order, self.train_size - self.train_size % self.batch_size
+        return order[: self.train_size - self.train_size % self.batch_size]
 
     def train_step(self, x_batch, t_batch):
         """One optimizer step; returns the batch loss as an array (no host sync)."""
@@ -241,14 +244,14 @@ class Trainer:
         """Run one epoch (1-based number), evaluate, save; returns the epoch's record."""
         net, xp = self.network, self._xp
         t0 = time.perf_counter()
-        batches = self.epoch_order(epoch)
+        order = self._permutation(epoch)
+        batches = self._split(order)
         n_iter = len(batches)
         order_dev = None
         if self.resident and self.comm is None:
             # the whole epoch's order goes to the device in one copy; each step slices it
             # there, so a step makes no host-to-device transfer of its own
-            order, stop = self._permutation(epoch)
-            order_dev = asarray_in(order[:stop], xp, device=self._device)
+            order_dev = asarray_in(order, xp, device=self._device)
         samples = n_iter * self.batch_size
         bar = self._bar(epoch, samples)
         pending: list = []  # loss arrays not read yet
