@@ -6,14 +6,15 @@ Without a GPU:
   (read without a compiler), and compiles with ``nvcc --ptx`` for sm_80 and sm_90
   with every warning an error (when nvcc is on PATH; a planted error and a
   planted warning prove the check fails);
-* every op xpconv.ops dispatches to exists in cupy_ops with the generic op's
-  parameters (inspect on a copy imported against a stand-in ``cupy``);
+* every op of xpconv.ops has a kernel class in cupy_ops, registered for "cupy",
+  whose forward and backward have the reference class's parameters (inspect on a
+  copy imported against a stand-in ``cupy``);
 * every op equals the generic path on fresh random inputs (odd sizes, strides
   1-3, pads 0-2, float32 and float64), with the .cu sources built for the CPU
   and cupy_ops' real launch code run against the stand-in (tests/cuda_host.py).
 
 With a GPU (marked ``gpu``): the same equality tests on real CuPy arrays against
-the generic path on CuPy (``ops.use_fast_paths(False)``), and whole-model
+the generic path on CuPy (``impl=ops.GENERIC``), and whole-model
 training on CuPy against NumPy.
 
 Random inputs are drawn from a fresh seed each run; a failure names it, and
@@ -43,7 +44,6 @@ from . import cuda_host
 
 KERNEL_DIR = pathlib.Path(cuda_source.__file__).parent
 CUPY_OPS = KERNEL_DIR / "cupy_ops.py"
-OPS_PY = pathlib.Path(ops.__file__)
 DTYPES = ("float32", "float64")
 HAS_CUPY_SPEC = importlib.util.find_spec("cupy") is not None
 NVCC = shutil.which("nvcc")
@@ -51,26 +51,13 @@ NVCC = shutil.which("nvcc")
 ARCHES = ("sm_80", "sm_90")
 
 
-def _dispatched_ops() -> list[str]:
-    """Every op name xpconv.ops hands to a fast kernel (its ``_kernel(xp, "name")`` and
-    ``_backward_kernel(xp, "name", cache)`` calls), read from ops.py."""
-    found = set()
-    for node in ast.walk(ast.parse(OPS_PY.read_text())):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("_kernel", "_backward_kernel"):
-            name = node.args[1]
-            assert isinstance(name, ast.Constant) and isinstance(name.value, str), ast.unparse(node)
-            found.add(name.value)
-    return sorted(found)
-
-
-GENERIC_OPS = tuple(_dispatched_ops())
+#: every op a kernel can be registered for: the reference classes of xpconv.ops
+GENERIC_OPS = tuple(sorted(ops.REFERENCE))
 
 
 def test_ops_dispatches_the_ops_this_file_checks():
-    # guards the reader above: if ops.py stopped naming its kernels this way, every
-    # check below would pass vacuously
-    assert {"im2col", "col2im", "conv2d_forward", "conv2d_backward", "max_pool2d_forward"} <= set(GENERIC_OPS)
-    assert all(callable(getattr(ops, name, None)) for name in GENERIC_OPS)
+    # guards the list above: if it came out empty, every check below would pass vacuously
+    assert {"im2col", "conv2d", "conv2d_relu_max_pool2d", "max_pool2d", "avg_pool2d"} <= set(GENERIC_OPS)
 
 
 # ====================================================================== sources, nvcc
@@ -206,17 +193,25 @@ def test_nvcc_check_fails_on_a_broken_source(planted, message, tmp_path):
 
 
 def _load_cupy_ops_with(fake_cupy):
-    """A private copy of cupy_ops imported against ``fake_cupy`` (the real module
-    and a real cupy, if installed, are left untouched)."""
+    """A private copy of cupy_ops imported against ``fake_cupy`` (the real module,
+    its registrations and a real cupy, if installed, are left untouched)."""
     saved = sys.modules.get("cupy")
+    registered = dict(kernels.REGISTRY)
     sys.modules["cupy"] = fake_cupy
     try:
         return _fresh("cupy_ops", "xpconv.kernels._host_cupy_ops")
     finally:
+        kernels.REGISTRY.clear()
+        kernels.REGISTRY.update(registered)
         if saved is None:
             del sys.modules["cupy"]
         else:
             sys.modules["cupy"] = saved
+
+
+def _kernel_classes(module) -> dict:
+    """op -> the kernel class ``module`` registers for it."""
+    return {cls.op: cls for cls in vars(module).values() if isinstance(cls, type) and cls.__module__ == module.__name__ and hasattr(cls, "op")}
 
 
 def _public_functions(module) -> dict:
@@ -235,35 +230,74 @@ def _parameters(fn) -> list:
 def test_cupy_ops_has_the_generic_ops_signatures():
     # cupy_ops imported against the stand-in cupy: no CuPy, GPU or compiler needed
     module = _load_cupy_ops_with(cuda_host.fake_cupy())
-    funcs = _public_functions(module)
-    for name in GENERIC_OPS:
-        assert name in funcs, f"cupy_ops lacks {name}, which xpconv.ops dispatches to"
-        want, got = _parameters(getattr(ops, name)), _parameters(funcs[name])
-        assert got == want, f"cupy_ops.{name} parameters {got} differ from xpconv.ops.{name}'s {want}"
-    extra = set(funcs) - set(GENERIC_OPS)
-    assert not extra, f"public functions in cupy_ops with no generic counterpart: {sorted(extra)}"
-    assert sorted(module.__all__) == sorted(funcs)
+    classes = _kernel_classes(module)
+    assert sorted(classes) == sorted(GENERIC_OPS), "cupy_ops should have a kernel for every op of xpconv.ops"
+    for op, cls in classes.items():
+        ref = ops.REFERENCE[op]
+        assert cls.namespace == "cupy" and cls.__name__ == type(ref).__name__, op
+        for method in ("forward", "backward"):
+            want, got = _parameters(getattr(ref, method)), _parameters(getattr(cls(), method))
+            assert got == want, f"cupy_ops.{cls.__name__}.{method} parameters {got} differ from the reference's {want}"
+    assert sorted(module.__all__) == sorted(cls.__name__ for cls in classes.values())
+    assert not _public_functions(module), "cupy_ops' public face is its kernel classes"
+    # loading the copy left the registry as it was
+    assert all(type(k).__module__ != module.__name__ for k in kernels.REGISTRY.values())
 
 
 @pytest.mark.skipif(not HAS_CUPY_SPEC, reason="CuPy is not installed")
-def test_real_cupy_ops_imports_without_a_gpu_and_is_what_lookup_returns():
+def test_real_cupy_ops_imports_without_a_gpu_and_is_what_the_registry_returns():
     # importing needs CuPy installed, not a working device
     from xpconv.kernels import cupy_ops
 
-    for name in GENERIC_OPS:
-        assert kernels.lookup("cupy", name) is getattr(cupy_ops, name)
-        assert _parameters(getattr(cupy_ops, name)) == _parameters(getattr(ops, name))
+    for op, cls in _kernel_classes(cupy_ops).items():
+        assert type(kernels.find("cupy", op)) is cls
+        for method in ("forward", "backward"):
+            assert _parameters(getattr(cls(), method)) == _parameters(getattr(ops.REFERENCE[op], method))
 
 
 # ====================================================================== implementations
 
 
+class KernelOps:
+    """xpconv.ops' functions, each run with ``impl=`` one kernel of a cupy_ops module
+    (the reference where the kernel does not accept the inputs, as xpconv.ops does)."""
+
+    def __init__(self, module):
+        self.kernels = {op: cls() for op, cls in _kernel_classes(module).items()}
+
+    def im2col(self, x, *args, **kwargs):
+        return ops.im2col(x, *args, impl=self.kernels["im2col"], **kwargs)
+
+    def col2im(self, col, *args, **kwargs):
+        return ops.col2im(col, *args, impl=self.kernels["im2col"], **kwargs)
+
+    def conv2d_forward(self, *args, **kwargs):
+        return ops.conv2d_forward(*args, impl=self.kernels["conv2d"], **kwargs)
+
+    def conv2d_relu_max_pool2d_forward(self, *args, **kwargs):
+        return ops.conv2d_relu_max_pool2d_forward(*args, impl=self.kernels["conv2d_relu_max_pool2d"], **kwargs)
+
+    def max_pool2d_forward(self, *args, **kwargs):
+        return ops.max_pool2d_forward(*args, impl=self.kernels["max_pool2d"], **kwargs)
+
+    def avg_pool2d_forward(self, *args, **kwargs):
+        return ops.avg_pool2d_forward(*args, impl=self.kernels["avg_pool2d"], **kwargs)
+
+    # a backward runs the kernel its cache names
+    conv2d_backward = staticmethod(ops.conv2d_backward)
+    conv2d_relu_max_pool2d_backward = staticmethod(ops.conv2d_relu_max_pool2d_backward)
+    max_pool2d_backward = staticmethod(ops.max_pool2d_backward)
+    avg_pool2d_backward = staticmethod(ops.avg_pool2d_backward)
+
+
 class Impl:
     """cupy_ops over one kind of array: 'host' (the .cu built for the CPU, NumPy
-    arrays, a stand-in cupy) or 'cupy' (a real GPU)."""
+    arrays, a stand-in cupy) or 'cupy' (a real GPU).  ``module`` is the cupy_ops
+    module, ``ops`` xpconv.ops' functions run with its kernels."""
 
     def __init__(self, name, module, asarray, to_host):
-        self.name, self.ops, self.asarray, self.to_host = name, module, asarray, to_host
+        self.name, self.module, self.ops = name, module, KernelOps(module)
+        self.asarray, self.to_host = asarray, to_host
 
     def __repr__(self):
         return f"Impl({self.name})"
@@ -322,8 +356,9 @@ def generic(op, *args, on_host=None, **kwargs):
     differ (which of tied maxima or NaNs ``argmax`` picks: NumPy's first one is the spec)."""
     if on_host is not None:
         args = tuple(on_host.to_host(a) if hasattr(a, "shape") and hasattr(a, "dtype") else a for a in args)
-    with ops.use_fast_paths(False):
-        return getattr(ops, op)(*args, **kwargs)
+    if not op.endswith("_backward"):  # a backward runs its cache's kernel: the reference's here
+        kwargs["impl"] = ops.GENERIC
+    return getattr(ops, op)(*args, **kwargs)
 
 
 def geometries(rng, count, *, max_filter=5):
@@ -434,18 +469,18 @@ def test_conv_relu_maxpool_equals_generic(impl, seeded, dtype, values):
             x, Wt, b = (randn(impl, rng, s, dtype) for s in ((N, C, H, W), (FN, C, FH, FW), (FN,)))
         args = (x, Wt, b, stride, pad, KH, KW, pstride, ppad)
         spec = impl if values == "ties" else None  # ties: NumPy's argmax is the reference
-        want, wcache = generic("conv2d_relu_maxpool_forward", *args, on_host=spec)
-        got, gcache = impl.ops.conv2d_relu_maxpool_forward(*args)
-        check(impl, got, want, f"conv2d_relu_maxpool_forward {what}", seed, dtype=dtype)
-        inference, none = impl.ops.conv2d_relu_maxpool_forward(*args, training=False)
+        want, wcache = generic("conv2d_relu_max_pool2d_forward", *args, on_host=spec)
+        got, gcache = impl.ops.conv2d_relu_max_pool2d_forward(*args)
+        check(impl, got, want, f"conv2d_relu_max_pool2d_forward {what}", seed, dtype=dtype)
+        inference, none = impl.ops.conv2d_relu_max_pool2d_forward(*args, training=False)
         assert none is None
-        check(impl, inference, got, f"conv2d_relu_maxpool_forward training=False {what}", seed, exact=True)
+        check(impl, inference, got, f"conv2d_relu_max_pool2d_forward training=False {what}", seed, exact=True)
         dout = randn(impl, rng, tuple(want.shape), dtype)
-        check_backward(impl, "conv2d_relu_maxpool_backward", dout, gcache, wcache, what, seed, dtype, spec)
+        check_backward(impl, "conv2d_relu_max_pool2d_backward", dout, gcache, wcache, what, seed, dtype, spec)
         done += 1
     assert done >= 10
     with pytest.raises(RuntimeError, match="training=False"):
-        impl.ops.conv2d_relu_maxpool_backward(dout, None)
+        impl.ops.conv2d_relu_max_pool2d_backward(dout, None)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -497,11 +532,11 @@ def test_large_launches_wrap_their_grid_stride_loops(seeded):
     del dcol
     Wt, b = randn(impl, rng, (32, 16, 3, 3), "float32"), randn(impl, rng, (32,), "float32")
     args = (x, Wt, b, 1, 1, 2, 2, 2)
-    want, wcache = generic("conv2d_relu_maxpool_forward", *args)
-    got, gcache = impl.ops.conv2d_relu_maxpool_forward(*args)
-    check(impl, got, want, "large conv2d_relu_maxpool_forward", seed)
+    want, wcache = generic("conv2d_relu_max_pool2d_forward", *args)
+    got, gcache = impl.ops.conv2d_relu_max_pool2d_forward(*args)
+    check(impl, got, want, "large conv2d_relu_max_pool2d_forward", seed)
     dout = randn(impl, rng, tuple(want.shape), "float32")
-    check_backward(impl, "conv2d_relu_maxpool_backward", dout, gcache, wcache, "large", seed, "float32")
+    check_backward(impl, "conv2d_relu_max_pool2d_backward", dout, gcache, wcache, "large", seed, "float32")
     xs = randn(impl, rng, (128, 64, 64, 64), "float32")  # 33.5 M elements: 2 rounds
     for kind in ("max", "avg"):
         want, wcache = generic(f"{kind}_pool2d_forward", xs, 3, 3, 1, 1)
@@ -523,7 +558,7 @@ def test_launches_split_over_the_batch_give_the_same_result(impl, seeded, monkey
     whole = impl.ops.conv2d_forward(x, Wt, b, 1, 1)
     whole_grads = impl.ops.conv2d_backward(dout_conv, whole[1])
     pooled = impl.ops.max_pool2d_forward(x, 2, 2, 2, 1)
-    monkeypatch.setattr(impl.ops, "_INDEX_LIMIT", 81 * 18 + 1)  # P*K of one sample
+    monkeypatch.setattr(impl.module, "_INDEX_LIMIT", 81 * 18 + 1)  # P*K of one sample
     split = impl.ops.conv2d_forward(x, Wt, b, 1, 1)
     check(impl, split[0], whole[0], "split conv2d_forward", seed, exact=True)
     for name, g, w in zip(("dx", "dW", "db"), impl.ops.conv2d_backward(dout_conv, split[1]), whole_grads):
@@ -532,7 +567,7 @@ def test_launches_split_over_the_batch_give_the_same_result(impl, seeded, monkey
     check(impl, split_pool[0], pooled[0], "split max_pool2d_forward", seed, exact=True)
     dpool = randn(impl, rng, tuple(pooled[0].shape), "float32")
     check(impl, impl.ops.max_pool2d_backward(dpool, split_pool[1]), impl.ops.max_pool2d_backward(dpool, pooled[1]), "split max_pool2d_backward", seed, exact=True)
-    monkeypatch.setattr(impl.ops, "_INDEX_LIMIT", 1000)
+    monkeypatch.setattr(impl.module, "_INDEX_LIMIT", 1000)
     with pytest.raises(ValueError, match="32-bit index limit"):
         impl.ops.im2col(x, 3, 3, 1, 1)
 
@@ -554,11 +589,11 @@ def test_other_dtypes_and_generic_caches_use_the_generic_path(impl, seeded):
         check(impl, g, w, "generic cache", seed, exact=True, dtype="float64")
     # a cache of another op is refused, not misread
     _, pool_cache = impl.ops.avg_pool2d_forward(x, 2, 2, 2, 0)
-    with pytest.raises(TypeError, match="max_pool2d_backward: got a cache made by another op"):
+    with pytest.raises(TypeError, match="max_pool2d_backward: expected the cache of max_pool2d_forward"):
         impl.ops.max_pool2d_backward(dout, pool_cache)
     _, conv_cache = impl.ops.conv2d_forward(x, Wt, b, 1, 1)
-    with pytest.raises(TypeError, match="conv2d_relu_maxpool_backward: got a cache made by another op"):
-        impl.ops.conv2d_relu_maxpool_backward(dout, conv_cache)
+    with pytest.raises(TypeError, match="conv2d_relu_max_pool2d_backward: expected the cache of conv2d_relu_max_pool2d_forward"):
+        impl.ops.conv2d_relu_max_pool2d_backward(dout, conv_cache)
 
 
 def test_errors_name_the_op_and_the_shapes(impl):
@@ -607,21 +642,21 @@ def test_each_op_is_one_kernel_launch():
     assert names == ["xpc_nchw_to_nhwc_f32", "xpc_col2im_f32"]
     names, _ = count(functools.partial(impl.ops.conv2d_backward, need_dx=False), np.ones_like(out), cache)
     assert names == ["xpc_nchw_to_nhwc_f32"]
-    names, (out, cache) = count(impl.ops.conv2d_relu_maxpool_forward, x, Wt, b, 1, 1, 2, 2, 2)
+    names, (out, cache) = count(impl.ops.conv2d_relu_max_pool2d_forward, x, Wt, b, 1, 1, 2, 2, 2)
     assert names == ["xpc_im2col_f32", "xpc_bias_relu_maxpool_f32"]
-    names, _ = count(impl.ops.conv2d_relu_maxpool_backward, np.ones_like(out), cache)
+    names, _ = count(impl.ops.conv2d_relu_max_pool2d_backward, np.ones_like(out), cache)
     assert names == ["xpc_maxpool_bwd_nhwc_f32", "xpc_col2im_f32"]
 
 
 @needs_cxx
 def test_stand_in_arrays_start_poisoned_so_unwritten_elements_fail_the_comparisons():
     impl = _host_impl()
-    assert np.isnan(impl.ops.cupy.empty((2, 3), dtype=np.float32)).all()
-    assert (impl.ops.cupy.empty((4,), dtype=np.int32) == cuda_host.POISON["i"]).all()
+    assert np.isnan(impl.module.cupy.empty((2, 3), dtype=np.float32)).all()
+    assert (impl.module.cupy.empty((4,), dtype=np.int32) == cuda_host.POISON["i"]).all()
     # a launch that covers only part of its output leaves the rest poisoned
     x = np.ones((1, 1, 4, 4), "float32")
-    out = impl.ops.cupy.empty((1, 1, 2, 2), dtype=np.float32)
-    k = impl.ops.cuda_source.function("pool", "xpc_avg_pool_fwd_f32")
+    out = impl.module.cupy.empty((1, 1, 2, 2), dtype=np.float32)
+    k = impl.module.cuda_source.function("pool", "xpc_avg_pool_fwd_f32")
     k((1,), (256,), (x, out, *(np.int32(v) for v in (3, 4, 4, 2, 2, 2, 2, 0, 0, 2, 2))))
     np.testing.assert_array_equal(out.ravel(), [1.0, 1.0, 1.0, np.nan])
 
@@ -630,7 +665,7 @@ def test_stand_in_arrays_start_poisoned_so_unwritten_elements_fail_the_compariso
 def test_launch_arguments_are_checked_like_a_gpu_would_need():
     # the stand-in refuses what would silently break on a GPU
     impl = _host_impl()
-    k = impl.ops.cuda_source.function("conv", "xpc_col2im_f32")
+    k = impl.module.cuda_source.function("conv", "xpc_col2im_f32")
     col, x = np.zeros((4, 9), "float32"), np.zeros((1, 1, 4, 4), "float32")
     ints = [np.int32(v) for v in (16, 1, 4, 4, 3, 3, 1, 1, 0, 0, 2, 2)]
     with pytest.raises(TypeError, match="int32"):
@@ -667,9 +702,14 @@ def test_simple_convnet_trains_the_same_through_host_built_kernels(monkeypatch):
     rng = np.random.default_rng(1)
     x = rng.random((6, 1, 12, 12)).astype("float32")
     t = rng.integers(0, 10, 6)
-    with ops.use_fast_paths(False):
-        want = _train_losses(SimpleConvNet(input_dim=(1, 12, 12), seed=3), x, t)
-    monkeypatch.setattr(kernels, "lookup", lambda ns, op: getattr(impl.ops, op, None))
+    ref = SimpleConvNet(input_dim=(1, 12, 12), seed=3)
+    for layer in ref.layers:
+        if hasattr(layer, "impl"):
+            layer.impl = ops.GENERIC
+    want = _train_losses(ref, x, t)
+    kernels.find("numpy", "conv2d")  # the NumPy kernels are registered; the host-built ones replace them here
+    for op, kernel in impl.ops.kernels.items():
+        monkeypatch.setitem(kernels.REGISTRY, ("numpy", op), kernel)
     launches = len(cuda_host.HostModule.launches)
     got = _train_losses(SimpleConvNet(input_dim=(1, 12, 12), seed=3), x, t)
     assert len(cuda_host.HostModule.launches) > launches
@@ -691,7 +731,7 @@ def test_model_trains_the_same_on_cupy_and_numpy(model):
     kwargs = {"dropout_ratio": 0.0} if model == "DeepConvNet" else {}
     want = _train_losses(cls(seed=5, xp="numpy", **kwargs), x, t)
     ns = backend.get_namespace("cupy")
-    assert kernels.lookup("cupy", "conv2d_forward") is not None
+    assert kernels.find("cupy", "conv2d") is not None
     got = _train_losses(cls(seed=5, xp=ns, **kwargs), x, t)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 if model == "SimpleConvNet" else 1e-4)
 
@@ -701,5 +741,7 @@ def test_model_trains_the_same_on_cupy_and_numpy(model):
 def test_ops_dispatch_cupy_arrays_to_the_kernels():
     from xpconv.kernels import cupy_ops
 
-    for name in GENERIC_OPS:
-        assert kernels.lookup("cupy", name) is getattr(cupy_ops, name)
+    x = cupy_ops.cupy.zeros((1, 1, 4, 4), dtype="float32")
+    for op, cls in _kernel_classes(cupy_ops).items():
+        assert type(kernels.find("cupy", op)) is cls
+    assert ops.max_pool2d_forward(x, 2, 2, 2)[1].kernel is kernels.find("cupy", "max_pool2d")

@@ -1,7 +1,7 @@
 """The NumPy fast paths (xpconv/kernels/numpy_ops.py) give the generic path's results.
 
-Every kernel numpy_ops defines is run against the reference code in xpconv.ops
-(``ops.use_fast_paths(False)``) on random inputs: odd sizes, strides 1-3, pads 0-2,
+Every kernel numpy_ops registers is run against the reference classes in xpconv.ops
+(``impl=ops.GENERIC``) on random inputs: odd sizes, strides 1-3, pads 0-2,
 non-square filters and pools, float32 and float64, forward and backward (with and
 without dL/dx), in one batch slice and in many (``CHUNK_BYTES`` shrunk so every
 sample is its own GEMM).  At model level, the fused Convolution->Relu[->Pooling]
@@ -82,12 +82,13 @@ def close(got, want, dtype, what):
 
 
 def run_both(fn):
-    """fn() on the fast path and on the generic path: (fast result, generic result)."""
-    with ops.use_fast_paths(True):
-        fast = fn()
-    with ops.use_fast_paths(False):
-        ref = fn()
-    return fast, ref
+    """fn(impl) with the registered NumPy kernels (impl=None) and with the reference
+    (impl=GENERIC): (fast result, generic result)."""
+    return fn(None), fn(ops.GENERIC)
+
+
+def made_by(cache, namespace):
+    return cache.kernel.namespace == namespace
 
 
 def conv_inputs(rng, case, dtype):
@@ -99,11 +100,17 @@ def conv_inputs(rng, case, dtype):
 
 
 def test_numpy_kernels_are_registered():
-    """The tests below exercise real kernels, not the generic code twice."""
-    for name in numpy_ops.__all__:
-        assert kernels.lookup("numpy", name) is getattr(numpy_ops, name), name
-    for name in numpy_ops.__all__:
-        assert hasattr(ops, name), f"numpy_ops.{name} has no generic counterpart in xpconv.ops"
+    """The tests below exercise real kernels, not the generic code twice: every op of
+    xpconv.ops has a NumPy kernel, registered under its op name, with the reference's parameters."""
+    import inspect
+
+    assert sorted(numpy_ops.__all__) == sorted(type(k).__name__ for k in ops.REFERENCE.values())
+    for op, ref in ops.REFERENCE.items():
+        k = kernels.find("numpy", op)
+        assert type(k) is getattr(numpy_ops, type(ref).__name__), op
+        assert (k.namespace, k.op) == ("numpy", op)
+        for method in ("forward", "backward"):
+            assert inspect.signature(getattr(k, method)).parameters.keys() == inspect.signature(getattr(ref, method)).parameters.keys(), (op, method)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -111,9 +118,13 @@ def test_numpy_kernels_are_registered():
 def test_im2col_equals_generic(rng, case, dtype):
     x, Wt, _, stride, pad = conv_inputs(rng, case, dtype)
     FH, FW = Wt.shape[2:]
-    fast, ref = run_both(lambda: ops.im2col(x, FH, FW, stride, pad))
+    fast, ref = run_both(lambda impl: ops.im2col(x, FH, FW, stride, pad, impl=impl))
     np.testing.assert_array_equal(fast, ref)
-    fast, ref = run_both(lambda: ops.im2col(x, FH, FW, stride, pad, pad_value=-np.inf))
+    fast, ref = run_both(lambda impl: ops.im2col(x, FH, FW, stride, pad, pad_value=-np.inf, impl=impl))
+    np.testing.assert_array_equal(fast, ref)
+    # col2im, im2col's adjoint and backward: the same sums in the same order
+    col = rng.standard_normal(fast.shape).astype(dtype)
+    fast, ref = run_both(lambda impl: ops.col2im(col, x.shape, FH, FW, stride, pad, impl=impl))
     np.testing.assert_array_equal(fast, ref)
 
 
@@ -124,13 +135,13 @@ def test_conv2d_forward_backward_equal_generic(rng, chunking, case, relu, dtype)
     x, Wt, b, stride, pad = conv_inputs(rng, case, dtype)
     N, FN = x.shape[0], Wt.shape[0]
 
-    def run():
-        out, cache = ops.conv2d_forward(x, Wt, b, stride, pad, relu=relu)
+    def run(impl):
+        out, cache = ops.conv2d_forward(x, Wt, b, stride, pad, relu=relu, impl=impl)
         dout = np.random.default_rng(7).standard_normal(out.shape).astype(dtype)
         return out, cache, ops.conv2d_backward(dout, cache), ops.conv2d_backward(dout, cache, need_dx=False)
 
     (out, cache, grads, grads_nodx), (rout, rcache, rgrads, rgrads_nodx) = run_both(run)
-    assert not isinstance(cache, tuple) and isinstance(rcache, tuple), "expected the kernel on the fast path only"
+    assert made_by(cache, "numpy") and made_by(rcache, ops.GENERIC), "expected the kernel on the fast path only"
     close(np.asarray(out), rout, dtype, "conv out")
     for got, want, name in zip(grads, rgrads, ("dx", "dW", "db")):
         close(np.asarray(got), want, dtype, name)
@@ -149,13 +160,13 @@ def test_pooling_forward_backward_equal_generic(rng, case, kind, dtype):
     x[0, 0, :2, :2] = 0.5  # a tie: the first maximum wins on both paths
     fwd, bwd = (ops.max_pool2d_forward, ops.max_pool2d_backward) if kind == "max" else (ops.avg_pool2d_forward, ops.avg_pool2d_backward)
 
-    def run():
-        out, cache = fwd(x, ph, pw, stride, pad)
+    def run(impl):
+        out, cache = fwd(x, ph, pw, stride, pad, impl=impl)
         dout = np.random.default_rng(3).standard_normal(out.shape).astype(dtype)
         return out, cache, bwd(dout, cache)
 
     (out, cache, dx), (rout, rcache, rdx) = run_both(run)
-    assert not isinstance(cache, tuple) and isinstance(rcache, tuple)
+    assert made_by(cache, "numpy") and made_by(rcache, ops.GENERIC)
     close(np.asarray(out), rout, dtype, f"{kind}-pool out")
     close(np.asarray(dx), rdx, dtype, f"{kind}-pool dx")
 
@@ -166,16 +177,16 @@ def test_fused_conv_relu_maxpool_equals_generic(rng, chunking, case, pool, dtype
     x, Wt, b, stride, pad = conv_inputs(rng, case, dtype)
     ph, pw, ps, pp = pool
 
-    def run():
-        out, cache = ops.conv2d_relu_maxpool_forward(x, Wt, b, stride, pad, ph, pw, ps, pp)
+    def run(impl):
+        out, cache = ops.conv2d_relu_max_pool2d_forward(x, Wt, b, stride, pad, ph, pw, ps, pp, impl=impl)
         dout = np.random.default_rng(5).standard_normal(out.shape).astype(dtype)
-        infer, _ = ops.conv2d_relu_maxpool_forward(x, Wt, b, stride, pad, ph, pw, ps, pp, training=False)
-        grads = ops.conv2d_relu_maxpool_backward(dout, cache)
-        nodx = ops.conv2d_relu_maxpool_backward(dout, cache, need_dx=False)
+        infer, _ = ops.conv2d_relu_max_pool2d_forward(x, Wt, b, stride, pad, ph, pw, ps, pp, training=False, impl=impl)
+        grads = ops.conv2d_relu_max_pool2d_backward(dout, cache)
+        nodx = ops.conv2d_relu_max_pool2d_backward(dout, cache, need_dx=False)
         return out, infer, cache, grads, nodx
 
     (out, infer, cache, grads, nodx), (rout, _, rcache, rgrads, rnodx) = run_both(run)
-    assert not isinstance(cache, tuple) and isinstance(rcache, tuple)
+    assert made_by(cache, "numpy") and made_by(rcache, ops.GENERIC)
     close(np.asarray(out), rout, dtype, "fused out")
     close(np.asarray(infer), rout, dtype, "fused out (training=False)")
     for got, want, name in zip(grads, rgrads, ("dx", "dW", "db")):
@@ -185,12 +196,12 @@ def test_fused_conv_relu_maxpool_equals_generic(rng, chunking, case, pool, dtype
     close(nodx[2], rgrads[2], dtype, "fused db (need_dx=False)")
 
     # and the same as the three unfused reference ops one after the other
-    with ops.use_fast_paths(False):
-        z, c1 = ops.conv2d_forward(x, Wt, b, stride, pad)
-        mask = (z > 0).astype(dtype)
-        p, c2 = ops.max_pool2d_forward(z * mask, ph, pw, ps, pp)
-        dout = np.random.default_rng(5).standard_normal(p.shape).astype(dtype)
-        dx, dW, db = ops.conv2d_backward(ops.max_pool2d_backward(dout, c2) * mask, c1)
+    G = ops.GENERIC
+    z, c1 = ops.conv2d_forward(x, Wt, b, stride, pad, impl=G)
+    mask = (z > 0).astype(dtype)
+    p, c2 = ops.max_pool2d_forward(z * mask, ph, pw, ps, pp, impl=G)
+    dout = np.random.default_rng(5).standard_normal(p.shape).astype(dtype)
+    dx, dW, db = ops.conv2d_backward(ops.max_pool2d_backward(dout, c2) * mask, c1)
     close(np.asarray(out), p, dtype, "fused vs unfused out")
     for got, want, name in zip(grads, (dx, dW, db), ("dx", "dW", "db")):
         close(np.asarray(got), want, dtype, f"fused vs unfused {name}")
@@ -204,9 +215,9 @@ def test_fused_relu_dead_windows_get_no_gradient(rng):
     Wt[0] = 1.0
     b = np.array([-100.0, 0.0], "float32")  # channel 0 all dead, channel 1 all exactly 0
 
-    def run():
-        out, cache = ops.conv2d_relu_maxpool_forward(x, Wt, b, 1, 0, 2, 2, 2)
-        return out, ops.conv2d_relu_maxpool_backward(np.ones(out.shape, "float32"), cache)
+    def run(impl):
+        out, cache = ops.conv2d_relu_max_pool2d_forward(x, Wt, b, 1, 0, 2, 2, 2, impl=impl)
+        return out, ops.conv2d_relu_max_pool2d_backward(np.ones(out.shape, "float32"), cache)
 
     (out, (dx, dW, db)), (rout, (rdx, rdW, rdb)) = run_both(run)
     np.testing.assert_array_equal(out, 0)
@@ -224,9 +235,9 @@ def test_fused_ties_route_the_gradient_to_the_first_maximum(rng, dtype):
     Wt = np.ones((3, 1, 1, 1), dtype)
     b = np.zeros(3, dtype)
 
-    def run():
-        out, cache = ops.conv2d_relu_maxpool_forward(x, Wt, b, 1, 0, 2, 2, 2)
-        return ops.conv2d_relu_maxpool_backward(np.ones(out.shape, dtype), cache)[0]
+    def run(impl):
+        out, cache = ops.conv2d_relu_max_pool2d_forward(x, Wt, b, 1, 0, 2, 2, 2, impl=impl)
+        return ops.conv2d_relu_max_pool2d_backward(np.ones(out.shape, dtype), cache)[0]
 
     dx, rdx = run_both(run)
     close(np.asarray(dx), rdx, dtype, "dx with ties")
@@ -242,32 +253,52 @@ def test_kernel_outputs_feed_the_generic_path_and_back(rng):
     assert not out.flags.c_contiguous  # the layout the next kernel reads fast
     W2 = rng.standard_normal((3, 4, 2, 2))
     b2 = rng.standard_normal(3)
-    fast, ref = run_both(lambda: ops.conv2d_forward(out, W2, b2, 2, 0)[0])
+    fast, ref = run_both(lambda impl: ops.conv2d_forward(out, W2, b2, 2, 0, impl=impl)[0])
     close(np.asarray(fast), ref, "float64", "conv of a kernel output")
-    with ops.use_fast_paths(False):
-        gen, _ = ops.conv2d_forward(x, Wt, b, stride, pad, relu=True)
+    gen, _ = ops.conv2d_forward(x, Wt, b, stride, pad, relu=True, impl=ops.GENERIC)
     fast2, _ = ops.conv2d_forward(np.ascontiguousarray(gen), W2, b2, 2, 0)
     close(np.asarray(fast2), ref, "float64", "kernel on a generic output")
 
 
-def test_backward_follows_the_cache_not_the_switch(rng):
-    """A kernel's cache goes to the kernel's backward even with fast paths switched
-    off in between (and gives the generic gradients)."""
+def test_backward_follows_the_kernel_that_ran_the_forward(rng):
+    """A cache holds the kernel that made it: the backward is that kernel's (and gives
+    the generic gradients); a cache of another op is refused with the op named."""
     x, Wt, b, stride, pad = conv_inputs(rng, (2, 2, 7, 7, 3, 3, 3, 1, 1), "float64")
     out, cache = ops.conv2d_forward(x, Wt, b, stride, pad)
+    _, rcache = ops.conv2d_forward(x, Wt, b, stride, pad, impl=ops.GENERIC)
+    assert cache.kernel is kernels.find("numpy", "conv2d") and rcache.kernel is ops.REFERENCE["conv2d"]
     dout = rng.standard_normal(out.shape)
-    with ops.use_fast_paths(False):
-        dx, dW, db = ops.conv2d_backward(dout, cache)
-        _, rcache = ops.conv2d_forward(x, Wt, b, stride, pad)
-        rdx, rdW, rdb = ops.conv2d_backward(dout, rcache)
+    dx, dW, db = ops.conv2d_backward(dout, cache)
+    rdx, rdW, rdb = ops.conv2d_backward(dout, rcache)
     for got, want, name in ((dx, rdx, "dx"), (dW, rdW, "dW"), (db, rdb, "db")):
         close(np.asarray(got), want, "float64", name)
+    _, pool_cache = ops.avg_pool2d_forward(x, 2, 2, 2)
+    with pytest.raises(TypeError, match="max_pool2d_backward: expected the cache of max_pool2d_forward"):
+        ops.max_pool2d_backward(dout, pool_cache)
+    with pytest.raises(TypeError, match="conv2d_relu_max_pool2d_backward: expected the cache"):
+        ops.conv2d_relu_max_pool2d_backward(dout, cache)
+    with pytest.raises(TypeError, match="conv2d_backward: expected the cache"):
+        ops.conv2d_backward(dout, cache.state)  # the bare state, not a cache
+    _, none = ops.conv2d_relu_max_pool2d_forward(x, Wt, b, 1, 1, 2, 2, 2, training=False)
+    with pytest.raises(RuntimeError, match="training=False"):
+        ops.conv2d_relu_max_pool2d_backward(dout, none)
+
+
+def test_impl_chooses_the_implementation(rng):
+    x, Wt, b, stride, pad = conv_inputs(rng, (2, 2, 7, 7, 3, 3, 3, 1, 1), "float64")
+    k = kernels.find("numpy", "conv2d")
+    assert ops.conv2d_forward(x, Wt, b, impl=k)[1].kernel is k
+    assert ops.conv2d_forward(x, Wt, b, impl=ops.GENERIC)[1].kernel is ops.REFERENCE["conv2d"]
+    with pytest.raises(ValueError, match="expected a kernel for 'conv2d', got one for 'max_pool2d'"):
+        ops.conv2d_forward(x, Wt, b, impl=kernels.find("numpy", "max_pool2d"))
+    with pytest.raises(ValueError, match="impl must be None, 'generic' or a kernel object"):
+        ops.conv2d_forward(x, Wt, b, impl="fast")
 
 
 def test_float32_stays_float32(rng):
     x, Wt, b, stride, pad = conv_inputs(rng, (2, 2, 8, 8, 3, 3, 3, 1, 0), "float32")
-    out, cache = ops.conv2d_relu_maxpool_forward(x, Wt, b, stride, pad, 2, 2, 2)
-    grads = ops.conv2d_relu_maxpool_backward(np.ones(out.shape, "float32"), cache)
+    out, cache = ops.conv2d_relu_max_pool2d_forward(x, Wt, b, stride, pad, 2, 2, 2)
+    grads = ops.conv2d_relu_max_pool2d_backward(np.ones(out.shape, "float32"), cache)
     assert out.dtype == np.float32
     assert all(g.dtype == np.float32 for g in grads)
 
@@ -275,16 +306,26 @@ def test_float32_stays_float32(rng):
 # ---------------------------------------------------------------------- model level
 
 
+def _set_impl(net, impl):
+    """Run every window layer of ``net`` (and so its fused blocks) with ``impl``."""
+    for layer in net.layers:
+        if isinstance(layer, (layers.Convolution, layers.Pooling, layers.AvgPooling)):
+            layer.impl = impl
+
+
 def _unfused_gradient(net, x, t):
     """Loss and gradients of ``net`` with every layer run on its own, on the generic path."""
-    with ops.use_fast_paths(False):
+    _set_impl(net, ops.GENERIC)
+    try:
         h = x
         for layer in net.layers:
-            h = layer.forward(h, True) if isinstance(layer, (layers.Dropout, layers.BatchNormalization)) else layer.forward(h)
+            h = layer.forward(h, True)
         loss = net.last_layer.forward(h, t)
         d = net.last_layer.backward(1.0)
         for layer in reversed(net.layers):
             d = layer.backward(d)
+    finally:
+        _set_impl(net, None)
     return float(loss), {k: np.array(getattr(layer, "d" + attr)) for k, (layer, attr) in net._slots.items()}
 
 
@@ -302,16 +343,17 @@ def test_fused_model_equals_unfused_generic_layers(rng, model, dtype):
     t = rng.integers(0, 10, 4)
     ref_loss, ref = _unfused_gradient(net, x, t)
     grads = net.gradient(x, t)
-    assert [type(s) for s in net._steps] == kinds
-    blocks = [s for s in net._steps if isinstance(s, layers.ConvBlock)]
-    assert not isinstance(blocks[0]._cache, tuple), "the model should run the NumPy kernels"
+    assert [type(s) for s in net.steps] == kinds
+    blocks = [s for s in net.steps if isinstance(s, layers.ConvBlock)]
+    assert all(blk._cache.kernel.namespace == "numpy" for blk in blocks), "the model should run the NumPy kernels"
     assert float(net.loss(x, t)) == pytest.approx(ref_loss, rel=1e-5 if dtype == "float32" else 1e-12)
     assert set(grads) == set(ref)
     for k in ref:
         close(np.asarray(grads[k]), ref[k], dtype, f"{model} {k}")
     # inference (training=False keeps nothing) gives the training forward's scores
-    with ops.use_fast_paths(False):
-        want = np.asarray(net.predict(x))
+    _set_impl(net, ops.GENERIC)
+    want = np.asarray(net.predict(x))
+    _set_impl(net, None)
     close(np.asarray(net.predict(x)), want, dtype, f"{model} predict")
 
 
@@ -323,3 +365,15 @@ def test_fuse_groups_conv_relu_pool_only():
     assert [type(s) for s in steps] == [layers.ConvBlock, layers.ConvBlock, layers.AvgPooling]
     assert steps[0].pool is pool and steps[1].pool is None
     assert layers.fuse([conv, pool, relu]) == [conv, pool, relu]
+
+
+def test_fusion_is_decided_once_when_the_model_is_built(rng):
+    net = SimpleConvNet(input_dim=(1, 8, 8), conv_param={"filter_num": 2, "filter_size": 3, "pad": 1, "stride": 1}, hidden_size=4, seed=0)
+    steps = list(net.steps)
+    block = steps[0]
+    assert isinstance(block, layers.ConvBlock) and block.conv is net.layers[0] and block.pool is net.layers[2]
+    x = rng.standard_normal((2, 1, 8, 8)).astype("float32")
+    net.gradient(x, np.array([1, 2]))
+    net.predict(x)
+    assert all(a is b for a, b in zip(net.steps, steps)) and len(net.steps) == len(steps)
+    assert "ConvBlock(Convolution(1->2, 3x3" in repr(block)

@@ -3,12 +3,24 @@
 
 Each layer takes its namespace from the arrays it is given; none of them knows
 which library it runs on.  Shapes: N batch, C channels, H/W height/width,
-FN/FH/FW filters, OH/OW output.
+FN/FH/FW filters, SH/SW stride, PH/PW pad, OH/OW output.
+
+Every layer follows :class:`xpconv._typing.Layer`: ``forward(x, train_flg=True)``
+(layers without a training mode ignore the flag), ``backward(dout)``,
+``param_names()`` (the attributes holding its trainable arrays, gradients on
+``d<name>``) and ``describe()`` (its one-line summary, also its ``repr``).
+The window layers (Convolution, Pooling, AvgPooling, ConvBlock) run the ops of
+:mod:`xpconv.ops`; ``impl=`` chooses the implementation as there (None: the
+registered kernel for the arrays' namespace, ``"generic"``: the reference).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from . import ops
+from ._geometry import conv_output_size, pair
+from ._typing import Array
 from .backend import Generator, asarray_in, device_of, dtype_name, namespace_of
 
 __all__ = [
@@ -22,6 +34,7 @@ __all__ = [
     "Relu",
     "Sigmoid",
     "SoftmaxWithLoss",
+    "LayerBase",
     "fuse",
 ]
 
@@ -44,21 +57,56 @@ def _as_param_dtype(layer: str, x, ref):
 def _check_window_input(layer: str, x, FH: int, FW: int, stride, pad) -> None:
     if len(x.shape) != 4:
         raise ValueError(f"{layer}: expected a 4-D input (N, C, H, W), got shape {_shape(x)}")
-    ops.conv_output_size(int(x.shape[2]), int(x.shape[3]), FH, FW, stride, pad, where=layer)
+    conv_output_size(int(x.shape[2]), int(x.shape[3]), FH, FW, stride, pad, where=layer)
 
 
-class Convolution:
-    """2-D convolution. W: (FN, C, FH, FW), b: (FN,); x (N, C, H, W) -> (N, FN, OH, OW)."""
+class LayerBase:
+    """What every layer here has unless it says otherwise (the protocol is
+    :class:`xpconv._typing.Layer`)."""
 
-    def __init__(self, W, b, stride=1, pad=0):
+    #: ``backward(dout, need_dx=False)`` skips dL/dx (a net's first step needs none)
+    can_skip_dx = False
+
+    def forward(self, x: Array, train_flg: bool = True) -> Array:
+        raise NotImplementedError
+
+    def backward(self, dout: Array) -> Array:
+        raise NotImplementedError
+
+    def param_names(self) -> tuple[str, ...]:
+        """Attributes holding trainable arrays, in the book's order (gradients on ``d<name>``)."""
+        return ()
+
+    def describe(self) -> str:
+        """One line for model summaries."""
+        return f"{type(self).__name__}()"
+
+    def __repr__(self) -> str:
+        return self.describe()
+
+
+class Convolution(LayerBase):
+    """2-D convolution. W: (FN, C, FH, FW), b: (FN,); x (N, C, H, W) -> (N, FN, OH, OW).
+
+    Forward and backward: :func:`xpconv.ops.conv2d_forward` / :func:`~xpconv.ops.conv2d_backward`,
+    whose reference is :class:`xpconv.ops.Conv2d`; the fast kernels are the
+    ``Conv2d`` classes of ``xpconv/kernels/numpy_ops.py`` and
+    ``xpconv/kernels/cupy_ops.py`` (CUDA sources ``xpconv/kernels/conv.cu``).  Inside a
+    :class:`~xpconv.models.Sequential`, a Convolution followed by Relu (and max
+    Pooling) runs as one :class:`ConvBlock` (``Conv2dReluMaxPool2d`` kernels)."""
+
+    can_skip_dx = True
+
+    def __init__(self, W: Array, b: Array, stride: Any = 1, pad: Any = 0, *, impl: ops.Impl = None):
         if len(W.shape) != 4:
             raise ValueError(f"Convolution: expected W of shape (FN, C, FH, FW), got {_shape(W)}")
         if _shape(b) != (int(W.shape[0]),):
             raise ValueError(f"Convolution: expected b of shape (FN,) = ({int(W.shape[0])},), got {_shape(b)}")
         namespace_of(W, b)
         self.W, self.b = W, b
-        self.stride = ops.pair(stride, "Convolution stride")
-        self.pad = ops.pair(pad, "Convolution pad")
+        self.stride = pair(stride, "Convolution stride")
+        self.pad = pair(pad, "Convolution pad")
+        self.impl = impl
         if min(self.stride) < 1:
             raise ValueError(f"Convolution: stride must be >= 1, got {stride!r}")
         self.dW = None
@@ -72,44 +120,57 @@ class Convolution:
             raise ValueError(f"Convolution: expected input with C={C} channels (N, {C}, H, W), got shape {_shape(x)}")
         return _as_param_dtype("Convolution", x, self.W)
 
-    def forward(self, x):
-        out, self._cache = ops.conv2d_forward(self._checked(x), self.W, self.b, self.stride, self.pad)
+    def forward(self, x: Array, train_flg: bool = True) -> Array:
+        out, self._cache = ops.conv2d_forward(self._checked(x), self.W, self.b, self.stride, self.pad, impl=self.impl)
         return out
 
-    def backward(self, dout, need_dx=True):
+    def backward(self, dout: Array, need_dx: bool = True) -> Array | None:
         """dL/dx (None when ``need_dx`` is false: a net's first layer skips it); sets .dW, .db."""
         if self._cache is None:
             raise RuntimeError("Convolution: backward() called before forward()")
         dx, self.dW, self.db = ops.conv2d_backward(dout, self._cache, need_dx=need_dx)
         return dx
 
+    def param_names(self) -> tuple[str, ...]:
+        return ("W", "b")
 
-class _PoolingBase:
+    def describe(self) -> str:
+        FN, C, FH, FW = _shape(self.W)
+        return f"Convolution({C}->{FN}, {FH}x{FW}, stride={self.stride}, pad={self.pad}, {dtype_name(self.W.dtype)})"
+
+
+class _PoolingBase(LayerBase):
     _name = "Pooling"
 
-    def __init__(self, pool_h, pool_w, stride=1, pad=0):
+    def __init__(self, pool_h: int, pool_w: int, stride: Any = 1, pad: Any = 0, *, impl: ops.Impl = None):
         self.pool_h, self.pool_w = int(pool_h), int(pool_w)
         if self.pool_h < 1 or self.pool_w < 1:
             raise ValueError(f"{self._name}: pool size must be >= 1, got {(pool_h, pool_w)}")
-        self.stride = ops.pair(stride, f"{self._name} stride")
-        self.pad = ops.pair(pad, f"{self._name} pad")
+        self.stride = pair(stride, f"{self._name} stride")
+        self.pad = pair(pad, f"{self._name} pad")
+        self.impl = impl
         if min(self.stride) < 1:
             raise ValueError(f"{self._name}: stride must be >= 1, got {stride!r}")
         self._cache = None
 
-    def forward(self, x):
+    def forward(self, x: Array, train_flg: bool = True) -> Array:
         _check_window_input(self._name, x, self.pool_h, self.pool_w, self.stride, self.pad)
-        out, self._cache = self._fwd(x, self.pool_h, self.pool_w, self.stride, self.pad)
+        out, self._cache = self._fwd(x, self.pool_h, self.pool_w, self.stride, self.pad, impl=self.impl)
         return out
 
-    def backward(self, dout):
+    def backward(self, dout: Array) -> Array:
         if self._cache is None:
             raise RuntimeError(f"{self._name}: backward() called before forward()")
         return self._bwd(dout, self._cache)
 
+    def describe(self) -> str:
+        return f"{self._name}({self.pool_h}x{self.pool_w}, stride={self.stride}, pad={self.pad})"
+
 
 class Pooling(_PoolingBase):
-    """Max pooling over pool_h x pool_w windows; x (N, C, H, W) -> (N, C, OH, OW)."""
+    """Max pooling over pool_h x pool_w windows; x (N, C, H, W) -> (N, C, OH, OW).
+    Ops: :func:`xpconv.ops.max_pool2d_forward`/``_backward`` (reference
+    :class:`xpconv.ops.MaxPool2d`; kernels: ``MaxPool2d`` in ``xpconv/kernels/``)."""
 
     _name = "Pooling"
     _fwd = staticmethod(ops.max_pool2d_forward)
@@ -117,14 +178,15 @@ class Pooling(_PoolingBase):
 
 
 class AvgPooling(_PoolingBase):
-    """Average pooling (zero padding counted in the window)."""
+    """Average pooling (zero padding counted in the window).  Ops:
+    :func:`xpconv.ops.avg_pool2d_forward`/``_backward`` (reference :class:`xpconv.ops.AvgPool2d`)."""
 
     _name = "AvgPooling"
     _fwd = staticmethod(ops.avg_pool2d_forward)
     _bwd = staticmethod(ops.avg_pool2d_backward)
 
 
-class Affine:
+class Affine(LayerBase):
     """Fully connected: W (D, M), b (M,); x (N, D) or (N, C, H, W) with C*H*W = D -> (N, M).
     backward restores the input's original shape."""
 
@@ -140,7 +202,7 @@ class Affine:
         self.dW = None
         self.db = None
 
-    def forward(self, x):
+    def forward(self, x: Array, train_flg: bool = True) -> Array:
         xp = namespace_of(x, self.W)
         D = int(self.W.shape[0])
         if len(x.shape) < 2:
@@ -158,41 +220,48 @@ class Affine:
         self.x = x
         return x @ self.W + self.b
 
-    def backward(self, dout):
+    def backward(self, dout: Array) -> Array:
         xp = namespace_of(dout)
         dx = dout @ self.W.T
         self.dW = self.x.T @ dout
         self.db = xp.sum(dout, axis=0)
         return xp.reshape(dx, self.original_x_shape)
 
+    def param_names(self) -> tuple[str, ...]:
+        return ("W", "b")
 
-class Relu:
+    def describe(self) -> str:
+        D, M = _shape(self.W)
+        return f"Affine({D}->{M}, {dtype_name(self.W.dtype)})"
+
+
+class Relu(LayerBase):
     def __init__(self):
         self.mask = None
 
-    def forward(self, x):
+    def forward(self, x: Array, train_flg: bool = True) -> Array:
         xp = namespace_of(x)
         self.mask = xp.astype(x > 0, x.dtype)
         return x * self.mask
 
-    def backward(self, dout):
+    def backward(self, dout: Array) -> Array:
         return dout * self.mask
 
 
-class Sigmoid:
+class Sigmoid(LayerBase):
     def __init__(self):
         self.out = None
 
-    def forward(self, x):
+    def forward(self, x: Array, train_flg: bool = True) -> Array:
         xp = namespace_of(x)
         self.out = 1.0 / (1.0 + xp.exp(-x))
         return self.out
 
-    def backward(self, dout):
+    def backward(self, dout: Array) -> Array:
         return dout * (1.0 - self.out) * self.out
 
 
-class Dropout:
+class Dropout(LayerBase):
     """Dropout as in the book: in training each unit is kept with probability
     1 - dropout_ratio; at test time outputs are scaled by 1 - dropout_ratio.
     ``rng`` is a seed or an ``xpconv.backend.Generator`` (masks are reproducible)."""
@@ -204,18 +273,21 @@ class Dropout:
         self.rng = Generator(rng)
         self.mask = None
 
-    def forward(self, x, train_flg=True):
+    def forward(self, x: Array, train_flg: bool = True) -> Array:
         if train_flg:
             xp = namespace_of(x)
             self.mask = self.rng.dropout_mask(x.shape, self.dropout_ratio, xp=xp, dtype=x.dtype, device=device_of(x))
             return x * self.mask
         return x * (1.0 - self.dropout_ratio)
 
-    def backward(self, dout):
+    def backward(self, dout: Array) -> Array:
         return dout * self.mask
 
+    def describe(self) -> str:
+        return f"Dropout({self.dropout_ratio})"
 
-class BatchNormalization:
+
+class BatchNormalization(LayerBase):
     """Batch normalization over the batch axis, per feature (a 4-D input is
     flattened to (N, C*H*W) as in the book). gamma, beta: (D,)."""
 
@@ -234,7 +306,7 @@ class BatchNormalization:
         self.dgamma = None
         self.dbeta = None
 
-    def forward(self, x, train_flg=True):
+    def forward(self, x: Array, train_flg: bool = True) -> Array:
         xp = namespace_of(x, self.gamma)
         self.input_shape = _shape(x)
         D = int(self.gamma.shape[0])
@@ -263,7 +335,7 @@ class BatchNormalization:
         out = self.gamma * xn + self.beta
         return xp.reshape(out, self.input_shape)
 
-    def backward(self, dout):
+    def backward(self, dout: Array) -> Array:
         xp = namespace_of(dout)
         dout = xp.reshape(dout, (int(dout.shape[0]), -1))
         self.dbeta = xp.sum(dout, axis=0)
@@ -276,6 +348,9 @@ class BatchNormalization:
         dmu = xp.sum(dxc, axis=0)
         dx = dxc - dmu / self.batch_size
         return xp.reshape(dx, self.input_shape)
+
+    def param_names(self) -> tuple[str, ...]:
+        return ("gamma", "beta")
 
 
 class SoftmaxWithLoss:
@@ -306,39 +381,47 @@ class SoftmaxWithLoss:
         return (self.y - self._t_one_hot) * (dout / N)
 
 
-class ConvBlock:
+class ConvBlock(LayerBase):
     """Convolution -> Relu [-> Pooling] of a :class:`~xpconv.models.Sequential` run as
-    one fused op (``ops.conv2d_forward(relu=True)`` or
-    ``ops.conv2d_relu_maxpool_forward``): the same numbers as the three layers one
-    after the other, with fewer passes over memory.  Gradients land on the
-    Convolution's ``.dW``/``.db``; the Relu and Pooling layers keep no state."""
+    one fused op (:func:`xpconv.ops.conv2d_forward` with ``relu=True``, or
+    :func:`xpconv.ops.conv2d_relu_max_pool2d_forward`): the same numbers as the
+    three layers one after the other, with fewer passes over memory.  Gradients land
+    on the Convolution's ``.dW``/``.db``; the Relu and Pooling layers keep no state.
+    The block runs with the Convolution's ``impl``."""
 
-    def __init__(self, conv: Convolution, relu: Relu, pool: "Pooling | None" = None):
+    can_skip_dx = True
+
+    def __init__(self, conv: Convolution, relu: Relu, pool: Pooling | None = None):
         self.conv, self.relu, self.pool = conv, relu, pool
-        self._cache = None
+        self._cache: ops.Cache | None = None
 
-    def forward(self, x, train_flg=True):
+    def forward(self, x: Array, train_flg: bool = True) -> Array:
         c, p = self.conv, self.pool
         x = c._checked(x)
         if p is None:
-            out, self._cache = ops.conv2d_forward(x, c.W, c.b, c.stride, c.pad, relu=True)
+            out, self._cache = ops.conv2d_forward(x, c.W, c.b, c.stride, c.pad, relu=True, impl=c.impl)
         else:
-            out, self._cache = ops.conv2d_relu_maxpool_forward(
-                x, c.W, c.b, c.stride, c.pad, p.pool_h, p.pool_w, p.stride, p.pad, training=train_flg
+            out, self._cache = ops.conv2d_relu_max_pool2d_forward(
+                x, c.W, c.b, c.stride, c.pad, p.pool_h, p.pool_w, p.stride, p.pad, training=train_flg, impl=c.impl
             )
         return out
 
-    def backward(self, dout, need_dx=True):
+    def backward(self, dout: Array, need_dx: bool = True) -> Array | None:
         if self._cache is None:
             raise RuntimeError("ConvBlock: backward() called before a training forward()")
-        back = ops.conv2d_backward if self.pool is None else ops.conv2d_relu_maxpool_backward
+        back = ops.conv2d_backward if self.pool is None else ops.conv2d_relu_max_pool2d_backward
         dx, self.conv.dW, self.conv.db = back(dout, self._cache, need_dx=need_dx)
         return dx
 
+    def describe(self) -> str:
+        parts = [self.conv.describe(), self.relu.describe()] + ([self.pool.describe()] if self.pool is not None else [])
+        return "ConvBlock(" + " -> ".join(parts) + ")"
 
-def fuse(layers: list) -> list:
+
+def fuse(layers: list[Any]) -> list[Any]:
     """The steps that run ``layers``: each Convolution followed by Relu (and a max
-    Pooling) becomes one :class:`ConvBlock`; every other layer stands alone."""
+    Pooling) becomes one :class:`ConvBlock`; every other layer stands alone.
+    :class:`~xpconv.models.Sequential` calls it once, when the model is built."""
     steps, i, n = [], 0, len(layers)
     while i < n:
         layer = layers[i]
@@ -358,19 +441,3 @@ def _labels_in(xp, t, like):
     except TypeError:
         same = False
     return t if same else asarray_in(t, xp, device=device_of(like))
-
-
-def describe(layer) -> str:
-    """One-line summary of a layer (for model summaries)."""
-    name = type(layer).__name__
-    if isinstance(layer, Convolution):
-        FN, C, FH, FW = _shape(layer.W)
-        return f"{name}({C}->{FN}, {FH}x{FW}, stride={layer.stride}, pad={layer.pad}, {dtype_name(layer.W.dtype)})"
-    if isinstance(layer, _PoolingBase):
-        return f"{name}({layer.pool_h}x{layer.pool_w}, stride={layer.stride}, pad={layer.pad})"
-    if isinstance(layer, Affine):
-        D, M = _shape(layer.W)
-        return f"{name}({D}->{M}, {dtype_name(layer.W.dtype)})"
-    if isinstance(layer, Dropout):
-        return f"{name}({layer.dropout_ratio})"
-    return f"{name}()"

@@ -27,7 +27,8 @@ from .backend import (
     resolve_dtype,
     to_numpy,
 )
-from .ops import conv_output_size
+from ._geometry import conv_output_size
+from ._typing import Layer
 
 __all__ = ["Sequential", "SimpleConvNet", "DeepConvNet", "TwoLayerNet", "MODELS", "build_model"]
 
@@ -72,34 +73,42 @@ class ParamDict(MutableMapping):
         return "{" + ", ".join(f"{k!r}: shape {tuple(self[k].shape)}" for k in self) + "}"
 
 
+def _param_slots(layers: list[Layer]) -> dict[str, tuple[Any, str]]:
+    """Book names -> (layer, attribute): ``<name><k>`` for the k-th layer whose
+    ``param_names()`` start with the same name (W1, b1, ..., gamma1, beta1, ...)."""
+    slots: dict[str, tuple[Any, str]] = {}
+    count: dict[str, int] = {}
+    for layer in layers:
+        names = layer.param_names()
+        if names:
+            k = count[names[0]] = count.get(names[0], 0) + 1
+            for attr in names:
+                slots[f"{attr}{k}"] = (layer, attr)
+    return slots
+
+
 class Sequential:
     """A list of layers followed by a loss layer (``SoftmaxWithLoss`` by default).
 
     Parameters are named in order as in the book: the k-th layer with weights
     (Convolution or Affine) owns ``Wk``/``bk``; the k-th BatchNormalization owns
-    ``gammak``/``betak``.
+    ``gammak``/``betak`` (each layer lists its own in ``param_names()``).
+
+    The steps that run are decided once, here: each Convolution -> Relu [-> max
+    Pooling] becomes one fused :class:`~xpconv.layers.ConvBlock` (:func:`xpconv.layers.fuse`),
+    kept in ``steps``.  ``layers`` is the book's list of the same layer objects;
+    build a new Sequential rather than editing it.
     """
 
     name = "sequential"
 
-    def __init__(self, layers: list, loss_layer=None, *, eval_batch_size: int = EVAL_BATCH_SIZE):
+    def __init__(self, layers: list[Layer], loss_layer: Any = None, *, eval_batch_size: int = EVAL_BATCH_SIZE):
         self.layers = list(layers)
-        self._steps: list = []  # what _forward ran: the layers, with fused blocks
+        self.steps: list[Layer] = L.fuse(self.layers)  # what runs: the layers, with fused blocks
         self.last_layer = loss_layer if loss_layer is not None else L.SoftmaxWithLoss()
         self.eval_batch_size = int(eval_batch_size)
         self.config: dict[str, Any] = {}
-        slots: dict[str, tuple[Any, str]] = {}
-        k = bn = 0
-        for layer in self.layers:
-            if isinstance(layer, (L.Convolution, L.Affine)):
-                k += 1
-                slots[f"W{k}"] = (layer, "W")
-                slots[f"b{k}"] = (layer, "b")
-            elif isinstance(layer, L.BatchNormalization):
-                bn += 1
-                slots[f"gamma{bn}"] = (layer, "gamma")
-                slots[f"beta{bn}"] = (layer, "beta")
-        self._slots = slots
+        self._slots = slots = _param_slots(self.layers)
         self.params = ParamDict(slots)
         first = next(iter(slots.values()), None)
         ref = getattr(*first) if first else None
@@ -140,14 +149,8 @@ class Sequential:
         return self._forward(self._input(x), train_flg)
 
     def _forward(self, x, train_flg: bool):
-        # Convolution -> Relu [-> Pooling] runs as one fused step (layers.fuse); the
-        # steps are kept for gradient()
-        self._steps = L.fuse(self.layers)
-        for layer in self._steps:
-            if isinstance(layer, (L.Dropout, L.BatchNormalization, L.ConvBlock)):
-                x = layer.forward(x, train_flg)
-            else:
-                x = layer.forward(x)
+        for step in self.steps:
+            x = step.forward(x, train_flg)
         return x
 
     def loss(self, x, t, train_flg: bool = True):
@@ -177,9 +180,9 @@ class Sequential:
         """Gradients of the loss by backpropagation: a dict with the keys of ``params``."""
         self.loss(x, t)
         dout = self.last_layer.backward(1.0)
-        steps = self._steps
+        steps = self.steps
         for i in range(len(steps) - 1, -1, -1):
-            if i == 0 and type(steps[0]) in (L.Convolution, L.ConvBlock):
+            if i == 0 and steps[0].can_skip_dx:
                 steps[0].backward(dout, need_dx=False)  # nobody needs dL/d(input)
             else:
                 dout = steps[i].backward(dout)
@@ -259,7 +262,7 @@ class Sequential:
     def summary(self) -> str:
         lines = [f"{type(self).__name__} on {self.backend_name} ({dtype_name(self.dtype)})"]
         for layer in self.layers:
-            lines.append("  " + L.describe(layer))
+            lines.append("  " + layer.describe())
         n = sum(math.prod(int(s) for s in v.shape) for v in self.params.values())
         lines.append(f"  {n:,} parameters")
         return "\n".join(lines)

@@ -1,34 +1,49 @@
 """Array operations of the convolutional stack, written once against the Array API.
 
 Shapes use one vocabulary throughout: N batch, C channels, H/W height/width,
-FN/FH/FW filters, SH/SW stride, PH/PW pad, OH/OW output, with
-``OH = (H + 2*PH - FH)//SH + 1``.  Public layout is NCHW.
+FN/FH/FW filters (a pool's window is FH x FW), SH/SW stride, PH/PW pad, OH/OW
+output, with ``OH = (H + 2*PH - FH)//SH + 1``; a pooled output after a
+convolution is POH/POW.  Public layout is NCHW.
 
-Every function here is the reference implementation.  A backend may register a
-faster kernel with the same name and signature in ``xpconv.kernels``; the
-dispatcher uses it unless fast paths are switched off (``use_fast_paths(False)``),
-and the test-suite proves each one equal to the code below.  A backward op follows
-its cache: the reference forward's cache (a tuple) goes to the reference backward, a
-kernel's cache to that kernel's backward.
+Each op is a reference class here (:class:`Conv2d`, :class:`Conv2dReluMaxPool2d`,
+:class:`MaxPool2d`, :class:`AvgPool2d`, :class:`Im2col`) with its forward and
+backward side by side; they are the spec.  The functions (``conv2d_forward``,
+``conv2d_backward``, ...) dispatch: a fast kernel registered in
+:mod:`xpconv.kernels` for the arrays' namespace runs when it accepts the inputs
+(NumPy: ``xpconv/kernels/numpy_ops.py``, CuPy: ``xpconv/kernels/cupy_ops.py``,
+each class named as its reference here), else the reference does.  A forward
+returns ``(out, cache)``; the :class:`Cache` holds the kernel that made it, so the
+backward runs that kernel's backward.  ``impl=GENERIC`` runs the reference
+explicitly (tests compare every kernel against it); ``impl=<kernel>`` runs one
+given kernel.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from typing import Any
+from typing import Any, Literal, Union
 
-from . import backend
+from . import backend, kernels
+from ._geometry import conv_output_size, pair
+from ._typing import Array
 from .backend import namespace_of
+from .kernels import Kernel
 
 __all__ = [
+    "GENERIC",
+    "REFERENCE",
+    "AvgPool2d",
+    "Cache",
+    "Conv2d",
+    "Conv2dReluMaxPool2d",
+    "Im2col",
+    "MaxPool2d",
     "avg_pool2d_backward",
     "avg_pool2d_forward",
     "col2im",
     "conv2d_backward",
     "conv2d_forward",
-    "conv2d_relu_maxpool_backward",
-    "conv2d_relu_maxpool_forward",
+    "conv2d_relu_max_pool2d_backward",
+    "conv2d_relu_max_pool2d_forward",
     "conv_output_size",
     "cross_entropy_error",
     "im2col",
@@ -37,96 +52,64 @@ __all__ = [
     "pair",
     "softmax",
     "softmax_cross_entropy",
-    "use_fast_paths",
 ]
 
 # --------------------------------------------------------------------------- dispatch
 
-_state = threading.local()
+#: ``impl=GENERIC`` runs the reference classes of this module
+GENERIC = "generic"
+
+#: what ``impl=`` takes: None (the kernel registered for the arrays' namespace),
+#: GENERIC (the reference), or one kernel object (that kernel instead of the
+#: registered one).  A kernel that does not accept the inputs leaves them to the reference.
+Impl = Union[None, Literal["generic"], Kernel]
 
 
-def _fast_enabled() -> bool:
-    return getattr(_state, "fast", True)
+class Cache:
+    """What a forward keeps for its backward: the ``kernel`` that ran (a reference
+    class of this module or a registered kernel) and its opaque ``state``."""
+
+    __slots__ = ("kernel", "state")
+
+    def __init__(self, kernel: Kernel, state: Any):
+        self.kernel, self.state = kernel, state
+
+    def __repr__(self) -> str:
+        return f"Cache({self.kernel.namespace}.{self.kernel.op})"
 
 
-@contextlib.contextmanager
-def use_fast_paths(enabled: bool = True):
-    """Context manager: ``with use_fast_paths(False):`` runs the generic reference code."""
-    old = _fast_enabled()
-    _state.fast = bool(enabled)
-    try:
-        yield
-    finally:
-        _state.fast = old
+def _choose(op: str, impl: Impl, *arrays: Array) -> Kernel:
+    """The kernel that runs ``op`` on ``arrays`` (see :data:`Impl`)."""
+    if impl is None:
+        fast = kernels.find(backend.namespace_name(namespace_of(*arrays)), op)
+        if fast is not None and fast.accepts(*arrays):
+            return fast
+        return REFERENCE[op]
+    if isinstance(impl, str):
+        if impl != GENERIC:
+            raise ValueError(f"impl must be None, {GENERIC!r} or a kernel object, got {impl!r}")
+        return REFERENCE[op]
+    if impl.op != op:
+        raise ValueError(f"impl: expected a kernel for {op!r}, got one for {impl.op!r}")
+    return impl if impl.accepts(*arrays) else REFERENCE[op]
 
 
-def _kernel(xp, name: str):
-    if not _fast_enabled():
-        return None
-    from . import kernels
-
-    return kernels.lookup(backend.namespace_name(xp), name)
-
-
-def _backward_kernel(xp, name: str, cache):
-    """The backward that fits ``cache``: the reference code writes tuples, a fast
-    forward kernel writes its own cache object, whose backward is the kernel's (even if
-    fast paths were switched off between forward and backward)."""
-    if isinstance(cache, tuple):
-        return None
-    from . import kernels
-
-    fast = kernels.lookup(backend.namespace_name(xp), name)
-    if fast is None:
-        raise TypeError(f"{name}: got a cache made by another backend's kernel ({type(cache).__name__})")
-    return fast
+def _state(where: str, cache: Any, op: str) -> tuple[Kernel, Any]:
+    """(kernel, state) of a forward's cache, checked to come from ``op``'s forward."""
+    if cache is None:
+        raise RuntimeError(f"{where}: the forward ran with training=False and kept nothing")
+    if not isinstance(cache, Cache) or cache.kernel.op != op:
+        got = repr(cache) if isinstance(cache, Cache) else type(cache).__name__
+        raise TypeError(f"{where}: expected the cache of {op}_forward, got a cache made by another op or backend ({got})")
+    return cache.kernel, cache.state
 
 
-# --------------------------------------------------------------------------- shape helpers
-
-
-def pair(value: Any, what: str = "value") -> tuple[int, int]:
-    """An int or an (h, w) pair as a pair of non-negative ints."""
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2:
-            raise ValueError(f"{what} must be an int or an (h, w) pair, got {value!r}")
-        h, w = value
-    else:
-        h = w = value
-    try:
-        h, w = int(h), int(w)
-    except (TypeError, ValueError):
-        raise TypeError(f"{what} must be an int or an (h, w) pair of ints, got {value!r}") from None
-    if h < 0 or w < 0:
-        raise ValueError(f"{what} must be non-negative, got {value!r}")
-    return h, w
-
-
-def conv_output_size(H: int, W: int, FH: int, FW: int, stride, pad, where: str = "im2col") -> tuple[int, int]:
-    """(OH, OW); raises ValueError quoting the numbers when either is < 1."""
-    SH, SW = pair(stride, "stride")
-    PH, PW = pair(pad, "pad")
-    if SH < 1 or SW < 1:
-        raise ValueError(f"{where}: stride must be >= 1, got {(SH, SW)}")
-    if FH < 1 or FW < 1:
-        raise ValueError(f"{where}: filter size must be >= 1, got FH={FH}, FW={FW}")
-    OH = (H + 2 * PH - FH) // SH + 1
-    OW = (W + 2 * PW - FW) // SW + 1
-    if OH < 1 or OW < 1:
-        raise ValueError(
-            f"{where}: filter larger than the padded input: "
-            f"OH = (H + 2*PH - FH)//SH + 1 = ({H} + 2*{PH} - {FH})//{SH} + 1 = {OH}, "
-            f"OW = (W + 2*PW - FW)//SW + 1 = ({W} + 2*{PW} - {FW})//{SW} + 1 = {OW}; both must be >= 1"
-        )
-    return OH, OW
-
-
-def _check_4d(x, where: str, what: str = "input") -> None:
+def _check_4d(x: Array, where: str, what: str = "input") -> None:
     if len(x.shape) != 4:
         raise ValueError(f"{where}: expected a 4-D {what} (N, C, H, W), got shape {tuple(x.shape)}")
 
 
-def _pad(xp, x, PH: int, PW: int, value: float = 0.0):
+def _pad(xp: Any, x: Array, PH: int, PW: int, value: float = 0.0) -> Array:
     if PH == 0 and PW == 0:
         return x
     N, C, H, W = x.shape
@@ -135,40 +118,72 @@ def _pad(xp, x, PH: int, PW: int, value: float = 0.0):
     return out
 
 
+class _Reference:
+    """Base of the reference classes: they take every input."""
+
+    namespace = GENERIC
+    op = ""
+
+    def accepts(self, *arrays: Array) -> bool:
+        return True
+
+
 # --------------------------------------------------------------------------- im2col / col2im
 
 
-def im2col(input_data, filter_h: int, filter_w: int, stride=1, pad=0, *, pad_value: float = 0.0):
+class Im2col(_Reference):
+    """Reference ``im2col`` (forward) and its adjoint ``col2im`` (backward)."""
+
+    op = "im2col"
+
+    def forward(self, input_data: Array, filter_h: int, filter_w: int, stride: Any = 1, pad: Any = 0, *, pad_value: float = 0.0) -> Array:
+        xp = namespace_of(input_data)
+        N, C, H, W = input_data.shape
+        FH, FW = int(filter_h), int(filter_w)
+        SH, SW = pair(stride, "stride")
+        PH, PW = pair(pad, "pad")
+        OH, OW = conv_output_size(H, W, FH, FW, (SH, SW), (PH, PW))
+        img = _pad(xp, input_data, PH, PW, pad_value)
+        col = xp.empty((N, C, FH, FW, OH, OW), dtype=input_data.dtype, device=backend.device_of(input_data))
+        for y in range(FH):
+            y_stop = y + SH * (OH - 1) + 1
+            for x in range(FW):
+                x_stop = x + SW * (OW - 1) + 1
+                col[:, :, y, x, :, :] = img[:, :, y:y_stop:SH, x:x_stop:SW]
+        col = xp.permute_dims(col, (0, 4, 5, 1, 2, 3))
+        return xp.reshape(col, (N * OH * OW, C * FH * FW))
+
+    def backward(self, col: Array, input_shape: tuple[int, ...], filter_h: int, filter_w: int, stride: Any = 1, pad: Any = 0) -> Array:
+        xp = namespace_of(col)
+        N, C, H, W = (int(s) for s in input_shape)
+        FH, FW = int(filter_h), int(filter_w)
+        SH, SW = pair(stride, "stride")
+        PH, PW = pair(pad, "pad")
+        OH, OW = conv_output_size(H, W, FH, FW, (SH, SW), (PH, PW), where="col2im")
+        c = xp.permute_dims(xp.reshape(col, (N, OH, OW, C, FH, FW)), (0, 3, 4, 5, 1, 2))
+        img = xp.zeros((N, C, H + 2 * PH, W + 2 * PW), dtype=col.dtype, device=backend.device_of(col))
+        for y in range(FH):
+            y_stop = y + SH * (OH - 1) + 1
+            for x in range(FW):
+                x_stop = x + SW * (OW - 1) + 1
+                img[:, :, y:y_stop:SH, x:x_stop:SW] += c[:, :, y, x, :, :]
+        return img[:, :, PH : PH + H, PW : PW + W]
+
+
+def im2col(input_data: Array, filter_h: int, filter_w: int, stride: Any = 1, pad: Any = 0, *, pad_value: float = 0.0, impl: Impl = None) -> Array:
     """Unfold (N, C, H, W) into rows of patches: (N*OH*OW, C*FH*FW).
 
     Row ``(n*OH + i)*OW + j`` holds the C*FH*FW window whose top-left corner sits at
     (i*SH - PH, j*SW - PW), ordered channel-major, then filter row, then column.
     """
-    xp = namespace_of(input_data)
     _check_4d(input_data, "im2col")
-    fast = _kernel(xp, "im2col")
-    if fast is not None:
-        return fast(input_data, filter_h, filter_w, stride, pad, pad_value=pad_value)
-    N, C, H, W = input_data.shape
-    FH, FW = int(filter_h), int(filter_w)
-    SH, SW = pair(stride, "stride")
-    PH, PW = pair(pad, "pad")
-    OH, OW = conv_output_size(H, W, FH, FW, (SH, SW), (PH, PW))
-    img = _pad(xp, input_data, PH, PW, pad_value)
-    col = xp.empty((N, C, FH, FW, OH, OW), dtype=input_data.dtype, device=backend.device_of(input_data))
-    for y in range(FH):
-        y_stop = y + SH * (OH - 1) + 1
-        for x in range(FW):
-            x_stop = x + SW * (OW - 1) + 1
-            col[:, :, y, x, :, :] = img[:, :, y:y_stop:SH, x:x_stop:SW]
-    col = xp.permute_dims(col, (0, 4, 5, 1, 2, 3))
-    return xp.reshape(col, (N * OH * OW, C * FH * FW))
+    kernel = _choose("im2col", impl, input_data)
+    return kernel.forward(input_data, filter_h, filter_w, stride, pad, pad_value=pad_value)
 
 
-def col2im(col, input_shape, filter_h: int, filter_w: int, stride=1, pad=0):
+def col2im(col: Array, input_shape: tuple[int, ...], filter_h: int, filter_w: int, stride: Any = 1, pad: Any = 0, *, impl: Impl = None) -> Array:
     """Adjoint of :func:`im2col`: sum the patch rows (N*OH*OW, C*FH*FW) back into
     an (N, C, H, W) image; overlapping windows add up."""
-    xp = namespace_of(col)
     N, C, H, W = (int(s) for s in input_shape)
     FH, FW = int(filter_h), int(filter_w)
     SH, SW = pair(stride, "stride")
@@ -177,152 +192,196 @@ def col2im(col, input_shape, filter_h: int, filter_w: int, stride=1, pad=0):
     expected = (N * OH * OW, C * FH * FW)
     if tuple(col.shape) != expected:
         raise ValueError(f"col2im: expected col of shape (N*OH*OW, C*FH*FW) = {expected}, got {tuple(col.shape)}")
-    fast = _kernel(xp, "col2im")
-    if fast is not None:
-        return fast(col, (N, C, H, W), FH, FW, (SH, SW), (PH, PW))
-    c = xp.permute_dims(xp.reshape(col, (N, OH, OW, C, FH, FW)), (0, 3, 4, 5, 1, 2))
-    img = xp.zeros((N, C, H + 2 * PH, W + 2 * PW), dtype=col.dtype, device=backend.device_of(col))
-    for y in range(FH):
-        y_stop = y + SH * (OH - 1) + 1
-        for x in range(FW):
-            x_stop = x + SW * (OW - 1) + 1
-            img[:, :, y:y_stop:SH, x:x_stop:SW] += c[:, :, y, x, :, :]
-    return img[:, :, PH : PH + H, PW : PW + W]
+    kernel = _choose("im2col", impl, col)
+    return kernel.backward(col, (N, C, H, W), FH, FW, (SH, SW), (PH, PW))
 
 
 # --------------------------------------------------------------------------- convolution
 
 
-def conv2d_forward(x, W, b, stride=1, pad=0, *, relu=False):
+class Conv2d(_Reference):
+    """Reference convolution (+ optional ReLU): im2col, one matrix product, col2im back.
+    Layer: :class:`xpconv.layers.Convolution`; kernels: ``numpy_ops.Conv2d``, ``cupy_ops.Conv2d``."""
+
+    op = "conv2d"
+
+    def forward(self, x: Array, W: Array, b: Array, stride: Any = 1, pad: Any = 0, *, relu: bool = False) -> tuple[Array, Any]:
+        xp = namespace_of(x, W, b)
+        N, C, H, Wd = x.shape
+        FN, _, FH, FW = W.shape
+        OH, OW = conv_output_size(H, Wd, FH, FW, stride, pad, where="Convolution")
+        col = _IM2COL.forward(x, FH, FW, stride, pad)
+        col_W = xp.reshape(W, (FN, C * FH * FW)).T
+        out = col @ col_W + b
+        out = xp.permute_dims(xp.reshape(out, (N, OH, OW, FN)), (0, 3, 1, 2))
+        mask = None
+        if relu:  # as layers.Relu does it
+            mask = xp.astype(out > 0, out.dtype)
+            out = out * mask
+        return out, (tuple(x.shape), tuple(W.shape), col, col_W, stride, pad, mask)
+
+    def backward(self, dout: Array, state: Any, *, need_dx: bool = True) -> tuple[Array | None, Array, Array]:
+        xp = namespace_of(dout)
+        x_shape, W_shape, col, col_W, stride, pad, mask = state
+        if mask is not None:
+            dout = dout * mask
+        FN, C, FH, FW = W_shape
+        d = xp.reshape(xp.permute_dims(dout, (0, 2, 3, 1)), (-1, FN))
+        db = xp.sum(d, axis=0)
+        dW = xp.reshape((col.T @ d).T, W_shape)
+        if not need_dx:
+            return None, dW, db
+        dcol = d @ col_W.T
+        dx = _IM2COL.backward(dcol, x_shape, FH, FW, stride, pad)
+        return dx, dW, db
+
+
+def conv2d_forward(x: Array, W: Array, b: Array, stride: Any = 1, pad: Any = 0, *, relu: bool = False, impl: Impl = None) -> tuple[Array, Cache]:
     """Convolution (cross-correlation) of x (N, C, H, W) with W (FN, C, FH, FW) plus
     b (FN,), followed by a ReLU when ``relu`` is true.  Returns ``(out, cache)``: out is
-    (N, FN, OH, OW); cache is opaque and goes to :func:`conv2d_backward`."""
-    xp = namespace_of(x, W, b)
-    fast = _kernel(xp, "conv2d_forward")
-    if fast is not None:
-        return fast(x, W, b, stride, pad, relu=relu)
-    N, C, H, Wd = x.shape
-    FN, _, FH, FW = W.shape
-    OH, OW = conv_output_size(H, Wd, FH, FW, stride, pad, where="Convolution")
-    col = im2col(x, FH, FW, stride, pad)
-    col_W = xp.reshape(W, (FN, C * FH * FW)).T
-    out = col @ col_W + b
-    out = xp.permute_dims(xp.reshape(out, (N, OH, OW, FN)), (0, 3, 1, 2))
-    mask = None
-    if relu:  # as layers.Relu does it
-        mask = xp.astype(out > 0, out.dtype)
-        out = out * mask
-    return out, (tuple(x.shape), tuple(W.shape), col, col_W, stride, pad, mask)
+    (N, FN, OH, OW); cache goes to :func:`conv2d_backward`.  Reference: :class:`Conv2d`."""
+    kernel = _choose("conv2d", impl, x, W, b)
+    out, state = kernel.forward(x, W, b, stride, pad, relu=relu)
+    return out, Cache(kernel, state)
 
 
-def conv2d_backward(dout, cache, *, need_dx=True):
-    """Gradients ``(dx, dW, db)`` of :func:`conv2d_forward` given dL/dout (N, FN, OH, OW);
-    dx is None when ``need_dx`` is false (the first layer of a net needs no dx)."""
-    xp = namespace_of(dout)
-    fast = _backward_kernel(xp, "conv2d_backward", cache)
-    if fast is not None:
-        return fast(dout, cache, need_dx=need_dx)
-    x_shape, W_shape, col, col_W, stride, pad, mask = cache
-    if mask is not None:
-        dout = dout * mask
-    FN, C, FH, FW = W_shape
-    d = xp.reshape(xp.permute_dims(dout, (0, 2, 3, 1)), (-1, FN))
-    db = xp.sum(d, axis=0)
-    dW = xp.reshape((col.T @ d).T, W_shape)
-    if not need_dx:
-        return None, dW, db
-    dcol = d @ col_W.T
-    dx = col2im(dcol, x_shape, FH, FW, stride, pad)
-    return dx, dW, db
+def conv2d_backward(dout: Array, cache: Cache, *, need_dx: bool = True) -> tuple[Array | None, Array, Array]:
+    """Gradients ``(dx, dW, db)`` of :func:`conv2d_forward` given dL/dout (N, FN, OH, OW),
+    by the backward of the kernel that ran the forward; dx is None when ``need_dx``
+    is false (the first layer of a net needs no dx)."""
+    kernel, state = _state("conv2d_backward", cache, "conv2d")
+    return kernel.backward(dout, state, need_dx=need_dx)
 
 
-def conv2d_relu_maxpool_forward(x, W, b, stride, pad, pool_h, pool_w, pool_stride, pool_pad=0, *, training=True):
+class Conv2dReluMaxPool2d(_Reference):
+    """Reference Convolution + ReLU + max pooling: :class:`Conv2d` then :class:`MaxPool2d`.
+    Layer: :class:`xpconv.layers.ConvBlock`; kernels: ``numpy_ops.Conv2dReluMaxPool2d``,
+    ``cupy_ops.Conv2dReluMaxPool2d``."""
+
+    op = "conv2d_relu_max_pool2d"
+
+    def forward(self, x: Array, W: Array, b: Array, stride: Any, pad: Any, pool_h: int, pool_w: int, pool_stride: Any, pool_pad: Any = 0, *, training: bool = True) -> tuple[Array, Any]:
+        out, conv_state = _CONV2D.forward(x, W, b, stride, pad, relu=True)
+        out, pool_state = _MAX_POOL2D.forward(out, pool_h, pool_w, pool_stride, pool_pad)
+        return out, (conv_state, pool_state)
+
+    def backward(self, dout: Array, state: Any, *, need_dx: bool = True) -> tuple[Array | None, Array, Array]:
+        conv_state, pool_state = state
+        return _CONV2D.backward(_MAX_POOL2D.backward(dout, pool_state), conv_state, need_dx=need_dx)
+
+
+def conv2d_relu_max_pool2d_forward(
+    x: Array, W: Array, b: Array, stride: Any, pad: Any, pool_h: int, pool_w: int, pool_stride: Any, pool_pad: Any = 0,
+    *, training: bool = True, impl: Impl = None,
+) -> tuple[Array, Cache | None]:
     """Convolution + ReLU + max pooling as one op (the classic CNN block): the same
     result as :func:`conv2d_forward` with ``relu=True`` followed by
-    :func:`max_pool2d_forward`.  Returns ``(out, cache)``, out (N, FN, PH, PW) with PH
-    the pooled height.  ``training=False`` lets a kernel skip what only the backward
-    needs."""
-    xp = namespace_of(x, W, b)
-    fast = _kernel(xp, "conv2d_relu_maxpool_forward")
-    if fast is not None:
-        return fast(x, W, b, stride, pad, pool_h, pool_w, pool_stride, pool_pad, training=training)
-    out, conv_cache = conv2d_forward(x, W, b, stride, pad, relu=True)
-    out, pool_cache = max_pool2d_forward(out, pool_h, pool_w, pool_stride, pool_pad)
-    return out, (conv_cache, pool_cache)
+    :func:`max_pool2d_forward`.  Returns ``(out, cache)``, out (N, FN, POH, POW), the
+    pooled height and width.  ``training=False`` lets a kernel keep nothing for a
+    backward (the cache is then None).  Reference: :class:`Conv2dReluMaxPool2d`."""
+    kernel = _choose("conv2d_relu_max_pool2d", impl, x, W, b)
+    out, state = kernel.forward(x, W, b, stride, pad, pool_h, pool_w, pool_stride, pool_pad, training=training)
+    return out, None if state is None else Cache(kernel, state)
 
 
-def conv2d_relu_maxpool_backward(dout, cache, *, need_dx=True):
-    """Gradients ``(dx, dW, db)`` of :func:`conv2d_relu_maxpool_forward`."""
-    xp = namespace_of(dout)
-    fast = _backward_kernel(xp, "conv2d_relu_maxpool_backward", cache)
-    if fast is not None:
-        return fast(dout, cache, need_dx=need_dx)
-    conv_cache, pool_cache = cache
-    return conv2d_backward(max_pool2d_backward(dout, pool_cache), conv_cache, need_dx=need_dx)
+def conv2d_relu_max_pool2d_backward(dout: Array, cache: Cache, *, need_dx: bool = True) -> tuple[Array | None, Array, Array]:
+    """Gradients ``(dx, dW, db)`` of :func:`conv2d_relu_max_pool2d_forward`."""
+    kernel, state = _state("conv2d_relu_max_pool2d_backward", cache, "conv2d_relu_max_pool2d")
+    return kernel.backward(dout, state, need_dx=need_dx)
 
 
 # --------------------------------------------------------------------------- pooling
 
 
-def max_pool2d_forward(x, pool_h: int, pool_w: int, stride=1, pad=0):
+class MaxPool2d(_Reference):
+    """Reference max pooling (padding counts as -inf; ties: the first maximum).
+    Layer: :class:`xpconv.layers.Pooling`; kernels: ``numpy_ops.MaxPool2d``, ``cupy_ops.MaxPool2d``."""
+
+    op = "max_pool2d"
+
+    def forward(self, x: Array, pool_h: int, pool_w: int, stride: Any = 1, pad: Any = 0) -> tuple[Array, Any]:
+        xp = namespace_of(x)
+        N, C, H, W = x.shape
+        OH, OW = conv_output_size(H, W, pool_h, pool_w, stride, pad, where="Pooling")
+        col = xp.reshape(_IM2COL.forward(x, pool_h, pool_w, stride, pad, pad_value=-float("inf")), (-1, pool_h * pool_w))
+        arg_max = xp.argmax(col, axis=1)
+        out = xp.max(col, axis=1)
+        out = xp.permute_dims(xp.reshape(out, (N, OH, OW, C)), (0, 3, 1, 2))
+        return out, (tuple(x.shape), pool_h, pool_w, stride, pad, arg_max)
+
+    def backward(self, dout: Array, state: Any) -> Array:
+        xp = namespace_of(dout)
+        x_shape, FH, FW, stride, pad, arg_max = state
+        N, C, H, W = x_shape
+        pool = FH * FW
+        d = xp.reshape(xp.permute_dims(dout, (0, 2, 3, 1)), (-1, 1))
+        hit = xp.arange(pool, device=backend.device_of(dout))[None, :] == arg_max[:, None]
+        dcol = xp.astype(hit, dout.dtype) * d
+        dcol = xp.reshape(dcol, (-1, C * pool))
+        return _IM2COL.backward(dcol, x_shape, FH, FW, stride, pad)
+
+
+def max_pool2d_forward(x: Array, pool_h: int, pool_w: int, stride: Any = 1, pad: Any = 0, *, impl: Impl = None) -> tuple[Array, Cache]:
     """Max pooling of (N, C, H, W) over pool_h x pool_w windows; padding counts as
-    -inf (never the maximum).  Returns ``(out, cache)``, out (N, C, OH, OW)."""
-    xp = namespace_of(x)
-    fast = _kernel(xp, "max_pool2d_forward")
-    if fast is not None:
-        return fast(x, pool_h, pool_w, stride, pad)
-    N, C, H, W = x.shape
-    OH, OW = conv_output_size(H, W, pool_h, pool_w, stride, pad, where="Pooling")
-    col = xp.reshape(im2col(x, pool_h, pool_w, stride, pad, pad_value=-float("inf")), (-1, pool_h * pool_w))
-    arg_max = xp.argmax(col, axis=1)
-    out = xp.max(col, axis=1)
-    out = xp.permute_dims(xp.reshape(out, (N, OH, OW, C)), (0, 3, 1, 2))
-    return out, (tuple(x.shape), pool_h, pool_w, stride, pad, arg_max)
+    -inf (never the maximum).  Returns ``(out, cache)``, out (N, C, OH, OW).
+    Reference: :class:`MaxPool2d`."""
+    kernel = _choose("max_pool2d", impl, x)
+    out, state = kernel.forward(x, pool_h, pool_w, stride, pad)
+    return out, Cache(kernel, state)
 
 
-def max_pool2d_backward(dout, cache):
+def max_pool2d_backward(dout: Array, cache: Cache) -> Array:
     """dL/dx of max pooling: each window's gradient goes to exactly one input (the
     first maximum when several tie)."""
-    xp = namespace_of(dout)
-    fast = _backward_kernel(xp, "max_pool2d_backward", cache)
-    if fast is not None:
-        return fast(dout, cache)
-    x_shape, PH_, PW_, stride, pad, arg_max = cache
-    N, C, H, W = x_shape
-    pool = PH_ * PW_
-    d = xp.reshape(xp.permute_dims(dout, (0, 2, 3, 1)), (-1, 1))
-    hit = xp.arange(pool, device=backend.device_of(dout))[None, :] == arg_max[:, None]
-    dcol = xp.astype(hit, dout.dtype) * d
-    dcol = xp.reshape(dcol, (-1, C * pool))
-    return col2im(dcol, x_shape, PH_, PW_, stride, pad)
+    kernel, state = _state("max_pool2d_backward", cache, "max_pool2d")
+    return kernel.backward(dout, state)
 
 
-def avg_pool2d_forward(x, pool_h: int, pool_w: int, stride=1, pad=0):
+class AvgPool2d(_Reference):
+    """Reference average pooling (zero padding counted in the window).
+    Layer: :class:`xpconv.layers.AvgPooling`; kernels: ``numpy_ops.AvgPool2d``, ``cupy_ops.AvgPool2d``."""
+
+    op = "avg_pool2d"
+
+    def forward(self, x: Array, pool_h: int, pool_w: int, stride: Any = 1, pad: Any = 0) -> tuple[Array, Any]:
+        xp = namespace_of(x)
+        N, C, H, W = x.shape
+        OH, OW = conv_output_size(H, W, pool_h, pool_w, stride, pad, where="AvgPooling")
+        col = xp.reshape(_IM2COL.forward(x, pool_h, pool_w, stride, pad), (-1, pool_h * pool_w))
+        out = xp.mean(col, axis=1)
+        out = xp.permute_dims(xp.reshape(out, (N, OH, OW, C)), (0, 3, 1, 2))
+        return out, (tuple(x.shape), pool_h, pool_w, stride, pad)
+
+    def backward(self, dout: Array, state: Any) -> Array:
+        xp = namespace_of(dout)
+        x_shape, FH, FW, stride, pad = state
+        N, C, H, W = x_shape
+        pool = FH * FW
+        d = xp.reshape(xp.permute_dims(dout, (0, 2, 3, 1)), (-1, 1)) / pool
+        dcol = xp.reshape(d * xp.ones((1, pool), dtype=dout.dtype, device=backend.device_of(dout)), (-1, C * pool))
+        return _IM2COL.backward(dcol, x_shape, FH, FW, stride, pad)
+
+
+def avg_pool2d_forward(x: Array, pool_h: int, pool_w: int, stride: Any = 1, pad: Any = 0, *, impl: Impl = None) -> tuple[Array, Cache]:
     """Average pooling; zero padding is counted in the window (as
-    torch's ``count_include_pad=True``).  Returns ``(out, cache)``."""
-    xp = namespace_of(x)
-    fast = _kernel(xp, "avg_pool2d_forward")
-    if fast is not None:
-        return fast(x, pool_h, pool_w, stride, pad)
-    N, C, H, W = x.shape
-    OH, OW = conv_output_size(H, W, pool_h, pool_w, stride, pad, where="AvgPooling")
-    col = xp.reshape(im2col(x, pool_h, pool_w, stride, pad), (-1, pool_h * pool_w))
-    out = xp.mean(col, axis=1)
-    out = xp.permute_dims(xp.reshape(out, (N, OH, OW, C)), (0, 3, 1, 2))
-    return out, (tuple(x.shape), pool_h, pool_w, stride, pad)
+    torch's ``count_include_pad=True``).  Returns ``(out, cache)``.  Reference: :class:`AvgPool2d`."""
+    kernel = _choose("avg_pool2d", impl, x)
+    out, state = kernel.forward(x, pool_h, pool_w, stride, pad)
+    return out, Cache(kernel, state)
 
 
-def avg_pool2d_backward(dout, cache):
-    xp = namespace_of(dout)
-    fast = _backward_kernel(xp, "avg_pool2d_backward", cache)
-    if fast is not None:
-        return fast(dout, cache)
-    x_shape, PH_, PW_, stride, pad = cache
-    N, C, H, W = x_shape
-    pool = PH_ * PW_
-    d = xp.reshape(xp.permute_dims(dout, (0, 2, 3, 1)), (-1, 1)) / pool
-    dcol = xp.reshape(d * xp.ones((1, pool), dtype=dout.dtype, device=backend.device_of(dout)), (-1, C * pool))
-    return col2im(dcol, x_shape, PH_, PW_, stride, pad)
+def avg_pool2d_backward(dout: Array, cache: Cache) -> Array:
+    """dL/dx of average pooling: dout / (FH*FW) to every input of each window."""
+    kernel, state = _state("avg_pool2d_backward", cache, "avg_pool2d")
+    return kernel.backward(dout, state)
+
+
+_IM2COL, _CONV2D, _MAX_POOL2D = Im2col(), Conv2d(), MaxPool2d()
+
+#: op name -> its reference implementation (the spec every registered kernel equals)
+REFERENCE: dict[str, Any] = {
+    k.op: k for k in (_IM2COL, _CONV2D, Conv2dReluMaxPool2d(), _MAX_POOL2D, AvgPool2d())
+}
 
 
 # --------------------------------------------------------------------------- softmax / loss

@@ -1,31 +1,96 @@
-"""Backend-specific fast paths with the generic ops' names and signatures.
+"""Fast kernels, registered per (namespace, op) with their forward and backward together.
 
-``lookup(namespace_name, op)`` returns the fast version of ``xpconv.ops.<op>`` for
-one array library, or None.  A backend's kernels live in ``<name>_ops.py`` here
-(``numpy_ops.py``, ``cupy_ops.py``) and define any subset of the op names; each one
-is tested equal to the generic implementation.
+The registry
+------------
+A kernel is a small class with the generic op's ``forward`` and ``backward``
+(same parameters as the reference class in :mod:`xpconv.ops`) and an
+``accepts(*arrays)`` that says whether it covers these inputs (dtypes, shapes).
+It registers itself with a decorator::
+
+    @register("numpy", "conv2d")
+    class Conv2d:
+        def accepts(self, x, W, b) -> bool: ...
+        def forward(self, x, W, b, stride=1, pad=0, *, relu=False): ...  # (out, state)
+        def backward(self, dout, state, *, need_dx=True): ...
+
+The ops are ``im2col`` (forward: im2col; backward: its adjoint col2im, with
+col2im's arguments), ``conv2d``, ``conv2d_relu_max_pool2d``, ``max_pool2d`` and
+``avg_pool2d``; their reference classes, which every kernel must equal, are
+:data:`xpconv.ops.REFERENCE`.  ``accepts`` gets the forward's arrays (col2im: the
+col) and answers without side effects.  A namespace's kernels live in ``<namespace>_ops.py`` here
+(:mod:`.numpy_ops`, :mod:`.cupy_ops` with its CUDA sources ``*.cu`` loaded by
+:mod:`.cuda_source`); the module is imported the first time :func:`find` is
+asked about its namespace.
+
+How an op runs: ``xpconv.ops.conv2d_forward(x, ...)`` asks :func:`find` for the
+kernel of x's namespace; if there is one and it ``accepts`` the inputs it runs,
+else the reference class in ``xpconv.ops`` does.  The forward's cache
+(:class:`xpconv.ops.Cache`) holds the kernel that made it, so
+``ops.conv2d_backward(dout, cache)`` runs that kernel's backward.  ``impl=`` on
+every forward chooses explicitly: ``impl="generic"`` (:data:`xpconv.ops.GENERIC`)
+runs the reference, a kernel object runs that kernel.  There is no global switch.
+
+Every kernel is tested equal to the reference (tests/test_numpy_kernels.py,
+tests/test_cupy_kernels.py).  This package imports nothing from xpconv but
+:mod:`xpconv._geometry`; a kernel module may import only this package, the
+geometry and its array library.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
-import importlib.util
+from typing import Any, Callable, Protocol, TypeVar
 
-_MODULES = {"numpy": "numpy_ops", "cupy": "cupy_ops"}
+__all__ = ["MODULES", "REGISTRY", "Kernel", "find", "register"]
 
 
-@functools.lru_cache(maxsize=None)
-def _module(namespace_name: str):
-    mod = _MODULES.get(namespace_name)
+class Kernel(Protocol):
+    """What a registered kernel provides (forward/backward take the op's arguments)."""
+
+    namespace: str
+    op: str
+
+    def accepts(self, *arrays: Any) -> bool: ...
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[Any, Any]: ...
+
+    def backward(self, dout: Any, state: Any, **kwargs: Any) -> Any: ...
+
+
+#: the module holding each namespace's kernels (imported on first use)
+MODULES: dict[str, str] = {"numpy": "numpy_ops", "cupy": "cupy_ops"}
+
+#: (namespace name, op) -> the registered kernel instance
+REGISTRY: dict[tuple[str, str], Kernel] = {}
+
+_loaded: set[str] = set()
+
+K = TypeVar("K", bound=type)
+
+
+def register(namespace: str, op: str) -> Callable[[K], K]:
+    """Class decorator: register an instance of the class as the ``op`` kernel of
+    ``namespace`` (``"numpy"``, ``"cupy"``); sets ``cls.namespace`` and ``cls.op``."""
+
+    def deco(cls: K) -> K:
+        cls.namespace, cls.op = namespace, op
+        REGISTRY[(namespace, op)] = cls()
+        return cls
+
+    return deco
+
+
+def find(namespace: str, op: str) -> Kernel | None:
+    """The kernel registered for ``op`` on ``namespace`` (a namespace name, as
+    :func:`xpconv.backend.namespace_name` gives it), or None."""
+    if namespace not in _loaded:
+        _load(namespace)
+    return REGISTRY.get((namespace, op))
+
+
+def _load(namespace: str) -> None:
+    _loaded.add(namespace)
+    mod = MODULES.get(namespace)
     if mod is None:
-        return None
-    full = f"{__name__}.{mod}"
-    if importlib.util.find_spec(full) is None:
-        return None
-    return importlib.import_module(full)
-
-
-def lookup(namespace_name: str, op: str):
-    mod = _module(namespace_name)
-    return None if mod is None else getattr(mod, op, None)
+        return
+    importlib.import_module(f"{__name__}.{mod}")

@@ -1,8 +1,11 @@
-"""CuPy fast paths for :mod:`xpconv.ops`, with the generic ops' names and signatures.
+"""CuPy kernels for :mod:`xpconv.ops`, registered for the ``"cupy"`` namespace.
 
-``xpconv.ops`` dispatches here when its arrays are CuPy arrays (and fast paths are
-on).  Each function gives the result of its generic counterpart; tests/test_cupy_kernels.py
-proves it on a GPU, and without one through a host build of the same CUDA sources.
+Each class here (:class:`Im2col`, :class:`Conv2d`, :class:`Conv2dReluMaxPool2d`,
+:class:`MaxPool2d`, :class:`AvgPool2d`) registers itself with
+``@register("cupy", op)`` and has the forward and backward of the reference class
+of the same name in ``xpconv.ops``, whose result it gives; ``xpconv.ops`` runs it
+for CuPy arrays it ``accepts``.  tests/test_cupy_kernels.py proves each equal to
+the reference on a GPU, and without one through a host build of the same CUDA sources.
 
 How the work is split:
 
@@ -22,9 +25,9 @@ How the work is split:
   to the NHWC rows the two products need.
 
 Inputs the kernels do not cover (dtypes other than float32/float64, mixed dtypes,
-malformed shapes) run the generic code, which also raises the user-facing errors
-and returns its own (tuple) caches, which ``xpconv.ops`` routes to the generic
-backward.  This module's caches are objects, never tuples.
+malformed shapes) are declined by ``accepts``: ``xpconv.ops`` runs the reference
+for them, which also raises the user-facing errors.  The cache of a forward holds
+the kernel that made it, so a backward always meets its own forward's state.
 
 Kernel index arithmetic is 32-bit: a launch is split over the batch so that each
 piece's arrays hold fewer than ``_INDEX_LIMIT`` elements.
@@ -34,8 +37,8 @@ from __future__ import annotations
 
 import cupy
 
-from .. import ops
-from . import cuda_source
+from .._geometry import window
+from . import cuda_source, register
 
 
 _THREADS = 256
@@ -88,18 +91,9 @@ def _launch(source: str, kernel: str, sfx: str, N: int, out_per_sample: int, per
         fn((blocks,), (_THREADS,), (*arrays, *shared, cupy.int32(total), *int_args, *tail))
 
 
-def _generic(op: str, *args, **kwargs):
-    """The reference implementation of ``xpconv.ops.<op>``."""
-    with ops.use_fast_paths(False):
-        return getattr(ops, op)(*args, **kwargs)
-
-
 def _geometry(H: int, W: int, FH: int, FW: int, stride, pad, where: str):
     """(SH, SW, PH, PW, OH, OW), validated with the generic code's messages."""
-    SH, SW = ops.pair(stride, "stride")
-    PH, PW = ops.pair(pad, "pad")
-    OH, OW = ops.conv_output_size(H, W, FH, FW, (SH, SW), (PH, PW), where=where)
-    return SH, SW, PH, PW, OH, OW
+    return tuple(window(H, W, FH, FW, stride, pad, where))
 
 
 def _dout(where: str, dout, expected, dtype):
@@ -114,8 +108,7 @@ def _neg_inf(dtype):
 
 
 class _Cache:
-    """A kernel's cache: an object, so ``xpconv.ops`` routes it back here (it sends
-    tuples, the generic forward's caches, to the generic backward)."""
+    """A kernel's state for its backward (fields named by each subclass's slots)."""
 
     __slots__ = ()
 
@@ -124,23 +117,31 @@ class _Cache:
             setattr(self, name, value)
 
 
-def _check_cache(op: str, cache, cls, kind=None) -> None:
-    if not isinstance(cache, cls) or (kind is not None and cache.kind != kind):
-        raise TypeError(f"{op}: got a cache made by another op or backend ({type(cache).__name__})")
-
-
 # --------------------------------------------------------------------------- im2col / col2im
 
 
-def im2col(input_data, filter_h, filter_w, stride=1, pad=0, *, pad_value=0.0):
-    """(N, C, H, W) -> (N*OH*OW, C*FH*FW) in one kernel; see :func:`xpconv.ops.im2col`."""
-    sfx = _suffix(input_data)
-    if sfx is None or len(input_data.shape) != 4:
-        return _generic("im2col", input_data, filter_h, filter_w, stride, pad, pad_value=pad_value)
-    N, C, H, W = (int(s) for s in input_data.shape)
-    FH, FW = int(filter_h), int(filter_w)
-    geom = _geometry(H, W, FH, FW, stride, pad, "im2col")
-    return _im2col(cupy.ascontiguousarray(input_data), sfx, FH, FW, *geom, pad_value)
+@register("cupy", "im2col")
+class Im2col:
+    """im2col and its adjoint col2im, one kernel each; reference: :class:`xpconv.ops.Im2col`."""
+
+    def accepts(self, *arrays) -> bool:
+        return _suffix(*arrays) is not None
+
+    def forward(self, input_data, filter_h, filter_w, stride=1, pad=0, *, pad_value=0.0):
+        """(N, C, H, W) -> (N*OH*OW, C*FH*FW) in one kernel; see :func:`xpconv.ops.im2col`."""
+        N, C, H, W = (int(s) for s in input_data.shape)
+        FH, FW = int(filter_h), int(filter_w)
+        geom = _geometry(H, W, FH, FW, stride, pad, "im2col")
+        return _im2col(cupy.ascontiguousarray(input_data), _suffix(input_data), FH, FW, *geom, pad_value)
+
+    def backward(self, col, input_shape, filter_h, filter_w, stride=1, pad=0):
+        """(N*OH*OW, C*FH*FW) -> (N, C, H, W), overlapping windows summed, in one
+        gather kernel; see :func:`xpconv.ops.col2im` (which checked col's shape)."""
+        shape = tuple(int(s) for s in input_shape)
+        N, C, H, W = shape
+        FH, FW = int(filter_h), int(filter_w)
+        SH, SW, PH, PW, OH, OW = _geometry(H, W, FH, FW, stride, pad, "col2im")
+        return _col2im(cupy.ascontiguousarray(col), _suffix(col), shape, FH, FW, SH, SW, PH, PW, OH, OW)
 
 
 def _im2col(x, sfx, FH, FW, SH, SW, PH, PW, OH, OW, pad_value):
@@ -150,21 +151,6 @@ def _im2col(x, sfx, FH, FW, SH, SW, PH, PW, OH, OW, pad_value):
     ints = (C, H, W, FH, FW, SH, SW, PH, PW, OH, OW)
     _launch("conv", "im2col", sfx, N, P * K, (x, col), (), ints, (x.dtype.type(pad_value),))
     return col
-
-
-def col2im(col, input_shape, filter_h, filter_w, stride=1, pad=0):
-    """(N*OH*OW, C*FH*FW) -> (N, C, H, W), overlapping windows summed, in one
-    gather kernel; see :func:`xpconv.ops.col2im`."""
-    sfx = _suffix(col)
-    shape = tuple(int(s) for s in input_shape)
-    if sfx is None or len(shape) != 4 or len(col.shape) != 2:
-        return _generic("col2im", col, input_shape, filter_h, filter_w, stride, pad)
-    N, C, H, W = shape
-    FH, FW = int(filter_h), int(filter_w)
-    SH, SW, PH, PW, OH, OW = _geometry(H, W, FH, FW, stride, pad, "col2im")
-    if tuple(col.shape) != (N * OH * OW, C * FH * FW):
-        return _generic("col2im", col, input_shape, filter_h, filter_w, stride, pad)  # raises the shape error
-    return _col2im(cupy.ascontiguousarray(col), sfx, shape, FH, FW, SH, SW, PH, PW, OH, OW)
 
 
 def _col2im(col, sfx, x_shape, FH, FW, SH, SW, PH, PW, OH, OW):
@@ -185,8 +171,9 @@ class _ConvCache(_Cache):
 
 class _ConvPoolCache(_Cache):
     __slots__ = ("conv", "pool", "pool_geometry", "argmax")
-    # conv: _ConvCache of the convolution; pool: (KH, KW); pool_geometry: (SH, SW, PH,
-    # PW, QH, QW); argmax: int32 (N, FN, QH, QW) window positions, -1 where no gradient
+    # conv: _ConvCache of the convolution; pool: (FH, FW) of the pool window;
+    # pool_geometry: (SH, SW, PH, PW, POH, POW); argmax: int32 (N, FN, POH, POW)
+    # window positions, -1 where no gradient
 
 
 def _convolvable(x, W, b) -> str | None:
@@ -211,39 +198,6 @@ def _conv_rows(x, W, stride, pad, sfx):
     return y, _ConvCache(x_shape=(N, C, H, Wd), W_shape=(FN, C, FH, FW), Wm=Wm, col=col, geometry=geom, relu_out=None)
 
 
-def conv2d_forward(x, W, b, stride=1, pad=0, *, relu=False):
-    """im2col kernel + cuBLAS + one bias(+ReLU)/NCHW kernel; see :func:`xpconv.ops.conv2d_forward`."""
-    sfx = _convolvable(x, W, b)
-    if sfx is None:
-        return _generic("conv2d_forward", x, W, b, stride, pad, relu=relu)
-    y, cache = _conv_rows(x, W, stride, pad, sfx)
-    N, FN = cache.x_shape[0], cache.W_shape[0]
-    OH, OW = cache.geometry[4:]
-    P = OH * OW
-    out = cupy.empty((N, FN, OH, OW), dtype=x.dtype)
-    _launch("conv", "bias_nhwc_to_nchw", sfx, N, FN * P, (y, out), (cupy.ascontiguousarray(b),), (FN, P, int(bool(relu))))
-    if relu:
-        cache.relu_out = out
-    return out, cache
-
-
-def conv2d_backward(dout, cache, *, need_dx=True):
-    """One NHWC(+ReLU mask) kernel + cuBLAS + column sum + col2im kernel; see
-    :func:`xpconv.ops.conv2d_backward`."""
-    if isinstance(cache, tuple):
-        return _generic("conv2d_backward", dout, cache, need_dx=need_dx)
-    _check_cache("conv2d_backward", cache, _ConvCache)
-    N = cache.x_shape[0]
-    FN = cache.W_shape[0]
-    OH, OW = cache.geometry[4:]
-    P = OH * OW
-    dtype = cache.col.dtype
-    dout = _dout("Convolution", dout, (N, FN, OH, OW), dtype)
-    d = cupy.empty((N * P, FN), dtype=dtype)
-    _launch("conv", "nchw_to_nhwc", _SUFFIX[dtype.name], N, P * FN, (dout, cache.relu_out, d), (), (FN, P))
-    return _conv_grads(d, cache, need_dx)
-
-
 def _conv_grads(d, cache: _ConvCache, need_dx: bool):
     """(dx, dW, db) from d = dL/d(output) as NHWC rows (N*OH*OW, FN)."""
     db = d.sum(axis=0)
@@ -256,58 +210,91 @@ def _conv_grads(d, cache: _ConvCache, need_dx: bool):
     return dx, dW, db
 
 
-def conv2d_relu_maxpool_forward(x, W, b, stride, pad, pool_h, pool_w, pool_stride, pool_pad=0, *, training=True):
-    """im2col kernel + cuBLAS + one bias/ReLU/max-pool kernel (the convolution's
-    output is never written); see :func:`xpconv.ops.conv2d_relu_maxpool_forward`.
-    With ``training=False`` nothing is kept for a backward (the cache is None)."""
-    sfx = _convolvable(x, W, b)
-    if sfx is None:
-        return _generic(
-            "conv2d_relu_maxpool_forward", x, W, b, stride, pad, pool_h, pool_w, pool_stride, pool_pad, training=training
-        )
-    N, C, H, Wd = (int(s) for s in x.shape)
-    FN, _, FH, FW = (int(s) for s in W.shape)
-    KH, KW = int(pool_h), int(pool_w)
-    OH, OW = _geometry(H, Wd, FH, FW, stride, pad, "Convolution")[4:]
-    pgeom = _geometry(OH, OW, KH, KW, pool_stride, pool_pad, "Pooling")
-    QH, QW = pgeom[4:]
-    y, conv = _conv_rows(x, W, stride, pad, sfx)
-    out = cupy.empty((N, FN, QH, QW), dtype=x.dtype)
-    argmax = cupy.empty((N, FN, QH, QW), dtype=cupy.int32) if training else None
-    ints = (FN, OH, OW, KH, KW, *pgeom)
-    _launch("conv", "bias_relu_maxpool", sfx, N, FN * QH * QW, (y, out, argmax), (cupy.ascontiguousarray(b),), ints, (_neg_inf(x.dtype),))
-    if not training:
-        return out, None
-    return out, _ConvPoolCache(conv=conv, pool=(KH, KW), pool_geometry=pgeom, argmax=argmax)
+@register("cupy", "conv2d")
+class Conv2d:
+    """Convolution (+ ReLU): im2col kernel + cuBLAS + one bias(+ReLU)/NCHW kernel;
+    reference: :class:`xpconv.ops.Conv2d`."""
+
+    def accepts(self, *arrays) -> bool:
+        return _convolvable(*arrays) is not None
+
+    def forward(self, x, W, b, stride=1, pad=0, *, relu=False):
+        """See :func:`xpconv.ops.conv2d_forward`."""
+        sfx = _convolvable(x, W, b)
+        y, cache = _conv_rows(x, W, stride, pad, sfx)
+        N, FN = cache.x_shape[0], cache.W_shape[0]
+        OH, OW = cache.geometry[4:]
+        P = OH * OW
+        out = cupy.empty((N, FN, OH, OW), dtype=x.dtype)
+        _launch("conv", "bias_nhwc_to_nchw", sfx, N, FN * P, (y, out), (cupy.ascontiguousarray(b),), (FN, P, int(bool(relu))))
+        if relu:
+            cache.relu_out = out
+        return out, cache
+
+    def backward(self, dout, state, *, need_dx=True):
+        """One NHWC(+ReLU mask) kernel + cuBLAS + column sum + col2im kernel; see
+        :func:`xpconv.ops.conv2d_backward`."""
+        N = state.x_shape[0]
+        FN = state.W_shape[0]
+        OH, OW = state.geometry[4:]
+        P = OH * OW
+        dtype = state.col.dtype
+        dout = _dout("Convolution", dout, (N, FN, OH, OW), dtype)
+        d = cupy.empty((N * P, FN), dtype=dtype)
+        _launch("conv", "nchw_to_nhwc", _SUFFIX[dtype.name], N, P * FN, (dout, state.relu_out, d), (), (FN, P))
+        return _conv_grads(d, state, need_dx)
 
 
-def conv2d_relu_maxpool_backward(dout, cache, *, need_dx=True):
-    """One gather kernel from the pooled gradient to NHWC rows + cuBLAS + column sum
-    + col2im kernel; see :func:`xpconv.ops.conv2d_relu_maxpool_backward`."""
-    if cache is None:
-        raise RuntimeError("conv2d_relu_maxpool_backward: the forward ran with training=False and kept nothing")
-    if isinstance(cache, tuple):
-        return _generic("conv2d_relu_maxpool_backward", dout, cache, need_dx=need_dx)
-    _check_cache("conv2d_relu_maxpool_backward", cache, _ConvPoolCache)
-    conv = cache.conv
-    N = conv.x_shape[0]
-    FN = conv.W_shape[0]
-    OH, OW = conv.geometry[4:]
-    QH, QW = cache.pool_geometry[4:]
-    dtype = conv.col.dtype
-    dout = _dout("Convolution+ReLU+Pooling", dout, (N, FN, QH, QW), dtype)
-    d = cupy.empty((N * OH * OW, FN), dtype=dtype)
-    ints = (FN, OH, OW, *cache.pool, *cache.pool_geometry)
-    _launch("conv", "maxpool_bwd_nhwc", _SUFFIX[dtype.name], N, OH * OW * FN, (dout, cache.argmax, d), (), ints)
-    return _conv_grads(d, conv, need_dx)
+@register("cupy", "conv2d_relu_max_pool2d")
+class Conv2dReluMaxPool2d:
+    """Convolution + ReLU + max pooling: im2col kernel + cuBLAS + one
+    bias/ReLU/max-pool kernel (the convolution's output is never written);
+    reference: :class:`xpconv.ops.Conv2dReluMaxPool2d`."""
+
+    def accepts(self, *arrays) -> bool:
+        return _convolvable(*arrays) is not None
+
+    def forward(self, x, W, b, stride, pad, pool_h, pool_w, pool_stride, pool_pad=0, *, training=True):
+        """See :func:`xpconv.ops.conv2d_relu_max_pool2d_forward`.  With
+        ``training=False`` nothing is kept for a backward (the state is None)."""
+        sfx = _convolvable(x, W, b)
+        N, C, H, Wd = (int(s) for s in x.shape)
+        FN, _, FH, FW = (int(s) for s in W.shape)
+        KH, KW = int(pool_h), int(pool_w)
+        OH, OW = _geometry(H, Wd, FH, FW, stride, pad, "Convolution")[4:]
+        pgeom = _geometry(OH, OW, KH, KW, pool_stride, pool_pad, "Pooling")
+        POH, POW = pgeom[4:]
+        y, conv = _conv_rows(x, W, stride, pad, sfx)
+        out = cupy.empty((N, FN, POH, POW), dtype=x.dtype)
+        argmax = cupy.empty((N, FN, POH, POW), dtype=cupy.int32) if training else None
+        ints = (FN, OH, OW, KH, KW, *pgeom)
+        _launch("conv", "bias_relu_maxpool", sfx, N, FN * POH * POW, (y, out, argmax), (cupy.ascontiguousarray(b),), ints, (_neg_inf(x.dtype),))
+        if not training:
+            return out, None
+        return out, _ConvPoolCache(conv=conv, pool=(KH, KW), pool_geometry=pgeom, argmax=argmax)
+
+    def backward(self, dout, state, *, need_dx=True):
+        """One gather kernel from the pooled gradient to NHWC rows + cuBLAS + column sum
+        + col2im kernel; see :func:`xpconv.ops.conv2d_relu_max_pool2d_backward`."""
+        conv = state.conv
+        N = conv.x_shape[0]
+        FN = conv.W_shape[0]
+        OH, OW = conv.geometry[4:]
+        POH, POW = state.pool_geometry[4:]
+        dtype = conv.col.dtype
+        dout = _dout("Convolution+ReLU+Pooling", dout, (N, FN, POH, POW), dtype)
+        d = cupy.empty((N * OH * OW, FN), dtype=dtype)
+        ints = (FN, OH, OW, *state.pool, *state.pool_geometry)
+        _launch("conv", "maxpool_bwd_nhwc", _SUFFIX[dtype.name], N, OH * OW * FN, (dout, state.argmax, d), (), ints)
+        return _conv_grads(d, conv, need_dx)
 
 
 # --------------------------------------------------------------------------- pooling
 
 
 class _PoolCache(_Cache):
-    __slots__ = ("kind", "x_shape", "pool", "geometry", "dtype", "argmax")
-    # kind: 'max' | 'avg'; pool: (KH, KW); geometry: (SH, SW, PH, PW, OH, OW);
+    __slots__ = ("x_shape", "pool", "geometry", "dtype", "argmax")
+    # pool: (FH, FW) of the window; geometry: (SH, SW, PH, PW, OH, OW);
     # argmax: int32 (N, C, OH, OW) window positions (max pooling), else None
 
     def ints(self):
@@ -315,71 +302,76 @@ class _PoolCache(_Cache):
         return (H, W, *self.pool, *self.geometry)
 
 
-_POOL_NAMES = {"max": "Pooling", "avg": "AvgPooling"}
+def _poolable(x) -> bool:
+    return _suffix(x) is not None and len(x.shape) == 4
 
 
-def _pool_forward(kind: str, x, pool_h, pool_w, stride, pad):
-    """``<kind>_pool2d_forward``: one kernel, or the generic code for what the kernels do not cover."""
-    sfx = _suffix(x)
-    if sfx is None or len(x.shape) != 4:
-        return _generic(f"{kind}_pool2d_forward", x, pool_h, pool_w, stride, pad)
+def _pool_forward(where: str, x, pool_h, pool_w, stride, pad, with_argmax: bool):
+    """(out, cache) of a pooling forward, allocated; the caller launches its kernel."""
     N, C, H, W = (int(s) for s in x.shape)
     KH, KW = int(pool_h), int(pool_w)
-    geom = _geometry(H, W, KH, KW, stride, pad, _POOL_NAMES[kind])
+    geom = _geometry(H, W, KH, KW, stride, pad, where)
     OH, OW = geom[4:]
-    x = cupy.ascontiguousarray(x)
     out = cupy.empty((N, C, OH, OW), dtype=x.dtype)
-    argmax = cupy.empty((N, C, OH, OW), dtype=cupy.int32) if kind == "max" else None
-    cache = _PoolCache(kind=kind, x_shape=(N, C, H, W), pool=(KH, KW), geometry=geom, dtype=x.dtype, argmax=argmax)
-    if kind == "max":
-        _launch("pool", "max_pool_fwd", sfx, N, C * OH * OW, (x, out, argmax), (), cache.ints(), (_neg_inf(x.dtype),))
-    else:
-        _launch("pool", "avg_pool_fwd", sfx, N, C * OH * OW, (x, out), (), cache.ints())
+    argmax = cupy.empty((N, C, OH, OW), dtype=cupy.int32) if with_argmax else None
+    cache = _PoolCache(x_shape=(N, C, H, W), pool=(KH, KW), geometry=geom, dtype=x.dtype, argmax=argmax)
     return out, cache
 
 
-def _pool_backward(kind: str, dout, cache):
-    """``<kind>_pool2d_backward`` of the cache's forward: a generic cache (a tuple)
-    goes to the generic code, a kernel's to one gather kernel."""
-    op = f"{kind}_pool2d_backward"
-    if isinstance(cache, tuple):
-        return _generic(op, dout, cache)
-    _check_cache(op, cache, _PoolCache, kind)
+def _pool_dout(where: str, dout, cache):
     N, C, H, W = cache.x_shape
     OH, OW = cache.geometry[4:]
-    dout = _dout(_POOL_NAMES[cache.kind], dout, (N, C, OH, OW), cache.dtype)
-    sfx = _SUFFIX[cache.dtype.name]
-    dx = cupy.empty((N, C, H, W), dtype=cache.dtype)
-    if cache.kind == "max":
-        _launch("pool", "max_pool_bwd", sfx, N, C * H * W, (dout, cache.argmax, dx), (), cache.ints())
-    else:
-        _launch("pool", "avg_pool_bwd", sfx, N, C * H * W, (dout, dx), (), cache.ints())
-    return dx
+    return _dout(where, dout, (N, C, OH, OW), cache.dtype), cupy.empty((N, C, H, W), dtype=cache.dtype)
 
 
-def max_pool2d_forward(x, pool_h, pool_w, stride=1, pad=0):
-    """Max pooling in one kernel that also records each window's first argmax; see
-    :func:`xpconv.ops.max_pool2d_forward`."""
-    return _pool_forward("max", x, pool_h, pool_w, stride, pad)
+@register("cupy", "max_pool2d")
+class MaxPool2d:
+    """Max pooling, one kernel each way; reference: :class:`xpconv.ops.MaxPool2d`."""
+
+    def accepts(self, *arrays) -> bool:
+        return _poolable(*arrays)
+
+    def forward(self, x, pool_h, pool_w, stride=1, pad=0):
+        """One kernel that also records each window's first argmax; see
+        :func:`xpconv.ops.max_pool2d_forward`."""
+        x = cupy.ascontiguousarray(x)
+        out, cache = _pool_forward("Pooling", x, pool_h, pool_w, stride, pad, True)
+        N, C, OH, OW = out.shape
+        _launch("pool", "max_pool_fwd", _suffix(x), N, C * OH * OW, (x, out, cache.argmax), (), cache.ints(), (_neg_inf(x.dtype),))
+        return out, cache
+
+    def backward(self, dout, state):
+        """One gather kernel: each input pixel sums the gradients of the windows whose
+        argmax it is; see :func:`xpconv.ops.max_pool2d_backward`."""
+        dout, dx = _pool_dout("Pooling", dout, state)
+        N, C, H, W = state.x_shape
+        _launch("pool", "max_pool_bwd", _SUFFIX[state.dtype.name], N, C * H * W, (dout, state.argmax, dx), (), state.ints())
+        return dx
 
 
-def max_pool2d_backward(dout, cache):
-    """One gather kernel: each input pixel sums the gradients of the windows whose
-    argmax it is; see :func:`xpconv.ops.max_pool2d_backward`."""
-    return _pool_backward("max", dout, cache)
+@register("cupy", "avg_pool2d")
+class AvgPool2d:
+    """Average pooling (zero padding counted), one kernel each way; reference:
+    :class:`xpconv.ops.AvgPool2d`."""
+
+    def accepts(self, *arrays) -> bool:
+        return _poolable(*arrays)
+
+    def forward(self, x, pool_h, pool_w, stride=1, pad=0):
+        """See :func:`xpconv.ops.avg_pool2d_forward`."""
+        x = cupy.ascontiguousarray(x)
+        out, cache = _pool_forward("AvgPooling", x, pool_h, pool_w, stride, pad, False)
+        N, C, OH, OW = out.shape
+        _launch("pool", "avg_pool_fwd", _suffix(x), N, C * OH * OW, (x, out), (), cache.ints())
+        return out, cache
+
+    def backward(self, dout, state):
+        """One gather kernel: each input pixel sums dout / (FH*FW) over the windows
+        covering it; see :func:`xpconv.ops.avg_pool2d_backward`."""
+        dout, dx = _pool_dout("AvgPooling", dout, state)
+        N, C, H, W = state.x_shape
+        _launch("pool", "avg_pool_bwd", _SUFFIX[state.dtype.name], N, C * H * W, (dout, dx), (), state.ints())
+        return dx
 
 
-def avg_pool2d_forward(x, pool_h, pool_w, stride=1, pad=0):
-    """Average pooling (zero padding counted) in one kernel; see
-    :func:`xpconv.ops.avg_pool2d_forward`."""
-    return _pool_forward("avg", x, pool_h, pool_w, stride, pad)
-
-
-def avg_pool2d_backward(dout, cache):
-    """One gather kernel: each input pixel sums dout / (KH*KW) over the windows
-    covering it; see :func:`xpconv.ops.avg_pool2d_backward`."""
-    return _pool_backward("avg", dout, cache)
-
-
-#: the ops of :mod:`xpconv.ops` this module has kernels for (each with the generic signature)
-__all__ = sorted(name for name in ops.__all__ if name in globals())
+__all__ = ["AvgPool2d", "Conv2d", "Conv2dReluMaxPool2d", "Im2col", "MaxPool2d"]

@@ -37,19 +37,10 @@ import threading
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from .. import ops
+from .._geometry import conv_output_size, pair
+from . import register
 
-__all__ = [
-    "avg_pool2d_backward",
-    "avg_pool2d_forward",
-    "conv2d_backward",
-    "conv2d_forward",
-    "conv2d_relu_maxpool_backward",
-    "conv2d_relu_maxpool_forward",
-    "im2col",
-    "max_pool2d_backward",
-    "max_pool2d_forward",
-]
+__all__ = ["AvgPool2d", "Conv2d", "Conv2dReluMaxPool2d", "Im2col", "MaxPool2d"]
 
 #: bytes of column buffer per batch slice (the slice of samples that goes through
 #: one GEMM); big enough for efficient GEMMs, small enough to stay in L2/L3 cache
@@ -152,9 +143,9 @@ class _Geometry:
         self.FN, C, self.FH, self.FW = (int(s) for s in W_shape)
         if C != self.C:
             raise ValueError(f"Convolution: expected input with C={C} channels (N, {C}, H, W), got shape {tuple(x_shape)}")
-        self.SH, self.SW = ops.pair(stride, "stride")
-        self.PH, self.PW = ops.pair(pad, "pad")
-        self.OH, self.OW = ops.conv_output_size(self.H, self.W, self.FH, self.FW, (self.SH, self.SW), (self.PH, self.PW), where="Convolution")
+        self.SH, self.SW = pair(stride, "stride")
+        self.PH, self.PW = pair(pad, "pad")
+        self.OH, self.OW = conv_output_size(self.H, self.W, self.FH, self.FW, (self.SH, self.SW), (self.PH, self.PW), where="Convolution")
         self.K = self.C * self.FH * self.FW
 
 
@@ -220,48 +211,87 @@ def _weights_with_bias(W, b, dtype) -> np.ndarray:
 # --------------------------------------------------------------------------- im2col
 
 
-def im2col(input_data, filter_h, filter_w, stride=1, pad=0, *, pad_value=0.0):
-    """ops.im2col: one copy out of a strided window view."""
-    x = np.asarray(input_data)
-    N, C, H, W = x.shape
-    FH, FW = int(filter_h), int(filter_w)
-    SH, SW = ops.pair(stride, "stride")
-    PH, PW = ops.pair(pad, "pad")
-    OH, OW = ops.conv_output_size(H, W, FH, FW, (SH, SW), (PH, PW))
-    xpad = _padded(x, PH, PW, pad_value)
-    sN, sC, sH, sW = xpad.strides
-    win = as_strided(xpad, (N, OH, OW, C, FH, FW), (sN, SH * sH, SW * sW, sC, sH, sW), writeable=False)
-    return np.ascontiguousarray(win).reshape(N * OH * OW, C * FH * FW)
+@register("numpy", "im2col")
+class Im2col:
+    """im2col as one copy out of a strided window view; col2im (its backward) as one
+    strided add per filter tap.  Reference: :class:`xpconv.ops.Im2col`."""
+
+    def accepts(self, *arrays) -> bool:
+        return True
+
+    def forward(self, input_data, filter_h, filter_w, stride=1, pad=0, *, pad_value=0.0):
+        """ops.im2col: (N*OH*OW, C*FH*FW)."""
+        x = np.asarray(input_data)
+        N, C, H, W = x.shape
+        FH, FW = int(filter_h), int(filter_w)
+        SH, SW = pair(stride, "stride")
+        PH, PW = pair(pad, "pad")
+        OH, OW = conv_output_size(H, W, FH, FW, (SH, SW), (PH, PW))
+        xpad = _padded(x, PH, PW, pad_value)
+        sN, sC, sH, sW = xpad.strides
+        win = as_strided(xpad, (N, OH, OW, C, FH, FW), (sN, SH * sH, SW * sW, sC, sH, sW), writeable=False)
+        return np.ascontiguousarray(win).reshape(N * OH * OW, C * FH * FW)
+
+    def backward(self, col, input_shape, filter_h, filter_w, stride=1, pad=0):
+        """ops.col2im: the rows (N*OH*OW, C*FH*FW) summed into (N, C, H, W), tap by
+        tap in the reference's order (so the sums are the reference's)."""
+        N, C, H, W = (int(s) for s in input_shape)
+        FH, FW = int(filter_h), int(filter_w)
+        SH, SW = pair(stride, "stride")
+        PH, PW = pair(pad, "pad")
+        OH, OW = conv_output_size(H, W, FH, FW, (SH, SW), (PH, PW), where="col2im")
+        c = np.asarray(col).reshape(N, OH, OW, C, FH, FW)
+        img = np.zeros((N, C, H + 2 * PH, W + 2 * PW), c.dtype)
+        for y in range(FH):
+            for x in range(FW):
+                tap = img[:, :, y : y + SH * (OH - 1) + 1 : SH, x : x + SW * (OW - 1) + 1 : SW]
+                tap += c[:, :, :, :, y, x].transpose(0, 3, 1, 2)
+        return img[:, :, PH : PH + H, PW : PW + W]
 
 
 # --------------------------------------------------------------------------- convolution
 
 
 class _ConvCache:
+    """State of a convolution (pool=None) or of the fused conv-relu-max-pool."""
+
     __slots__ = ("g", "xpad", "Wa", "out", "pool", "idx", "dtype", "W_shape")
+    composed = False
 
     def __init__(self, g, xpad, Wa, out, pool, idx, dtype, W_shape):
         self.g, self.xpad, self.Wa, self.out = g, xpad, Wa, out
         self.pool, self.idx, self.dtype, self.W_shape = pool, idx, dtype, W_shape
 
 
-def conv2d_forward(x, W, b, stride=1, pad=0, *, relu=False):
-    """ops.conv2d_forward: (N, FN, OH, OW) as a view of channel-major memory."""
-    g = _Geometry(x.shape, W.shape, stride, pad)
-    dt = np.result_type(x, W, b)
-    xpad = _padded(_cnhw(x, dt), g.PH, g.PW)
-    Wa = _weights_with_bias(W, b, dt)
-    out = np.empty((g.FN, g.N, g.OH, g.OW), dt)
+@register("numpy", "conv2d")
+class Conv2d:
+    """Convolution (+ ReLU) as channel-major GEMMs; reference: :class:`xpconv.ops.Conv2d`."""
 
-    def body(n0, n1):
-        o = out[:, n0:n1].reshape(g.FN, -1)
-        np.matmul(Wa, _cols(xpad, g, None, n0, n1), out=o)
-        if relu:
-            np.maximum(o, 0, out=o)
+    def accepts(self, *arrays) -> bool:
+        return True
 
-    _for_slices(g.N, _slice_step(g, None, xpad.itemsize), body)
-    cache = _ConvCache(g, xpad, Wa, out if relu else None, None, None, dt, tuple(W.shape))
-    return out.transpose(1, 0, 2, 3), cache
+    def forward(self, x, W, b, stride=1, pad=0, *, relu=False):
+        """ops.conv2d_forward: (N, FN, OH, OW) as a view of channel-major memory."""
+        g = _Geometry(x.shape, W.shape, stride, pad)
+        dt = np.result_type(x, W, b)
+        xpad = _padded(_cnhw(x, dt), g.PH, g.PW)
+        Wa = _weights_with_bias(W, b, dt)
+        out = np.empty((g.FN, g.N, g.OH, g.OW), dt)
+
+        def body(n0, n1):
+            o = out[:, n0:n1].reshape(g.FN, -1)
+            np.matmul(Wa, _cols(xpad, g, None, n0, n1), out=o)
+            if relu:
+                np.maximum(o, 0, out=o)
+
+        _for_slices(g.N, _slice_step(g, None, xpad.itemsize), body)
+        cache = _ConvCache(g, xpad, Wa, out if relu else None, None, None, dt, tuple(W.shape))
+        return out.transpose(1, 0, 2, 3), cache
+
+    def backward(self, dout, state, *, need_dx=True):
+        """ops.conv2d_backward for a state of :meth:`forward`."""
+        dt = np.result_type(dout, state.dtype)
+        return _conv_backward(_cnhw(dout, dt), state, need_dx)
 
 
 def _sum(parts):
@@ -396,77 +426,76 @@ def _backward_result(dWa: np.ndarray, dxpad, cache: _ConvCache):
     return dx.transpose(1, 0, 2, 3), dW, db
 
 
-def conv2d_backward(dout, cache, *, need_dx=True):
-    """ops.conv2d_backward for a cache of :func:`conv2d_forward`."""
-    dt = np.result_type(dout, cache.dtype)
-    return _conv_backward(_cnhw(dout, dt), cache, need_dx)
-
-
 class _Composed:
-    """Cache of a conv-relu-maxpool that ran as two kernels (pool not tiling)."""
+    """State of a conv-relu-max-pool that ran as two kernels (pool not tiling)."""
 
     __slots__ = ("conv", "pool")
+    composed = True
 
     def __init__(self, conv, pool):
         self.conv, self.pool = conv, pool
 
 
-def conv2d_relu_maxpool_forward(x, W, b, stride, pad, pool_h, pool_w, pool_stride, pool_pad=0, *, training=True):
-    """ops.conv2d_relu_maxpool_forward.  When the pool windows tile the image
-    (stride == pool size, no pad) the GEMM writes pool-window-major blocks and the
-    pool is a running maximum over them; otherwise conv+relu, then max-pool."""
-    g = _Geometry(x.shape, W.shape, stride, pad)
-    ph, pw = int(pool_h), int(pool_w)
-    ps, pp = ops.pair(pool_stride, "Pooling stride"), ops.pair(pool_pad, "Pooling pad")
-    QH, QW = ops.conv_output_size(g.OH, g.OW, ph, pw, ps, pp, where="Pooling")
-    if ps != (ph, pw) or pp != (0, 0):
-        out, conv_cache = conv2d_forward(x, W, b, stride, pad, relu=True)
-        out, pool_cache = max_pool2d_forward(out, ph, pw, ps, pp)
-        return out, _Composed(conv_cache, pool_cache)
-    dt = np.result_type(x, W, b)
-    xpad = _padded(_cnhw(x, dt), g.PH, g.PW)
-    Wa = _weights_with_bias(W, b, dt)
-    FN, npool, Q = g.FN, ph * pw, QH * QW
-    out = np.empty((FN, g.N, QH, QW), dt)
-    idx = np.empty((FN, g.N * Q), np.uint8 if npool <= 256 else np.intp) if training else None
+@register("numpy", "conv2d_relu_max_pool2d")
+class Conv2dReluMaxPool2d:
+    """Convolution + ReLU + max pooling fused; reference: :class:`xpconv.ops.Conv2dReluMaxPool2d`."""
 
-    def body(n0, n1):
-        col = _cols(xpad, g, (ph, pw), n0, n1)
-        m = (n1 - n0) * Q
-        z = _scratch("z", FN * npool * m, dt).reshape(FN, npool, m)
-        np.matmul(Wa, col, out=z.reshape(FN, npool * m))
-        o = out[:, n0:n1].reshape(FN, m)
-        np.copyto(o, z[:, 0])
-        if training:
-            ix = idx[:, n0 * Q : n1 * Q]
-            ix[...] = 0
-            gt = _scratch("gt", FN * m, bool).reshape(FN, m)
-            hit = _scratch("hitk", FN * m, idx.dtype).reshape(FN, m)
-            for k in range(1, npool):  # strictly greater: the first maximum wins, as argmax
-                np.greater(z[:, k], o, out=gt)
-                # k exceeds every index so far: max(ix, gt*k) sets k exactly where gt
-                # (two plain integer loops; copyto(where=) is several times slower)
-                np.multiply(gt, idx.dtype.type(k), out=hit, dtype=idx.dtype)
-                np.maximum(ix, hit, out=ix)
-                np.maximum(o, z[:, k], out=o)
-        else:
-            for k in range(1, npool):
-                np.maximum(o, z[:, k], out=o)
-        np.maximum(o, 0, out=o)  # relu(max(z)) == max(relu(z))
+    def accepts(self, *arrays) -> bool:
+        return True
 
-    _for_slices(g.N, _slice_step(g, (ph, pw), xpad.itemsize), body)
-    cache = _ConvCache(g, xpad, Wa, out, (ph, pw), idx, dt, tuple(W.shape)) if training else None
-    return out.transpose(1, 0, 2, 3), cache
+    def forward(self, x, W, b, stride, pad, pool_h, pool_w, pool_stride, pool_pad=0, *, training=True):
+        """ops.conv2d_relu_max_pool2d_forward.  When the pool windows tile the image
+        (stride == pool size, no pad) the GEMM writes pool-window-major blocks and the
+        pool is a running maximum over them; otherwise conv+relu, then max-pool."""
+        g = _Geometry(x.shape, W.shape, stride, pad)
+        ph, pw = int(pool_h), int(pool_w)
+        ps, pp = pair(pool_stride, "Pooling stride"), pair(pool_pad, "Pooling pad")
+        QH, QW = conv_output_size(g.OH, g.OW, ph, pw, ps, pp, where="Pooling")
+        if ps != (ph, pw) or pp != (0, 0):
+            out, conv_cache = _CONV2D.forward(x, W, b, stride, pad, relu=True)
+            out, pool_cache = _MAX_POOL2D.forward(out, ph, pw, ps, pp)
+            return out, _Composed(conv_cache, pool_cache)
+        dt = np.result_type(x, W, b)
+        xpad = _padded(_cnhw(x, dt), g.PH, g.PW)
+        Wa = _weights_with_bias(W, b, dt)
+        FN, npool, Q = g.FN, ph * pw, QH * QW
+        out = np.empty((FN, g.N, QH, QW), dt)
+        idx = np.empty((FN, g.N * Q), np.uint8 if npool <= 256 else np.intp) if training else None
 
+        def body(n0, n1):
+            col = _cols(xpad, g, (ph, pw), n0, n1)
+            m = (n1 - n0) * Q
+            z = _scratch("z", FN * npool * m, dt).reshape(FN, npool, m)
+            np.matmul(Wa, col, out=z.reshape(FN, npool * m))
+            o = out[:, n0:n1].reshape(FN, m)
+            np.copyto(o, z[:, 0])
+            if training:
+                ix = idx[:, n0 * Q : n1 * Q]
+                ix[...] = 0
+                gt = _scratch("gt", FN * m, bool).reshape(FN, m)
+                hit = _scratch("hitk", FN * m, idx.dtype).reshape(FN, m)
+                for k in range(1, npool):  # strictly greater: the first maximum wins, as argmax
+                    np.greater(z[:, k], o, out=gt)
+                    # k exceeds every index so far: max(ix, gt*k) sets k exactly where gt
+                    # (two plain integer loops; copyto(where=) is several times slower)
+                    np.multiply(gt, idx.dtype.type(k), out=hit, dtype=idx.dtype)
+                    np.maximum(ix, hit, out=ix)
+                    np.maximum(o, z[:, k], out=o)
+            else:
+                for k in range(1, npool):
+                    np.maximum(o, z[:, k], out=o)
+            np.maximum(o, 0, out=o)  # relu(max(z)) == max(relu(z))
 
-def conv2d_relu_maxpool_backward(dout, cache, *, need_dx=True):
-    """ops.conv2d_relu_maxpool_backward for a cache of the kernel above."""
-    if isinstance(cache, _Composed):
-        return conv2d_backward(max_pool2d_backward(dout, cache.pool), cache.conv, need_dx=need_dx)
-    if cache is None:
-        raise RuntimeError("conv2d_relu_maxpool_backward: the forward ran with training=False and kept nothing")
-    dt = np.result_type(dout, cache.dtype)
-    return _conv_backward(_cnhw(dout, dt), cache, need_dx)
+        _for_slices(g.N, _slice_step(g, (ph, pw), xpad.itemsize), body)
+        cache = _ConvCache(g, xpad, Wa, out, (ph, pw), idx, dt, tuple(W.shape)) if training else None
+        return out.transpose(1, 0, 2, 3), cache
+
+    def backward(self, dout, state, *, need_dx=True):
+        """ops.conv2d_relu_max_pool2d_backward for a state of the forward above."""
+        if state.composed:
+            return _CONV2D.backward(_MAX_POOL2D.backward(dout, state.pool), state.conv, need_dx=need_dx)
+        dt = np.result_type(dout, state.dtype)
+        return _conv_backward(_cnhw(dout, dt), state, need_dx)
 
 
 # --------------------------------------------------------------------------- pooling
@@ -491,62 +520,77 @@ class _PoolCache:
 def _pool_setup(x, pool_h, pool_w, stride, pad, where):
     N, C, H, W = (int(s) for s in x.shape)
     ph, pw = int(pool_h), int(pool_w)
-    SH, SW = ops.pair(stride, "stride")
-    PH, PW = ops.pair(pad, "pad")
-    OH, OW = ops.conv_output_size(H, W, ph, pw, (SH, SW), (PH, PW), where=where)
+    SH, SW = pair(stride, "stride")
+    PH, PW = pair(pad, "pad")
+    OH, OW = conv_output_size(H, W, ph, pw, (SH, SW), (PH, PW), where=where)
     return (N, C, H, W), (ph, pw), (SH, SW), (PH, PW), (OH, OW)
 
 
-def max_pool2d_forward(x, pool_h, pool_w, stride=1, pad=0):
-    """ops.max_pool2d_forward: a running maximum over the ph*pw strided taps, and the
-    first arg-max as uint8."""
-    shape, (ph, pw), (SH, SW), (PH, PW), (OH, OW) = _pool_setup(x, pool_h, pool_w, stride, pad, "Pooling")
-    xc = _padded(_cnhw(x, x.dtype), PH, PW, -np.inf)
-    taps = _pool_taps(xc, ph, pw, SH, SW, OH, OW)
-    out = np.array(next(taps))
-    idx = np.zeros(out.shape, np.uint8 if ph * pw <= 256 else np.intp)
-    gt = np.empty(out.shape, bool)
-    hit = np.empty(out.shape, idx.dtype)
-    for k, tap in enumerate(taps, start=1):
-        np.greater(tap, out, out=gt)
-        np.multiply(gt, idx.dtype.type(k), out=hit, dtype=idx.dtype)  # k > every index so far
-        np.maximum(idx, hit, out=idx)
-        np.maximum(out, tap, out=out)
-    return out.transpose(1, 0, 2, 3), _PoolCache(shape, (ph, pw), (SH, SW), (PH, PW), (OH, OW), idx, x.dtype)
+@register("numpy", "max_pool2d")
+class MaxPool2d:
+    """Max pooling over strided taps; reference: :class:`xpconv.ops.MaxPool2d`."""
+
+    def accepts(self, *arrays) -> bool:
+        return True
+
+    def forward(self, x, pool_h, pool_w, stride=1, pad=0):
+        """ops.max_pool2d_forward: a running maximum over the ph*pw strided taps, and the
+        first arg-max as uint8."""
+        shape, (ph, pw), (SH, SW), (PH, PW), (OH, OW) = _pool_setup(x, pool_h, pool_w, stride, pad, "Pooling")
+        xc = _padded(_cnhw(x, x.dtype), PH, PW, -np.inf)
+        taps = _pool_taps(xc, ph, pw, SH, SW, OH, OW)
+        out = np.array(next(taps))
+        idx = np.zeros(out.shape, np.uint8 if ph * pw <= 256 else np.intp)
+        gt = np.empty(out.shape, bool)
+        hit = np.empty(out.shape, idx.dtype)
+        for k, tap in enumerate(taps, start=1):
+            np.greater(tap, out, out=gt)
+            np.multiply(gt, idx.dtype.type(k), out=hit, dtype=idx.dtype)  # k > every index so far
+            np.maximum(idx, hit, out=idx)
+            np.maximum(out, tap, out=out)
+        return out.transpose(1, 0, 2, 3), _PoolCache(shape, (ph, pw), (SH, SW), (PH, PW), (OH, OW), idx, x.dtype)
+
+    def backward(self, dout, state):
+        """ops.max_pool2d_backward: each window's gradient to its first maximum."""
+        N, C, H, W = state.x_shape
+        (ph, pw), (SH, SW), (PH, PW), (OH, OW) = state.pool, state.stride, state.pad, state.out_hw
+        d = _cnhw(dout, np.result_type(dout, state.dtype))
+        dx = np.zeros((C, N, H + 2 * PH, W + 2 * PW), d.dtype)
+        hit = np.empty(d.shape, bool)
+        part = np.empty(d.shape, d.dtype)
+        for k, tap in enumerate(_pool_taps(dx, ph, pw, SH, SW, OH, OW)):
+            np.multiply(d, np.equal(state.idx, k, out=hit), out=part)
+            tap += part
+        return dx[:, :, PH : PH + H, PW : PW + W].transpose(1, 0, 2, 3)
 
 
-def max_pool2d_backward(dout, cache):
-    """ops.max_pool2d_backward: each window's gradient to its first maximum."""
-    N, C, H, W = cache.x_shape
-    (ph, pw), (SH, SW), (PH, PW), (OH, OW) = cache.pool, cache.stride, cache.pad, cache.out_hw
-    d = _cnhw(dout, np.result_type(dout, cache.dtype))
-    dx = np.zeros((C, N, H + 2 * PH, W + 2 * PW), d.dtype)
-    hit = np.empty(d.shape, bool)
-    part = np.empty(d.shape, d.dtype)
-    for k, tap in enumerate(_pool_taps(dx, ph, pw, SH, SW, OH, OW)):
-        np.multiply(d, np.equal(cache.idx, k, out=hit), out=part)
-        tap += part
-    return dx[:, :, PH : PH + H, PW : PW + W].transpose(1, 0, 2, 3)
+@register("numpy", "avg_pool2d")
+class AvgPool2d:
+    """Average pooling over strided taps; reference: :class:`xpconv.ops.AvgPool2d`."""
+
+    def accepts(self, *arrays) -> bool:
+        return True
+
+    def forward(self, x, pool_h, pool_w, stride=1, pad=0):
+        """ops.avg_pool2d_forward (zero padding counted in the window)."""
+        shape, (ph, pw), (SH, SW), (PH, PW), (OH, OW) = _pool_setup(x, pool_h, pool_w, stride, pad, "AvgPooling")
+        xc = _padded(_cnhw(x, x.dtype), PH, PW, 0.0)
+        taps = _pool_taps(xc, ph, pw, SH, SW, OH, OW)
+        out = np.array(next(taps))
+        for tap in taps:
+            out += tap
+        out /= ph * pw
+        return out.transpose(1, 0, 2, 3), _PoolCache(shape, (ph, pw), (SH, SW), (PH, PW), (OH, OW), None, x.dtype)
+
+    def backward(self, dout, state):
+        """ops.avg_pool2d_backward: dout / (ph*pw) added to every tap."""
+        N, C, H, W = state.x_shape
+        (ph, pw), (SH, SW), (PH, PW), (OH, OW) = state.pool, state.stride, state.pad, state.out_hw
+        d = _cnhw(dout, np.result_type(dout, state.dtype)) / (ph * pw)
+        dx = np.zeros((C, N, H + 2 * PH, W + 2 * PW), d.dtype)
+        for tap in _pool_taps(dx, ph, pw, SH, SW, OH, OW):
+            tap += d
+        return dx[:, :, PH : PH + H, PW : PW + W].transpose(1, 0, 2, 3)
 
 
-def avg_pool2d_forward(x, pool_h, pool_w, stride=1, pad=0):
-    """ops.avg_pool2d_forward (zero padding counted in the window)."""
-    shape, (ph, pw), (SH, SW), (PH, PW), (OH, OW) = _pool_setup(x, pool_h, pool_w, stride, pad, "AvgPooling")
-    xc = _padded(_cnhw(x, x.dtype), PH, PW, 0.0)
-    taps = _pool_taps(xc, ph, pw, SH, SW, OH, OW)
-    out = np.array(next(taps))
-    for tap in taps:
-        out += tap
-    out /= ph * pw
-    return out.transpose(1, 0, 2, 3), _PoolCache(shape, (ph, pw), (SH, SW), (PH, PW), (OH, OW), None, x.dtype)
-
-
-def avg_pool2d_backward(dout, cache):
-    """ops.avg_pool2d_backward: dout / (ph*pw) added to every tap."""
-    N, C, H, W = cache.x_shape
-    (ph, pw), (SH, SW), (PH, PW), (OH, OW) = cache.pool, cache.stride, cache.pad, cache.out_hw
-    d = _cnhw(dout, np.result_type(dout, cache.dtype)) / (ph * pw)
-    dx = np.zeros((C, N, H + 2 * PH, W + 2 * PW), d.dtype)
-    for tap in _pool_taps(dx, ph, pw, SH, SW, OH, OW):
-        tap += d
-    return dx[:, :, PH : PH + H, PW : PW + W].transpose(1, 0, 2, 3)
+_CONV2D, _MAX_POOL2D = Conv2d(), MaxPool2d()
