@@ -269,3 +269,51 @@ def test_softmax_cross_entropy_matches_formula(xp, rng):
     ref = np.mean(np.log(np.exp(x - m).sum(axis=1)) + m[:, 0] - x[np.arange(5), t])
     assert float(loss) == pytest.approx(ref, rel=1e-12)
     assert np.isfinite(float(loss))
+
+
+# ------------------------------------------------------------------ layout of the dispatch
+
+
+def _imports(path):
+    """Every module a file imports (function-level imports included), relative
+    imports resolved against the xpconv package layout."""
+    import ast
+    import pathlib
+
+    rel = pathlib.Path(path).relative_to(pathlib.Path(ops.__file__).parent.parent)
+    package = list(rel.with_suffix("").parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(pathlib.Path(path).read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            mod = ".".join(base + ([node.module] if node.module else []))
+            found.add(mod)
+            found.update(f"{mod}.{a.name}" for a in node.names)
+    return found
+
+
+def test_geometry_is_a_leaf_that_ops_and_the_kernels_share():
+    import pathlib
+
+    from xpconv import _geometry, kernels
+
+    assert ops.pair is _geometry.pair and ops.conv_output_size is _geometry.conv_output_size
+    assert not {m for m in _imports(_geometry.__file__) if m.startswith("xpconv")}
+    kdir = pathlib.Path(kernels.__file__).parent
+    for path in sorted(kdir.glob("*.py")):
+        xpconv_imports = {m for m in _imports(path) if m.startswith("xpconv")}
+        assert "xpconv.ops" not in xpconv_imports, f"{path.name} imports xpconv.ops"
+        assert xpconv_imports <= {"xpconv", "xpconv._geometry", "xpconv._geometry.pair", "xpconv._geometry.conv_output_size",
+                                  "xpconv._geometry.window", "xpconv.kernels", "xpconv.kernels.register",
+                                  "xpconv.kernels.cuda_source"}, (path.name, xpconv_imports)
+
+
+def test_window_names_the_geometry():
+    from xpconv._geometry import window
+
+    assert window(7, 9, 3, 2, (2, 1), (1, 0), "test") == (2, 1, 1, 0, 4, 8)
+    assert window(7, 9, 3, 2, 1, 0, "test").OH == 5
+    with pytest.raises(ValueError, match="test: filter larger than the padded input"):
+        window(2, 2, 3, 3, 1, 0, "test")

@@ -111,7 +111,7 @@ class Convolution(LayerBase):
             raise ValueError(f"Convolution: stride must be >= 1, got {stride!r}")
         self.dW = None
         self.db = None
-        self._cache = None
+        self._cache: ops.Cache | None = None
 
     def _checked(self, x):
         FN, C, FH, FW = _shape(self.W)
@@ -141,6 +141,8 @@ class Convolution(LayerBase):
 
 class _PoolingBase(LayerBase):
     _name = "Pooling"
+    _fwd: Any  # the op's forward and backward (set by each subclass)
+    _bwd: Any
 
     def __init__(self, pool_h: int, pool_w: int, stride: Any = 1, pad: Any = 0, *, impl: ops.Impl = None):
         self.pool_h, self.pool_w = int(pool_h), int(pool_w)
@@ -151,7 +153,7 @@ class _PoolingBase(LayerBase):
         self.impl = impl
         if min(self.stride) < 1:
             raise ValueError(f"{self._name}: stride must be >= 1, got {stride!r}")
-        self._cache = None
+        self._cache: ops.Cache | None = None
 
     def forward(self, x: Array, train_flg: bool = True) -> Array:
         _check_window_input(self._name, x, self.pool_h, self.pool_w, self.stride, self.pad)

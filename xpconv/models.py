@@ -183,7 +183,7 @@ class Sequential:
         steps = self.steps
         for i in range(len(steps) - 1, -1, -1):
             if i == 0 and steps[0].can_skip_dx:
-                steps[0].backward(dout, need_dx=False)  # nobody needs dL/d(input)
+                steps[0].backward(dout, need_dx=False)  # type: ignore[call-arg]  # can_skip_dx: it takes need_dx; nobody needs dL/d(input)
             else:
                 dout = steps[i].backward(dout)
         grads = {}

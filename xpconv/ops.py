@@ -20,7 +20,7 @@ given kernel.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from . import backend, kernels
 from ._geometry import conv_output_size, pair
@@ -62,7 +62,7 @@ GENERIC = "generic"
 #: what ``impl=`` takes: None (the kernel registered for the arrays' namespace),
 #: GENERIC (the reference), or one kernel object (that kernel instead of the
 #: registered one).  A kernel that does not accept the inputs leaves them to the reference.
-Impl = Union[None, Literal["generic"], Kernel]
+Impl = Literal["generic"] | Kernel | None
 
 
 class Cache:
@@ -94,7 +94,7 @@ def _choose(op: str, impl: Impl, *arrays: Array) -> Kernel:
     return impl if impl.accepts(*arrays) else REFERENCE[op]
 
 
-def _state(where: str, cache: Any, op: str) -> tuple[Kernel, Any]:
+def _state(where: str, cache: Any, op: str) -> tuple[Any, Any]:
     """(kernel, state) of a forward's cache, checked to come from ``op``'s forward."""
     if cache is None:
         raise RuntimeError(f"{where}: the forward ran with training=False and kept nothing")

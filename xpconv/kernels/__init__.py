@@ -39,7 +39,8 @@ geometry and its array library.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Protocol, TypeVar
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 __all__ = ["MODULES", "REGISTRY", "Kernel", "find", "register"]
 
@@ -54,7 +55,7 @@ class Kernel(Protocol):
 
     def forward(self, *args: Any, **kwargs: Any) -> tuple[Any, Any]: ...
 
-    def backward(self, dout: Any, state: Any, **kwargs: Any) -> Any: ...
+    def backward(self, *args: Any, **kwargs: Any) -> Any: ...  # (dout, state, ...); im2col's: col2im's
 
 
 #: the module holding each namespace's kernels (imported on first use)
@@ -73,7 +74,7 @@ def register(namespace: str, op: str) -> Callable[[K], K]:
     ``namespace`` (``"numpy"``, ``"cupy"``); sets ``cls.namespace`` and ``cls.op``."""
 
     def deco(cls: K) -> K:
-        cls.namespace, cls.op = namespace, op
+        cls.namespace, cls.op = namespace, op  # type: ignore[attr-defined]
         REGISTRY[(namespace, op)] = cls()
         return cls
 

@@ -1,5 +1,10 @@
-"""NumPy fast paths for :mod:`xpconv.ops`: the same names, signatures and results
-(tests/test_numpy_kernels.py proves each one equal to the generic code).
+"""NumPy kernels for :mod:`xpconv.ops`, registered for the ``"numpy"`` namespace.
+
+Each class (:class:`Im2col`, :class:`Conv2d`, :class:`Conv2dReluMaxPool2d`,
+:class:`MaxPool2d`, :class:`AvgPool2d`) registers itself with
+``@register("numpy", op)`` and has the forward and backward of the reference class
+of the same name in ``xpconv.ops``, with its results (tests/test_numpy_kernels.py
+proves each one equal to the reference).
 
 How they are fast (benchmarks/README.md has the measurements):
 
