@@ -121,6 +121,7 @@ class Convolution(LayerBase):
         return _as_param_dtype("Convolution", x, self.W)
 
     def forward(self, x: Array, train_flg: bool = True) -> Array:
+        self._cache = None  # the last pass's state goes before this one's is built
         out, self._cache = ops.conv2d_forward(self._checked(x), self.W, self.b, self.stride, self.pad, impl=self.impl)
         return out
 
@@ -157,6 +158,7 @@ class _PoolingBase(LayerBase):
 
     def forward(self, x: Array, train_flg: bool = True) -> Array:
         _check_window_input(self._name, x, self.pool_h, self.pool_w, self.stride, self.pad)
+        self._cache = None  # the last pass's state goes before this one's is built
         out, self._cache = self._fwd(x, self.pool_h, self.pool_w, self.stride, self.pad, impl=self.impl)
         return out
 
@@ -398,14 +400,19 @@ class ConvBlock(LayerBase):
         self._cache: ops.Cache | None = None
 
     def forward(self, x: Array, train_flg: bool = True) -> Array:
+        """The block's output; the state for :meth:`backward` is kept only when
+        ``train_flg`` (an inference pass holds no memory after it returns)."""
         c, p = self.conv, self.pool
         x = c._checked(x)
+        self._cache = None  # the last pass's state goes before this one's is built
         if p is None:
-            out, self._cache = ops.conv2d_forward(x, c.W, c.b, c.stride, c.pad, relu=True, impl=c.impl)
+            out, cache = ops.conv2d_forward(x, c.W, c.b, c.stride, c.pad, relu=True, impl=c.impl)
         else:
-            out, self._cache = ops.conv2d_relu_max_pool2d_forward(
+            out, cache = ops.conv2d_relu_max_pool2d_forward(
                 x, c.W, c.b, c.stride, c.pad, p.pool_h, p.pool_w, p.stride, p.pad, training=train_flg, impl=c.impl
             )
+        if train_flg:
+            self._cache = cache
         return out
 
     def backward(self, dout: Array, need_dx: bool = True) -> Array | None:
