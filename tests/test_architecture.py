@@ -195,7 +195,7 @@ def _shortest_cycle(graph: dict[str, dict[str, list[int]]], component: list[str]
 def _describe(graph: dict[str, dict[str, list[int]]], cycle: list[str]) -> str:
     modules = _modules()
     steps = []
-    for a, b in zip(cycle, cycle[1:]):
+    for a, b in zip(cycle, cycle[1:], strict=False):
         where = f"{modules[a].relative_to(PACKAGE.parent)}:{','.join(map(str, graph[a][b]))}"
         steps.append(f"{a} -> {b} ({where})")
     return "\n    ".join(steps)
@@ -214,7 +214,9 @@ def test_the_graph_reader_sees_function_level_and_relative_imports(tmp_path):
         (PACKAGE / "sub" / "__init__.py").write_text("")
         (PACKAGE / "sub" / "b.py").write_text("import os\n\n\ndef f():\n    from .. import a\n    return a, os\n")
         (PACKAGE / "c.py").write_text("import xpconv.sub.b\nfrom xpconv.a import thing\n")
-        (PACKAGE / "sub" / "d.py").write_text("import importlib\n\n\ndef g(m):\n    full = f'{__package__}.{m}'\n    return importlib.import_module(full)\n")
+        (PACKAGE / "sub" / "d.py").write_text(
+            "import importlib\n\n\ndef g(m):\n    full = f'{__package__}.{m}'\n    return importlib.import_module(full)\n"
+        )
         (PACKAGE / "e.py").write_text("import importlib\nimportlib.import_module('xpconv.c')\nimportlib.import_module('.a', __package__)\n")
         graph = _graph()
         assert graph["xpconv.a"] == {"xpconv.sub.b": [1], "xpconv.sub": [1]}
@@ -234,13 +236,11 @@ def test_the_graph_reader_sees_function_level_and_relative_imports(tmp_path):
 def test_no_import_circles():
     graph = _graph()
     assert "xpconv.ops" in graph and "xpconv.models" in graph  # the reader found the package
-    circles = [_describe(graph, _shortest_cycle(graph, c)) for c in _strongly_connected(graph)]
-    report = "\n".join(
-        f"circle among {', '.join(c)}:\n    {text}" for c, text in zip(_strongly_connected(graph), circles)
-    )
+    components = _strongly_connected(graph)
+    report = "\n".join(f"circle among {', '.join(c)}:\n    {_describe(graph, _shortest_cycle(graph, c))}" for c in components)
     if report:
         print(report)
-    assert not circles, f"{len(circles)} import circle(s) in xpconv/:\n{report}"
+    assert not components, f"{len(components)} import circle(s) in xpconv/:\n{report}"
 
 
 def test_the_core_never_imports_the_shell():

@@ -198,7 +198,9 @@ def read_file(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict
         raise CheckpointError(f"{path}: the header's xpconv metadata is not a {FORMAT} document")
     version = meta.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise CheckpointError(f"{path}: the header's xpconv metadata has format_version {version!r}; expected an integer from 1 to {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path}: the header's xpconv metadata has format_version {version!r}; expected an integer from 1 to {FORMAT_VERSION}"
+        )
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: written in checkpoint format {version} by xpconv "
