@@ -14,13 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xpconv import checkpoint as ck
-from xpconv.backend import namespace_name, to_numpy
-from xpconv.checkpoint import CheckpointError, atomic_write, load_checkpoint, load_params, read_checkpoint, save_checkpoint, save_params
-from xpconv.models import DeepConvNet, SimpleConvNet, TwoLayerNet
+from xpconv import _fileformat, _io
+from xpconv import layers as L
+from xpconv._io import atomic_write
+from xpconv.backend import Generator, namespace_name, to_numpy
+from xpconv.checkpoint import CheckpointError, load_checkpoint, load_params, read_checkpoint, save_checkpoint, save_params
+from xpconv.models import DeepConvNet, Sequential, SimpleConvNet, TwoLayerNet
 from xpconv.optim import Adam, get_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parent / "data"
 
 
 def _env():
@@ -264,11 +267,148 @@ def test_missing_truncated_and_foreign_files(tmp_path):
 
 
 def test_newer_format_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(ck, "FORMAT_VERSION", 99)
+    monkeypatch.setattr(_fileformat, "FORMAT_VERSION", 99)
     path = save_params(_small_net(), tmp_path / "future.safetensors")
-    monkeypatch.setattr(ck, "FORMAT_VERSION", 1)
-    with pytest.raises(CheckpointError, match="format 99.*upgrade xpconv"):
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match=r"format 99.*reads format <= 2: upgrade xpconv"):
         load_checkpoint(path)
+
+
+def test_a_custom_sequential_needs_model_to_load(tmp_path):
+    r = np.random.default_rng(0)
+    net = Sequential([L.Affine(r.random((4, 3), dtype=np.float32), np.zeros(3, np.float32))])
+    path = save_checkpoint(tmp_path / "custom.safetensors", net, epoch=0)
+    with pytest.raises(CheckpointError, match=r"custom\.safetensors: model 'sequential' cannot be rebuilt.*pass model="):
+        load_checkpoint(path)
+    other = Sequential([L.Affine(np.ones((4, 3), np.float32), np.ones(3, np.float32))])
+    assert load_checkpoint(path, model=other).model is other
+    _assert_same_params(_params(net), _params(other))
+
+
+def _write_with_document(path, document, tensors=None):
+    import json
+
+    from safetensors.numpy import save_file
+
+    save_file(tensors or {"model/W1": np.ones((2, 2), np.float32)}, str(path), metadata={"xpconv": json.dumps(document)})
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"format_version": None}, r"format_version None; expected an integer from 1 to 2"),
+        ({"format_version": "2"}, r"format_version '2'; expected an integer"),
+        ({"format_version": 0}, r"format_version 0; expected an integer"),
+        ({"kind": "weights"}, r"bad xpconv metadata: kind should be 'checkpoint' or 'params', got 'weights'"),
+        ({"model": ["W1"]}, r"bad xpconv metadata: model should be an object, got \['W1'\]"),
+        ({"epoch": "3"}, r"bad xpconv metadata: epoch should be an integer or null, got '3'"),
+        ({"optimizer": {"type": 7}}, r"bad xpconv metadata: optimizer\.type should be a string, got 7"),
+        ({"metrics": {"epoch": 1}}, r"bad xpconv metadata: metrics should be a list"),
+    ],
+)
+def test_metadata_of_the_wrong_shape_is_named(tmp_path, change, message):
+    good = {"format": "xpconv-checkpoint", "format_version": 2, "kind": "checkpoint", "model": {"name": "simple", "config": {}, "params": ["W1"]}, "epoch": 1}
+    path = _write_with_document(tmp_path / "odd.safetensors", {**good, **change})
+    with pytest.raises(CheckpointError, match=r"odd\.safetensors: .*" + message):
+        read_checkpoint(path)
+    read_checkpoint(_write_with_document(tmp_path / "good.safetensors", good))  # the unchanged document passes
+
+
+def test_header_length_that_starts_like_a_pickle_is_read(tmp_path):
+    """A safetensors file starts with its header length (8 bytes, little-endian); a
+    length of 65536 + 640 gives b"\\x80\\x02...", which is also how a pickle starts. The
+    file loads: only a file the safetensors library refuses is examined for being a pickle."""
+    import struct
+
+    net = TwoLayerNet(4, 3, 2, xp="numpy", seed=0)
+    path = tmp_path / "w.safetensors"
+    target, pad = 65536 + 640, 0
+    for _ in range(20):
+        save_checkpoint(path, net, epoch=0, extra={"pad": "x" * pad})
+        (n,) = struct.unpack("<Q", path.read_bytes()[:8])
+        if n == target:
+            break
+        pad += target - n if abs(target - n) > 8 else (1 if n < target else -1)
+    assert path.read_bytes()[:2] == b"\x80\x02"
+    _assert_same_params(_params(net), _params(load_checkpoint(path).model))
+    assert len(load_checkpoint(path).extra["pad"]) == pad
+
+
+# ----------------------------------------------------------------------------- format versions
+
+
+def test_files_are_written_in_format_2_without_rng_fields(tmp_path):
+    net, opt, _ = _trained()
+    _, meta = read_checkpoint(save_checkpoint(tmp_path / "c.safetensors", net, opt, epoch=1))
+    assert meta["format_version"] == _fileformat.FORMAT_VERSION == 2
+    assert set(meta) == {"format", "format_version", "kind", "xpconv_version", "created", "model", "epoch", "optimizer", "metrics", "extra"}
+    _, meta = read_checkpoint(save_params(net, tmp_path / "p.safetensors"))
+    assert meta["format_version"] == 2
+    assert set(meta) == {"format", "format_version", "kind", "xpconv_version", "created", "model"}
+    with pytest.raises(TypeError, match="rng"):
+        save_checkpoint(tmp_path / "c.safetensors", net, opt, epoch=1, rng=None)
+
+
+def _v1_recipe():
+    """What tests/data/checkpoint-v1.safetensors was written from (tests/data/README.md)."""
+    cp = [{"filter_num": 2, "filter_size": 3, "pad": 1, "stride": 1}] * 6
+    net = DeepConvNet(input_dim=(1, 8, 8), conv_params=cp, hidden_size=3, output_size=4, seed=0)
+    opt = Adam(lr=0.01)
+    r = np.random.default_rng(0)
+    x = r.random((5, 1, 8, 8), dtype=np.float32)
+    t = r.integers(0, 4, 5)
+    opt.update(net.params, net.gradient(x, t))
+    return net, opt, x
+
+
+def test_version_1_checkpoint_is_read(tmp_path):
+    from safetensors.numpy import load_file
+
+    path = DATA / "checkpoint-v1.safetensors"
+    stored = load_file(str(path))
+    tensors, meta = read_checkpoint(path)
+    assert meta["format_version"] == 1 and meta["kind"] == "checkpoint"
+    assert "rng" not in meta  # stored in version 1, used by nothing, dropped on reading
+    assert sorted(tensors) == sorted(stored)
+
+    got = load_checkpoint(path)
+    assert isinstance(got.model, DeepConvNet) and got.epoch == 1 and got.model_name == "deep"
+    assert not hasattr(got, "rng_state")
+    assert got.metrics == [{"epoch": 1, "train_loss": 1.25, "train_acc": 0.5, "test_acc": 0.25, "seconds": 0.5}]
+    assert got.extra == {"config": {"model": "deep"}, "seed": 0}
+    _assert_same_params({k[len("model/") :]: v for k, v in stored.items() if k.startswith("model/")}, _params(got.model))
+    assert type(got.optimizer) is Adam and got.optimizer.iter == 1 and got.optimizer.lr == 0.01
+
+    # the file holds what its recipe computes, and the restored run continues like the recipe's
+    net, opt, x = _v1_recipe()
+    for k, v in _params(net).items():
+        np.testing.assert_allclose(_params(got.model)[k], v, rtol=1e-5, atol=1e-7, err_msg=k)
+    t = np.arange(5) % 4
+    for model in (net, got.model):  # the same Dropout masks for both (a run seeds them per step from its seed)
+        for i, layer in enumerate(layer for layer in model.layers if isinstance(layer, L.Dropout)):
+            layer.rng = Generator([0, 2, i])
+    opt.update(net.params, net.gradient(x, t))
+    got.optimizer.update(got.model.params, got.model.gradient(x, t))
+    for k, v in _params(net).items():
+        np.testing.assert_allclose(_params(got.model)[k], v, rtol=1e-5, atol=1e-7, err_msg=k)
+
+    # saved again, it is a version-2 file with the same content
+    again = load_checkpoint(save_checkpoint(tmp_path / "v2.safetensors", got.model, got.optimizer, epoch=got.epoch, metrics=got.metrics))
+    assert again.metadata["format_version"] == 2 and again.epoch == 1
+    _assert_same_params(_params(got.model), _params(again.model))
+
+
+def test_version_1_params_file_is_read():
+    path = DATA / "params-v1.safetensors"
+    _, meta = read_checkpoint(path)
+    assert meta["format_version"] == 1 and meta["kind"] == "params"
+    want = _params(TwoLayerNet(4, 3, 2, xp="numpy", seed=0))  # initial weights: drawn on the host from the seed
+    _assert_same_params(want, load_params(path))
+    net = TwoLayerNet(4, 3, 2, xp="numpy", seed=5)
+    net.load_params(path)
+    _assert_same_params(want, _params(net))
+    _assert_same_params(want, _params(load_checkpoint(path).model))
 
 
 # ----------------------------------------------------------------------------- atomic writes
@@ -278,6 +418,12 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def test_checkpoint_keeps_atomic_write_as_an_alias():
+    from xpconv import checkpoint
+
+    assert checkpoint.atomic_write is atomic_write
 
 
 def test_atomic_write_modes_and_no_leftovers(tmp_path):
@@ -297,7 +443,7 @@ def test_atomic_write_failure_leaves_old_file(tmp_path, monkeypatch):
     def broken(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ck.os, "fsync", broken)
+    monkeypatch.setattr(_io.os, "fsync", broken)
     with pytest.raises(OSError, match="No space"):
         atomic_write(p, b"new" * 1000)
     assert p.read_bytes() == b"old"
@@ -389,19 +535,15 @@ def test_unkilled_saver_replaces_checkpoint(tmp_path):
 def test_ctrl_c_during_a_write_lands_after_it(tmp_path, monkeypatch):
     """SIGINT in the middle of atomic_write: the file is written whole, no temp file is
     left, and the KeyboardInterrupt comes once the write is done."""
-    import signal
-
-    from xpconv import checkpoint
-
-    real = checkpoint._chmod_like_new_file
+    real = _io._chmod_like_new_file
 
     def interrupted(fd, path):
         os.kill(os.getpid(), signal.SIGINT)
         real(fd, path)
 
-    monkeypatch.setattr(checkpoint, "_chmod_like_new_file", interrupted)
+    monkeypatch.setattr(_io, "_chmod_like_new_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.atomic_write(tmp_path / "metrics.json", "{}")
+        atomic_write(tmp_path / "metrics.json", "{}")
     assert (tmp_path / "metrics.json").read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import MutableMapping
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from . import _fileformat
 from . import layers as L
 from .backend import (
     Generator,
@@ -30,7 +32,7 @@ from .backend import (
 from ._geometry import conv_output_size
 from ._typing import Layer
 
-__all__ = ["Sequential", "SimpleConvNet", "DeepConvNet", "TwoLayerNet", "MODELS", "build_model"]
+__all__ = ["Sequential", "SimpleConvNet", "DeepConvNet", "TwoLayerNet", "MODELS", "build_model", "model_meta", "model_from_checkpoint"]
 
 #: default number of samples per chunk when predicting or evaluating many samples
 EVAL_BATCH_SIZE = 500
@@ -243,21 +245,25 @@ class Sequential:
                     layer.running_mean = asarray_in(arrays[f"running_mean{bn}"], self.xp, dtype=self.dtype, device=self.device)
                     layer.running_var = asarray_in(arrays[f"running_var{bn}"], self.xp, dtype=self.dtype, device=self.device)
 
-    def save_params(self, path) -> None:
-        """Write the parameters to ``path`` (safe format: no code runs on load)."""
-        from .checkpoint import save_params
-
-        save_params(self, path)
+    def save_params(self, path) -> Path:
+        """Write the parameters (host copies, BatchNorm statistics included) and the
+        model's name and config to ``path`` in xpconv's safetensors format: no code runs
+        when it is loaded. Returns the path."""
+        arrays = self.state_arrays()
+        return _fileformat.write_file(
+            path,
+            {_fileformat.MODEL_PREFIX + k: v for k, v in arrays.items()},
+            {"kind": "params", "model": model_meta(self)},
+        )
 
     def load_params(self, path_or_dict) -> None:
-        """Load parameters from a file written by ``save_params`` or from a dict of
-        arrays of any namespace."""
+        """Load parameters from a file written by ``save_params`` or ``save_checkpoint``
+        (or a plain safetensors file of named arrays), or from a dict of arrays of any
+        namespace. A file that is not safetensors (a pickle) raises CheckpointError."""
         if isinstance(path_or_dict, Mapping):
             self.load_state_arrays(path_or_dict)
             return
-        from .checkpoint import load_params
-
-        self.load_state_arrays(load_params(path_or_dict))
+        self.load_state_arrays(_fileformat.model_arrays(*_fileformat.read_file(path_or_dict)))
 
     def summary(self) -> str:
         lines = [f"{type(self).__name__} on {self.backend_name} ({dtype_name(self.dtype)})"]
@@ -439,3 +445,53 @@ def build_model(name: str, config: Mapping[str, Any] | None = None, **kwargs) ->
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
     return MODELS[name](**dict(config or {}), **kwargs)
+
+
+def model_meta(model: Sequential) -> dict[str, Any]:
+    """What a checkpoint stores about ``model`` besides its arrays: the name and
+    constructor config that :func:`build_model` takes, class, dtype, namespace and the
+    parameter names."""
+    return {
+        "name": getattr(model, "name", type(model).__name__.lower()),
+        "class": type(model).__name__,
+        "config": dict(getattr(model, "config", {}) or {}),
+        "dtype": dtype_name(model.dtype),
+        "backend": namespace_name(model.xp),
+        "params": list(model.params),
+    }
+
+
+def model_from_checkpoint(
+    meta: Mapping[str, Any],
+    arrays: Mapping[str, Any],
+    *,
+    xp=None,
+    device=None,
+    dtype=None,
+    model: Sequential | None = None,
+) -> Sequential:
+    """The model a checkpoint describes, with its weights.
+
+    ``meta`` is the checkpoint's ``model`` entry (see :func:`model_meta`), ``arrays`` its
+    arrays keyed W1, b1, ... The model is rebuilt with :func:`build_model` in namespace
+    ``xp`` or on ``device`` (NumPy when neither is given), in ``dtype`` or the stored
+    one; pass ``model=`` to fill a model built yourself (a custom ``Sequential``).
+    Raises ValueError saying what cannot be rebuilt or does not fit.
+    """
+    if model is None:
+        name = meta.get("name")
+        if name not in MODELS:
+            raise ValueError(
+                f"model {name!r} cannot be rebuilt from its config (known: {', '.join(MODELS)}); build it yourself and pass model=..."
+            )
+        if xp is None and device is None:
+            xp = "numpy"
+        try:
+            model = build_model(name, meta.get("config") or {}, xp=xp, device=device, dtype=dtype or meta.get("dtype", "float32"), seed=0)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"cannot rebuild model {name!r} from the stored config: {exc}") from exc
+    try:
+        model.load_state_arrays(arrays)
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"the stored weights do not fit the model: {exc}") from exc
+    return model

@@ -31,7 +31,7 @@ def _figure(w: float, h: float):
 def _save(fig, path) -> Path:
     import io
 
-    from .checkpoint import atomic_write
+    from ._io import atomic_write
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
