@@ -14,7 +14,20 @@ from xpconv.backend import Generator, namespace_name, to_numpy
 from xpconv.checkpoint import load_checkpoint
 from xpconv.datasets import load_digits
 from xpconv.models import DeepConvNet, SimpleConvNet
-from xpconv.trainer import Trainer, TrainingDiverged, format_seconds, seed_dropout, write_metrics
+from xpconv.training import (
+    Callback,
+    Checkpoints,
+    EpochLine,
+    LocalCommunicator,
+    Metrics,
+    ProgressBar,
+    Run,
+    Trainer,
+    TrainingDiverged,
+    format_seconds,
+    seed_dropout,
+    write_metrics,
+)
 
 CONV = {"filter_num": 8, "filter_size": 3, "pad": 1, "stride": 1}
 
@@ -112,7 +125,7 @@ def test_progress_bar_shows_rate_and_loss(digits, capsys, monkeypatch):
             super().__init__(*args, **{**kwargs, "mininterval": 0})
 
     monkeypatch.setattr(tqdm.auto, "tqdm", Eager)
-    t = Trainer(_net(), *digits, epochs=1, mini_batch_size=50, verbose=False, progress=True, log_every=2)
+    t = Trainer(_net(), *digits, epochs=1, mini_batch_size=50, verbose=False, callbacks=[ProgressBar(True)], log_every=2)
     t.train()
     err = capsys.readouterr().err
     assert "epoch 1/1" in err
@@ -131,7 +144,7 @@ def test_callbacks_and_stop(digits):
         if record["epoch"] == 2:
             trainer.stop_training = True
 
-    trainer = Trainer(_net(), *digits, epochs=5, mini_batch_size=100, verbose=False, on_epoch_end=cb)
+    trainer = Trainer(_net(), *digits, epochs=5, mini_batch_size=100, verbose=False, callbacks=[cb])
     trainer.train()
     assert seen == [1, 2]
     assert trainer.current_epoch == 2 and len(trainer.test_acc_list) == 2
@@ -171,9 +184,9 @@ def test_format_seconds():
 
 
 def test_out_dir_files_and_metrics(digits, tmp_path):
-    trainer = Trainer(_net(), *digits, epochs=2, mini_batch_size=100, verbose=False, out_dir=tmp_path, config={"what": "test"})
+    trainer = Trainer(_net(), *digits, epochs=2, mini_batch_size=100, verbose=False, run=Run(out_dir=tmp_path, config={"what": "test"}))
     trainer.train()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors", "last.safetensors", "metrics.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors", "last.safetensors", "metrics.json", "metrics.jsonl"]
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert [r["epoch"] for r in m["epochs"]] == [1, 2]
     assert set(m["epochs"][0]) >= {"epoch", "train_loss", "train_acc", "test_acc", "seconds"}
@@ -196,7 +209,7 @@ def test_nan_or_inf_loss_stops_training(digits, tmp_path, bad, log_every):
     """A non-finite loss at epoch 2, iteration 4 stops training with a message naming
     them; last.safetensors from epoch 1 stays, with finite weights."""
     net = _net()
-    trainer = Trainer(net, *digits, epochs=3, mini_batch_size=50, verbose=False, out_dir=tmp_path, log_every=log_every)
+    trainer = Trainer(net, *digits, epochs=3, mini_batch_size=50, verbose=False, run=Run(out_dir=tmp_path), log_every=log_every)
     real = trainer.train_step
 
     def poisoned(xb, tb):
@@ -228,7 +241,7 @@ def test_divergence_before_any_checkpoint_says_so(digits):
 
 def test_interrupt_saves_a_checkpoint(digits, tmp_path):
     net = _net()
-    trainer = Trainer(net, *digits, epochs=3, mini_batch_size=100, verbose=False, out_dir=tmp_path)
+    trainer = Trainer(net, *digits, epochs=3, mini_batch_size=100, verbose=False, run=Run(out_dir=tmp_path))
     real = trainer.train_step
 
     def interrupted(xb, tb):
@@ -256,7 +269,7 @@ def test_interrupt_between_epochs_points_at_the_next(digits, tmp_path):
     def stop_after_first(trainer, record):
         raise KeyboardInterrupt
 
-    trainer = Trainer(_net(), *digits, epochs=3, mini_batch_size=100, verbose=False, out_dir=tmp_path, on_epoch_end=stop_after_first)
+    trainer = Trainer(_net(), *digits, epochs=3, mini_batch_size=100, verbose=False, run=Run(out_dir=tmp_path), callbacks=[stop_after_first])
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     assert trainer.position == {"epoch": 2, "iteration": 0}
@@ -266,7 +279,7 @@ def test_interrupt_between_epochs_points_at_the_next(digits, tmp_path):
 
 def _run(net, data, epochs, out_dir, **kw):
     t = Trainer(net, *data, epochs=epochs, mini_batch_size=50, optimizer="Adam", optimizer_param={"lr": 0.002},
-                verbose=False, out_dir=out_dir, seed=7, **kw)
+                verbose=False, run=Run(out_dir=out_dir), seed=7, **kw)
     t.train()
     return t
 
@@ -285,7 +298,7 @@ def test_resume_repeats_an_uninterrupted_run(digits, tmp_path):
     c = load_checkpoint(tmp_path / "half" / "last.safetensors")
     assert c.epoch == 2
     resumed = Trainer(c.model, *data, epochs=4, mini_batch_size=50, optimizer=c.optimizer, verbose=False,
-                      out_dir=tmp_path / "half", seed=7, start_epoch=c.epoch, history=c.metrics)
+                      run=Run.resume(c, out_dir=tmp_path / "half"), seed=7)
     resumed.train()
 
     a, b = _params(full.network), _params(resumed.network)
@@ -374,19 +387,19 @@ def test_resident_data_gives_the_same_run(digits):
 def test_ctrl_c_between_an_epoch_and_its_checkpoint_saves_that_epoch(digits, tmp_path, monkeypatch):
     """A Ctrl-C that lands after epoch 2 ended but before last.safetensors was written:
     the interrupted save writes epoch 2 to last.safetensors first, so the two agree."""
-    trainer = Trainer(_net(), *digits, epochs=3, mini_batch_size=100, verbose=False, out_dir=tmp_path)
-    real_save = Trainer._save
+    trainer = Trainer(_net(), *digits, epochs=3, mini_batch_size=100, verbose=False, run=Run(out_dir=tmp_path))
+    real_save = Checkpoints.save_epoch
 
-    def save(self, record):
-        if record["epoch"] == 2 and self._saved_epoch < 2:
+    def save(self, trainer, record):
+        if record["epoch"] == 2 and self.saved_epoch < 2:
             raise KeyboardInterrupt  # as if the signal came just before the write
-        real_save(self, record)
+        real_save(self, trainer, record)
 
-    monkeypatch.setattr(Trainer, "_save", save)
+    monkeypatch.setattr(Checkpoints, "save_epoch", save)
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     assert load_checkpoint(tmp_path / "last.safetensors").epoch == 1  # what the crash would leave
-    monkeypatch.setattr(Trainer, "_save", real_save)
+    monkeypatch.setattr(Checkpoints, "save_epoch", real_save)
     trainer.save_interrupted()
     last = load_checkpoint(tmp_path / "last.safetensors")
     stopped = load_checkpoint(tmp_path / "interrupted.safetensors")
