@@ -407,3 +407,247 @@ def test_ctrl_c_between_an_epoch_and_its_checkpoint_saves_that_epoch(digits, tmp
     assert stopped.extra["interrupted_at"] == {"epoch": 3, "iteration": 0}
     for k, v in last.model.params.items():
         np.testing.assert_array_equal(to_numpy(v), to_numpy(stopped.model.params[k]))
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl, callbacks, communicator, logging
+
+
+def test_metrics_jsonl_has_one_line_per_epoch_and_a_resumed_run_appends(digits, tmp_path):
+    data = digits[0][:300], digits[1][:300], digits[2][:100], digits[3][:100]
+    _run(_net(), data, 2, tmp_path)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    first = lines[:]
+    c = load_checkpoint(tmp_path / "last.safetensors")
+    resumed = Trainer(c.model, *data, epochs=4, mini_batch_size=50, optimizer=c.optimizer, verbose=False,
+                      run=Run.resume(c, out_dir=tmp_path), seed=7)
+    resumed.train()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert lines[:2] == first  # appended, not rewritten
+    records = [json.loads(line) for line in lines]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert records == json.loads((tmp_path / "metrics.json").read_text())["epochs"]  # the same records as metrics.json
+
+
+def test_metrics_jsonl_gets_an_epoch_missed_by_a_ctrl_c(digits, tmp_path, monkeypatch):
+    """Ctrl-C after an epoch ended but before its line was appended: save_interrupted
+    appends it, so metrics.jsonl still has one line per completed epoch."""
+    trainer = Trainer(_net(), *digits, epochs=3, mini_batch_size=100, verbose=False, run=Run(out_dir=tmp_path))
+    real = Metrics.on_epoch_end
+
+    def on_epoch_end(self, trainer, record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+        real(self, trainer, record)
+
+    monkeypatch.setattr(Metrics, "on_epoch_end", on_epoch_end)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    trainer.save_interrupted()
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((tmp_path / "metrics.json").read_text())["interrupted_at"] == {"epoch": 3, "iteration": 0}
+
+
+def test_local_communicator_is_a_job_of_one_rank(digits):
+    from xpconv.training import Communicator
+
+    comm = LocalCommunicator()
+    assert isinstance(comm, Communicator)
+    assert (comm.rank, comm.size, comm.is_root) == (0, 1, True)
+    grads = {"W": np.arange(3.0)}
+    assert comm.allreduce_mean(grads) is grads and comm.broadcast_params(grads) is grads
+    assert comm.allreduce_sum([2, 3.5]) == [2.0, 3.5]
+    assert comm.barrier() is None and comm.params_in_sync(grads)
+    batch = np.arange(6)
+    assert comm.local_batch_size(6) == 6 and comm.shard(batch) is not None and comm.shard(batch).tolist() == batch.tolist()
+    assert comm.shard_range(7) == (0, 7)
+    net = _net()
+    assert comm.evaluate(net, digits[2], digits[3], 64) == net.accuracy(digits[2], digits[3])
+    with pytest.raises(ValueError, match="root must be a rank of this job"):
+        comm.broadcast_params(grads, root=1)
+
+    default = Trainer(_net(), *digits, epochs=1, mini_batch_size=100, verbose=False)
+    assert isinstance(default.comm, LocalCommunicator)
+    explicit = Trainer(_net(), *digits, epochs=1, mini_batch_size=100, verbose=False, comm=LocalCommunicator())
+    default.train()
+    explicit.train()
+    assert default.train_loss_list == explicit.train_loss_list
+    a, b = _params(default.network), _params(explicit.network)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_local_dropout_seeding_is_the_schedules_for_one_rank():
+    net = DeepConvNet(input_dim=(1, 8, 8), hidden_size=16, xp="numpy", seed=3)
+    LocalCommunicator().seed_dropout(net, 5, 11)
+    drops = [layer for layer in net.layers if hasattr(layer, "dropout_ratio")]
+    for i, layer in enumerate(drops):
+        want = Generator([5, 11, i]).dropout_mask((4, 16), 0.5, xp="numpy", dtype="float32")
+        np.testing.assert_array_equal(layer.rng.dropout_mask((4, 16), 0.5, xp="numpy", dtype="float32"), want)
+
+
+@pytest.mark.parametrize("K", [2, 3])
+def test_the_ranks_local_orders_make_up_the_global_batches(K):
+    from xpconv.training import Schedule, global_batches
+
+    one = Schedule(20, 6, seed=4)
+    assert [b.tolist() for b in one.batches(2)] == [b.tolist() for b in global_batches(20, 6, seed=4, epoch=2)]
+    parts = [Schedule(20, 6, seed=4, rank=r, size=K).local_order(2).reshape(3, 6 // K) for r in range(K)]
+    np.testing.assert_array_equal(np.concatenate(parts, axis=1).reshape(-1), one.local_order(2))
+    assert one.global_step(2, 1) == 4
+    with pytest.raises(ValueError, match="global batch size 6 is not divisible by 4 ranks"):
+        Schedule(20, 6, size=4)
+
+
+class _Bars:
+    """Stands in for tqdm.auto.tqdm and records each bar made."""
+
+    made: list = []
+
+    def __init__(self, *args, **kwargs):
+        _Bars.made.append(kwargs)
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+class _TTY:
+    def __init__(self, real, tty):
+        self.real, self.tty = real, tty
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, s):
+        return self.real.write(s)
+
+    def flush(self):
+        self.real.flush()
+
+
+class _FakeIPython:
+    """``sys.modules['IPython']`` inside a Jupyter kernel (or a terminal IPython)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def get_ipython(self):
+        return type("Shell", (), {"config": {"IPKernelApp": {}} if self.kernel else {}})()
+
+
+@pytest.mark.parametrize(
+    "notebook, tty, enabled, shown",
+    [
+        (True, False, None, True),  # Jupyter: on, although stderr is not a terminal
+        (False, True, None, True),  # a terminal
+        (False, False, None, False),  # a pipe or a file
+        ("ipython", False, None, False),  # terminal IPython that writes to a pipe
+        (False, False, True, True),  # forced
+        (True, True, False, False),
+    ],
+)
+def test_progress_bar_comes_from_tqdm_auto_in_notebooks_and_terminals(digits, monkeypatch, notebook, tty, enabled, shown):
+    import sys
+
+    import tqdm.auto
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", _Bars)
+    monkeypatch.setattr(sys, "stderr", _TTY(sys.stderr, tty))
+    if notebook:
+        monkeypatch.setitem(sys.modules, "IPython", _FakeIPython(kernel=notebook is True))
+    else:
+        monkeypatch.delitem(sys.modules, "IPython", raising=False)
+    _Bars.made = []
+    Trainer(_net(), *digits, epochs=2, mini_batch_size=100, verbose=False, callbacks=[ProgressBar(enabled)]).train()
+    assert len(_Bars.made) == (2 if shown else 0)
+    if shown:
+        assert _Bars.made[0]["total"] == 600 and _Bars.made[1]["desc"] == "epoch 2/2"
+
+
+def test_verbose_defaults_and_callback_hooks(digits, tmp_path):
+    calls = []
+
+    class Spy(Callback):
+        def on_train_begin(self, trainer):
+            calls.append("begin")
+
+        def on_epoch_begin(self, trainer, epoch):
+            calls.append(f"epoch {epoch}")
+
+        def on_losses(self, trainer, losses):
+            calls.append(len(losses))
+
+        def on_train_end(self, trainer, error):
+            calls.append(("end", error))
+
+    t = Trainer(_net(), *digits, epochs=1, mini_batch_size=100, run=Run(out_dir=tmp_path), callbacks=[Spy()], log_every=4)
+    assert [type(cb).__name__ for cb in t.callbacks] == ["ProgressBar", "EpochLine", "Checkpoints", "Metrics", "Spy"]
+    t.train()
+    assert calls == ["begin", "epoch 1", 4, 2, ("end", None)]
+
+
+def test_the_epoch_lines_go_through_the_xpconv_logger(digits, caplog, capsys):
+    """With the ``xpconv`` logger configured (here by pytest's caplog), the lines are log
+    records and nothing is printed; unconfigured (test_book_interface) they go to stdout."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="xpconv")
+    t = Trainer(_net(), *digits, epochs=2, mini_batch_size=100, callbacks=[])
+    t.train()
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("xpconv")]
+    assert [line.split("  ")[0] for line in lines[:2]] == ["epoch 1/2", "epoch 2/2"]
+    assert lines[2].startswith("test acc ")
+    assert all(r.levelno == logging.INFO for r in caplog.records)
+    assert capsys.readouterr().out == ""
+
+
+def test_old_keywords_still_work_with_a_deprecation_warning(digits, tmp_path):
+    seen = []
+    with pytest.warns(DeprecationWarning, match=r"use run=Run\(out_dir=...\), callbacks=\[...\]"):
+        t = Trainer(_net(), *digits, epochs=1, mini_batch_size=100, verbose=False, out_dir=tmp_path,
+                    on_epoch_end=lambda tr, r: seen.append(r["epoch"]), progress=False, summary=False)
+    t.train()
+    assert seen == [1] and (tmp_path / "last.safetensors").exists()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+        Trainer(_net(), *digits, verbose=False, bogus=1)
+
+
+def _cli(capsys, *args):
+    from xpconv import cli
+
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out, err
+
+
+def test_cli_log_levels(tmp_path, capsys):
+    """Default: set-up and per-epoch lines on stdout; -q (before or after the command):
+    only the result; -v: also debug lines (checkpoint writes) on stderr."""
+    common = ("--epochs", 1, "--no-plots", "--batch-size", 200)
+    out, err = _cli(capsys, "train", *common, "--out", tmp_path / "a")
+    assert re.search(r"^epoch 1/1  train loss ", out, re.M) and "writing to" in out and "debug" not in err
+    for args in (("-q", "train"), ("train", "-q"), ("--quiet", "train")):
+        out, err = _cli(capsys, *args, *common, "--out", tmp_path / "b")
+        assert [line.split(" ")[0] for line in out.splitlines()] == ["test", "results"] and err == "", args
+    for args in (("-v", "train"), ("train", "--verbose")):
+        out, err = _cli(capsys, *args, *common, "--out", tmp_path / "c")
+        assert re.search(r"^epoch 1/1 ", out, re.M)
+        assert f"xpconv: debug: wrote {tmp_path / 'c' / 'last.safetensors'} (epoch 1)" in err.splitlines(), err
+        assert "xpconv: debug: 7 steps per epoch of 200 samples" in err
+    assert logging_untouched()
+
+
+def logging_untouched() -> bool:
+    """The command leaves the xpconv logger as it found it."""
+    import logging
+
+    log = logging.getLogger("xpconv")
+    return not log.handlers and log.level == logging.NOTSET and log.propagate
