@@ -17,7 +17,6 @@ from xpconv.models import DeepConvNet, SimpleConvNet
 from xpconv.training import (
     Callback,
     Checkpoints,
-    EpochLine,
     LocalCommunicator,
     Metrics,
     ProgressBar,
@@ -503,7 +502,7 @@ def test_the_ranks_local_orders_make_up_the_global_batches(K):
 class _Bars:
     """Stands in for tqdm.auto.tqdm and records each bar made."""
 
-    made: list = []
+    made: list = []  # noqa: RUF012 - the record of one test
 
     def __init__(self, *args, **kwargs):
         _Bars.made.append(kwargs)

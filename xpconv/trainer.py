@@ -5,7 +5,14 @@
 
 from __future__ import annotations
 
-from .training import Run, Trainer, TrainingDiverged, format_seconds, seed_dropout, write_metrics
+from .training import (
+    Run,
+    Trainer,
+    TrainingDiverged,
+    format_seconds,
+    seed_dropout,
+    write_metrics,
+)
 
 __all__ = ["Run", "Trainer", "TrainingDiverged", "format_seconds", "seed_dropout", "write_metrics"]
 

@@ -33,8 +33,9 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..checkpoint import atomic_write
 from .console import LOGGER, console_logging
@@ -98,10 +99,8 @@ def in_notebook() -> bool:
     ipython = sys.modules.get("IPython")
     if ipython is None:
         return False
-    try:
-        shell = ipython.get_ipython()
-    except Exception:
-        return False
+    get_ipython = getattr(ipython, "get_ipython", None)
+    shell = get_ipython() if callable(get_ipython) else None
     return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
 
 
@@ -343,4 +342,3 @@ class Metrics(Callback):
         if trainer.comm.is_root:
             self._append_new(trainer)
             write_metrics(self.json_path, {**trainer.metrics(), "interrupted_at": dict(trainer.position)})
-        return None

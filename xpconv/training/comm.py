@@ -12,7 +12,8 @@ to this rank), built on :mod:`xpconv.training.schedule`.
 from __future__ import annotations
 
 import sys
-from typing import Any, Mapping, MutableMapping, Protocol, Sequence, runtime_checkable
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from . import schedule
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 __all__ = ["LOGGER", "ConsoleHandler", "console_logging"]
 
@@ -36,7 +36,7 @@ class ConsoleHandler(logging.Handler):
                 text = f"xpconv: {record.levelname.lower()}: {text}"
             stream.write(text + "\n")
             stream.flush()
-        except Exception:  # pragma: no cover - logging's own convention
+        except Exception:  # noqa: BLE001 - logging's own convention: report through handleError
             self.handleError(record)
 
 

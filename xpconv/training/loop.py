@@ -26,9 +26,10 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from .. import backend
 from ..backend import asarray_in, namespace_of, to_numpy

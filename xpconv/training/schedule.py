@@ -19,8 +19,9 @@ what an uninterrupted run drew.  The trainer (``xpconv.training.Trainer``) and
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from ..backend import Generator
 from ..layers import Dropout
