@@ -650,3 +650,15 @@ def logging_untouched() -> bool:
 
     log = logging.getLogger("xpconv")
     return not log.handlers and log.level == logging.NOTSET and log.propagate
+
+
+def test_the_old_module_is_a_deprecated_alias():
+    import importlib
+    import sys
+
+    import xpconv.training
+
+    sys.modules.pop("xpconv.trainer", None)
+    with pytest.warns(DeprecationWarning, match="import from xpconv.training"):
+        old = importlib.import_module("xpconv.trainer")
+    assert old.Trainer is xpconv.training.Trainer and old.seed_dropout is xpconv.training.seed_dropout
