@@ -15,7 +15,7 @@ import argparse
 
 from xpconv.datasets import load_digits
 from xpconv.models import SimpleConvNet
-from xpconv.trainer import Trainer
+from xpconv.training import Run, Trainer
 
 
 def main(argv=None) -> float:
@@ -41,7 +41,7 @@ def main(argv=None) -> float:
         network, x_train, t_train, x_test, t_test,
         epochs=args.epochs, mini_batch_size=50,
         optimizer="AdaGrad", optimizer_param={"lr": 0.05},
-        seed=args.seed, out_dir=args.out,
+        seed=args.seed, run=Run(out_dir=args.out),
     )
     trainer.train()
 

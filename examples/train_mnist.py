@@ -19,7 +19,7 @@ from pathlib import Path
 
 from xpconv.datasets import load_mnist
 from xpconv.models import SimpleConvNet
-from xpconv.trainer import Trainer
+from xpconv.training import Trainer
 
 
 def main(argv=None) -> float:

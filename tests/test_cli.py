@@ -21,7 +21,7 @@ from PIL import Image
 from xpconv import cli
 from xpconv.checkpoint import load_checkpoint, load_params
 from xpconv.datasets import load_digits
-from xpconv.trainer import Trainer
+from xpconv.training import Trainer
 
 from .conftest import shared_dataset
 
@@ -83,7 +83,7 @@ def test_train_output_and_files(run4):
     assert lines[7] == f"results in {out}: metrics.json, last.safetensors, best.safetensors, curves.png, misclassified.png, filters.png"
     assert "Traceback" not in proc.stderr
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(["metrics.json", "last.safetensors", "best.safetensors", *PNGS])
+    assert names == sorted(["metrics.json", "metrics.jsonl", "last.safetensors", "best.safetensors", *PNGS])
     mode = 0o666 & ~_umask()
     for p in out.iterdir():
         assert (p.stat().st_mode & 0o777) == mode, p  # not mkstemp's 0600

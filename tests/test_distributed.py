@@ -171,6 +171,37 @@ def test_dropout_masks_of_the_shards_are_the_single_process_mask(xp, K):
     assert not np.array_equal(backend.to_numpy(drop.forward(x)), want)  # a new mask each step
 
 
+def test_the_mpi_communicator_has_the_local_communicators_interface(comm1):
+    from xpconv.training import Communicator, LocalCommunicator
+
+    for comm in (comm1, distributed.Communicator(FakeWorld(1, 2)), LocalCommunicator()):
+        assert isinstance(comm, Communicator)
+    assert distributed.global_batches is __import__("xpconv.training.schedule", fromlist=["x"]).global_batches  # one schedule
+
+
+@pytest.mark.parametrize("kind", ["simple", "deep"])
+def test_trainer_on_a_one_rank_mpi_job_is_the_single_process_trainer(comm1, kind):
+    """The loop has one path: one process (LocalCommunicator) and a real one-rank MPI
+    communicator give bit-identical runs (Dropout included)."""
+    from xpconv.datasets import load_digits
+    from xpconv.training import Trainer
+
+    (x, t), (xt, tt) = load_digits(normalize=True, flatten=False)
+    data = x[:200], t[:200], xt[:50], tt[:50]
+
+    def run(comm):
+        net = SimpleConvNet((1, 8, 8), {"filter_num": 3, "filter_size": 3}, hidden_size=5, seed=2) if kind == "simple" else DeepConvNet(input_dim=(1, 8, 8), hidden_size=8, xp="numpy", seed=2)
+        tr = Trainer(net, *data, epochs=2, mini_batch_size=50, optimizer="Adam", optimizer_param={"lr": 0.01},
+                     verbose=False, seed=3, comm=comm)
+        tr.train()
+        return tr, {k: backend.to_numpy(v) for k, v in net.params.items()}
+
+    (a, pa), (b, pb) = run(None), run(comm1)
+    assert a.train_loss_list == b.train_loss_list and a.history[-1]["test_acc"] == b.history[-1]["test_acc"]
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+
+
 # --------------------------------------------------------------------------- collectives in one process
 
 

@@ -14,7 +14,19 @@ from xpconv.backend import Generator, namespace_name, to_numpy
 from xpconv.checkpoint import load_checkpoint
 from xpconv.datasets import load_digits
 from xpconv.models import DeepConvNet, SimpleConvNet
-from xpconv.trainer import Trainer, TrainingDiverged, format_seconds, seed_dropout, write_metrics
+from xpconv.training import (
+    Callback,
+    Checkpoints,
+    LocalCommunicator,
+    Metrics,
+    ProgressBar,
+    Run,
+    Trainer,
+    TrainingDiverged,
+    format_seconds,
+    seed_dropout,
+    write_metrics,
+)
 
 CONV = {"filter_num": 8, "filter_size": 3, "pad": 1, "stride": 1}
 
@@ -112,7 +124,7 @@ def test_progress_bar_shows_rate_and_loss(digits, capsys, monkeypatch):
             super().__init__(*args, **{**kwargs, "mininterval": 0})
 
     monkeypatch.setattr(tqdm.auto, "tqdm", Eager)
-    t = Trainer(_net(), *digits, epochs=1, mini_batch_size=50, verbose=False, progress=True, log_every=2)
+    t = Trainer(_net(), *digits, epochs=1, mini_batch_size=50, verbose=False, callbacks=[ProgressBar(True)], log_every=2)
     t.train()
     err = capsys.readouterr().err
     assert "epoch 1/1" in err
@@ -131,7 +143,7 @@ def test_callbacks_and_stop(digits):
         if record["epoch"] == 2:
             trainer.stop_training = True
 
-    trainer = Trainer(_net(), *digits, epochs=5, mini_batch_size=100, verbose=False, on_epoch_end=cb)
+    trainer = Trainer(_net(), *digits, epochs=5, mini_batch_size=100, verbose=False, callbacks=[cb])
     trainer.train()
     assert seen == [1, 2]
     assert trainer.current_epoch == 2 and len(trainer.test_acc_list) == 2
@@ -171,9 +183,9 @@ def test_format_seconds():
 
 
 def test_out_dir_files_and_metrics(digits, tmp_path):
-    trainer = Trainer(_net(), *digits, epochs=2, mini_batch_size=100, verbose=False, out_dir=tmp_path, config={"what": "test"})
+    trainer = Trainer(_net(), *digits, epochs=2, mini_batch_size=100, verbose=False, run=Run(out_dir=tmp_path, config={"what": "test"}))
     trainer.train()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors", "last.safetensors", "metrics.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors", "last.safetensors", "metrics.json", "metrics.jsonl"]
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert [r["epoch"] for r in m["epochs"]] == [1, 2]
     assert set(m["epochs"][0]) >= {"epoch", "train_loss", "train_acc", "test_acc", "seconds"}
@@ -196,7 +208,7 @@ def test_nan_or_inf_loss_stops_training(digits, tmp_path, bad, log_every):
     """A non-finite loss at epoch 2, iteration 4 stops training with a message naming
     them; last.safetensors from epoch 1 stays, with finite weights."""
     net = _net()
-    trainer = Trainer(net, *digits, epochs=3, mini_batch_size=50, verbose=False, out_dir=tmp_path, log_every=log_every)
+    trainer = Trainer(net, *digits, epochs=3, mini_batch_size=50, verbose=False, run=Run(out_dir=tmp_path), log_every=log_every)
     real = trainer.train_step
 
     def poisoned(xb, tb):
@@ -228,7 +240,7 @@ def test_divergence_before_any_checkpoint_says_so(digits):
 
 def test_interrupt_saves_a_checkpoint(digits, tmp_path):
     net = _net()
-    trainer = Trainer(net, *digits, epochs=3, mini_batch_size=100, verbose=False, out_dir=tmp_path)
+    trainer = Trainer(net, *digits, epochs=3, mini_batch_size=100, verbose=False, run=Run(out_dir=tmp_path))
     real = trainer.train_step
 
     def interrupted(xb, tb):
@@ -256,7 +268,7 @@ def test_interrupt_between_epochs_points_at_the_next(digits, tmp_path):
     def stop_after_first(trainer, record):
         raise KeyboardInterrupt
 
-    trainer = Trainer(_net(), *digits, epochs=3, mini_batch_size=100, verbose=False, out_dir=tmp_path, on_epoch_end=stop_after_first)
+    trainer = Trainer(_net(), *digits, epochs=3, mini_batch_size=100, verbose=False, run=Run(out_dir=tmp_path), callbacks=[stop_after_first])
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     assert trainer.position == {"epoch": 2, "iteration": 0}
@@ -266,7 +278,7 @@ def test_interrupt_between_epochs_points_at_the_next(digits, tmp_path):
 
 def _run(net, data, epochs, out_dir, **kw):
     t = Trainer(net, *data, epochs=epochs, mini_batch_size=50, optimizer="Adam", optimizer_param={"lr": 0.002},
-                verbose=False, out_dir=out_dir, seed=7, **kw)
+                verbose=False, run=Run(out_dir=out_dir), seed=7, **kw)
     t.train()
     return t
 
@@ -285,7 +297,7 @@ def test_resume_repeats_an_uninterrupted_run(digits, tmp_path):
     c = load_checkpoint(tmp_path / "half" / "last.safetensors")
     assert c.epoch == 2
     resumed = Trainer(c.model, *data, epochs=4, mini_batch_size=50, optimizer=c.optimizer, verbose=False,
-                      out_dir=tmp_path / "half", seed=7, start_epoch=c.epoch, history=c.metrics)
+                      run=Run.resume(c, out_dir=tmp_path / "half"), seed=7)
     resumed.train()
 
     a, b = _params(full.network), _params(resumed.network)
@@ -374,19 +386,19 @@ def test_resident_data_gives_the_same_run(digits):
 def test_ctrl_c_between_an_epoch_and_its_checkpoint_saves_that_epoch(digits, tmp_path, monkeypatch):
     """A Ctrl-C that lands after epoch 2 ended but before last.safetensors was written:
     the interrupted save writes epoch 2 to last.safetensors first, so the two agree."""
-    trainer = Trainer(_net(), *digits, epochs=3, mini_batch_size=100, verbose=False, out_dir=tmp_path)
-    real_save = Trainer._save
+    trainer = Trainer(_net(), *digits, epochs=3, mini_batch_size=100, verbose=False, run=Run(out_dir=tmp_path))
+    real_save = Checkpoints.save_epoch
 
-    def save(self, record):
-        if record["epoch"] == 2 and self._saved_epoch < 2:
+    def save(self, trainer, record):
+        if record["epoch"] == 2 and self.saved_epoch < 2:
             raise KeyboardInterrupt  # as if the signal came just before the write
-        real_save(self, record)
+        real_save(self, trainer, record)
 
-    monkeypatch.setattr(Trainer, "_save", save)
+    monkeypatch.setattr(Checkpoints, "save_epoch", save)
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     assert load_checkpoint(tmp_path / "last.safetensors").epoch == 1  # what the crash would leave
-    monkeypatch.setattr(Trainer, "_save", real_save)
+    monkeypatch.setattr(Checkpoints, "save_epoch", real_save)
     trainer.save_interrupted()
     last = load_checkpoint(tmp_path / "last.safetensors")
     stopped = load_checkpoint(tmp_path / "interrupted.safetensors")
@@ -394,3 +406,259 @@ def test_ctrl_c_between_an_epoch_and_its_checkpoint_saves_that_epoch(digits, tmp
     assert stopped.extra["interrupted_at"] == {"epoch": 3, "iteration": 0}
     for k, v in last.model.params.items():
         np.testing.assert_array_equal(to_numpy(v), to_numpy(stopped.model.params[k]))
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl, callbacks, communicator, logging
+
+
+def test_metrics_jsonl_has_one_line_per_epoch_and_a_resumed_run_appends(digits, tmp_path):
+    data = digits[0][:300], digits[1][:300], digits[2][:100], digits[3][:100]
+    _run(_net(), data, 2, tmp_path)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    first = lines[:]
+    c = load_checkpoint(tmp_path / "last.safetensors")
+    resumed = Trainer(c.model, *data, epochs=4, mini_batch_size=50, optimizer=c.optimizer, verbose=False,
+                      run=Run.resume(c, out_dir=tmp_path), seed=7)
+    resumed.train()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert lines[:2] == first  # appended, not rewritten
+    records = [json.loads(line) for line in lines]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert records == json.loads((tmp_path / "metrics.json").read_text())["epochs"]  # the same records as metrics.json
+
+
+def test_metrics_jsonl_gets_an_epoch_missed_by_a_ctrl_c(digits, tmp_path, monkeypatch):
+    """Ctrl-C after an epoch ended but before its line was appended: save_interrupted
+    appends it, so metrics.jsonl still has one line per completed epoch."""
+    trainer = Trainer(_net(), *digits, epochs=3, mini_batch_size=100, verbose=False, run=Run(out_dir=tmp_path))
+    real = Metrics.on_epoch_end
+
+    def on_epoch_end(self, trainer, record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+        real(self, trainer, record)
+
+    monkeypatch.setattr(Metrics, "on_epoch_end", on_epoch_end)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    trainer.save_interrupted()
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((tmp_path / "metrics.json").read_text())["interrupted_at"] == {"epoch": 3, "iteration": 0}
+
+
+def test_local_communicator_is_a_job_of_one_rank(digits):
+    from xpconv.training import Communicator
+
+    comm = LocalCommunicator()
+    assert isinstance(comm, Communicator)
+    assert (comm.rank, comm.size, comm.is_root) == (0, 1, True)
+    grads = {"W": np.arange(3.0)}
+    assert comm.allreduce_mean(grads) is grads and comm.broadcast_params(grads) is grads
+    assert comm.allreduce_sum([2, 3.5]) == [2.0, 3.5]
+    assert comm.barrier() is None and comm.params_in_sync(grads)
+    batch = np.arange(6)
+    assert comm.local_batch_size(6) == 6 and comm.shard(batch) is not None and comm.shard(batch).tolist() == batch.tolist()
+    assert comm.shard_range(7) == (0, 7)
+    net = _net()
+    assert comm.evaluate(net, digits[2], digits[3], 64) == net.accuracy(digits[2], digits[3])
+    with pytest.raises(ValueError, match="root must be a rank of this job"):
+        comm.broadcast_params(grads, root=1)
+
+    default = Trainer(_net(), *digits, epochs=1, mini_batch_size=100, verbose=False)
+    assert isinstance(default.comm, LocalCommunicator)
+    explicit = Trainer(_net(), *digits, epochs=1, mini_batch_size=100, verbose=False, comm=LocalCommunicator())
+    default.train()
+    explicit.train()
+    assert default.train_loss_list == explicit.train_loss_list
+    a, b = _params(default.network), _params(explicit.network)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_local_dropout_seeding_is_the_schedules_for_one_rank():
+    net = DeepConvNet(input_dim=(1, 8, 8), hidden_size=16, xp="numpy", seed=3)
+    LocalCommunicator().seed_dropout(net, 5, 11)
+    drops = [layer for layer in net.layers if hasattr(layer, "dropout_ratio")]
+    for i, layer in enumerate(drops):
+        want = Generator([5, 11, i]).dropout_mask((4, 16), 0.5, xp="numpy", dtype="float32")
+        np.testing.assert_array_equal(layer.rng.dropout_mask((4, 16), 0.5, xp="numpy", dtype="float32"), want)
+
+
+@pytest.mark.parametrize("K", [2, 3])
+def test_the_ranks_local_orders_make_up_the_global_batches(K):
+    from xpconv.training import Schedule, global_batches
+
+    one = Schedule(20, 6, seed=4)
+    assert [b.tolist() for b in one.batches(2)] == [b.tolist() for b in global_batches(20, 6, seed=4, epoch=2)]
+    parts = [Schedule(20, 6, seed=4, rank=r, size=K).local_order(2).reshape(3, 6 // K) for r in range(K)]
+    np.testing.assert_array_equal(np.concatenate(parts, axis=1).reshape(-1), one.local_order(2))
+    assert one.global_step(2, 1) == 4
+    with pytest.raises(ValueError, match="global batch size 6 is not divisible by 4 ranks"):
+        Schedule(20, 6, size=4)
+
+
+class _Bars:
+    """Stands in for tqdm.auto.tqdm and records each bar made."""
+
+    made: list = []  # noqa: RUF012 - the record of one test
+
+    def __init__(self, *args, **kwargs):
+        _Bars.made.append(kwargs)
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+class _TTY:
+    def __init__(self, real, tty):
+        self.real, self.tty = real, tty
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, s):
+        return self.real.write(s)
+
+    def flush(self):
+        self.real.flush()
+
+
+class _FakeIPython:
+    """``sys.modules['IPython']`` inside a Jupyter kernel (or a terminal IPython)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def get_ipython(self):
+        return type("Shell", (), {"config": {"IPKernelApp": {}} if self.kernel else {}})()
+
+
+@pytest.mark.parametrize(
+    "notebook, tty, enabled, shown",
+    [
+        (True, False, None, True),  # Jupyter: on, although stderr is not a terminal
+        (False, True, None, True),  # a terminal
+        (False, False, None, False),  # a pipe or a file
+        ("ipython", False, None, False),  # terminal IPython that writes to a pipe
+        (False, False, True, True),  # forced
+        (True, True, False, False),
+    ],
+)
+def test_progress_bar_comes_from_tqdm_auto_in_notebooks_and_terminals(digits, monkeypatch, notebook, tty, enabled, shown):
+    import sys
+
+    import tqdm.auto
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", _Bars)
+    monkeypatch.setattr(sys, "stderr", _TTY(sys.stderr, tty))
+    if notebook:
+        monkeypatch.setitem(sys.modules, "IPython", _FakeIPython(kernel=notebook is True))
+    else:
+        monkeypatch.delitem(sys.modules, "IPython", raising=False)
+    _Bars.made = []
+    Trainer(_net(), *digits, epochs=2, mini_batch_size=100, verbose=False, callbacks=[ProgressBar(enabled)]).train()
+    assert len(_Bars.made) == (2 if shown else 0)
+    if shown:
+        assert _Bars.made[0]["total"] == 600 and _Bars.made[1]["desc"] == "epoch 2/2"
+
+
+def test_verbose_defaults_and_callback_hooks(digits, tmp_path):
+    calls = []
+
+    class Spy(Callback):
+        def on_train_begin(self, trainer):
+            calls.append("begin")
+
+        def on_epoch_begin(self, trainer, epoch):
+            calls.append(f"epoch {epoch}")
+
+        def on_losses(self, trainer, losses):
+            calls.append(len(losses))
+
+        def on_train_end(self, trainer, error):
+            calls.append(("end", error))
+
+    t = Trainer(_net(), *digits, epochs=1, mini_batch_size=100, run=Run(out_dir=tmp_path), callbacks=[Spy()], log_every=4)
+    assert [type(cb).__name__ for cb in t.callbacks] == ["ProgressBar", "EpochLine", "Checkpoints", "Metrics", "Spy"]
+    t.train()
+    assert calls == ["begin", "epoch 1", 4, 2, ("end", None)]
+
+
+def test_the_epoch_lines_go_through_the_xpconv_logger(digits, caplog, capsys):
+    """With the ``xpconv`` logger configured (here by pytest's caplog), the lines are log
+    records and nothing is printed; unconfigured (test_book_interface) they go to stdout."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="xpconv")
+    t = Trainer(_net(), *digits, epochs=2, mini_batch_size=100, callbacks=[])
+    t.train()
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("xpconv")]
+    assert [line.split("  ")[0] for line in lines[:2]] == ["epoch 1/2", "epoch 2/2"]
+    assert lines[2].startswith("test acc ")
+    assert all(r.levelno == logging.INFO for r in caplog.records)
+    assert capsys.readouterr().out == ""
+
+
+def test_old_keywords_still_work_with_a_deprecation_warning(digits, tmp_path):
+    seen = []
+    with pytest.warns(DeprecationWarning, match=r"use run=Run\(out_dir=...\), callbacks=\[...\]"):
+        t = Trainer(_net(), *digits, epochs=1, mini_batch_size=100, verbose=False, out_dir=tmp_path,
+                    on_epoch_end=lambda tr, r: seen.append(r["epoch"]), progress=False, summary=False)
+    t.train()
+    assert seen == [1] and (tmp_path / "last.safetensors").exists()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+        Trainer(_net(), *digits, verbose=False, bogus=1)
+
+
+def _cli(capsys, *args):
+    from xpconv import cli
+
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out, err
+
+
+def test_cli_log_levels(tmp_path, capsys):
+    """Default: set-up and per-epoch lines on stdout; -q (before or after the command):
+    only the result; -v: also debug lines (checkpoint writes) on stderr."""
+    common = ("--epochs", 1, "--no-plots", "--batch-size", 200)
+    out, err = _cli(capsys, "train", *common, "--out", tmp_path / "a")
+    assert re.search(r"^epoch 1/1  train loss ", out, re.M) and "writing to" in out and "debug" not in err
+    for args in (("-q", "train"), ("train", "-q"), ("--quiet", "train")):
+        out, err = _cli(capsys, *args, *common, "--out", tmp_path / "b")
+        assert [line.split(" ")[0] for line in out.splitlines()] == ["test", "results"] and err == "", args
+    for args in (("-v", "train"), ("train", "--verbose")):
+        out, err = _cli(capsys, *args, *common, "--out", tmp_path / "c")
+        assert re.search(r"^epoch 1/1 ", out, re.M)
+        assert f"xpconv: debug: wrote {tmp_path / 'c' / 'last.safetensors'} (epoch 1)" in err.splitlines(), err
+        assert "xpconv: debug: 7 steps per epoch of 200 samples" in err
+    assert logging_untouched()
+
+
+def logging_untouched() -> bool:
+    """The command leaves the xpconv logger as it found it."""
+    import logging
+
+    log = logging.getLogger("xpconv")
+    return not log.handlers and log.level == logging.NOTSET and log.propagate
+
+
+def test_the_old_module_is_a_deprecated_alias():
+    import importlib
+    import sys
+
+    import xpconv.training
+
+    sys.modules.pop("xpconv.trainer", None)
+    with pytest.warns(DeprecationWarning, match="import from xpconv.training"):
+        old = importlib.import_module("xpconv.trainer")
+    assert old.Trainer is xpconv.training.Trainer and old.seed_dropout is xpconv.training.seed_dropout

@@ -818,18 +818,18 @@ def run_suite(
 
 def run_epochs(epochs: int = EPOCHS, samples: int = EPOCH_SAMPLES, test_samples: int = 10_000,
                batch: int = 100, model: str = "simple", device: str = "cpu", log=print) -> dict:
-    """Time a whole training run: xpconv.trainer.Trainer, ``epochs`` epochs over
+    """Time a whole training run: xpconv.training.Trainer, ``epochs`` epochs over
     ``samples`` MNIST-shaped synthetic samples in batches of ``batch`` with Adam
     (lr 0.001), scoring train and test accuracy after each epoch as the book's
     Trainer does (on up to 1,000 samples each)."""
-    from .trainer import Trainer
+    from .training import Trainer
 
     x, t = _data(samples, seed=1)
     xt, tt = _data(test_samples, seed=2)
     net = build_model_for_run(model, device)
     trainer = Trainer(net, x, t, xt, tt, epochs=epochs, mini_batch_size=batch, optimizer="Adam",
                       optimizer_param={"lr": 0.001}, evaluate_sample_num_per_epoch=1000,
-                      verbose=False, progress=False, summary=False)
+                      verbose=False)
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0

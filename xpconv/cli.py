@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import datetime as _dt
 import importlib
+import logging
 import math
 import sys
 import time
@@ -131,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more messages (checkpoint writes, data placement)")
+    p.add_argument("-q", "--quiet", action="count", default=0, help="only results and errors: no progress bar, no per-epoch lines")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     t = sub.add_parser(
@@ -169,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from a checkpoint (last.safetensors) at its next epoch, with its optimizer state; "
                         "with the same settings this repeats an uninterrupted run exactly")
     t.add_argument("--no-plots", action="store_true", help="do not draw the PNG figures")
-    t.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no per-epoch lines; only the result")
+    # also after the command (default SUPPRESS: an absent flag keeps the top-level value)
+    t.add_argument("--quiet", "-q", action="count", default=argparse.SUPPRESS, help="no progress bar and no per-epoch lines; only the result")
+    t.add_argument("--verbose", "-v", action="count", default=argparse.SUPPRESS, help="more messages (checkpoint writes, data placement)")
     t.add_argument("--distributed", action="store_true",
                    help="data-parallel training over MPI/NCCL (launch with mpiexec -n K); needs xpconv.distributed and mpi4py")
 
@@ -232,10 +237,19 @@ def _one_line_warnings():
         warnings.showwarning = old
 
 
+def _console_logging(args):
+    """The ``xpconv`` logger's messages on the console (INFO lines on stdout, the rest on
+    stderr) at the level -q/-v ask for: WARNING, INFO (default) or DEBUG."""
+    from .training.console import console_logging
+
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    return console_logging(level, propagate=False)
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .backend import BackendUnavailable
     from .checkpoint import CheckpointError
-    from .trainer import TrainingDiverged
+    from .training import TrainingDiverged
 
     errs: list[type[BaseException]] = [UserError, ValueError, CheckpointError, BackendUnavailable, TrainingDiverged, OSError]
     try:
@@ -367,13 +381,14 @@ def cmd_train(args) -> int:
     from . import backend
     from .models import build_model
     from .optim import get_optimizer
-    from .trainer import Trainer, format_seconds
+    from .training import EpochLine, ProgressBar, Run, Trainer, format_seconds
 
     cfg, ckpt = _train_settings(args)
     comm = _setup_distributed(args)
     is_root = comm is None or comm.is_root
     say = (lambda *a: print(*a, flush=True)) if is_root else (lambda *a: None)
-    tell = say if not args.quiet else (lambda *a: None)  # the set-up lines; --quiet keeps only the result
+    log = logging.getLogger("xpconv")
+    tell = log.info if is_root else (lambda *a: None)  # the set-up lines; --quiet keeps only the result
 
     (x_train, t_train), (x_test, t_test) = _load_data(cfg["dataset"], cfg.get("data_dir"), args.no_download)
     cfg["train_samples"], cfg["test_samples"] = int(x_train.shape[0]), int(x_test.shape[0])
@@ -412,10 +427,10 @@ def cmd_train(args) -> int:
     try:
         trainer = Trainer(
             net, x_train, t_train, x_test, t_test,
-            epochs=cfg["epochs"], mini_batch_size=cfg["batch_size"], optimizer=optimizer,
-            verbose=not args.quiet, progress=None if not args.quiet else False, summary=False,
-            seed=cfg["seed"], out_dir=out if is_root else None, config=cfg,
-            start_epoch=start_epoch, history=history, comm=comm,
+            epochs=cfg["epochs"], mini_batch_size=cfg["batch_size"], optimizer=optimizer, verbose=False,
+            seed=cfg["seed"], comm=comm,
+            run=Run(out_dir=out if is_root else None, config=cfg, start_epoch=start_epoch, history=history),
+            callbacks=[ProgressBar(None if log.isEnabledFor(logging.INFO) else False), EpochLine(summary=False)],
         )
         trainer.train()
     except Exception as exc:
@@ -586,7 +601,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     handler = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict}[args.command]
-    with _one_line_warnings():
+    with _one_line_warnings(), _console_logging(args):
         try:
             return handler(args)
         except KeyboardInterrupt:

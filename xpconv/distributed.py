@@ -27,7 +27,10 @@ Same answer as one process: the loss is a mean over the batch, so the mean of th
 K shard gradients *is* the global-batch gradient.  Shuffling is seeded by
 (seed, epoch) and dropout masks by (seed, step, layer) identically on every rank,
 and each rank keeps the rows of the global mask that belong to its shard, so K
-ranks reproduce one process up to floating-point summation order.
+ranks reproduce one process up to floating-point summation order.  That schedule
+(``global_batches``, shards, Dropout seeds) is ``xpconv.training.schedule``, the one
+the single-process trainer uses too; :class:`Communicator` has the interface of
+``xpconv.training.LocalCommunicator`` (a job of one process).
 (BatchNormalization is the exception: its batch statistics are per rank.)
 
 Faults: with more than one rank, an uncaught exception on any rank prints
@@ -45,14 +48,12 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, MutableMapping
+from typing import Any, Mapping, MutableMapping
 
 import numpy as np
 
-from . import layers as L
 from .backend import (
     BackendUnavailable,
-    Generator,
     asarray_in,
     cuda_status,
     device_of,
@@ -62,6 +63,8 @@ from .backend import (
     namespace_of,
     to_numpy,
 )
+from .training.comm import Sharding
+from .training.schedule import global_batches
 
 __all__ = [
     "Communicator",
@@ -249,27 +252,6 @@ def _layouts(arrays: Mapping[str, Any]) -> dict[str, list]:
     return groups
 
 
-# --------------------------------------------------------------------------- dropout masks per shard
-
-
-class _ShardMaskGenerator(Generator):
-    """Dropout masks of one training step for one rank.
-
-    Seeded by ``key`` = (seed, step, layer); every rank draws the mask of the
-    *global* batch (K x its own rows) from that stream and keeps the rows of its
-    shard, so the union over ranks is the mask one process draws for the whole
-    batch.  The global mask is small (batch x features of a dropout layer)."""
-
-    def __init__(self, key, rank: int, size: int):
-        super().__init__([int(k) for k in key])
-        self.rank, self.size = int(rank), int(size)
-
-    def dropout_mask(self, shape, ratio, *, xp, dtype, device=None):
-        n = int(shape[0])
-        full = super().dropout_mask((n * self.size, *shape[1:]), ratio, xp=xp, dtype=dtype, device=device)
-        return full[self.rank * n : (self.rank + 1) * n, ...]
-
-
 # --------------------------------------------------------------------------- the communicator
 
 
@@ -288,12 +270,14 @@ class CommStats:
         self.allreduce_calls = self.collective_calls = self.allreduce_bytes = 0
 
 
-class Communicator:
+class Communicator(Sharding):
     """The ranks of one data-parallel job (made by :func:`setup`).
 
     ``rank``/``size``/``is_root``; ``local_rank`` (rank on this node);
     ``device`` ('cpu' or 'cuda': pass it to a model constructor); ``backend``
-    ('mpi', or 'nccl' when CuPy arrays are reduced with NCCL)."""
+    ('mpi', or 'nccl' when CuPy arrays are reduced with NCCL).  Sharding (``shard``,
+    ``shard_range``, ``local_batch_size``, ``seed_dropout``) comes from
+    ``xpconv.training.comm.Sharding``, shared with the one-process communicator."""
 
     def __init__(self, mpi_comm, *, local_rank: int = 0, local_size: int = 1, device: str = "cpu", nccl=None):
         self.mpi_comm = mpi_comm
@@ -310,10 +294,6 @@ class Communicator:
         self.stats = CommStats()
 
     # ------------------------------------------------------------------ basics
-
-    @property
-    def is_root(self) -> bool:
-        return self.rank == 0
 
     @property
     def backend(self) -> str:
@@ -407,31 +387,7 @@ class Communicator:
         self.mpi_comm.Allreduce(MPI.IN_PLACE, hi, op=MPI.MAX)
         return bool(lo[0] == hi[0])
 
-    # ------------------------------------------------------------------ sharding
-
-    def local_batch_size(self, global_batch_size: int) -> int:
-        """B/K, or ValueError naming both numbers when K does not divide B."""
-        B, K = int(global_batch_size), self.size
-        if B < K or B % K:
-            lo, hi = max(K, B // K * K), (B // K + 1) * K
-            hint = f"{lo} or {hi}" if lo != hi else f"{hi}"
-            raise ValueError(
-                f"global batch size {B} is not divisible by {K} ranks: every rank takes an equal shard "
-                f"of each global batch; use a multiple of {K} (e.g. {hint})"
-            )
-        return B // K
-
-    def shard(self, batch):
-        """This rank's rows of a global batch (an array or index array of B rows):
-        rows [rank*B/K, (rank+1)*B/K)."""
-        b = self.local_batch_size(int(batch.shape[0]))
-        return batch[self.rank * b : (self.rank + 1) * b]
-
-    def shard_range(self, n: int) -> tuple[int, int]:
-        """(start, stop) of this rank's part of n samples for evaluation (parts differ
-        by at most one sample; n need not be divisible by K)."""
-        n = int(n)
-        return self.rank * n // self.size, (self.rank + 1) * n // self.size
+    # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, model, x, t, batch_size: int = 100) -> float:
         """Accuracy over (x, t), each rank scoring its part; the counts of correct
@@ -444,28 +400,6 @@ class Communicator:
         if total == 0:
             raise ValueError("evaluate: got no samples")
         return total_correct / total
-
-    def seed_dropout(self, model, seed: int, step: int) -> None:
-        """Seed every Dropout layer of ``model`` for global step ``step``: the mask of
-        layer i comes from (seed, step, i), drawn for the whole global batch, and this
-        rank keeps its shard's rows.  Call before the step's forward pass, on every
-        rank (1 process included, to reproduce a K-rank run)."""
-        i = 0
-        for layer in getattr(model, "layers", ()):
-            if isinstance(layer, L.Dropout):
-                layer.rng = _ShardMaskGenerator((seed, step, i), self.rank, self.size)
-                i += 1
-
-
-def global_batches(n_samples: int, global_batch_size: int, *, seed: int, epoch: int, drop_last: bool = True) -> Iterator[np.ndarray]:
-    """Host index arrays of one epoch's global batches, in an order seeded by
-    (seed, epoch): the same on every rank, whatever the number of ranks.  Pass each
-    one through ``comm.shard`` to get this rank's indices."""
-    order = Generator([int(seed), int(epoch)]).permutation(int(n_samples))
-    B = int(global_batch_size)
-    stop = len(order) - len(order) % B if drop_last else len(order)
-    for i in range(0, stop, B):
-        yield order[i : i + B]
 
 
 # --------------------------------------------------------------------------- optimizer wrapper

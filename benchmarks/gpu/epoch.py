@@ -7,7 +7,7 @@ Needs a CUDA device, CuPy and (for the comparison) torch with CUDA.  The issue's
 epoch target -- one 60,000-sample epoch of SimpleConvNet at batch 1000 in <= 1 s on
 an H100 -- is measured here the way a user trains:
 
-``xpconv trainer``  ``xpconv.trainer.Trainer`` over 60,000 random MNIST-shaped samples
+``xpconv trainer``  ``xpconv.training.Trainer`` over 60,000 random MNIST-shaped samples
                     resident on the GPU (Adam, lr 0.001; no per-epoch evaluation;
                     the loss read every 10 steps, as the Trainer does), wall time of
                     ``train_epoch`` (it ends with a host read, so the GPU is done).
@@ -131,12 +131,12 @@ def xpconv_setup(model: str, batch: int, x_host, t_host, ns: str = "cupy"):
 
 def xpconv_trainer_epochs(model: str, batch: int, epochs: int, x_host, t_host, ns: str = "cupy") -> list[float]:
     from xpconv.models import build_model
-    from xpconv.trainer import Trainer
+    from xpconv.training import Trainer
 
     net = build_model(model, xp=ns, dtype="float32", seed=0)
     tr = Trainer(net, x_host, t_host, x_host[:batch], t_host[:batch], epochs=epochs, mini_batch_size=batch,
                  optimizer="Adam", optimizer_param={"lr": 0.001}, evaluate_sample_num_per_epoch=0,
-                 verbose=False, progress=False, log_every=LOG_EVERY, resident=True)
+                 verbose=False, log_every=LOG_EVERY, resident=True)
     if ns == "cupy" and not tr.resident:
         raise RuntimeError("the Trainer did not keep the data on the GPU")
     return [float(tr.train_epoch(e)["seconds"]) for e in range(1, epochs + 1)]

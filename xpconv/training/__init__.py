@@ -1,0 +1,44 @@
+"""Training: the loop, its schedule, its callbacks and the one-process communicator.
+
+* :mod:`~xpconv.training.loop` -- :class:`Trainer` (the book's signature) and :class:`Run`;
+* :mod:`~xpconv.training.schedule` -- epoch permutation, per-rank shards and Dropout seeds,
+  one schedule for one process and K ranks;
+* :mod:`~xpconv.training.callbacks` -- progress bar, per-epoch line, checkpoints, metrics;
+* :mod:`~xpconv.training.comm` -- the communicator interface and :class:`LocalCommunicator`;
+* :mod:`~xpconv.training.console` -- the console handler of the ``xpconv`` logger.
+"""
+
+from __future__ import annotations
+
+from .callbacks import (
+    Callback,
+    Checkpoints,
+    EpochLine,
+    Metrics,
+    ProgressBar,
+    append_jsonl,
+    format_seconds,
+    write_metrics,
+)
+from .comm import Communicator, LocalCommunicator
+from .loop import Run, Trainer, TrainingDiverged
+from .schedule import Schedule, global_batches, seed_dropout
+
+__all__ = [
+    "Callback",
+    "Checkpoints",
+    "Communicator",
+    "EpochLine",
+    "LocalCommunicator",
+    "Metrics",
+    "ProgressBar",
+    "Run",
+    "Schedule",
+    "Trainer",
+    "TrainingDiverged",
+    "append_jsonl",
+    "format_seconds",
+    "global_batches",
+    "seed_dropout",
+    "write_metrics",
+]
