@@ -8,14 +8,25 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from xpconv.cli import positive_int
 
 from . import machine
-from .harness import (EPOCH_SAMPLES, EPOCHS, IMPLS, MODELS, SCALING_BATCHES, SUITE_BATCHES, check_targets, format_table,
-                      run_epochs, run_suite, write_json)
+from .harness import (
+    EPOCH_SAMPLES,
+    EPOCHS,
+    IMPLS,
+    MODELS,
+    SCALING_BATCHES,
+    SUITE_BATCHES,
+    check_targets,
+    format_table,
+    run_epochs,
+    run_suite,
+    write_json,
+)
 
 PROG = "python -m benchmarks"
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -51,12 +51,13 @@ import os
 import statistics
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import machine
 from .textbook import TextbookNet
 
-__all__ = ["run_suite", "run_epochs", "format_table", "write_json", "IMPLS", "MODELS"]
+__all__ = ["IMPLS", "MODELS", "format_table", "run_epochs", "run_suite", "write_json"]
 
 MODELS = ("simple", "deep")
 INPUT_DIM = (1, 28, 28)

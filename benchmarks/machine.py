@@ -15,7 +15,8 @@ import gc
 import importlib.util
 import os
 import platform
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from xpconv import info
 

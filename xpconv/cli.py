@@ -33,9 +33,17 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ._version import __version__
-from .recipes import DATASET_NAMES, DEFAULT_LR, MODELS, OPTIMIZER_NAMES, model_config, read_config, recipe
+from .recipes import (
+    DATASET_NAMES,
+    DEFAULT_LR,
+    MODELS,
+    OPTIMIZER_NAMES,
+    model_config,
+    read_config,
+    recipe,
+)
 
-__all__ = ["main", "build_parser", "out_of_memory_message", "positive_int", "positive_float"]
+__all__ = ["build_parser", "main", "out_of_memory_message", "positive_float", "positive_int"]
 
 PROG = "xpconv"
 class UserError(Exception):

@@ -37,12 +37,13 @@ converter there (and the reverse direction gets its own table next to it).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import layers as L
 from .backend import to_numpy
 
-__all__ = ["to_torch", "book_dropout", "TO_TORCH"]
+__all__ = ["TO_TORCH", "book_dropout", "to_torch"]
 
 DROPOUT_MODES = ("exact", "inverted")
 

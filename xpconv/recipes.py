@@ -24,17 +24,28 @@ from __future__ import annotations
 import copy
 import math
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["Recipe", "RECIPES", "recipe", "model_config", "read_config", "ConfigError",
-           "MODELS", "DATASET_NAMES", "OPTIMIZER_NAMES", "DEFAULT_LR"]
+__all__ = [
+    "DATASET_NAMES",
+    "DEFAULT_LR",
+    "MODELS",
+    "OPTIMIZER_NAMES",
+    "RECIPES",
+    "ConfigError",
+    "Recipe",
+    "model_config",
+    "read_config",
+    "recipe",
+]
 
 MODELS = ("simple", "deep", "mlp")
 DATASET_NAMES = ("digits", "mnist", "fashion-mnist")
@@ -112,24 +123,24 @@ def _choice(options):
     return check
 
 
-def _positive_int(v):
+def _is_positive_int(v):
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer"
 
 
-def _positive_number(v):
+def _is_positive_number(v):
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v)
     return ok, "a positive number"
 
 
-def _integer(v):
+def _is_integer(v):
     return isinstance(v, int) and not isinstance(v, bool), "an integer"
 
 
-def _string(v):
+def _is_string(v):
     return isinstance(v, str), "a string"
 
 
-def _table(v):
+def _is_table(v):
     return isinstance(v, dict), "a table"
 
 
@@ -137,14 +148,14 @@ def _table(v):
 CONFIG_KEYS = {
     "model": _choice(MODELS),
     "dataset": _choice(DATASET_NAMES),
-    "epochs": _positive_int,
-    "batch_size": _positive_int,
+    "epochs": _is_positive_int,
+    "batch_size": _is_positive_int,
     "optimizer": _choice(OPTIMIZER_NAMES),
-    "lr": _positive_number,
-    "seed": _integer,
+    "lr": _is_positive_number,
+    "seed": _is_integer,
     "dtype": _choice(DTYPES),
-    "data_dir": _string,
-    "model_config": _table,
+    "data_dir": _is_string,
+    "model_config": _is_table,
 }
 
 
