@@ -546,7 +546,7 @@ def test_recipes_are_data():
 def test_config_file_sets_the_recipe_and_options_win(tmp_path, capsys):
     cfg_file = tmp_path / "recipe.toml"
     cfg_file.write_text('model = "simple"\noptimizer = "adam"\nlr = 0.002\nepochs = 3\nbatch_size = 100\nseed = 5\n\n'
-                        '[model_config]\nhidden_size = 20\nconv_param = { filter_num = 6, filter_size = 3, pad = 1, stride = 1 }\n')
+                        '[model_config]\nhidden_size = 20\nconv_param = { filter_num = 6 }\n')
     out = tmp_path / "run"
     code, text, err = _main(capsys, "train", "--config", cfg_file, "--epochs", 1, "--no-plots", "--quiet", "--out", out)
     assert code == 0, err
@@ -554,6 +554,7 @@ def test_config_file_sets_the_recipe_and_options_win(tmp_path, capsys):
     assert (cfg["optimizer"], cfg["lr"], cfg["batch_size"], cfg["seed"], cfg["epochs"]) == ("adam", 0.002, 100, 5, 1)
     assert cfg["model_config"]["hidden_size"] == 20 and cfg["model_config"]["conv_param"]["filter_num"] == 6
     assert cfg["model_config"]["weight_init_std"] == 0.1  # the digits recipe's, not replaced by the file
+    assert cfg["model_config"]["conv_param"] == {"filter_num": 6, "filter_size": 3, "pad": 1, "stride": 1}
     assert cfg["config_file"] == str(cfg_file)
     assert load_params(out / "last.safetensors")["W1"].shape == (6, 1, 3, 3)
 

@@ -6,7 +6,8 @@ epochs, batch size).  ``xpconv train`` starts from ``RECIPES[(dataset, model)]``
 ``--config`` file replaces any of its fields, and command-line options replace the file's.
 A config file holds the same keys as the command line (``model``, ``dataset``,
 ``epochs``, ``batch_size``, ``optimizer``, ``lr``, ``seed``, ``dtype``, ``data_dir``) and a
-``[model_config]`` table merged over the recipe's constructor settings::
+``[model_config]`` table merged over the recipe's constructor settings (key by key, nested
+tables too: see :func:`merged`)::
 
     model = "simple"
     dataset = "digits"
@@ -42,6 +43,7 @@ __all__ = [
     "RECIPES",
     "ConfigError",
     "Recipe",
+    "merged",
     "model_config",
     "read_config",
     "recipe",
@@ -99,6 +101,18 @@ def recipe(dataset: str, model: str) -> Recipe:
         raise ValueError(f"no recipe for model {model!r} on dataset {dataset!r}; expected a model of {MODELS} "
                          f"and a dataset of {DATASET_NAMES}") from None
     return replace(r, model_config=copy.deepcopy(dict(r.model_config)))
+
+
+def merged(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override``'s keys replaced, tables merged key by key (so a config
+    file's ``conv_param = { filter_num = 16 }`` keeps the recipe's filter size)."""
+    out = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def model_config(model: str, dataset_info: Mapping[str, Any], recipe_config: Mapping[str, Any]) -> dict[str, Any]:
