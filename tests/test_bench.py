@@ -1,24 +1,29 @@
-"""The benchmark suite (xpconv.bench, ``xpconv bench``, ``python -m benchmarks``) runs
-and writes well-formed JSON.  Tiny sizes and --quick: nothing here is timed or
-compared against a speed."""
+"""The benchmark harness (benchmarks/, ``python -m benchmarks``, ``xpconv bench`` in a
+checkout) runs and writes well-formed JSON.  Tiny sizes and --quick: nothing here is timed
+or compared against a speed."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from xpconv import bench, cli
+import benchmarks.__main__ as bench_cli
+from benchmarks import harness, machine
+from benchmarks.textbook import TextbookNet
+from xpconv import cli, info
 from xpconv.models import DeepConvNet, SimpleConvNet
 
+ROOT = Path(__file__).resolve().parents[1]
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 IMPLS = ["xpconv", "torch", "textbook"] if HAS_TORCH else ["xpconv", "textbook"]
 
 
 def check_structure(data, models, batches, modes, impls, kind):
-    assert data["benchmark"] == "xpconv bench" and data["schema"] == bench.SCHEMA and data["kind"] == kind
+    assert data["benchmark"] == "xpconv bench" and data["schema"] == harness.SCHEMA and data["kind"] == kind
     s = data["settings"]
     assert s["models"] == models and s["batch_sizes"] == batches and s["impls"] == impls and s["modes"] == modes
     assert s["dtype"] == "float32" and s["input_dim"] == [1, 28, 28]
@@ -44,12 +49,12 @@ def check_structure(data, models, batches, modes, impls, kind):
 
 def test_quick_suite_writes_json_with_every_cell_and_the_targets(tmp_path, capsys):
     out = tmp_path / "sub" / "bench.json"
-    rc = bench.main(["--quick", "--min-time", "0", "--models", "simple", "--batch-sizes", "100", "--modes", "train",
-                     "--json", str(out)])
+    rc = bench_cli.run(["--quick", "--min-time", "0", "--models", "simple", "--batch-sizes", "100", "--modes", "train",
+                        "--json", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
     check_structure(data, ["simple"], [100], ["train"], IMPLS, "suite")
-    assert data["command"].startswith("xpconv bench --quick")
+    assert data["command"].startswith("python -m benchmarks --quick")
     names = [t["target"] for t in data["targets"]]
     assert "simple train b100: xpconv/textbook" in names
     assert any("20 epochs" in n for n in names)
@@ -64,8 +69,8 @@ def test_quick_suite_writes_json_with_every_cell_and_the_targets(tmp_path, capsy
 
 def test_epochs_run_is_timed_and_reported(tmp_path, capsys):
     out = tmp_path / "run.json"
-    rc = bench.main(["--quick", "--min-time", "0", "--models", "simple", "--batch-sizes", "4", "--impls", "xpconv",
-                     "--modes", "train", "--repeats", "1", "--epochs-run", "2", "--epoch-samples", "300", "--json", str(out)])
+    rc = bench_cli.run(["--quick", "--min-time", "0", "--models", "simple", "--batch-sizes", "4", "--impls", "xpconv",
+                        "--modes", "train", "--repeats", "1", "--epochs-run", "2", "--epoch-samples", "300", "--json", str(out)])
     assert rc == 0
     run = json.loads(out.read_text())["epochs_run"]
     assert (run["epochs"], run["samples_per_epoch"], run["batch"], run["model"]) == (2, 300, 100, "simple")
@@ -74,7 +79,8 @@ def test_epochs_run_is_timed_and_reported(tmp_path, capsys):
     assert "Trainer run: 2 epochs x 300 samples" in capsys.readouterr().out
 
 
-def test_scaling_mode_through_the_cli(tmp_path, capsys):
+def test_scaling_mode_through_xpconv_bench_in_a_checkout(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # `xpconv bench` runs the checkout's harness from its root
     out = tmp_path / "scaling.json"
     rc = cli.main(["bench", "--scaling", "--quick", "--min-time", "0", "--models", "deep", "--batch-sizes", "1,3",
                    "--impls", "xpconv,textbook", "--modes", "train", "--threads", "1", "--json", str(out)])
@@ -83,13 +89,25 @@ def test_scaling_mode_through_the_cli(tmp_path, capsys):
     check_structure(data, ["deep"], [1, 3], ["train"], ["xpconv", "textbook"], "scaling")
     assert data["settings"]["threads"] == 1 and "targets" not in data
     assert "KB/sample xpconv" in capsys.readouterr().out
+    assert data["command"].startswith("xpconv bench --scaling")
+
+
+def test_xpconv_bench_outside_a_checkout_points_to_python_dash_m_benchmarks(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("xpconv: error: ") and "python -m benchmarks" in err and len(err.splitlines()) == 1
+
+
+def test_machine_record_comes_from_xpconv_info():
+    m = machine.report("cpu", None)
+    assert m["cpu"] == info.cpu_model() and m["env"] == info.thread_env()
+    assert [b["internal_api"] for b in m["blas"]] == [b["internal_api"] for b in info.blas()["libraries"]]
 
 
 def test_benchmarks_module_defaults_its_json_into_results(tmp_path, monkeypatch):
-    import benchmarks.__main__ as wrapper
-
-    monkeypatch.setattr(wrapper, "RESULTS", tmp_path)
-    rc = wrapper.main(["--quick", "--min-time", "0", "--models", "deep", "--batch-sizes", "2", "--threads", "1",
+    monkeypatch.setattr(bench_cli, "RESULTS", tmp_path)
+    rc = bench_cli.main(["--quick", "--min-time", "0", "--models", "deep", "--batch-sizes", "2", "--threads", "1",
                        "--impls", "xpconv", "--repeats", "1"])
     assert rc == 0
     data = json.loads((tmp_path / "cpu-suite-quick.json").read_text())
@@ -102,7 +120,7 @@ def test_benchmarks_module_defaults_its_json_into_results(tmp_path, monkeypatch)
     (["--modes", "eval"], "unknown mode"),
 ])
 def test_bad_choices_are_refused_by_name(argv, message, capsys):
-    assert bench.main(argv) == 2
+    assert bench_cli.run(argv) == 2
     assert message in capsys.readouterr().err
 
 
@@ -110,7 +128,7 @@ def test_cuda_without_a_device_is_a_clear_error_not_a_crash(capsys, monkeypatch)
     from xpconv import backend
 
     monkeypatch.setattr(backend, "cuda_status", lambda: (False, "no CUDA here"))
-    assert bench.main(["--device", "cuda", "--quick"]) == 2
+    assert bench_cli.run(["--device", "cuda", "--quick"]) == 2
     assert "no usable CUDA device" in capsys.readouterr().err
 
 
@@ -121,16 +139,18 @@ def test_baselines_compute_the_same_network(model):
     (torch's Dropout scales at training time, the book's at test time: the same cost,
     scores that differ by (1 - ratio) per dropout layer.)"""
     net = (SimpleConvNet if model == "simple" else DeepConvNet)(seed=0)
-    x, t = bench._data(3)
+    x, t = harness._data(3)
     want = np.asarray(net.predict(x), dtype=np.float64)
-    tb = bench._TextbookNet(net, np)
+    tb = TextbookNet(net, np)
     np.testing.assert_allclose(tb.predict(x), want, rtol=1e-3, atol=1e-5)
     if model == "simple":  # no dropout: the losses agree
         assert tb.train_step(x, t) == pytest.approx(float(net.loss(x, t)), rel=1e-4)
     if HAS_TORCH:
         import torch
 
-        mod = bench._torch_modules(net, torch, "cpu").eval()
+        from xpconv.interop import to_torch
+
+        mod = to_torch(net, dtype=torch.float32, dropout="inverted").eval()  # the harness's torch column
         with torch.no_grad():
             got = mod(torch.from_numpy(x)).numpy()
         for m in mod:

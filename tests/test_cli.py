@@ -4,6 +4,7 @@ short real-MNIST run."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pickle
@@ -508,3 +509,98 @@ def test_plot_corner_cases(tmp_path):
     assert notes["filters.png"].startswith("not written")
     assert notes["misclassified.png"].endswith("of 6 test images misclassified")
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["curves.png", "misclassified.png"]
+
+
+# ----------------------------------------------------------------------------- one parser, recipes as data, images
+
+
+def test_python_dash_m_xpconv_prints_the_version():
+    proc = subprocess.run([sys.executable, "-m", "xpconv", "--version"], capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"xpconv {cli.__version__}"
+
+
+def test_one_parser_serves_every_subcommand():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == {"train", "eval", "predict", "info", "bench"}
+    assert parser.parse_args(["info", "--json"]).json is True
+
+
+def test_recipes_are_data():
+    from dataclasses import FrozenInstanceError
+
+    from xpconv.recipes import RECIPES, Recipe, recipe
+
+    r = recipe("digits", "simple")
+    assert isinstance(r, Recipe) and (r.optimizer, r.lr, r.epochs, r.batch_size) == ("adagrad", 0.05, 20, 50)
+    r.model_config["hidden_size"] = 7  # a copy: the table stays as it is
+    assert RECIPES[("digits", "simple")].model_config["hidden_size"] == 100
+    with pytest.raises(FrozenInstanceError):
+        r.lr = 1.0
+    assert RECIPES[("fashion-mnist", "deep")] == RECIPES[("mnist", "deep")]
+    with pytest.raises(ValueError, match="no recipe for model 'resnet'"):
+        recipe("digits", "resnet")
+
+
+def test_config_file_sets_the_recipe_and_options_win(tmp_path, capsys):
+    cfg_file = tmp_path / "recipe.toml"
+    cfg_file.write_text('model = "simple"\noptimizer = "adam"\nlr = 0.002\nepochs = 3\nbatch_size = 100\nseed = 5\n\n'
+                        '[model_config]\nhidden_size = 20\nconv_param = { filter_num = 6 }\n')
+    out = tmp_path / "run"
+    code, text, err = _main(capsys, "train", "--config", cfg_file, "--epochs", 1, "--no-plots", "--quiet", "--out", out)
+    assert code == 0, err
+    cfg = json.loads((out / "metrics.json").read_text())["config"]
+    assert (cfg["optimizer"], cfg["lr"], cfg["batch_size"], cfg["seed"], cfg["epochs"]) == ("adam", 0.002, 100, 5, 1)
+    assert cfg["model_config"]["hidden_size"] == 20 and cfg["model_config"]["conv_param"]["filter_num"] == 6
+    assert cfg["model_config"]["weight_init_std"] == 0.1  # the digits recipe's, not replaced by the file
+    assert cfg["model_config"]["conv_param"] == {"filter_num": 6, "filter_size": 3, "pad": 1, "stride": 1}
+    assert cfg["config_file"] == str(cfg_file)
+    assert load_params(out / "last.safetensors")["W1"].shape == (6, 1, 3, 3)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('epochs = 0\n', "epochs must be a positive integer, got 0"),
+    ('optimizer = "adamw"\n', "optimizer must be one of sgd, momentum"),
+    ('learning_rate = 0.1\n', "unknown key 'learning_rate'"),
+    ('lr = "fast"\n', "lr must be a positive number, got 'fast'"),
+    ('epochs = [\n', "not a valid TOML file"),
+])
+def test_bad_config_files_are_one_line_errors(tmp_path, capsys, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    err = _fails(capsys, "train", "--config", path, "--out", tmp_path / "run")
+    assert f"{path}: {message}" in err and len(err.splitlines()) == 1
+
+
+def test_config_file_errors_without_training(run4, tmp_path, capsys):
+    assert f"{tmp_path / 'none.toml'}: no such config file" in _fails(capsys, "train", "--config", tmp_path / "none.toml")
+    (tmp_path / "ok.toml").write_text("epochs = 5\n")
+    err = _fails(capsys, "train", "--config", tmp_path / "ok.toml", "--resume", run4[0] / "last.safetensors")
+    assert "--config with --resume" in err
+
+
+def test_images_module_reads_npy_and_png(tmp_path):
+    from xpconv.images import ImageError, read_images
+
+    a = np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32)
+    np.save(tmp_path / "a.npy", a)
+    Image.fromarray(np.full((16, 16), 250, np.uint8)).save(tmp_path / "white.png")
+    labels, x, notes = read_images([tmp_path / "a.npy", tmp_path / "white.png"], (1, 8, 8))
+    assert labels == [f"{tmp_path / 'a.npy'}[{i}]" for i in range(3)] + [str(tmp_path / "white.png")]
+    assert x.shape == (4, 1, 8, 8) and x.dtype == np.float32
+    np.testing.assert_array_equal(x[:3], a)
+    np.testing.assert_allclose(x[3], 1 - 250 / 255, atol=1e-6)  # light background: inverted
+    assert notes[str(tmp_path / "white.png")] == ["resized 16x16 -> 8x8", "inverted (light background)"]
+    with pytest.raises(ImageError, match="no such file"):
+        read_images([tmp_path / "gone.png"], (1, 8, 8))
+
+
+def test_predict_probabilities_are_the_models_softmax(run4, digits_test, tmp_path, capsys):
+    out = run4[0]
+    x, _ = digits_test
+    np.save(tmp_path / "b.npy", x[:6])
+    code, text, err = _main(capsys, "predict", out / "last.safetensors", tmp_path / "b.npy")
+    assert code == 0, err
+    _, prob = _predicted(out, x[:6])
+    np.testing.assert_allclose([g[2] for g in _parse_predictions(text)], prob, atol=6e-4)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from xpconv import __version__, backend, info
+from xpconv import __version__, backend, cli, info
 
 INSUFFICIENT = (
     "CUDARuntimeError: cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version"
@@ -19,7 +19,7 @@ INSUFFICIENT = (
 
 
 def run_info(capsys, *argv):
-    rc = info.main(list(argv))
+    rc = cli.main(["info", *argv])
     return rc, capsys.readouterr().out
 
 
@@ -29,6 +29,7 @@ def test_text_report_runs(capsys):
     assert out.startswith(f"xpconv {__version__}\n")
     for heading in ("Packages:", "Array namespaces:", "CUDA:", "BLAS used by NumPy:", "--device auto picks:"):
         assert heading in out
+    assert f"CPU: {info.cpu_model()}, " in out
 
 
 def test_json_report_has_every_section(capsys):
@@ -53,6 +54,22 @@ def test_json_report_has_every_section(capsys):
     assert libs, r["blas"]
     assert all(isinstance(lib["num_threads"], int) and lib["num_threads"] >= 1 for lib in libs)
     assert r["auto_device"]["device"] in ("cpu", "cuda")
+    assert r["cpu"]["model"] == info.cpu_model() and r["cpu"]["cores"] >= 1
+    assert r["thread_env"] == info.thread_env()
+
+
+def test_thread_variables_are_reported(monkeypatch, capsys):
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert info.thread_env()["OPENBLAS_NUM_THREADS"] == "1" and "OMP_NUM_THREADS" not in info.thread_env()
+    rc, out = run_info(capsys)
+    assert rc == 0 and "environment: " in out and "OPENBLAS_NUM_THREADS=1" in out
+
+
+def test_info_takes_only_its_own_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["info", "--bogus"])
+    assert exc.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
 def test_auto_pick_agrees_with_resolve_device(recwarn):
@@ -132,10 +149,9 @@ def test_wrong_cupy_wheel_hint(fake_cupy, capsys):
     assert "upgrade the driver (>= 525 for xpconv[cuda12], >= 580 for xpconv[cuda13])" in backend.cuda_status()[1]
 
 
-def test_python_dash_m_works():
-    out = subprocess.run(
-        [sys.executable, "-m", "xpconv.info", "--json"], capture_output=True, text=True, check=True
-    ).stdout
+@pytest.mark.parametrize("argv", [["-m", "xpconv", "info", "--json"], ["-m", "xpconv.info", "--json"]])
+def test_python_dash_m_works(argv):
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=True).stdout
     assert json.loads(out)["xpconv"] == __version__
 
 

@@ -1,6 +1,7 @@
 """Packaging: `python -m build` makes an sdist and a wheel (the wheel built from the sdist, so
 the sdist is complete); both carry the package with its bundled data, the version comes from
-xpconv/_version.py alone, and the extras name the right CuPy wheels. (That the wheel installs
+xpconv/_version.py alone, the extras name the right CuPy wheels, and the MIT LICENSE
+and the ``py.typed`` marker travel in both. (That the wheel installs
 and runs in a fresh venv is shown by tests/test_docker.py, which installs the CPU image's wheel.)"""
 
 from __future__ import annotations
@@ -87,6 +88,34 @@ def test_wheel_holds_the_package_data_and_metadata(dist):
     for major in ("12", "13"):
         assert any(r.startswith(f"cupy-cuda{major}x") and f'extra == "cuda{major}"' in r for r in requires), requires
     assert re.search(r"^xpconv\s*=\s*xpconv\.cli:main$", entry_points, re.M), entry_points
+    assert "xpconv/py.typed" in names, "the typing marker is not in the wheel"
+    assert "xpconv/__main__.py" in names, "python -m xpconv would not run from the wheel"
+    assert not any(n.startswith(("benchmarks/", "xpconv/bench")) for n in names), "the benchmark harness is in the wheel"
+
+
+def test_license_is_mit_at_the_root():
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert text.startswith("MIT License") and "Copyright (c) 2026 the xpconv developers" in text
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]
+
+
+@pytest.mark.slow
+def test_license_is_in_the_wheel_and_the_sdist(dist):
+    wheel, sdist = dist
+    want = (ROOT / "LICENSE").read_bytes()
+    info = f"xpconv-{__version__}.dist-info"
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        licenses = [n for n in names if n.startswith(f"{info}/") and n.rsplit("/", 1)[-1] == "LICENSE"]
+        assert licenses, f"no LICENSE in the wheel: {[n for n in names if n.startswith(info)]}"
+        assert all(z.read(n) == want for n in licenses)
+        meta = email.message_from_bytes(z.read(f"{info}/METADATA"))
+    assert meta["License-Expression"] == "MIT" and "LICENSE" in (meta.get_all("License-File") or [])
+    top = f"xpconv-{__version__}/"
+    with tarfile.open(sdist) as t:
+        assert t.extractfile(top + "LICENSE").read() == want
 
 
 @pytest.mark.slow

@@ -1,9 +1,16 @@
-"""The ``xpconv`` command: train, eval, predict, bench, info.
+"""The ``xpconv`` command (also ``python -m xpconv``): train, eval, predict, info, bench.
 
     xpconv train                         # SimpleConvNet on the bundled digits, >= 97% in seconds
     xpconv train --dataset mnist --data-dir ~/mnist --device cuda
+    xpconv train --config my-recipe.toml # a recipe file (xpconv.recipes); options still win
     xpconv eval runs/20250101-120000/last.safetensors
     xpconv predict runs/.../best.safetensors digit.png more.npy
+    xpconv info [--json]
+    xpconv bench ...                     # from a source checkout: python -m benchmarks ...
+
+One argparse parser serves every subcommand.  The recipes are data in
+:mod:`xpconv.recipes`, image decoding is :mod:`xpconv.images`, the machine report is
+:mod:`xpconv.info`; this module parses, dispatches and turns errors into one line.
 
 User errors (bad options, missing or damaged data and checkpoint files) print one line
 ``xpconv: error: ...`` on stderr and exit with status 2; running out of (GPU) memory
@@ -27,39 +34,20 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ._version import __version__
+from .recipes import (
+    DATASET_NAMES,
+    DEFAULT_LR,
+    MODELS,
+    OPTIMIZER_NAMES,
+    merged,
+    model_config,
+    read_config,
+    recipe,
+)
 
-__all__ = ["main", "out_of_memory_message", "recipe", "RECIPES"]
+__all__ = ["build_parser", "main", "out_of_memory_message", "positive_float", "positive_int"]
 
 PROG = "xpconv"
-MODELS = ("simple", "deep", "mlp")
-DATASET_NAMES = ("digits", "mnist", "fashion-mnist")
-OPTIMIZER_NAMES = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam")
-
-#: learning rate used with an optimizer that is not the recipe's own
-DEFAULT_LR = {"sgd": 0.1, "momentum": 0.01, "nesterov": 0.01, "adagrad": 0.05, "rmsprop": 0.001, "adam": 0.001}
-
-_BOOK_SIMPLE = {
-    "model_config": {"conv_param": {"filter_num": 30, "filter_size": 5, "pad": 0, "stride": 1}, "hidden_size": 100, "weight_init_std": 0.01},
-    "optimizer": "adam", "lr": 0.001, "epochs": 20, "batch_size": 100,
-}
-#: Default training recipe per (dataset, model). digits/simple is tuned to pass 97% test
-#: accuracy with margin on any seed (98.3-99.2% over seeds 0-4) in about a second of
-#: training on a 2-core CPU; the MNIST recipes are the book's.
-RECIPES: dict[tuple[str, str], dict[str, Any]] = {
-    ("digits", "simple"): {
-        "model_config": {"conv_param": {"filter_num": 30, "filter_size": 3, "pad": 1, "stride": 1}, "hidden_size": 100, "weight_init_std": 0.1},
-        "optimizer": "adagrad", "lr": 0.05, "epochs": 20, "batch_size": 50,
-    },
-    ("digits", "deep"): {"model_config": {"hidden_size": 50}, "optimizer": "adam", "lr": 0.001, "epochs": 30, "batch_size": 50},
-    ("digits", "mlp"): {"model_config": {"hidden_size": 100, "weight_init_std": 0.1}, "optimizer": "adagrad", "lr": 0.05, "epochs": 30, "batch_size": 50},
-    ("mnist", "simple"): _BOOK_SIMPLE,
-    ("mnist", "deep"): {"model_config": {"hidden_size": 50}, "optimizer": "adam", "lr": 0.001, "epochs": 20, "batch_size": 100},
-    ("mnist", "mlp"): {"model_config": {"hidden_size": 100, "weight_init_std": 0.01}, "optimizer": "adam", "lr": 0.001, "epochs": 20, "batch_size": 100},
-}
-for _m in MODELS:
-    RECIPES[("fashion-mnist", _m)] = RECIPES[("mnist", _m)]
-
-
 class UserError(Exception):
     """A problem the user can fix (printed as one line, exit status 2)."""
 
@@ -86,24 +74,11 @@ def out_of_memory_message(exc: BaseException, batch_size: int | None, option: st
     return f"out of {where} at {option} {batch_size} ({detail}): {hint}"
 
 
-def recipe(dataset: str, model: str) -> dict[str, Any]:
-    """The default recipe (model config, optimizer, lr, epochs, batch size) for a pair."""
-    r = RECIPES[(dataset, model)]
-    return {**r, "model_config": dict(r["model_config"])}
-
-
-def model_config(model: str, dataset_info: dict, recipe_config: dict) -> dict[str, Any]:
-    """Constructor config of ``model`` for a dataset's image shape and number of classes."""
-    C, H, W = (int(v) for v in dataset_info["input_dim"])
-    if model == "mlp":
-        return {"input_size": C * H * W, "output_size": int(dataset_info["classes"]), **recipe_config}
-    return {"input_dim": [C, H, W], "output_size": int(dataset_info["classes"]), **recipe_config}
-
-
 # --------------------------------------------------------------------------- parser
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (also the benchmarks' options)."""
     try:
         v = int(text)
     except ValueError:
@@ -113,7 +88,8 @@ def _positive_int(text: str) -> int:
     return v
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
     try:
         v = float(text)
     except ValueError:
@@ -142,11 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train a network and write metrics.json, curves.png, misclassified.png, filters.png and\n"
             "checkpoints (last.safetensors, best.safetensors) into the output folder.\n"
-            "Options left out take the recipe of the chosen dataset and model (see README);\n"
-            "with --resume they take the checkpoint's settings."
+            "Options left out take the --config file's settings, else the recipe of the chosen\n"
+            "dataset and model (xpconv.recipes, see README); with --resume they take the\n"
+            "checkpoint's settings."
         ),
         formatter_class=fmt,
     )
+    t.add_argument("--config", metavar="FILE.toml", default=None,
+                   help="a recipe file (TOML; see xpconv.recipes): its settings replace the built-in recipe's, "
+                        "options given here replace the file's")
     t.add_argument("--model", choices=MODELS, default=None,
                    help="network: 'simple' = conv-relu-pool-affine(100)-relu-affine (the book's SimpleConvNet), "
                         "'deep' = the book's DeepConvNet (6 conv layers, dropout), 'mlp' = TwoLayerNet (default: simple)")
@@ -157,10 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder holding the MNIST/Fashion-MNIST .gz files (default: $XPCONV_DATA_DIR/<dataset> or the "
                         "per-user cache); with only the t10k files the 10,000 test images are split 8,000/2,000")
     t.add_argument("--no-download", action="store_true", help="never download missing dataset files")
-    t.add_argument("--epochs", type=_positive_int, default=None, help="number of epochs in total (with --resume: including those done)")
-    t.add_argument("--batch-size", type=_positive_int, default=None, help="samples per mini-batch")
+    t.add_argument("--epochs", type=positive_int, default=None, help="number of epochs in total (with --resume: including those done)")
+    t.add_argument("--batch-size", type=positive_int, default=None, help="samples per mini-batch")
     t.add_argument("--optimizer", choices=OPTIMIZER_NAMES, type=str.lower, default=None, help="update rule")
-    t.add_argument("--lr", type=_positive_float, default=None,
+    t.add_argument("--lr", type=positive_float, default=None,
                    help="learning rate (default: the recipe's, or for another optimizer: "
                         + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
     t.add_argument("--seed", type=int, default=None, help="seed of the initial weights, the sample order and dropout (default: 0)")
@@ -185,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", metavar="DIR", default=None, help="folder holding the MNIST/Fashion-MNIST files")
     e.add_argument("--no-download", action="store_true", help="never download missing dataset files")
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute (default: auto)")
-    e.add_argument("--batch-size", type=_positive_int, default=500, help="samples per evaluation chunk (default: 500)")
+    e.add_argument("--batch-size", type=positive_int, default=500, help="samples per evaluation chunk (default: 500)")
 
     pr = sub.add_parser(
         "predict",
@@ -202,10 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("checkpoint", metavar="CKPT", help="a .safetensors checkpoint or params file written by xpconv")
     pr.add_argument("files", metavar="FILE", nargs="+", help="image files (.png, .jpg, ...) or .npy arrays")
     pr.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="where to compute (default: cpu)")
-    pr.add_argument("--top", type=_positive_int, default=1, help="show the K most probable classes (default: 1)")
+    pr.add_argument("--top", type=positive_int, default=1, help="show the K most probable classes (default: 1)")
 
-    sub.add_parser("bench", help="benchmarks (xpconv.bench): run 'xpconv bench --help'", add_help=False)
-    sub.add_parser("info", help="versions, namespaces and CUDA status (xpconv.info)", add_help=False)
+    i = sub.add_parser("info", help="versions, namespaces and CUDA status (xpconv.info)",
+                       description="Report versions, usable array namespaces, CUDA devices (or why none is usable), "
+                                   "NumPy's BLAS and what --device auto picks. Exits with 0 either way.")
+    i.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+    sub.add_parser(
+        "bench", add_help=False,
+        help="the speed benchmarks: from a source checkout's root, the same as 'python -m benchmarks'",
+        description="Runs the comparison harness of a source checkout (benchmarks/, not installed with "
+                    "the package); its options are those of 'python -m benchmarks --help'.",
+    )
     return p
 
 
@@ -261,20 +250,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errs)
 
 
-def _run_module(name: str, argv: Sequence[str]) -> int:
-    """``xpconv bench|info ...``: hand over to ``xpconv.<name>.main(argv)``."""
-    modname = f"xpconv.{name}"
-    try:
-        mod = importlib.import_module(modname)
-    except ModuleNotFoundError as exc:
-        if exc.name == modname:
-            _err(f"'{PROG} {name}' is not available in this installation ({modname} is missing)")
-            return 2
-        raise
-    result = mod.main(list(argv))
-    return int(result or 0)
-
-
 def _load_data(dataset: str, data_dir, no_download: bool):
     from .datasets import load_dataset
 
@@ -300,9 +275,24 @@ def _dataset_info(name: str) -> dict:
 # --------------------------------------------------------------------------- train
 
 
+def _config_file(args) -> dict:
+    """Fill the options left out from ``--config FILE.toml``; returns the file's
+    ``[model_config]`` table (empty without a file)."""
+    if not args.config:
+        return {}
+    if args.resume:
+        raise UserError("--config with --resume: a resumed run takes the checkpoint's settings; leave --config out")
+    data = read_config(args.config)
+    for key, value in data.items():
+        if key != "model_config" and getattr(args, key) is None:
+            setattr(args, key, value)
+    return dict(data.get("model_config") or {})
+
+
 def _train_settings(args) -> tuple[dict, Any]:
     """The run's configuration (a JSON-able dict) and the checkpoint to resume (or None)."""
     ckpt = None
+    file_model_config = _config_file(args)
     if args.resume:
         from .checkpoint import load_checkpoint
 
@@ -342,18 +332,18 @@ def _train_settings(args) -> tuple[dict, Any]:
     dataset = args.dataset or "digits"
     model = args.model or "simple"
     r = recipe(dataset, model)
-    optimizer = args.optimizer or r["optimizer"]
-    lr = args.lr if args.lr is not None else (r["lr"] if optimizer == r["optimizer"] else DEFAULT_LR[optimizer])
+    optimizer = args.optimizer or r.optimizer
+    lr = args.lr if args.lr is not None else (r.lr if optimizer == r.optimizer else DEFAULT_LR[optimizer])
     info = _dataset_info(dataset)
     cfg = {
         "model": model,
         "dataset": dataset,
         "data_dir": args.data_dir,
-        "model_config": model_config(model, info, r["model_config"]),
+        "model_config": model_config(model, info, merged(r.model_config, file_model_config)),
         "input_dim": list(info["input_dim"]),
         "class_names": list(info.get("class_names") or []),
-        "epochs": args.epochs or r["epochs"],
-        "batch_size": args.batch_size or r["batch_size"],
+        "epochs": args.epochs or r.epochs,
+        "batch_size": args.batch_size or r.batch_size,
         "optimizer": optimizer,
         "lr": lr,
         "seed": 0 if args.seed is None else args.seed,
@@ -362,6 +352,8 @@ def _train_settings(args) -> tuple[dict, Any]:
         "dtype": args.dtype or "float32",
         "xpconv_version": __version__,
     }
+    if args.config:
+        cfg["config_file"] = str(args.config)
     return cfg, None
 
 
@@ -513,71 +505,21 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _read_image(path: Path, input_dim) -> tuple[list, list[str]]:
-    """[(label, array (C, H, W) float32)] and notes for one file."""
-    import numpy as np
-
-    C, H, W = (int(v) for v in input_dim)
-    if path.suffix.lower() == ".npy":
-        try:
-            a = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise UserError(f"{path}: not a plain .npy array ({exc})") from None
-        if a.dtype == np.uint8:
-            a = a.astype(np.float32) / 255.0
-        a = np.asarray(a, dtype=np.float32)
-        if a.ndim == 2:
-            a = a[None, None]
-        elif a.ndim == 3:
-            a = a[None] if a.shape[0] == C else a[:, None]
-        if a.ndim != 4 or tuple(a.shape[1:]) != (C, H, W):
-            raise UserError(f"{path}: array of shape {a.shape}; this model takes ({C}, {H}, {W}) images (or (N, {C}, {H}, {W}))")
-        return [(f"{path}[{i}]" if a.shape[0] > 1 else str(path), a[i]) for i in range(a.shape[0])], []
-    try:
-        from PIL import Image, UnidentifiedImageError
-    except ImportError:  # pragma: no cover - Pillow is a dependency
-        raise UserError("reading images needs Pillow: pip install pillow") from None
-    try:
-        with Image.open(path) as im:
-            im = im.convert("L")
-            size = im.size
-            if size != (W, H):
-                im = im.resize((W, H), Image.LANCZOS)
-            g = np.asarray(im, dtype=np.float32) / 255.0
-    except UnidentifiedImageError:
-        raise UserError(f"{path}: not an image Pillow can read (and not a .npy file)") from None
-    notes = []
-    if size != (W, H):
-        notes.append(f"resized {size[0]}x{size[1]} -> {W}x{H}")
-    border = np.concatenate([g[0], g[-1], g[:, 0], g[:, -1]])
-    if border.mean() > 0.5:
-        g = 1.0 - g
-        notes.append("inverted (light background)")
-    return [(str(path), np.repeat(g[None], C, axis=0))], notes
-
-
 def cmd_predict(args) -> int:
     import numpy as np
 
-    from .plotting import predict_proba
+    from .backend import to_numpy
+    from .images import read_images
+    from .ops import softmax
 
     ckpt, cfg, input_dim = _load_for_inference(args.checkpoint, args.device)
     if input_dim is None:
         raise UserError(f"{args.checkpoint}: cannot tell the model's input image size")
     names = cfg.get("class_names") or None
-    items, notes_of = [], {}
-    for f in args.files:
-        path = Path(f)
-        if not path.is_file():
-            raise UserError(f"{path}: no such file")
-        got, notes = _read_image(path, input_dim)
-        items += got
-        for label, _ in got:
-            notes_of[label] = notes
-    x = np.stack([a for _, a in items]).astype(np.float32)
-    p = predict_proba(ckpt.model, x)
+    labels, x, notes_of = read_images(args.files, input_dim)
+    p = to_numpy(softmax(ckpt.model.predict(x)))  # predict streams through eval_batch_size chunks
     k = min(args.top, p.shape[1])
-    for (label, _), row in zip(items, p):
+    for label, row in zip(labels, p):
         order = np.argsort(-row)[:k]
         parts = []
         for c in order:
@@ -588,18 +530,45 @@ def cmd_predict(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- info / bench
+
+
+def cmd_info(args) -> int:
+    from .info import print_report
+
+    return print_report(as_json=args.json)
+
+
+def cmd_bench(args, rest: Sequence[str]) -> int:
+    """``xpconv bench ...`` = ``python -m benchmarks ...`` run from a checkout's root (the
+    harness is not part of the installed package); elsewhere, one line saying so."""
+    root = Path.cwd()
+    if not (root / "benchmarks" / "harness.py").is_file():
+        _err("'xpconv bench' runs the benchmark harness of a source checkout, which is not installed with the "
+             "package: from the root of a checkout run 'python -m benchmarks' (the same options)")
+        return 2
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    harness = importlib.import_module("benchmarks.__main__")
+    return int(harness.run(list(rest), prog=f"{PROG} bench") or 0)
+
+
 # --------------------------------------------------------------------------- main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("bench", "info"):
-        return _run_module(argv[0], argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return cmd_bench(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "info":
+        return cmd_info(args)
     handler = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict}[args.command]
     with _one_line_warnings(), _console_logging(args):
         try:

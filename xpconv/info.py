@@ -6,15 +6,20 @@ the exact reason none is usable, the BLAS behind NumPy with its thread count, an
 ``--device auto`` picks.  ``--json`` prints the same as one JSON object.  The exit code is 0
 whether or not a GPU is usable: this is a report, not a check.
 
-    xpconv info            # or: python -m xpconv.info
+    xpconv info            # or: python -m xpconv info
     xpconv info --json
+
+The pieces of the report (:func:`cpu_model`, :func:`thread_env`, :func:`blas`, :func:`cuda`,
+:func:`package_version`) are the one machine probe of the project: the benchmark harness
+(``benchmarks/machine.py``) records the machine with them too.  The command line itself is
+``xpconv.cli``'s ``info`` subcommand; this module only collects and formats.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import json
+import os
 import platform
 import sys
 import warnings
@@ -29,8 +34,14 @@ NAMESPACES = ("numpy", "array_api_strict", "torch", "cupy")
 #: distributions whose versions are reported (None when not installed)
 PACKAGES = ("numpy", "array-api-compat", "array-api-strict", "cupy", "torch", "threadpoolctl")
 
+#: environment variables that set thread counts or kernel choices (they change speed numbers)
+THREAD_ENV = ("XPCONV_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE")
 
-def _package_version(name: str) -> str | None:
+#: what is reported of each BLAS library threadpoolctl finds
+BLAS_KEYS = ("internal_api", "version", "threading_layer", "num_threads", "architecture", "filepath")
+
+
+def package_version(name: str) -> str | None:
     if name == "cupy":  # distributed as cupy-cuda12x, cupy-cuda13x, cupy, ...
         try:
             import cupy
@@ -43,7 +54,7 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def _cupy_distributions() -> list[str]:
+def cupy_distributions() -> list[str]:
     """Installed CuPy wheels ("cupy-cuda13x 14.0.1"); two of them at once break each other."""
     found = set()
     for dist in importlib.metadata.distributions():
@@ -53,7 +64,7 @@ def _cupy_distributions() -> list[str]:
     return sorted(found)
 
 
-def _namespaces() -> dict[str, dict[str, Any]]:
+def namespaces() -> dict[str, dict[str, Any]]:
     out = {}
     for name in NAMESPACES:
         try:
@@ -83,12 +94,12 @@ def _nvidia_driver_release() -> str | None:
     return None
 
 
-def _cuda() -> dict[str, Any]:
+def cuda() -> dict[str, Any]:
     usable, reason = backend.cuda_status()
     info: dict[str, Any] = {
         "usable": usable,
         "reason": reason,
-        "cupy_packages": _cupy_distributions(),
+        "cupy_packages": cupy_distributions(),
         "driver_release": _nvidia_driver_release(),
         "driver_cuda_version": None,
         "runtime_cuda_version": None,
@@ -124,7 +135,28 @@ def _cuda() -> dict[str, Any]:
     return info
 
 
-def _blas() -> dict[str, Any]:
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; elsewhere what :mod:`platform` knows)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu() -> dict[str, Any]:
+    return {"model": cpu_model(), "cores": os.cpu_count()}
+
+
+def thread_env() -> dict[str, str]:
+    """The :data:`THREAD_ENV` variables that are set, with their values."""
+    return {k: os.environ[k] for k in THREAD_ENV if k in os.environ}
+
+
+def blas() -> dict[str, Any]:
     """The BLAS (and OpenMP) libraries loaded in this process, with their thread counts."""
     import numpy  # noqa: F401  (loads NumPy's BLAS so that threadpoolctl sees it)
 
@@ -132,12 +164,11 @@ def _blas() -> dict[str, Any]:
         from threadpoolctl import threadpool_info
     except ImportError:
         return {"libraries": [], "reason": "threadpoolctl is not installed: pip install threadpoolctl"}
-    keys = ("internal_api", "version", "threading_layer", "num_threads", "filepath")
-    libs = [{k: lib.get(k) for k in keys} for lib in threadpool_info() if lib.get("user_api") == "blas"]
+    libs = [{k: lib.get(k) for k in BLAS_KEYS} for lib in threadpool_info() if lib.get("user_api") == "blas"]
     return {"libraries": libs, "reason": None if libs else "no BLAS library found loaded by NumPy"}
 
 
-def _auto_device() -> dict[str, str]:
+def auto_device() -> dict[str, str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback is reported under "cuda" already
         xp = backend.resolve_device("auto")
@@ -157,11 +188,13 @@ def collect() -> dict[str, Any]:
         "platform": platform.platform(),
     }
     sections = {  # BLAS first: before torch is imported, NumPy's is the only one loaded
-        "blas": _blas,
-        "packages": lambda: {name: _package_version(name) for name in PACKAGES},
-        "namespaces": _namespaces,
-        "cuda": _cuda,
-        "auto_device": _auto_device,
+        "blas": blas,
+        "cpu": cpu,
+        "thread_env": thread_env,
+        "packages": lambda: {name: package_version(name) for name in PACKAGES},
+        "namespaces": namespaces,
+        "cuda": cuda,
+        "auto_device": auto_device,
     }
     for key, fn in sections.items():
         try:
@@ -178,7 +211,11 @@ def _gib(n: int) -> str:
 def format_report(r: dict[str, Any]) -> str:
     """The human-readable form of :func:`collect`'s report."""
     py = r["python"]
-    lines = [f"xpconv {r['xpconv']}", f"Python {py['version']} ({py['implementation']}) on {r['platform']}", ""]
+    lines = [f"xpconv {r['xpconv']}", f"Python {py['version']} ({py['implementation']}) on {r['platform']}"]
+    c = r.get("cpu") or {}
+    if "model" in c:
+        lines.append(f"CPU: {c['model']}, {c['cores']} cores")
+    lines.append("")
 
     lines.append("Packages:")
     for name, version in r["packages"].items():
@@ -222,6 +259,9 @@ def format_report(r: dict[str, Any]) -> str:
         )
     if b.get("reason"):
         lines.append(f"  {b['reason']}")
+    env = r.get("thread_env")
+    if env and "error" not in env:
+        lines.append("  environment: " + " ".join(f"{k}={v}" for k, v in env.items()))
 
     a = r["auto_device"]
     lines.append("")
@@ -232,22 +272,16 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``xpconv info [--json]``; always returns 0."""
-    parser = argparse.ArgumentParser(
-        prog="xpconv info",
-        description="Report versions, usable array namespaces, CUDA devices (or why none is usable), "
-        "NumPy's BLAS and what --device auto picks.",
-    )
-    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    args = parser.parse_args(argv)
+def print_report(as_json: bool = False) -> int:
+    """Print the report (text, or one JSON object); ``xpconv info [--json]``. Returns 0:
+    this is a report, not a check."""
     report = collect()
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(format_report(report))
+    print(json.dumps(report, indent=2) if as_json else format_report(report))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m xpconv.info [--json]: the same as python -m xpconv info
+    import runpy
+
+    sys.argv[1:1] = ["info"]
+    runpy.run_module("xpconv", run_name="__main__", alter_sys=True)

@@ -1,9 +1,9 @@
-"""``xpconv bench``: training and inference throughput, side by side.
+"""The comparison harness: training and inference throughput, side by side.
 
-    xpconv bench                                  # CPU: xpconv (NumPy) | PyTorch | textbook
-    xpconv bench --models simple --batch-sizes 100 --repeats 7 --json out.json
-    xpconv bench --scaling                        # batch 1, 10, 100, 1000: samples/s, peak memory
-    xpconv bench --device cuda                    # xpconv on CuPy | PyTorch on CUDA
+    python -m benchmarks                          # CPU: xpconv (NumPy) | PyTorch | textbook
+    python -m benchmarks --models simple --batch-sizes 100 --repeats 7 --json out.json
+    python -m benchmarks --scaling                # batch 1, 10, 100, 1000: samples/s, peak memory
+    python -m benchmarks --device cuda            # xpconv on CuPy | PyTorch on CUDA
 
 For each model (the book's SimpleConvNet and DeepConvNet on MNIST-shaped float32
 data, 1x28x28, 10 classes) and batch size, every implementation runs
@@ -20,8 +20,8 @@ pair by pair from the same run, with the range of the per-repeat ratios as the n
 Implementations:
 
 ``xpconv``   xpconv's model on NumPy (CPU) or CuPy (``--device cuda``), xpconv.optim.Adam.
-``torch``    the same architecture in torch.nn, built layer by layer from xpconv's
-             model with its initial weights (so the same initialisation scale), trained
+``torch``    the same architecture in torch.nn, built by ``xpconv.interop.to_torch``
+             from xpconv's model with its initial weights (so the same initialisation scale), trained
              with torch.optim.Adam (eps 1e-7 as xpconv's); only when torch is installed.
 ``textbook`` a NumPy implementation written the way the textbook does it: a Python
              loop over filter taps filling a float64 ``np.zeros`` scratch array (im2col
@@ -34,29 +34,30 @@ just before a step (``/proc/self/clear_refs`` resets the kernel's high-water mar
 Where neither works the column says ``-``.
 
 ``--json PATH`` writes every number (and the machine, settings and the targets of
-the CPU speed goal) as JSON; ``python -m benchmarks`` (in a checkout) writes it to
-benchmarks/results/ by default.
+the CPU speed goal) as JSON; ``python -m benchmarks`` writes it to benchmarks/results/
+by default.  The machine is recorded by :mod:`benchmarks.machine` (from
+:mod:`xpconv.info`); the textbook network lives in :mod:`benchmarks.textbook`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import ctypes
 import datetime
 import gc
 import importlib.util
 import json
 import math
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["main", "run_suite", "build_parser"]
+from . import machine
+from .textbook import TextbookNet
+
+__all__ = ["IMPLS", "MODELS", "format_table", "run_epochs", "run_suite", "write_json"]
 
 MODELS = ("simple", "deep")
 INPUT_DIM = (1, 28, 28)
@@ -71,64 +72,6 @@ TRAIN_VS_TORCH = {"simple": 1.0, "deep": 0.7}
 INFER_VS_TORCH = {"simple": 1.0, "deep": 0.7}
 VS_TEXTBOOK = 8.0
 EPOCHS, EPOCH_SAMPLES, EPOCH_MINUTES = 20, 60_000, 4.0
-
-
-# =========================================================================== memory
-
-
-def _proc_status_kib(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-_LIBC: Any = None
-
-
-def _malloc_trim() -> None:
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-class _HostMemory:
-    """Peak resident-set growth of one call (Linux), in bytes; None elsewhere."""
-
-    def __init__(self):
-        self.works = self._reset() is not None
-
-    @staticmethod
-    def _reset() -> int | None:
-        gc.collect()
-        _malloc_trim()
-        try:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")  # resets VmHWM to the current VmRSS
-        except OSError:
-            return None
-        return _proc_status_kib("VmRSS")
-
-    def peak(self, fn: Callable[[], Any]) -> int | None:
-        if not self.works:
-            fn()
-            return None
-        base = self._reset()
-        fn()
-        hwm = _proc_status_kib("VmHWM")
-        if base is None or hwm is None:
-            return None
-        return max(0, hwm - base) * 1024
 
 
 # =========================================================================== clocks
@@ -188,7 +131,7 @@ def _data(batch: int, seed: int = 0):
 
 
 def _xpconv_model(model: str, xp: str):
-    from .models import build_model
+    from xpconv.models import build_model
 
     return build_model(model, xp=xp, dtype="float32", seed=0)
 
@@ -221,8 +164,8 @@ class _XpconvCase(_Case):
     impl = "xpconv"
 
     def __init__(self, model, batch, device, host_mem):
-        from .backend import asarray_in, get_namespace
-        from .optim import Adam
+        from xpconv.backend import asarray_in, get_namespace
+        from xpconv.optim import Adam
 
         self.ns_name = "cupy" if device == "cuda" else "numpy"
         self.label = f"xpconv ({self.ns_name})"
@@ -265,54 +208,19 @@ class _XpconvCase(_Case):
         return max(0, pool.total_bytes() - base)  # the pool keeps what the step needed at once
 
 
-def _torch_modules(net, torch, device):
-    """torch.nn.Sequential with the layers of an xpconv Sequential and its weights."""
-    from . import layers as L
-    from .backend import to_numpy
-
-    nn = torch.nn
-    mods = []
-    flat = False
-
-    def param(a):
-        return nn.Parameter(torch.from_numpy(to_numpy(a).copy()).to(device=device, dtype=torch.float32))
-
-    for layer in net.layers:
-        if isinstance(layer, L.Convolution):
-            FN, C, FH, FW = (int(s) for s in layer.W.shape)
-            m = nn.Conv2d(C, FN, (FH, FW), stride=layer.stride, padding=layer.pad)
-            m.weight, m.bias = param(layer.W), param(layer.b)
-        elif isinstance(layer, L.Pooling):
-            m = nn.MaxPool2d((layer.pool_h, layer.pool_w), stride=layer.stride, padding=layer.pad)
-        elif isinstance(layer, L.AvgPooling):
-            m = nn.AvgPool2d((layer.pool_h, layer.pool_w), stride=layer.stride, padding=layer.pad)
-        elif isinstance(layer, L.Relu):
-            m = nn.ReLU()
-        elif isinstance(layer, L.Dropout):
-            m = nn.Dropout(layer.dropout_ratio)
-        elif isinstance(layer, L.Affine):
-            if not flat:
-                mods.append(nn.Flatten())
-                flat = True
-            D, M = (int(s) for s in layer.W.shape)
-            m = nn.Linear(D, M)
-            m.weight, m.bias = param(to_numpy(layer.W).T), param(layer.b)
-        else:
-            raise ValueError(f"xpconv bench: no torch counterpart for layer {type(layer).__name__}")
-        mods.append(m)
-    return nn.Sequential(*mods).to(device)
-
-
 class _TorchCase(_Case):
     impl = "torch"
 
     def __init__(self, model, batch, device, host_mem):
         import torch
 
+        from xpconv.interop import to_torch
+
         self.torch = torch
         self.dev = "cuda" if device == "cuda" else "cpu"
         self.label = f"torch ({self.dev})"
-        self.module = _torch_modules(_xpconv_model(model, "numpy"), torch, self.dev)
+        # nn.Dropout as a PyTorch user writes it (scaled at training time): the same cost per step
+        self.module = to_torch(_xpconv_model(model, "numpy"), device=self.dev, dtype=torch.float32, dropout="inverted")
         xh, th = _data(batch)
         self.x = torch.from_numpy(xh).to(self.dev)
         self.t = torch.from_numpy(th).to(self.dev)
@@ -356,179 +264,6 @@ class _TorchCase(_Case):
         return max(0, torch.cuda.max_memory_allocated() - base)
 
 
-# --------------------------------------------------------------------------- textbook baseline
-
-
-def _tb_out(H, W, FH, FW, S, P):
-    return (H + 2 * P[0] - FH) // S[0] + 1, (W + 2 * P[1] - FW) // S[1] + 1
-
-
-def _tb_im2col(x, FH, FW, S, P, np):
-    """The textbook im2col: a float64 zero scratch array filled tap by tap."""
-    N, C, H, W = x.shape
-    OH, OW = _tb_out(H, W, FH, FW, S, P)
-    img = np.pad(x, [(0, 0), (0, 0), (P[0], P[0]), (P[1], P[1])], "constant")
-    col = np.zeros((N, C, FH, FW, OH, OW))  # float64, as np.zeros gives by default
-    for i in range(FH):
-        for j in range(FW):
-            col[:, :, i, j, :, :] = img[:, :, i : i + S[0] * OH : S[0], j : j + S[1] * OW : S[1]]
-    return col.transpose(0, 4, 5, 1, 2, 3).reshape(N * OH * OW, -1)
-
-
-def _tb_col2im(col, shape, FH, FW, S, P, np):
-    N, C, H, W = shape
-    OH, OW = _tb_out(H, W, FH, FW, S, P)
-    col = col.reshape(N, OH, OW, C, FH, FW).transpose(0, 3, 4, 5, 1, 2)
-    img = np.zeros((N, C, H + 2 * P[0] + S[0] - 1, W + 2 * P[1] + S[1] - 1))
-    for i in range(FH):
-        for j in range(FW):
-            img[:, :, i : i + S[0] * OH : S[0], j : j + S[1] * OW : S[1]] += col[:, :, i, j, :, :]
-    return img[:, :, P[0] : H + P[0], P[1] : W + P[1]]
-
-
-class _TBConv:
-    def __init__(self, W, b, S, P, np):
-        self.W, self.b, self.S, self.P, self.np = W, b, S, P, np
-
-    def forward(self, x, train):
-        FN, C, FH, FW = self.W.shape
-        N, _, H, W = x.shape
-        OH, OW = _tb_out(H, W, FH, FW, self.S, self.P)
-        col = _tb_im2col(x, FH, FW, self.S, self.P, self.np)
-        col_W = self.W.reshape(FN, -1).T
-        out = (col @ col_W + self.b).reshape(N, OH, OW, -1).transpose(0, 3, 1, 2)
-        self.x_shape, self.col, self.col_W = x.shape, col, col_W
-        return out
-
-    def backward(self, dout):
-        FN, C, FH, FW = self.W.shape
-        dout = dout.transpose(0, 2, 3, 1).reshape(-1, FN)
-        self.db = dout.sum(axis=0)
-        self.dW = (self.col.T @ dout).transpose(1, 0).reshape(FN, C, FH, FW)
-        dcol = dout @ self.col_W.T
-        return _tb_col2im(dcol, self.x_shape, FH, FW, self.S, self.P, self.np)
-
-
-class _TBPool:
-    def __init__(self, ph, pw, S, P, np):
-        self.ph, self.pw, self.S, self.P, self.np = ph, pw, S, P, np
-
-    def forward(self, x, train):
-        N, C, H, W = x.shape
-        OH, OW = _tb_out(H, W, self.ph, self.pw, self.S, self.P)
-        col = _tb_im2col(x, self.ph, self.pw, self.S, self.P, self.np).reshape(-1, self.ph * self.pw)
-        self.arg_max = self.np.argmax(col, axis=1)
-        self.x_shape = x.shape
-        return self.np.max(col, axis=1).reshape(N, OH, OW, C).transpose(0, 3, 1, 2)
-
-    def backward(self, dout):
-        np = self.np
-        dout = dout.transpose(0, 2, 3, 1)
-        size = self.ph * self.pw
-        dmax = np.zeros((dout.size, size))
-        dmax[np.arange(self.arg_max.size), self.arg_max.flatten()] = dout.flatten()
-        dcol = dmax.reshape(dout.shape + (size,)).reshape(dout.shape[0] * dout.shape[1] * dout.shape[2], -1)
-        return _tb_col2im(dcol, self.x_shape, self.ph, self.pw, self.S, self.P, np)
-
-
-class _TBRelu:
-    def forward(self, x, train):
-        self.mask = x <= 0
-        out = x.copy()
-        out[self.mask] = 0
-        return out
-
-    def backward(self, dout):
-        dout[self.mask] = 0
-        return dout
-
-
-class _TBAffine:
-    def __init__(self, W, b):
-        self.W, self.b = W, b
-
-    def forward(self, x, train):
-        self.x_shape = x.shape
-        self.x = x.reshape(x.shape[0], -1)
-        return self.x @ self.W + self.b
-
-    def backward(self, dout):
-        dx = dout @ self.W.T
-        self.dW = self.x.T @ dout
-        self.db = dout.sum(axis=0)
-        return dx.reshape(*self.x_shape)
-
-
-class _TBDropout:
-    def __init__(self, ratio, np):
-        self.ratio, self.np = ratio, np
-
-    def forward(self, x, train):
-        if train:
-            self.mask = self.np.random.rand(*x.shape) > self.ratio
-            return x * self.mask
-        return x * (1.0 - self.ratio)
-
-    def backward(self, dout):
-        return dout * self.mask
-
-
-class _TextbookNet:
-    """The model's layers rebuilt textbook-style, float64 weights."""
-
-    def __init__(self, net, np):
-        from . import layers as L
-        from .backend import to_numpy
-
-        self.np = np
-        self.layers = []
-        for layer in net.layers:
-            if isinstance(layer, L.Convolution):
-                tl = _TBConv(to_numpy(layer.W).astype(np.float64), to_numpy(layer.b).astype(np.float64), layer.stride, layer.pad, np)
-            elif isinstance(layer, L.Pooling):
-                tl = _TBPool(layer.pool_h, layer.pool_w, layer.stride, layer.pad, np)
-            elif isinstance(layer, L.Relu):
-                tl = _TBRelu()
-            elif isinstance(layer, L.Affine):
-                tl = _TBAffine(to_numpy(layer.W).astype(np.float64), to_numpy(layer.b).astype(np.float64))
-            elif isinstance(layer, L.Dropout):
-                tl = _TBDropout(layer.dropout_ratio, np)
-            else:
-                raise ValueError(f"xpconv bench: no textbook counterpart for layer {type(layer).__name__}")
-            self.layers.append(tl)
-        self.params = [(tl, a) for tl in self.layers if isinstance(tl, (_TBConv, _TBAffine)) for a in ("W", "b")]
-        self.m = [np.zeros_like(getattr(tl, a)) for tl, a in self.params]
-        self.v = [np.zeros_like(getattr(tl, a)) for tl, a in self.params]
-        self.iter = 0
-
-    def predict(self, x, train=False):
-        for layer in self.layers:
-            x = layer.forward(x, train)
-        return x
-
-    def train_step(self, x, t, lr=0.001, beta1=0.9, beta2=0.999):
-        np = self.np
-        y = self.predict(x, True)
-        y = y - y.max(axis=1, keepdims=True)
-        p = np.exp(y)
-        p /= p.sum(axis=1, keepdims=True)
-        N = x.shape[0]
-        _loss = -np.sum(np.log(p[np.arange(N), t] + 1e-7)) / N
-        dout = p.copy()
-        dout[np.arange(N), t] -= 1
-        dout /= N
-        for layer in reversed(self.layers):
-            dout = layer.backward(dout)
-        self.iter += 1
-        lr_t = lr * np.sqrt(1.0 - beta2**self.iter) / (1.0 - beta1**self.iter)
-        for (tl, a), m, v in zip(self.params, self.m, self.v):
-            g = getattr(tl, "d" + a)
-            m += (1 - beta1) * (g - m)
-            v += (1 - beta2) * (g**2 - v)
-            getattr(tl, a)[...] -= lr_t * m / (np.sqrt(v) + 1e-7)
-        return _loss
-
-
 class _TextbookCase(_Case):
     impl = "textbook"
     label = "textbook (numpy, float64 loops)"
@@ -536,7 +271,7 @@ class _TextbookCase(_Case):
     def __init__(self, model, batch, device, host_mem):
         import numpy as np
 
-        self.net = _TextbookNet(_xpconv_model(model, "numpy"), np)
+        self.net = TextbookNet(_xpconv_model(model, "numpy"), np)
         self.x, self.t = _data(batch)
         self.clock = _CpuClock()
         self.host_mem = host_mem
@@ -630,95 +365,6 @@ def _pair_ratios(records: dict[str, dict], model, batch, mode) -> list[dict]:
     return out
 
 
-# =========================================================================== machine
-
-
-def _machine(device: str, threads: int | None) -> dict:
-    import numpy as np
-
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": _cpu_model(),
-        "cores": os.cpu_count(),
-        "numpy": np.__version__,
-        "threads_requested": threads,
-        # thread and kernel settings that change the numbers
-        "env": {k: os.environ[k] for k in ("XPCONV_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
-                                          "MKL_NUM_THREADS", "OPENBLAS_CORETYPE") if k in os.environ},
-    }
-    try:
-        info["loadavg_start"] = list(os.getloadavg())
-    except OSError:
-        pass
-    try:
-        from threadpoolctl import threadpool_info
-
-        info["blas"] = [
-            {k: lib.get(k) for k in ("internal_api", "version", "num_threads", "threading_layer", "architecture")}
-            for lib in threadpool_info()
-            if lib.get("user_api") == "blas"
-        ]
-    except ImportError:
-        info["blas"] = None
-    if importlib.util.find_spec("torch") is not None:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-        if device == "cuda" and torch.cuda.is_available():
-            info["torch_cuda_device"] = torch.cuda.get_device_name()
-            info["torch_tf32"] = "off (cudnn.allow_tf32 = cuda.matmul.allow_tf32 = False)"
-    if device == "cuda" and importlib.util.find_spec("cupy") is not None:
-        try:
-            import cupy
-
-            info["cupy"] = cupy.__version__
-            props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
-            name = props.get("name", b"")
-            info["cuda_device"] = name.decode() if isinstance(name, bytes) else str(name)
-        except Exception as exc:  # report, do not crash the benchmark
-            info["cuda_device"] = f"unavailable: {exc}"
-    return info
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-@contextlib.contextmanager
-def _threads(n: int | None):
-    """BLAS threads of NumPy (threadpoolctl) and torch's intra-op threads set to n."""
-    if n is None:
-        yield
-        return
-    torch = None
-    if importlib.util.find_spec("torch") is not None:
-        import torch
-
-        old = torch.get_num_threads()
-        torch.set_num_threads(n)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        threadpool_limits = None
-    try:
-        if threadpool_limits is None:
-            yield
-        else:
-            with threadpool_limits(limits=n, user_api="blas"):
-                yield
-    finally:
-        if torch is not None:
-            torch.set_num_threads(old)
-
 
 # =========================================================================== the suite
 
@@ -757,7 +403,7 @@ def run_suite(
 ) -> dict:
     """Run the benchmark; returns the JSON-ready result dict."""
     if device == "cuda":
-        from .backend import cuda_status
+        from xpconv.backend import cuda_status
 
         ok, why = cuda_status()
         if not ok:
@@ -765,7 +411,7 @@ def run_suite(
     impls = _available_impls(device, list(impls), log)
     if not impls:
         raise RuntimeError("no implementation left to benchmark")
-    host_mem = _HostMemory()
+    host_mem = machine.HostMemory()
     result: dict[str, Any] = {
         "benchmark": "xpconv bench",
         "schema": SCHEMA,
@@ -788,8 +434,8 @@ def run_suite(
         "results": [],
         "ratios": [],
     }
-    with _threads(threads):
-        result["machine"] = _machine(device, threads)
+    with machine.thread_limit(threads):
+        result["machine"] = machine.report(device, threads)
         if not host_mem.works and device == "cpu":
             log("peak memory: /proc/self/clear_refs is not available here; memory columns stay empty")
         for model in models:
@@ -812,7 +458,7 @@ def run_suite(
     except OSError:
         pass
     if device == "cpu" and not scaling:
-        result["targets"] = _targets(result)
+        result["targets"] = check_targets(result)
     return result
 
 
@@ -822,7 +468,7 @@ def run_epochs(epochs: int = EPOCHS, samples: int = EPOCH_SAMPLES, test_samples:
     ``samples`` MNIST-shaped synthetic samples in batches of ``batch`` with Adam
     (lr 0.001), scoring train and test accuracy after each epoch as the book's
     Trainer does (on up to 1,000 samples each)."""
-    from .training import Trainer
+    from xpconv.training import Trainer
 
     x, t = _data(samples, seed=1)
     xt, tt = _data(test_samples, seed=2)
@@ -859,7 +505,7 @@ def _ratio(result, model, batch, mode, a, b):
     return None
 
 
-def _targets(result) -> list[dict]:
+def check_targets(result) -> list[dict]:
     """The CPU goal, checked against this run (targets whose numbers the run lacks are left out)."""
     out = []
 
@@ -897,8 +543,8 @@ def _targets(result) -> list[dict]:
 # =========================================================================== output
 
 
-def _load(machine, key):
-    v = machine.get(key)
+def _load(m, key):
+    v = m.get(key)
     return "?" if not v else f"{v[0]:.2f}"
 
 
@@ -988,102 +634,3 @@ def write_json(result: dict, path: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-# =========================================================================== command line
-
-
-def _csv(kind):
-    def parse(text):
-        items = [v.strip() for v in text.replace(",", " ").split() if v.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError("expected a comma-separated list")
-        return [kind(v) for v in items]
-
-    return parse
-
-
-def _positive_int(text):
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return v
-
-
-def build_parser(prog: str = "xpconv bench") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Training-step and inference throughput of SimpleConvNet/DeepConvNet: "
-        "xpconv, PyTorch and a textbook NumPy baseline side by side.",
-    )
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cpu: xpconv on NumPy vs torch CPU vs textbook; cuda: xpconv on CuPy vs torch CUDA")
-    p.add_argument("--models", type=_csv(str), default=list(MODELS), help="comma-separated: simple,deep (default both)")
-    p.add_argument("--batch-sizes", type=_csv(_positive_int), default=None,
-                   help=f"comma-separated (default {','.join(map(str, SUITE_BATCHES))}; with --scaling "
-                   f"{','.join(map(str, SCALING_BATCHES))})")
-    p.add_argument("--impls", type=_csv(str), default=None,
-                   help="comma-separated subset of xpconv,torch,textbook (default all; with --scaling xpconv,torch)")
-    p.add_argument("--modes", type=_csv(str), default=["train", "infer"], help="train,infer (default both)")
-    p.add_argument("--repeats", type=_positive_int, default=None, help="timed repeats per cell; the median is reported (default 5)")
-    p.add_argument("--min-time", type=float, default=None, help="seconds per repeat at least (default 0.5)")
-    p.add_argument("--threads", type=_positive_int, default=None,
-                   help="BLAS threads for NumPy and intra-op threads for torch (default: the libraries' own)")
-    p.add_argument("--scaling", action="store_true", help="throughput and peak memory against batch size 1, 10, 100, 1000")
-    p.add_argument("--quick", action="store_true", help="a fast smoke run: 2 repeats of >= 0.02 s (numbers are rough)")
-    p.add_argument("--epochs-run", type=int, nargs="?", const=EPOCHS, default=None, metavar="E",
-                   help=f"also time a whole Trainer run of SimpleConvNet: E epochs (default {EPOCHS}) over "
-                   f"--epoch-samples synthetic samples, batch 100, Adam")
-    p.add_argument("--epoch-samples", type=_positive_int, default=EPOCH_SAMPLES, help=f"samples per epoch of --epochs-run (default {EPOCH_SAMPLES:,})")
-    p.add_argument("--json", metavar="PATH", default=None, help="write every number as JSON to PATH")
-    return p
-
-
-def main(argv=None, prog: str = "xpconv bench") -> int:
-    args = build_parser(prog).parse_args(argv)
-    bad = [m for m in args.models if m not in MODELS]
-    if bad:
-        print(f"{prog}: unknown model(s) {bad}; expected some of {', '.join(MODELS)}", file=sys.stderr)
-        return 2
-    impls = args.impls or (["xpconv", "torch"] if args.scaling else list(IMPLS))
-    bad = [i for i in impls if i not in IMPLS]
-    if bad:
-        print(f"{prog}: unknown implementation(s) {bad}; expected some of {', '.join(IMPLS)}", file=sys.stderr)
-        return 2
-    bad = [m for m in args.modes if m not in ("train", "infer")]
-    if bad:
-        print(f"{prog}: unknown mode(s) {bad}; expected train and/or infer", file=sys.stderr)
-        return 2
-    batches = args.batch_sizes or list(SCALING_BATCHES if args.scaling else SUITE_BATCHES)
-    repeats = args.repeats or (2 if args.quick else 5)
-    min_time = args.min_time if args.min_time is not None else (0.02 if args.quick else 0.5)
-    if min_time < 0:
-        print(f"{prog}: --min-time must be >= 0, got {min_time}", file=sys.stderr)
-        return 2
-
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
-
-    try:
-        result = run_suite(device=args.device, models=args.models, batch_sizes=batches, impls=impls,
-                           repeats=repeats, min_time=min_time, threads=args.threads, modes=args.modes,
-                           scaling=args.scaling, log=log)
-    except RuntimeError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 2
-    if args.epochs_run:
-        with _threads(args.threads):
-            result["epochs_run"] = run_epochs(args.epochs_run, args.epoch_samples, test_samples=min(10_000, args.epoch_samples),
-                                              device=args.device, log=log)
-        if "targets" in result:
-            result["targets"] = _targets(result)
-    result["command"] = " ".join([prog] + list(sys.argv[1:] if argv is None else argv))
-    print(format_table(result))
-    if args.json:
-        write_json(result, args.json)
-        print(f"\nwrote {args.json}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
