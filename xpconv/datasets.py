@@ -637,8 +637,10 @@ def _obtain(name, folder: Path, keys, may_download: bool, base_url, verify: bool
     for key in keys:
         fname = IDX_FILES[key]
         path = _local_file(folder, fname)
-        if path is not None and verify:
-            _verify(name, fname, path)
+        if path is not None:  # a folder, FIFO or device is refused by name, checked or not
+            _regular_file(path, "dataset file")
+            if verify:
+                _verify(name, fname, path)
         if path is None and may_download:
             if urls is None:
                 urls = _base_urls(name, base_url)
