@@ -6,8 +6,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.server
+import os
 import socket
+import subprocess
+import sys
 import threading
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -32,7 +36,9 @@ def _closed_port_url() -> str:
 
 @pytest.fixture(autouse=True)
 def _no_network_no_user_cache(monkeypatch, tmp_path):
-    """Every test here: mirrors point at a closed local port, the cache root is in tmp_path."""
+    """Every test here: mirrors point at a closed local port, the cache root is in tmp_path,
+    and http:// on 127.0.0.1 is allowed (the module's private test hook; https only otherwise)."""
+    monkeypatch.setattr(datasets, "_ALLOW_HTTP_LOOPBACK", True)
     dead = _closed_port_url()
     monkeypatch.setenv("XPCONV_MNIST_URL", dead)
     monkeypatch.setenv("XPCONV_FASHION_MNIST_URL", dead)
@@ -216,18 +222,19 @@ def test_idx_pair_count_mismatch_and_label_range(tmp_path):
     make_mnist_dir(tmp_path)
     write(tmp_path / "t10k-labels-idx1-ubyte.gz", idx_bytes((19,), bytes(19)))
     with pytest.raises(DatasetError, match="t10k-images.*20 images.*t10k-labels.*19 labels"):
-        datasets.load_mnist(data_dir=tmp_path, download=False)
+        datasets.load_mnist(data_dir=tmp_path, download=False, verify=False)
     write(tmp_path / "t10k-labels-idx1-ubyte.gz", idx_bytes((20,), bytes([3] * 19 + [10])))
     with pytest.raises(DatasetError, match="t10k-labels-idx1-ubyte.gz: label 10 found; expected 0..9"):
-        datasets.load_mnist(data_dir=tmp_path, download=False)
+        datasets.load_mnist(data_dir=tmp_path, download=False, verify=False)
     write(tmp_path / "train-images-idx3-ubyte.gz", idx_bytes((50, 28, 27)))
     write(tmp_path / "t10k-labels-idx1-ubyte.gz", idx_bytes((20,), bytes(20)))
     with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte.gz: dimensions \(50, 28, 27\)"):
-        datasets.load_mnist(data_dir=tmp_path, download=False)
+        datasets.load_mnist(data_dir=tmp_path, download=False, verify=False)
 
 
-def test_load_mnist_from_folder_book_compatible(tmp_path):
+def test_load_mnist_from_folder_book_compatible(tmp_path, monkeypatch):
     files = make_mnist_dir(tmp_path / "d")
+    _register(monkeypatch, files)
     (x, t), (xt, tt) = datasets.load_mnist(data_dir=tmp_path / "d")
     assert x.shape == (50, 784) and xt.shape == (20, 784) and x.dtype == np.float32
     assert t.dtype == np.int64 and 0 <= x.min() and x.max() <= 1
@@ -241,11 +248,14 @@ def test_load_mnist_from_folder_book_compatible(tmp_path):
     (_, oh), _ = datasets.load_mnist(one_hot_label=True, data_dir=tmp_path / "d")
     assert oh.shape == (50, 10) and oh.dtype == np.float32
     np.testing.assert_array_equal(oh.argmax(1), t)
-    # Uncompressed twins are read too; fashion-mnist goes through the same reader.
+    # Uncompressed twins cannot be checked against the published (gzip) hashes: refused,
+    # unless verify=False; fashion-mnist goes through the same reader.
     for name in MNIST_FILES:
         (tmp_path / "plain").mkdir(exist_ok=True)
         (tmp_path / "plain" / name.removesuffix(".gz")).write_bytes(gzip.decompress(files[name]))
-    (xp_, tp_), _ = datasets.load_fashion_mnist(data_dir=tmp_path / "plain")
+    with pytest.raises(DatasetError, match="t10k-images-idx3-ubyte: an uncompressed copy cannot be checked.*verify=False"):
+        datasets.load_fashion_mnist(data_dir=tmp_path / "plain")
+    (xp_, tp_), _ = datasets.load_fashion_mnist(data_dir=tmp_path / "plain", verify=False)
     np.testing.assert_array_equal(xp_, x)
     np.testing.assert_array_equal(tp_, t)
 
@@ -255,7 +265,7 @@ def test_xpconv_data_dir_env_is_a_root_of_dataset_folders(tmp_path, monkeypatch)
     assert datasets.dataset_dir("mnist") == tmp_path / "root" / "mnist"
     assert datasets.dataset_dir("mnist", tmp_path / "x") == tmp_path / "x"
     make_mnist_dir(tmp_path / "root" / "fashion-mnist")
-    (x, _), _ = datasets.load_dataset("fashion-mnist", download=False)
+    (x, _), _ = datasets.load_dataset("fashion-mnist", download=False, verify=False)
     assert x.shape == (50, 1, 28, 28) and x.dtype == np.float32
 
 
@@ -279,7 +289,7 @@ def test_real_mnist_t10k_files(mnist_dir):
     assert x.max() == 255 and x.min() == 0
     for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         digest = hashlib.sha256((mnist_dir / name).read_bytes()).hexdigest()
-        assert digest == datasets._SHA256["mnist"][name]
+        assert (len((mnist_dir / name).read_bytes()), digest) == datasets._KNOWN_FILES["mnist"][name]
 
 
 def test_real_mnist_test_only_folder(mnist_dir):
@@ -307,16 +317,105 @@ def test_real_mnist_test_only_folder(mnist_dir):
     np.testing.assert_array_equal(t, full[p[2000:]])
 
 
+# --------------------------------------------------------------------------- hostile local files
+
+
+@pytest.fixture
+def mnist_copy(mnist_dir, tmp_path):
+    """A writable copy of the real t10k pair."""
+    d = tmp_path / "copy"
+    d.mkdir()
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (d / name).write_bytes((mnist_dir / name).read_bytes())
+    return d
+
+
+def test_tampered_local_file_is_refused_by_name(mnist_copy):
+    p = mnist_copy / "t10k-labels-idx1-ubyte.gz"
+    raw = bytearray(p.read_bytes())
+    raw[-20] ^= 0x01  # same size, well-formed gzip header: only the hash tells
+    p.write_bytes(bytes(raw))
+    with pytest.raises(DatasetError) as err:
+        datasets.load_dataset("mnist", data_dir=mnist_copy)
+    msg = str(err.value)
+    assert msg.startswith(f"{p}: expected MNIST's t10k-labels-idx1-ubyte.gz") and "sha256" in msg
+    assert "differs" in msg and "\n" not in msg
+    # A file of another size is refused without being read whole.
+    p.write_bytes(b"\x1f\x8b" + b"\0" * 100)
+    with pytest.raises(DatasetError, match="102 bytes, not 4,542"):
+        datasets.load_dataset("mnist", data_dir=mnist_copy)
+
+
+def test_fashion_mnist_pointed_at_mnist_files_is_refused(mnist_copy):
+    with pytest.raises(DatasetError) as err:
+        datasets.load_dataset("fashion-mnist", data_dir=mnist_copy)
+    msg = str(err.value)
+    assert "expected Fashion-MNIST's t10k-images-idx3-ubyte.gz" in msg
+    assert "this is MNIST's t10k-images-idx3-ubyte.gz" in msg
+    # Swapped names are caught the same way.
+    a, b = mnist_copy / "t10k-images-idx3-ubyte.gz", mnist_copy / "t10k-labels-idx1-ubyte.gz"
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    with pytest.raises(DatasetError, match="t10k-images-idx3-ubyte.gz: expected MNIST's t10k-images.*this is MNIST's t10k-labels"):
+        datasets.load_dataset("mnist", data_dir=mnist_copy)
+
+
+def test_idx_header_checked_before_allocation(tmp_path):
+    # 2,000,000 images promised in a few KB: the labels disagree -> refused from the headers.
+    zeros = bytes(1 << 16)
+    body = gzip.compress(idx_bytes((2_000_000, 28, 28), zeros), mtime=0)
+    write(tmp_path / "t10k-images-idx3-ubyte.gz", body, compress=False)
+    write(tmp_path / "t10k-labels-idx1-ubyte.gz", idx_bytes((20,), bytes(20)))
+    with pytest.raises(DatasetError, match="2000000 images but .*t10k-labels-idx1-ubyte.gz holds 20 labels"):
+        datasets.load_mnist(data_dir=tmp_path, download=False, verify=False)
+    # Agreeing counts: the size cap refuses it, still before any payload is read.
+    write(tmp_path / "t10k-labels-idx1-ubyte.gz", idx_bytes((2_000_000,), zeros))
+    with pytest.raises(DatasetError, match=r"header promises 2000000 x 28 x 28 = 1,568,000,000 bytes; expected at most 67,108,864"):
+        datasets.load_mnist(data_dir=tmp_path, download=False, verify=False)
+    with pytest.raises(DatasetError, match="promises 2000000 x 28 x 28"):
+        read_idx(tmp_path / "t10k-images-idx3-ubyte.gz")
+    assert read_idx(write(tmp_path / "ok.gz", idx_bytes((4, 2))), max_bytes=8).shape == (4, 2)
+    with pytest.raises(DatasetError, match="expected at most 7"):
+        read_idx(tmp_path / "ok.gz", max_bytes=7)
+
+
+def test_trailing_data_is_not_decompressed_without_bound(tmp_path):
+    p = write(tmp_path / "bomb.gz", idx_bytes((3,)) + bytes(50 << 20))
+    with pytest.raises(DatasetError, match="bomb.gz: over 1 MiB of bytes after the payload"):
+        read_idx(p, "labels")
+
+
+def test_only_regular_files_are_opened(tmp_path):
+    fifo = tmp_path / "t10k-images-idx3-ubyte.gz"
+    os.mkfifo(fifo)  # opening it would block forever
+    with pytest.raises(DatasetError, match="expected a regular IDX file, got a FIFO"):
+        read_idx(fifo)
+    with pytest.raises(DatasetError, match="t10k-images-idx3-ubyte.gz: expected a regular dataset file, got a FIFO"):
+        datasets.load_mnist(data_dir=tmp_path, download=False)
+    with pytest.raises(DatasetError, match="expected a regular IDX file, got a folder"):
+        read_idx(tmp_path)
+    link = tmp_path / "zero.gz"
+    link.symlink_to("/dev/zero")
+    with pytest.raises(DatasetError, match="zero.gz: expected a regular IDX file, got a device"):
+        read_idx(link)
+
+
 # --------------------------------------------------------------------------- downloads
 
 
 class _Server:
-    """http.server on 127.0.0.1:0 serving ``files``; ``short`` names are sent with a
-    Content-Length larger than the bytes that follow (the connection then closes)."""
+    """http.server on 127.0.0.1:0 serving ``files``. Per file name: ``short`` sends a
+    Content-Length larger than the bytes that follow (then closes); ``drip`` sends one byte
+    every 0.1 s; ``endless`` sends zeros without a Content-Length until the client leaves;
+    ``redirect`` maps a name to a Location header (302)."""
 
     def __init__(self):
         self.files: dict[str, bytes] = {}
         self.short: set[str] = set()
+        self.drip: set[str] = set()
+        self.endless: set[str] = set()
+        self.redirect: dict[str, str] = {}
         self.requests: list[str] = []
         server = self
 
@@ -324,6 +423,22 @@ class _Server:
             def do_GET(self):
                 name = self.path.rsplit("/", 1)[-1]
                 server.requests.append(name)
+                if name in server.redirect:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirect[name])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if name in server.endless:
+                    self.send_response(200)
+                    self.end_headers()  # no Content-Length: the body ends when the connection does
+                    self.close_connection = True
+                    try:
+                        for _ in range(10_000):
+                            self.wfile.write(bytes(1 << 16))
+                    except OSError:
+                        pass
+                    return
                 body = server.files.get(name)
                 if body is None:
                     self.send_error(404)
@@ -335,6 +450,15 @@ class _Server:
                 if name in server.short:
                     self.wfile.write(body[: len(body) // 2])
                     self.close_connection = True
+                elif name in server.drip:
+                    self.close_connection = True
+                    try:
+                        for i in range(min(len(body), 600)):
+                            self.wfile.write(body[i : i + 1])
+                            self.wfile.flush()
+                            time.sleep(0.1)
+                    except OSError:
+                        pass
                 else:
                     self.wfile.write(body)
 
@@ -358,11 +482,16 @@ def server():
     s.close()
 
 
+def _register(monkeypatch, files, name="mnist"):
+    """Put the sizes and hashes of ``files`` in place of the published ones of ``name``."""
+    monkeypatch.setitem(datasets._KNOWN_FILES, name, {n: (len(b), hashlib.sha256(b).hexdigest()) for n, b in files.items()})
+
+
 @pytest.fixture
 def synthetic_hashes(tmp_path, monkeypatch):
-    """Small valid MNIST files, with their hashes put in place of the published ones."""
+    """Small valid MNIST files, with their sizes and hashes put in place of the published ones."""
     files = make_mnist_dir(tmp_path / "source")
-    monkeypatch.setitem(datasets._SHA256, "mnist", {n: hashlib.sha256(b).hexdigest() for n, b in files.items()})
+    _register(monkeypatch, files)
     return files
 
 
@@ -389,13 +518,33 @@ def test_download_env_url_and_mirror_fallback(server, synthetic_hashes, tmp_path
     assert files_under(tmp_path / "cache-root" / "mnist") == sorted(MNIST_FILES)
 
 
+def test_nothing_is_downloaded_into_the_users_folder_unless_asked(server, mnist_dir, tmp_path):
+    """A --data-dir holding only the test files: read as it is (split, with a warning), no
+    request made, the folder untouched - until download=True asks for the rest."""
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        server.files[name] = (mnist_dir / name).read_bytes()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in server.files:
+        (mine / name).write_bytes(server.files[name])
+    for _ in range(2):  # every eval alike
+        with pytest.warns(DatasetWarning, match="nothing is downloaded into it unless asked"):
+            datasets.load_dataset("mnist", data_dir=mine, base_url=server.url)
+    assert server.requests == []
+    assert files_under(mine) == sorted(server.files)
+    # A named folder that does not exist is not created.
+    with pytest.raises(DatasetError, match="unless asked") as err:
+        datasets.load_mnist(data_dir=tmp_path / "nowhere", base_url=server.url)
+    assert "\n" in str(err.value) and not (tmp_path / "nowhere").exists() and server.requests == []
+
+
 def test_download_real_published_hashes(server, mnist_dir, tmp_path):
-    """The real t10k files pass the real SHA-256 constants through the download path."""
+    """The real t10k files pass the real sizes and SHA-256 constants through the download path."""
     for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         server.files[name] = (mnist_dir / name).read_bytes()
     cache = tmp_path / "dl"
     with pytest.warns(DatasetWarning, match="8,000 train"):
-        (x, t), (xt, tt) = datasets.load_dataset("mnist", data_dir=cache, base_url=server.url)
+        (x, t), (xt, tt) = datasets.load_dataset("mnist", data_dir=cache, base_url=server.url, download=True)
     assert files_under(cache) == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
     assert x.shape[0] + xt.shape[0] == 10000
     # Only the train files are missing now; they were asked for and answered 404.
@@ -404,10 +553,11 @@ def test_download_real_published_hashes(server, mnist_dir, tmp_path):
 
 def test_download_checksum_mismatch_leaves_nothing(server, synthetic_hashes, tmp_path):
     server.files.update(synthetic_hashes)
-    server.files["t10k-images-idx3-ubyte.gz"] = gzip.compress(idx_bytes((20, 28, 28)), mtime=0)
+    good = synthetic_hashes["t10k-images-idx3-ubyte.gz"]
+    server.files["t10k-images-idx3-ubyte.gz"] = good[:-1] + bytes([good[-1] ^ 1])  # same size
     cache = tmp_path / "cache"
     with pytest.raises(DatasetError) as err:
-        datasets.load_mnist(data_dir=cache, base_url=server.url)
+        datasets.load_mnist(data_dir=cache, base_url=server.url, download=True)
     msg = str(err.value)
     assert "checksum mismatch" in msg and "t10k-images-idx3-ubyte.gz" in msg and str(cache) in msg
     # The good labels file may stay; the bad one and any temporary file may not.
@@ -415,28 +565,86 @@ def test_download_checksum_mismatch_leaves_nothing(server, synthetic_hashes, tmp
 
 
 def test_download_truncated_transfer_leaves_nothing(server, synthetic_hashes, tmp_path):
-    # Fewer bytes than Content-Length for one file; a gzip cut short (hash mismatch) for another.
+    # Fewer bytes than Content-Length for one file; a size other than the known one for another.
     server.files.update(synthetic_hashes)
     server.short.add("t10k-images-idx3-ubyte.gz")
     labels = synthetic_hashes["t10k-labels-idx1-ubyte.gz"]
     server.files["t10k-labels-idx1-ubyte.gz"] = labels[: len(labels) - 10]
     cache = tmp_path / "cache"
     with pytest.raises(DatasetError, match="t10k-images-idx3-ubyte.gz") as err:
-        datasets.load_mnist(data_dir=cache, base_url=server.url)
+        datasets.load_mnist(data_dir=cache, base_url=server.url, download=True)
     msg = str(err.value)
-    assert "transfer broken off" in msg and "checksum mismatch" in msg
+    assert "transfer broken off" in msg and f"server announces {len(labels) - 10} bytes; expected {len(labels):,}" in msg
     assert "t10k-labels-idx1-ubyte.gz" in msg and "train-images-idx3-ubyte.gz" in msg
     assert server.requests.count("t10k-images-idx3-ubyte.gz") == 1
     assert "train-images-idx3-ubyte.gz" not in server.requests  # no use fetching it
-    left = files_under(cache)
-    assert "t10k-images-idx3-ubyte.gz" not in left and "t10k-labels-idx1-ubyte.gz" not in left
-    assert left == []
+    assert files_under(cache) == []
+
+
+def test_download_endless_body_is_cut_at_the_known_size(server, synthetic_hashes, tmp_path):
+    server.files.update(synthetic_hashes)
+    server.endless.add("t10k-images-idx3-ubyte.gz")
+    cache = tmp_path / "cache"
+    with pytest.raises(DatasetError) as err:
+        datasets.load_mnist(data_dir=cache, base_url=server.url, download=True)
+    size = len(synthetic_hashes["t10k-images-idx3-ubyte.gz"])
+    assert f"t10k-images-idx3-ubyte.gz: more than the {size:,} bytes expected, download discarded" in str(err.value)
+    assert files_under(cache) == ["t10k-labels-idx1-ubyte.gz"]
+
+
+def test_download_has_a_total_deadline(server, synthetic_hashes, tmp_path, monkeypatch):
+    """A server that keeps sending a byte now and then never trips a read timeout; the
+    deadline for the whole file ends it (here shortened to 0.5 s for the test)."""
+    monkeypatch.setattr(datasets, "_deadline_s", lambda size: 0.5)
+    server.files.update(synthetic_hashes)
+    server.drip.add("t10k-labels-idx1-ubyte.gz")
+    cache = tmp_path / "cache"
+    with pytest.raises(DatasetError, match=r"t10k-labels-idx1-ubyte.gz: not complete within 0 s \(\d+ of [\d,]+ bytes\), download discarded"):
+        datasets.load_mnist(data_dir=cache, base_url=server.url, download=True)
+    assert "t10k-labels-idx1-ubyte.gz" not in files_under(cache)
+    assert not [p for p in files_under(cache) if p.endswith(".part")]
+
+
+def test_downloads_are_https_only(server, synthetic_hashes, tmp_path, monkeypatch):
+    assert all(u.startswith("https://") for urls in datasets._BASE_URLS.values() for u in urls)
+    # A plain-http redirect is refused even where the loopback test hook is on.
+    server.files.update(synthetic_hashes)
+    server.redirect["t10k-images-idx3-ubyte.gz"] = "http://example.invalid/t10k-images-idx3-ubyte.gz"
+    with pytest.raises(DatasetError, match="redirected to 'http://example.invalid/.*'; expected https:// only"):
+        datasets.load_mnist(data_dir=tmp_path / "c", base_url=server.url, download=True)
+    # Without the hook, http:// is refused outright, naming where the URL came from.
+    monkeypatch.setattr(datasets, "_ALLOW_HTTP_LOOPBACK", False)
+    with pytest.raises(DatasetError, match="base_url: 'http://127.0.0.1.*' is not allowed; expected an https:// URL"):
+        datasets.load_mnist(base_url=server.url)
+    monkeypatch.setenv("XPCONV_MNIST_URL", "http://mirror.example/mnist/")
+    with pytest.raises(DatasetError, match="XPCONV_MNIST_URL: 'http://mirror.example/mnist/' is not allowed"):
+        datasets.load_mnist()
+    assert "t10k-images-idx3-ubyte.gz" in server.requests and "train-images-idx3-ubyte.gz" not in server.requests
+
+
+def test_stale_temporary_files_are_removed_on_the_next_start(server, synthetic_hashes, tmp_path):
+    cache = tmp_path / "cache-root" / "mnist"
+    cache.mkdir(parents=True)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that has exited, as after kill -9
+    stale = cache / f".t10k-images-idx3-ubyte.gz.{gone.pid}-0a1b.part"
+    live = cache / f".train-images-idx3-ubyte.gz.{os.getppid()}-0a1b.part"  # a download in progress
+    other = cache / ".notes.1-0a1b.part"  # not ours
+    for p in (stale, live, other):
+        p.write_bytes(b"partial")
+    server.files.update(synthetic_hashes)
+    datasets.load_mnist(base_url=server.url)
+    assert not stale.exists() and live.exists() and other.exists()
+    # A fresh-looking file of a live pid is kept, an old one is not.
+    os.utime(live, (0, 0))
+    datasets.load_mnist(base_url=server.url)
+    assert not live.exists()
 
 
 def test_offline_without_files_lists_them(tmp_path):
     folder = tmp_path / "nothing-here"
     with pytest.raises(DatasetError) as err:
-        datasets.load_mnist(data_dir=folder, base_url=_closed_port_url())
+        datasets.load_mnist(data_dir=folder, base_url=_closed_port_url(), download=True)
     msg = str(err.value)
     for name in MNIST_FILES:
         assert name in msg

@@ -9,23 +9,34 @@ POH/POW.  Nothing here touches an array; it imports nothing from xpconv.
 
 from __future__ import annotations
 
+import math
+import operator
 from typing import Any, NamedTuple
 
 __all__ = ["Window", "conv_output_size", "pair", "window"]
 
 
+def _whole(v: Any, what: str, value: Any) -> int:
+    """v as an int: ints (NumPy's too) and whole floats such as 2.0 pass; 1.5, True, "2" do not."""
+    if isinstance(v, float) or (hasattr(v, "is_integer") and not hasattr(v, "__index__")):
+        if math.isfinite(v) and float(v).is_integer():
+            return int(v)
+        raise ValueError(f"{what} must be a whole number, got {value!r} (not truncated)")
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
+        raise TypeError(f"{what} must be an int or an (h, w) pair of ints, got {value!r}")
+    return operator.index(v)
+
+
 def pair(value: Any, what: str = "value") -> tuple[int, int]:
-    """An int or an (h, w) pair as a pair of non-negative ints."""
+    """An int or an (h, w) pair as a pair of non-negative ints; a fractional value such as
+    1.5 is refused rather than truncated."""
     if isinstance(value, (tuple, list)):
         if len(value) != 2:
             raise ValueError(f"{what} must be an int or an (h, w) pair, got {value!r}")
         h, w = value
     else:
         h = w = value
-    try:
-        h, w = int(h), int(w)
-    except (TypeError, ValueError):
-        raise TypeError(f"{what} must be an int or an (h, w) pair of ints, got {value!r}") from None
+    h, w = _whole(h, what, value), _whole(w, what, value)
     if h < 0 or w < 0:
         raise ValueError(f"{what} must be non-negative, got {value!r}")
     return h, w

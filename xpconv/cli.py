@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder holding the MNIST/Fashion-MNIST .gz files (default: $XPCONV_DATA_DIR/<dataset> or the "
                         "per-user cache); with only the t10k files the 10,000 test images are split 8,000/2,000")
     t.add_argument("--no-download", action="store_true", help="never download missing dataset files")
+    t.add_argument("--download", action="store_true",
+                   help="download missing dataset files into --data-dir too (by default only the cache folder is written)")
     t.add_argument("--epochs", type=positive_int, default=None, help="number of epochs in total (with --resume: including those done)")
     t.add_argument("--batch-size", type=positive_int, default=None, help="samples per mini-batch")
     t.add_argument("--optimizer", choices=OPTIMIZER_NAMES, type=str.lower, default=None, help="update rule")
@@ -164,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", choices=DATASET_NAMES, default=None, help="dataset (default: the one the checkpoint was trained on)")
     e.add_argument("--data-dir", metavar="DIR", default=None, help="folder holding the MNIST/Fashion-MNIST files")
     e.add_argument("--no-download", action="store_true", help="never download missing dataset files")
+    e.add_argument("--download", action="store_true",
+                   help="download missing dataset files into --data-dir too (by default only the cache folder is written)")
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute (default: auto)")
     e.add_argument("--batch-size", type=positive_int, default=500, help="samples per evaluation chunk (default: 500)")
 
@@ -250,10 +254,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errs)
 
 
-def _load_data(dataset: str, data_dir, no_download: bool):
+def _download_choice(args) -> bool | None:
+    """--no-download: never; --download: also into --data-dir; neither: only into the cache."""
+    if args.no_download and args.download:
+        raise UserError("--download and --no-download exclude each other")
+    return False if args.no_download else (True if args.download else None)
+
+
+def _load_data(dataset: str, data_dir, download: bool | None):
     from .datasets import load_dataset
 
-    return load_dataset(dataset, data_dir=data_dir, download=not no_download, seed=0)
+    return load_dataset(dataset, data_dir=data_dir, download=download, seed=0)
 
 
 def _default_out() -> Path:
@@ -382,7 +393,7 @@ def cmd_train(args) -> int:
     log = logging.getLogger("xpconv")
     tell = log.info if is_root else (lambda *a: None)  # the set-up lines; --quiet keeps only the result
 
-    (x_train, t_train), (x_test, t_test) = _load_data(cfg["dataset"], cfg.get("data_dir"), args.no_download)
+    (x_train, t_train), (x_test, t_test) = _load_data(cfg["dataset"], cfg.get("data_dir"), _download_choice(args))
     cfg["train_samples"], cfg["test_samples"] = int(x_train.shape[0]), int(x_test.shape[0])
     device = comm.device if comm is not None else cfg["device"]
     if ckpt is not None:
@@ -495,7 +506,7 @@ def cmd_eval(args) -> int:
     info = _dataset_info(dataset)
     if input_dim is not None and list(input_dim) != list(info["input_dim"]):
         raise UserError(f"{args.checkpoint} takes inputs of shape {tuple(input_dim)}, but {dataset} images are {tuple(info['input_dim'])}")
-    _, (x_test, t_test) = _load_data(dataset, args.data_dir if args.data_dir is not None else cfg.get("data_dir"), args.no_download)
+    _, (x_test, t_test) = _load_data(dataset, args.data_dir if args.data_dir is not None else cfg.get("data_dir"), _download_choice(args))
     t0 = time.perf_counter()
     acc = ckpt.model.accuracy(x_test, t_test, batch_size=args.batch_size)
     n = int(x_test.shape[0])

@@ -146,7 +146,7 @@ class _PoolingBase(LayerBase):
     _bwd: Any
 
     def __init__(self, pool_h: int, pool_w: int, stride: Any = 1, pad: Any = 0, *, impl: ops.Impl = None):
-        self.pool_h, self.pool_w = int(pool_h), int(pool_w)
+        self.pool_h, self.pool_w = pair((pool_h, pool_w), f"{self._name} pool size")
         if self.pool_h < 1 or self.pool_w < 1:
             raise ValueError(f"{self._name}: pool size must be >= 1, got {(pool_h, pool_w)}")
         self.stride = pair(stride, f"{self._name} stride")
@@ -154,6 +154,8 @@ class _PoolingBase(LayerBase):
         self.impl = impl
         if min(self.stride) < 1:
             raise ValueError(f"{self._name}: stride must be >= 1, got {stride!r}")
+        if self.pad[0] >= self.pool_h or self.pad[1] >= self.pool_w:  # a window of padding only
+            raise ValueError(f"{self._name}: pad must be smaller than the window {(self.pool_h, self.pool_w)}, got {pad!r}")
         self._cache: ops.Cache | None = None
 
     def forward(self, x: Array, train_flg: bool = True) -> Array:
@@ -323,6 +325,8 @@ class BatchNormalization(LayerBase):
         if self.running_mean is None:
             self.running_mean = xp.zeros_like(self.gamma)
             self.running_var = xp.zeros_like(self.gamma)
+        if train_flg and int(x.shape[0]) == 0:
+            raise ValueError("BatchNormalization: expected a training batch of at least one sample, got N=0")
         if train_flg:
             mu = xp.mean(x, axis=0)
             xc = x - mu
@@ -372,6 +376,8 @@ class SoftmaxWithLoss:
         xp = namespace_of(x)
         if len(x.shape) != 2:
             raise ValueError(f"SoftmaxWithLoss: expected scores of shape (N, K), got {_shape(x)}")
+        if int(x.shape[0]) == 0:
+            raise ValueError("SoftmaxWithLoss: expected a batch of at least one sample, got N=0 (an empty batch has no mean loss)")
         t = _labels_in(xp, t, x)
         if int(t.shape[0]) != int(x.shape[0]):
             raise ValueError(f"SoftmaxWithLoss: expected {int(x.shape[0])} labels (one per row of scores), got {int(t.shape[0])}")

@@ -132,6 +132,15 @@ class Sequential:
             return self.xp.astype(x, self.dtype)
         return x
 
+    def _array(self, x, where: str):
+        """x itself when it is an array; a (nested) list or tuple converted to the model's
+        namespace; anything else a TypeError naming ``where``."""
+        if hasattr(x, "shape"):
+            return x
+        if isinstance(x, (list, tuple)):
+            return asarray_in(x, self.xp, device=self.device)
+        raise TypeError(f"{where}: expected an array of shape (N, ...) or a nested list, got {type(x).__name__}")
+
     def _labels(self, t):
         try:
             same = namespace_of(t) is self.xp
@@ -144,6 +153,7 @@ class Sequential:
     def predict(self, x, train_flg: bool = False):
         """Scores (N, K) for inputs x. In evaluation mode large inputs stream through
         chunks of ``eval_batch_size`` samples, so memory stays bounded."""
+        x = self._array(x, "predict")
         n = int(x.shape[0])
         if not train_flg and n > self.eval_batch_size:
             outs = [self._forward(self._input(x[i : i + self.eval_batch_size]), False) for i in range(0, n, self.eval_batch_size)]
@@ -162,6 +172,7 @@ class Sequential:
 
     def accuracy(self, x, t, batch_size: int = 100) -> float:
         """Fraction of samples classified correctly; runs in chunks of batch_size."""
+        x, t = self._array(x, "accuracy"), self._array(t, "accuracy labels")
         n = int(x.shape[0])
         if n == 0:
             raise ValueError("accuracy: got no samples")
@@ -175,6 +186,8 @@ class Sequential:
             tt = self._labels(t[i : i + batch_size])
             if len(tt.shape) != 1:
                 tt = xp.argmax(tt, axis=1)
+            elif bool(xp.any((tt < 0) | (tt >= int(y.shape[1])))):
+                raise ValueError(f"accuracy: expected labels 0 <= t < {int(y.shape[1])}, got min {int(xp.min(tt))}, max {int(xp.max(tt))}")
             correct += int(xp.sum(xp.astype(xp.argmax(y, axis=1) == tt, xp.int64)))
         return correct / n
 

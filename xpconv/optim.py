@@ -25,8 +25,8 @@ class Optimizer:
     def __init__(self, lr: float = 0.01, weight_decay: float = 0.0):
         if not (lr > 0 and math.isfinite(lr)):
             raise ValueError(f"{type(self).__name__}: lr must be a positive number, got {lr!r}")
-        if weight_decay < 0:
-            raise ValueError(f"{type(self).__name__}: weight_decay must be >= 0, got {weight_decay!r}")
+        if not (weight_decay >= 0 and math.isfinite(weight_decay)):
+            raise ValueError(f"{type(self).__name__}: weight_decay must be a finite number >= 0, got {weight_decay!r}")
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
         self.iter = 0
@@ -103,6 +103,8 @@ class Momentum(Optimizer):
 
     def __init__(self, lr=0.01, momentum=0.9, weight_decay=0.0):
         super().__init__(lr, weight_decay)
+        if not 0.0 <= momentum < 1.0:  # also refuses nan
+            raise ValueError(f"{type(self).__name__}: momentum must be in [0, 1), got {momentum!r}")
         self.momentum = float(momentum)
 
     def hyperparameters(self):
@@ -146,6 +148,8 @@ class RMSprop(Optimizer):
 
     def __init__(self, lr=0.01, decay_rate=0.99, weight_decay=0.0):
         super().__init__(lr, weight_decay)
+        if not 0.0 <= decay_rate < 1.0:  # also refuses nan
+            raise ValueError(f"RMSprop: decay_rate must be in [0, 1), got {decay_rate!r}")
         self.decay_rate = float(decay_rate)
 
     def hyperparameters(self):
