@@ -81,7 +81,7 @@ def _param_slots(layers: list[Layer]) -> dict[str, tuple[Any, str]]:
     slots: dict[str, tuple[Any, str]] = {}
     count: dict[str, int] = {}
     for layer in layers:
-        names = layer.param_names()
+        names = layer.param_names() if hasattr(layer, "param_names") else ()  # a user's own layer may have none
         if names:
             k = count[names[0]] = count.get(names[0], 0) + 1
             for attr in names:
@@ -197,7 +197,7 @@ class Sequential:
         dout = self.last_layer.backward(1.0)
         steps = self.steps
         for i in range(len(steps) - 1, -1, -1):
-            if i == 0 and steps[0].can_skip_dx:
+            if i == 0 and getattr(steps[0], "can_skip_dx", False):
                 steps[0].backward(dout, need_dx=False)  # type: ignore[call-arg]  # can_skip_dx: it takes need_dx; nobody needs dL/d(input)
             else:
                 dout = steps[i].backward(dout)
@@ -281,7 +281,7 @@ class Sequential:
     def summary(self) -> str:
         lines = [f"{type(self).__name__} on {self.backend_name} ({dtype_name(self.dtype)})"]
         for layer in self.layers:
-            lines.append("  " + layer.describe())
+            lines.append("  " + (layer.describe() if hasattr(layer, "describe") else type(layer).__name__ + "()"))
         n = sum(math.prod(int(s) for s in v.shape) for v in self.params.values())
         lines.append(f"  {n:,} parameters")
         return "\n".join(lines)
