@@ -87,7 +87,7 @@ class Convolution:
 class _PoolingBase:
     _name = "Pooling"
 
-    def __init__(self, pool_h, pool_w, stride=1, pad=0):
+    def __init__(self, pool_h, pool_w, stride=2, pad=0):
         self.pool_h, self.pool_w = int(pool_h), int(pool_w)
         if self.pool_h < 1 or self.pool_w < 1:
             raise ValueError(f"{self._name}: pool size must be >= 1, got {(pool_h, pool_w)}")
@@ -109,7 +109,8 @@ class _PoolingBase:
 
 
 class Pooling(_PoolingBase):
-    """Max pooling over pool_h x pool_w windows; x (N, C, H, W) -> (N, C, OH, OW)."""
+    """Max pooling over pool_h x pool_w windows, stride 2 unless given (the book's
+    default); x (N, C, H, W) -> (N, C, OH, OW)."""
 
     _name = "Pooling"
     _fwd = staticmethod(ops.max_pool2d_forward)
@@ -215,9 +216,13 @@ class Dropout:
         return dout * self.mask
 
 
+#: added to the variance before its square root (the book's 10e-7, i.e. 1e-6)
+BN_EPS = 10e-7
+
+
 class BatchNormalization:
     """Batch normalization over the batch axis, per feature (a 4-D input is
-    flattened to (N, C*H*W) as in the book). gamma, beta: (D,)."""
+    flattened to (N, C*H*W) as in the book). gamma, beta: (D,); epsilon ``BN_EPS``."""
 
     def __init__(self, gamma, beta, momentum=0.9, running_mean=None, running_var=None):
         if len(gamma.shape) != 1 or _shape(gamma) != _shape(beta):
@@ -251,7 +256,7 @@ class BatchNormalization:
             mu = xp.mean(x, axis=0)
             xc = x - mu
             var = xp.mean(xc**2, axis=0)
-            std = xp.sqrt(var + 1e-7)
+            std = xp.sqrt(var + BN_EPS)
             xn = xc / std
             self.batch_size = int(x.shape[0])
             self.xc, self.xn, self.std = xc, xn, std
@@ -259,7 +264,7 @@ class BatchNormalization:
             self.running_mean = m * self.running_mean + (1 - m) * mu
             self.running_var = m * self.running_var + (1 - m) * var
         else:
-            xn = (x - self.running_mean) / xp.sqrt(self.running_var + 1e-7)
+            xn = (x - self.running_mean) / xp.sqrt(self.running_var + BN_EPS)
         out = self.gamma * xn + self.beta
         return xp.reshape(out, self.input_shape)
 
@@ -279,8 +284,8 @@ class BatchNormalization:
 
 
 class SoftmaxWithLoss:
-    """Softmax followed by mean cross-entropy. Labels: class indices (N,) or one-hot
-    (N, K). ``forward`` returns the loss as a 0-d array of the input's namespace
+    """Softmax followed by mean cross-entropy. Labels: class indices (N,) or (N, 1),
+    or one-hot (N, K). ``forward`` returns the loss as a 0-d array of the input's namespace
     (``float(loss)`` reads it)."""
 
     def __init__(self):
@@ -293,7 +298,7 @@ class SoftmaxWithLoss:
         xp = namespace_of(x)
         if len(x.shape) != 2:
             raise ValueError(f"SoftmaxWithLoss: expected scores of shape (N, K), got {_shape(x)}")
-        t = _labels_in(xp, t, x)
+        t = label_indices(_labels_in(xp, t, x))
         if int(t.shape[0]) != int(x.shape[0]):
             raise ValueError(f"SoftmaxWithLoss: expected {int(x.shape[0])} labels (one per row of scores), got {int(t.shape[0])}")
         self.t = t
@@ -350,6 +355,16 @@ def fuse(layers: list) -> list:
             steps.append(layer)
             i += 1
     return steps
+
+
+def label_indices(t):
+    """Integer labels shaped (N, 1) (the book's chapter 7 gradient check) as (N,)
+    class indices; any other labels unchanged."""
+    if len(t.shape) == 2 and int(t.shape[1]) == 1:
+        xp = namespace_of(t)
+        if xp.isdtype(t.dtype, "integral"):
+            return xp.reshape(t, (-1,))
+    return t
 
 
 def _labels_in(xp, t, like):
