@@ -475,7 +475,7 @@ def _load_idx_dataset(name, normalize, flatten, one_hot_label, data_dir, downloa
     return convert(x_test[tr], t_test[tr]), convert(x_test[te], t_test[te])
 
 
-def load_mnist(normalize=True, flatten=True, one_hot_label=False, data_dir=None, *,
+def load_mnist(normalize=True, flatten=True, one_hot_label=False, *, data_dir=None,
                download=True, base_url=None, allow_test_split=False, seed=0):
     """MNIST, book-compatible: ``((x_train, t_train), (x_test, t_test))``.
 
@@ -494,7 +494,7 @@ def load_mnist(normalize=True, flatten=True, one_hot_label=False, data_dir=None,
                              base_url, allow_test_split, seed, keep_uint8=True)
 
 
-def load_fashion_mnist(normalize=True, flatten=True, one_hot_label=False, data_dir=None, *,
+def load_fashion_mnist(normalize=True, flatten=True, one_hot_label=False, *, data_dir=None,
                        download=True, base_url=None, allow_test_split=False, seed=0):
     """Fashion-MNIST, the same way as :func:`load_mnist` (folder 'fashion-mnist', mirror
     variable ``$XPCONV_FASHION_MNIST_URL``). Class names are in

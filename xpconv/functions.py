@@ -15,16 +15,16 @@ from .backend import asarray_in, device_of, namespace_of
 from .layers import label_indices
 
 __all__ = [
+    "cross_entropy_error",
     "identity_function",
-    "step_function",
-    "sigmoid",
-    "sigmoid_grad",
     "relu",
     "relu_grad",
+    "sigmoid",
+    "sigmoid_grad",
     "softmax",
-    "sum_squared_error",
-    "cross_entropy_error",
     "softmax_loss",
+    "step_function",
+    "sum_squared_error",
 ]
 
 

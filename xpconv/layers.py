@@ -198,7 +198,7 @@ class Dropout:
     1 - dropout_ratio; at test time outputs are scaled by 1 - dropout_ratio.
     ``rng`` is a seed or an ``xpconv.backend.Generator`` (masks are reproducible)."""
 
-    def __init__(self, dropout_ratio=0.5, rng=None):
+    def __init__(self, dropout_ratio=0.5, *, rng=None):
         if not 0.0 <= float(dropout_ratio) < 1.0:
             raise ValueError(f"Dropout: dropout_ratio must be in [0, 1), got {dropout_ratio!r}")
         self.dropout_ratio = float(dropout_ratio)
@@ -284,8 +284,8 @@ class BatchNormalization:
 
 
 class SoftmaxWithLoss:
-    """Softmax followed by mean cross-entropy. Labels: class indices (N,) or (N, 1),
-    or one-hot (N, K). ``forward`` returns the loss as a 0-d array of the input's namespace
+    """Softmax followed by mean cross-entropy, -log(y + 1e-7) as in the book. Labels:
+    class indices (N,) or (N, 1), or one-hot (N, K). ``forward`` returns the loss as a 0-d array of the input's namespace
     (``float(loss)`` reads it)."""
 
     def __init__(self):
@@ -303,7 +303,10 @@ class SoftmaxWithLoss:
             raise ValueError(f"SoftmaxWithLoss: expected {int(x.shape[0])} labels (one per row of scores), got {int(t.shape[0])}")
         self.t = t
         self._t_one_hot = ops.labels_as_one_hot(t, int(x.shape[1]), x.dtype)
-        self.loss, self.y = ops.softmax_cross_entropy(x, self._t_one_hot)
+        # the book's loss: -log(y + 1e-7) of the true class, so a sample costs at most
+        # -log(1e-7) ~ 16.1 and the numbers equal the book's
+        self.y = ops.softmax(x)
+        self.loss = -xp.sum(self._t_one_hot * xp.log(self.y + 1e-7)) / int(x.shape[0])
         return self.loss
 
     def backward(self, dout=1):

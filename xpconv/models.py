@@ -9,6 +9,7 @@ the book's interface: ``params`` (``W1``, ``b1``, ...), ``predict``, ``loss``,
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import MutableMapping
@@ -32,14 +33,14 @@ from .gradient import numerical_gradient as _numerical_gradient
 from .ops import conv_output_size
 
 __all__ = [
-    "Sequential",
-    "LayerList",
-    "SimpleConvNet",
+    "MODELS",
     "DeepConvNet",
-    "TwoLayerNet",
+    "LayerList",
     "MultiLayerNet",
     "MultiLayerNetExtend",
-    "MODELS",
+    "Sequential",
+    "SimpleConvNet",
+    "TwoLayerNet",
     "build_model",
 ]
 
@@ -271,11 +272,11 @@ class Sequential:
         return grads
 
     @property
-    def lastLayer(self):  # noqa: N802 - the book's TwoLayerNet spells it so
+    def lastLayer(self):  # the book's TwoLayerNet spells it so
         return self.last_layer
 
     @lastLayer.setter
-    def lastLayer(self, layer):  # noqa: N802
+    def lastLayer(self, layer):
         self.last_layer = layer
 
     def numerical_gradient(self, x, t) -> dict:
@@ -583,11 +584,11 @@ class MultiLayerNet(Sequential):
         kinds = {"relu": L.Relu, "sigmoid": L.Sigmoid}
         if activation not in kinds:
             raise ValueError(f"{type(self).__name__}: activation must be 'relu' or 'sigmoid', got {activation!r}")
-        ns, dt, dn, rng, device = _setup(xp, device, dtype, seed)
+        ns, _, dn, rng, device = _setup(xp, device, dtype, seed)
         hidden = [int(h) for h in hidden_size_list]
         sizes = [int(input_size)] + hidden + [int(output_size)]
         affines = []
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        for fan_in, fan_out in itertools.pairwise(sizes):
             W = rng.normal((fan_in, fan_out), xp=ns, dtype=dn, device=device, scale=_init_scale(weight_init_std, fan_in))
             affines.append(L.Affine(W, zeros((fan_out,), xp=ns, dtype=dn, device=device)))
         layers, names = [], []

@@ -12,7 +12,7 @@ import numpy as np
 from .backend import Generator, asarray_in, device_of, namespace_of, to_numpy
 from .ops import col2im, im2col
 
-__all__ = ["smooth_curve", "shuffle_dataset", "conv_output_size", "im2col", "col2im"]
+__all__ = ["col2im", "conv_output_size", "im2col", "shuffle_dataset", "smooth_curve"]
 
 _WINDOW = 11  # taps of the Kaiser window (beta 2) that smooth_curve averages with
 
