@@ -284,7 +284,7 @@ class BatchNormalization:
 
 
 class SoftmaxWithLoss:
-    """Softmax followed by mean cross-entropy, -log(y + 1e-7) as in the book. Labels:
+    """Softmax followed by mean cross-entropy (computed through log-softmax). Labels:
     class indices (N,) or (N, 1), or one-hot (N, K). ``forward`` returns the loss as a 0-d array of the input's namespace
     (``float(loss)`` reads it)."""
 
@@ -303,10 +303,9 @@ class SoftmaxWithLoss:
             raise ValueError(f"SoftmaxWithLoss: expected {int(x.shape[0])} labels (one per row of scores), got {int(t.shape[0])}")
         self.t = t
         self._t_one_hot = ops.labels_as_one_hot(t, int(x.shape[1]), x.dtype)
-        # the book's loss: -log(y + 1e-7) of the true class, so a sample costs at most
-        # -log(1e-7) ~ 16.1 and the numbers equal the book's
-        self.y = ops.softmax(x)
-        self.loss = -xp.sum(self._t_one_hot * xp.log(self.y + 1e-7)) / int(x.shape[0])
+        # through log-softmax: the exact loss whose gradient backward() returns (the book
+        # takes -log(y + 1e-7), smaller by about 1e-7 / y of the true class)
+        self.loss, self.y = ops.softmax_cross_entropy(x, self._t_one_hot)
         return self.loss
 
     def backward(self, dout=1):
