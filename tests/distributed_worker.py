@@ -37,7 +37,7 @@ def build(kind: str, dtype: str, seed: int, xp: str = "numpy"):
         return SimpleConvNet((1, 8, 8), {"filter_num": 4, "filter_size": 3}, hidden_size=16, output_size=4,
                              weight_init_std=0.3, xp=xp, dtype=dtype, seed=seed)
     convs = [{"filter_num": 4, "filter_size": 3, "pad": p, "stride": 1} for p in (1, 1, 1, 2, 1, 1)]
-    return DeepConvNet((1, 8, 8), convs, hidden_size=12, output_size=4, dropout_ratio=0.3,
+    return DeepConvNet((1, 8, 8), conv_params=convs, hidden_size=12, output_size=4, dropout_ratio=0.3,
                        xp=xp, dtype=dtype, seed=seed)
 
 

@@ -156,7 +156,7 @@ def test_dropout_masks_of_the_shards_are_the_single_process_mask(xp, K):
     B = 8
     x = backend.asarray_in(np.ones((B, 5)), xp, dtype=xp.float32)
     full = distributed.Communicator(FakeWorld(0, 1))
-    net = DeepConvNet((1, 8, 8), [{"filter_num": 2, "filter_size": 3, "pad": p} for p in (1, 1, 1, 2, 1, 1)],
+    net = DeepConvNet((1, 8, 8), conv_params=[{"filter_num": 2, "filter_size": 3, "pad": p} for p in (1, 1, 1, 2, 1, 1)],
                       hidden_size=5, output_size=5, xp="numpy", seed=0)
     drop = [layer for layer in net.layers if type(layer).__name__ == "Dropout"][0]
     full.seed_dropout(net, seed=7, step=3)

@@ -24,9 +24,9 @@ def reference_steps(name, p, grads, **hp):
         elif name == "momentum":
             m = 0.9 * m - lr * g
             p += m
-        elif name == "nesterov":
-            m = 0.9 * m - lr * g
+        elif name == "nesterov":  # the book's order: parameters first, then velocity
             p += 0.81 * m - 1.9 * lr * g
+            m = 0.9 * m - lr * g
         elif name == "adagrad":
             v += g * g
             p -= lr * g / (np.sqrt(v) + 1e-7)

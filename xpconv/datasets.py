@@ -727,7 +727,7 @@ _DOWNLOAD_DOC = """
     standard ones."""
 
 
-def load_mnist(normalize=True, flatten=True, one_hot_label=False, data_dir=None, *,
+def load_mnist(normalize=True, flatten=True, one_hot_label=False, *, data_dir=None,
                download=None, base_url=None, allow_test_split=False, seed=0, verify=True):
     """MNIST, book-compatible: ``((x_train, t_train), (x_test, t_test))``.
 
@@ -744,7 +744,7 @@ def load_mnist(normalize=True, flatten=True, one_hot_label=False, data_dir=None,
                              base_url, allow_test_split, seed, keep_uint8=True, verify=verify)
 
 
-def load_fashion_mnist(normalize=True, flatten=True, one_hot_label=False, data_dir=None, *,
+def load_fashion_mnist(normalize=True, flatten=True, one_hot_label=False, *, data_dir=None,
                        download=None, base_url=None, allow_test_split=False, seed=0, verify=True):
     """Fashion-MNIST, the same way as :func:`load_mnist` (folder 'fashion-mnist', mirror
     variable ``$XPCONV_FASHION_MNIST_URL``). Class names are in

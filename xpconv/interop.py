@@ -23,7 +23,7 @@ xpconv layer                       torch.nn
 ``Dropout(ratio)``                  ``dropout="exact"``: :func:`book_dropout` (masks
                                     without scaling, scales by 1 - ratio in eval mode,
                                     as the book); ``dropout="inverted"``: ``nn.Dropout``
-``BatchNormalization(gamma (D,))``  ``BatchNorm1d(D, eps=1e-7, momentum=1 - momentum)``
+``BatchNormalization(gamma (D,))``  ``BatchNorm1d(D, eps=BN_EPS, momentum=1 - momentum)``
                                     with the running statistics; for (N, D) inputs
 =================================  ==================================================
 
@@ -114,7 +114,7 @@ def _batch_norm(layer: L.BatchNormalization, cx: _Context) -> list:
         raise ValueError("to_torch: BatchNormalization after a convolution or pooling layer (a per-feature norm of "
                          "(N, C, H, W) data) has no torch.nn counterpart; expected it after Affine, on (N, D) data")
     D = int(layer.gamma.shape[0])
-    m = cx.nn.BatchNorm1d(D, eps=1e-7, momentum=1.0 - layer.momentum)
+    m = cx.nn.BatchNorm1d(D, eps=L.BN_EPS, momentum=1.0 - layer.momentum)
     m.weight, m.bias = cx.param(layer.gamma), cx.param(layer.beta)
     if layer.running_mean is not None:  # an untrained book layer starts both statistics at zero
         m.running_mean, m.running_var = cx.buffer(layer.running_mean), cx.buffer(layer.running_var)

@@ -145,7 +145,7 @@ class _PoolingBase(LayerBase):
     _fwd: Any  # the op's forward and backward (set by each subclass)
     _bwd: Any
 
-    def __init__(self, pool_h: int, pool_w: int, stride: Any = 1, pad: Any = 0, *, impl: ops.Impl = None):
+    def __init__(self, pool_h: int, pool_w: int, stride: Any = 2, pad: Any = 0, *, impl: ops.Impl = None):
         self.pool_h, self.pool_w = pair((pool_h, pool_w), f"{self._name} pool size")
         if self.pool_h < 1 or self.pool_w < 1:
             raise ValueError(f"{self._name}: pool size must be >= 1, got {(pool_h, pool_w)}")
@@ -174,7 +174,8 @@ class _PoolingBase(LayerBase):
 
 
 class Pooling(_PoolingBase):
-    """Max pooling over pool_h x pool_w windows; x (N, C, H, W) -> (N, C, OH, OW).
+    """Max pooling over pool_h x pool_w windows, stride 2 unless given (the book's
+    default); x (N, C, H, W) -> (N, C, OH, OW).
     Ops: :func:`xpconv.ops.max_pool2d_forward`/``_backward`` (reference
     :class:`xpconv.ops.MaxPool2d`; kernels: ``MaxPool2d`` in ``xpconv/kernels/``)."""
 
@@ -272,7 +273,7 @@ class Dropout(LayerBase):
     1 - dropout_ratio; at test time outputs are scaled by 1 - dropout_ratio.
     ``rng`` is a seed or an ``xpconv.backend.Generator`` (masks are reproducible)."""
 
-    def __init__(self, dropout_ratio=0.5, rng=None):
+    def __init__(self, dropout_ratio=0.5, *, rng=None):
         if not 0.0 <= float(dropout_ratio) < 1.0:
             raise ValueError(f"Dropout: dropout_ratio must be in [0, 1), got {dropout_ratio!r}")
         self.dropout_ratio = float(dropout_ratio)
@@ -293,9 +294,13 @@ class Dropout(LayerBase):
         return f"Dropout({self.dropout_ratio})"
 
 
+#: added to the variance before its square root (the book's 10e-7, i.e. 1e-6)
+BN_EPS = 10e-7
+
+
 class BatchNormalization(LayerBase):
     """Batch normalization over the batch axis, per feature (a 4-D input is
-    flattened to (N, C*H*W) as in the book). gamma, beta: (D,)."""
+    flattened to (N, C*H*W) as in the book). gamma, beta: (D,); epsilon ``BN_EPS``."""
 
     def __init__(self, gamma, beta, momentum=0.9, running_mean=None, running_var=None):
         if len(gamma.shape) != 1 or _shape(gamma) != _shape(beta):
@@ -331,7 +336,7 @@ class BatchNormalization(LayerBase):
             mu = xp.mean(x, axis=0)
             xc = x - mu
             var = xp.mean(xc**2, axis=0)
-            std = xp.sqrt(var + 1e-7)
+            std = xp.sqrt(var + BN_EPS)
             xn = xc / std
             self.batch_size = int(x.shape[0])
             self.xc, self.xn, self.std = xc, xn, std
@@ -339,7 +344,7 @@ class BatchNormalization(LayerBase):
             self.running_mean = m * self.running_mean + (1 - m) * mu
             self.running_var = m * self.running_var + (1 - m) * var
         else:
-            xn = (x - self.running_mean) / xp.sqrt(self.running_var + 1e-7)
+            xn = (x - self.running_mean) / xp.sqrt(self.running_var + BN_EPS)
         out = self.gamma * xn + self.beta
         return xp.reshape(out, self.input_shape)
 
@@ -362,8 +367,8 @@ class BatchNormalization(LayerBase):
 
 
 class SoftmaxWithLoss:
-    """Softmax followed by mean cross-entropy. Labels: class indices (N,) or one-hot
-    (N, K). ``forward`` returns the loss as a 0-d array of the input's namespace
+    """Softmax followed by mean cross-entropy (computed through log-softmax). Labels:
+    class indices (N,) or (N, 1), or one-hot (N, K). ``forward`` returns the loss as a 0-d array of the input's namespace
     (``float(loss)`` reads it)."""
 
     def __init__(self):
@@ -378,11 +383,13 @@ class SoftmaxWithLoss:
             raise ValueError(f"SoftmaxWithLoss: expected scores of shape (N, K), got {_shape(x)}")
         if int(x.shape[0]) == 0:
             raise ValueError("SoftmaxWithLoss: expected a batch of at least one sample, got N=0 (an empty batch has no mean loss)")
-        t = _labels_in(xp, t, x)
+        t = label_indices(_labels_in(xp, t, x))
         if int(t.shape[0]) != int(x.shape[0]):
             raise ValueError(f"SoftmaxWithLoss: expected {int(x.shape[0])} labels (one per row of scores), got {int(t.shape[0])}")
         self.t = t
         self._t_one_hot = ops.labels_as_one_hot(t, int(x.shape[1]), x.dtype)
+        # through log-softmax: the exact loss whose gradient backward() returns (the book
+        # takes -log(y + 1e-7), smaller by about 1e-7 / y of the true class)
         self.loss, self.y = ops.softmax_cross_entropy(x, self._t_one_hot)
         return self.loss
 
@@ -448,6 +455,16 @@ def fuse(layers: list[Any]) -> list[Any]:
             steps.append(layer)
             i += 1
     return steps
+
+
+def label_indices(t):
+    """Integer labels shaped (N, 1) (the book's chapter 7 gradient check) as (N,)
+    class indices; any other labels unchanged."""
+    if len(t.shape) == 2 and int(t.shape[1]) == 1:
+        xp = namespace_of(t)
+        if xp.isdtype(t.dtype, "integral"):
+            return xp.reshape(t, (-1,))
+    return t
 
 
 def _labels_in(xp, t, like):

@@ -9,7 +9,9 @@ the book's interface: ``params`` (``W1``, ``b1``, ...), ``predict``, ``loss``,
 
 from __future__ import annotations
 
+import itertools
 import math
+import warnings
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -31,8 +33,21 @@ from .backend import (
 )
 from ._geometry import conv_output_size
 from ._typing import Layer
+from .gradient import numerical_gradient as _numerical_gradient
 
-__all__ = ["Sequential", "SimpleConvNet", "DeepConvNet", "TwoLayerNet", "MODELS", "build_model", "model_meta", "model_from_checkpoint"]
+__all__ = [
+    "MODELS",
+    "DeepConvNet",
+    "LayerList",
+    "MultiLayerNet",
+    "MultiLayerNetExtend",
+    "Sequential",
+    "SimpleConvNet",
+    "TwoLayerNet",
+    "build_model",
+    "model_from_checkpoint",
+    "model_meta",
+]
 
 #: default number of samples per chunk when predicting or evaluating many samples
 EVAL_BATCH_SIZE = 500
@@ -89,24 +104,87 @@ def _param_slots(layers: list[Layer]) -> dict[str, tuple[Any, str]]:
     return slots
 
 
+#: the book's layer names: its prefix for each layer type (numbered per type: Conv1, Relu1, Pool1, ...)
+_BOOK_PREFIX = {
+    "Convolution": "Conv",
+    "Pooling": "Pool",
+    "AvgPooling": "AvgPool",
+    "BatchNormalization": "BatchNorm",
+}
+
+
+def book_names(layers) -> list[str]:
+    """Names for ``layers`` as the book gives them: the type's prefix (``Conv``,
+    ``Pool``, ``Affine``, ``Relu``, ``BatchNorm``, ...) and a count per type."""
+    counts: dict[str, int] = {}
+    names = []
+    for layer in layers:
+        kind = type(layer).__name__
+        prefix = _BOOK_PREFIX.get(kind, kind)
+        counts[prefix] = counts.get(prefix, 0) + 1
+        names.append(f"{prefix}{counts[prefix]}")
+    return names
+
+
+class LayerList(list):
+    """``model.layers``: the layers in running order (a list: iterating yields layers,
+    ``layers[0]`` is the first, as in the book's DeepConvNet) that also reads as the
+    book's ordered dict: ``layers['Conv1']``, ``.keys()``, ``.values()``, ``.items()``."""
+
+    def __init__(self, layers=(), names=None):
+        super().__init__(layers)
+        names = book_names(self) if names is None else [str(n) for n in names]
+        if len(names) != len(self) or len(set(names)) != len(names):
+            raise ValueError(f"LayerList: expected {len(self)} distinct layer names, got {names}")
+        self._names = names
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            try:
+                return list.__getitem__(self, self._names.index(key))
+            except ValueError:
+                raise KeyError(f"no layer named {key!r}; the layers are {self._names}") from None
+        return list.__getitem__(self, key)
+
+    def __setitem__(self, key, value):
+        raise TypeError("model.layers cannot be reassigned item by item: build a new model (its parameters are bound to the layers)")
+
+    def __contains__(self, item) -> bool:
+        return item in self._names if isinstance(item, str) else list.__contains__(self, item)
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    def values(self) -> list:
+        return list(self)
+
+    def items(self) -> list[tuple[str, Any]]:
+        return list(zip(self._names, self))
+
+    def get(self, key, default=None):
+        return self[key] if key in self._names else default
+
+
 class Sequential:
     """A list of layers followed by a loss layer (``SoftmaxWithLoss`` by default).
 
     Parameters are named in order as in the book: the k-th layer with weights
     (Convolution or Affine) owns ``Wk``/``bk``; the k-th BatchNormalization owns
     ``gammak``/``betak`` (each layer lists its own in ``param_names()``).
+    ``layers`` is a :class:`LayerList` named by ``names`` (default: the book's
+    ``Conv1``, ``Relu1``, ``Pool1``, ``Affine1``, ...); the loss layer is
+    ``last_layer`` (also ``lastLayer``, the book's TwoLayerNet name).
 
     The steps that run are decided once, here: each Convolution -> Relu [-> max
     Pooling] becomes one fused :class:`~xpconv.layers.ConvBlock` (:func:`xpconv.layers.fuse`),
-    kept in ``steps``.  ``layers`` is the book's list of the same layer objects;
-    build a new Sequential rather than editing it.
+    kept in ``steps``; build a new Sequential rather than editing ``layers``.
     """
 
     name = "sequential"
 
-    def __init__(self, layers: list[Layer], loss_layer: Any = None, *, eval_batch_size: int = EVAL_BATCH_SIZE):
-        self.layers = list(layers)
-        self.steps: list[Layer] = L.fuse(self.layers)  # what runs: the layers, with fused blocks
+    def __init__(self, layers: list[Layer], loss_layer: Any = None, *, names: Any = None, eval_batch_size: int = EVAL_BATCH_SIZE):
+        self.layers = LayerList(layers, names)
+        self.steps: list[Layer] = L.fuse(list(self.layers))  # what runs: the layers, with fused blocks
         self.last_layer = loss_layer if loss_layer is not None else L.SoftmaxWithLoss()
         self.eval_batch_size = int(eval_batch_size)
         self.config: dict[str, Any] = {}
@@ -122,6 +200,13 @@ class Sequential:
 
     def _input(self, x):
         """x in the model's namespace, device and dtype."""
+        if str(getattr(x, "dtype", "")).rsplit(".", 1)[-1] == "uint8":
+            warnings.warn(
+                f"{type(self).__name__}: got a uint8 image batch (values 0..255); the model expects floats in [0, 1]: "
+                "divide by 255 first (load_mnist(normalize=True) does)",
+                UserWarning,
+                stacklevel=3,
+            )
         try:
             same = namespace_of(x) is self.xp
         except TypeError:
@@ -183,7 +268,7 @@ class Sequential:
         xp = self.xp
         for i in range(0, n, batch_size):
             y = self._forward(self._input(x[i : i + batch_size]), False)
-            tt = self._labels(t[i : i + batch_size])
+            tt = L.label_indices(self._labels(t[i : i + batch_size]))
             if len(tt.shape) != 1:
                 tt = xp.argmax(tt, axis=1)
             elif bool(xp.any((tt < 0) | (tt >= int(y.shape[1])))):
@@ -193,7 +278,7 @@ class Sequential:
 
     def gradient(self, x, t) -> dict:
         """Gradients of the loss by backpropagation: a dict with the keys of ``params``."""
-        self.loss(x, t)
+        self.loss(x, t, train_flg=True)
         dout = self.last_layer.backward(1.0)
         steps = self.steps
         for i in range(len(steps) - 1, -1, -1):
@@ -205,6 +290,26 @@ class Sequential:
         for key, (layer, attr) in self._slots.items():
             grads[key] = getattr(layer, "d" + attr)
         return grads
+
+    @property
+    def lastLayer(self):  # the book's TwoLayerNet spells it so
+        return self.last_layer
+
+    @lastLayer.setter
+    def lastLayer(self, layer):
+        self.last_layer = layer
+
+    def numerical_gradient(self, x, t) -> dict:
+        """Gradients of the loss by central differences (h = 1e-4, the book's
+        ``numerical_gradient``), a dict with the keys of ``params``.  Slow: two
+        forward passes per parameter element; for checking ``gradient`` on tiny nets
+        in float64."""
+        x, t = self._input(x), self._labels(t)
+
+        def f(_):
+            return self.loss(x, t, train_flg=True)
+
+        return {key: _numerical_gradient(f, self.params[key]) for key in self.params}
 
     # ------------------------------------------------------------------ placement
 
@@ -369,28 +474,47 @@ class SimpleConvNet(Sequential):
         }
 
 
+#: (filter_num, pad) of the book's six DeepConvNet convolutions (3x3, stride 1)
+DEEP_CONV_DEFAULTS = ((16, 1), (16, 1), (32, 1), (32, 2), (64, 1), (64, 1))
+
+
 class DeepConvNet(Sequential):
     """The book's DeepConvNet: six 3x3 convolutions (16-16-32-32-64-64, pads
     1,1,1,2,1,1) with ReLU, a 2x2 max-pool after every second one, affine(50) -
-    relu - dropout - affine(10) - dropout; He initialization."""
+    relu - dropout - affine(10) - dropout; He initialization.
+
+    ``conv_param_1`` ... ``conv_param_6`` are the book's dicts (filter_num,
+    filter_size, pad, stride); keyword-only, xpconv adds ``conv_params`` (the six as
+    one list, used instead when given), ``dropout_ratio`` (the book: 0.5), ``xp``,
+    ``device``, ``dtype`` and ``seed``."""
 
     name = "deep"
 
     def __init__(
         self,
         input_dim=(1, 28, 28),
-        conv_params=None,
+        conv_param_1=None,
+        conv_param_2=None,
+        conv_param_3=None,
+        conv_param_4=None,
+        conv_param_5=None,
+        conv_param_6=None,
         hidden_size=50,
         output_size=10,
-        dropout_ratio=0.5,
         *,
+        conv_params=None,
+        dropout_ratio=0.5,
         xp=None,
         device=None,
         dtype="float32",
         seed=None,
     ):
-        default = [(16, 1), (16, 1), (32, 1), (32, 2), (64, 1), (64, 1)]
-        conv_params = conv_params or [{"filter_num": f, "filter_size": 3, "pad": p, "stride": 1} for f, p in default]
+        given = (conv_param_1, conv_param_2, conv_param_3, conv_param_4, conv_param_5, conv_param_6)
+        if conv_params is not None and any(cp is not None for cp in given):
+            raise ValueError("DeepConvNet: expected conv_param_1..conv_param_6 or conv_params, got both")
+        default = [{"filter_num": f, "filter_size": 3, "pad": p, "stride": 1} for f, p in DEEP_CONV_DEFAULTS]
+        if conv_params is None:
+            conv_params = [default[i] if cp is None else cp for i, cp in enumerate(given)]
         if len(conv_params) != 6:
             raise ValueError(f"DeepConvNet: expected 6 conv_params, got {len(conv_params)}")
         ns, dt, dn, rng, device = _setup(xp, device, dtype, seed)
@@ -450,11 +574,133 @@ class TwoLayerNet(Sequential):
         }
 
 
-MODELS = {"simple": SimpleConvNet, "deep": DeepConvNet, "mlp": TwoLayerNet}
+def _init_scale(weight_init_std, fan_in: int) -> float:
+    """The book's weight_init_std: 'relu'/'he' -> sqrt(2/fan_in), 'sigmoid'/'xavier' ->
+    sqrt(1/fan_in), a number -> itself."""
+    kind = str(weight_init_std).lower()
+    if kind in ("relu", "he"):
+        return math.sqrt(2.0 / fan_in)
+    if kind in ("sigmoid", "xavier"):
+        return math.sqrt(1.0 / fan_in)
+    try:
+        return float(weight_init_std)
+    except (TypeError, ValueError):
+        raise ValueError(f"weight_init_std: expected a number or 'relu'/'he'/'sigmoid'/'xavier', got {weight_init_std!r}") from None
+
+
+class MultiLayerNet(Sequential):
+    """The book's fully connected net: (affine - activation) per hidden size in
+    ``hidden_size_list``, then affine - softmax.  ``activation`` is 'relu' or 'sigmoid';
+    ``weight_init_std`` a number or 'relu'/'he' (He) or 'sigmoid'/'xavier' (Xavier);
+    ``weight_decay_lambda`` adds 0.5*lambda*sum(W**2) over every affine W to the loss
+    (and lambda*W to its gradient).  Layers are named Affine1, Activation_function1, ...
+    Keyword-only, xpconv adds ``xp``, ``device``, ``dtype`` and ``seed``."""
+
+    name = "multi_layer"
+
+    def __init__(self, input_size, hidden_size_list, output_size, activation="relu", weight_init_std="relu",
+                 weight_decay_lambda=0, *, xp=None, device=None, dtype="float32", seed=None):
+        self._build(input_size, hidden_size_list, output_size, activation, weight_init_std, weight_decay_lambda,
+                    False, 0.5, False, xp, device, dtype, seed)
+
+    def _build(self, input_size, hidden_size_list, output_size, activation, weight_init_std, weight_decay_lambda,
+               use_dropout, dropout_ration, use_batchnorm, xp, device, dtype, seed):
+        kinds = {"relu": L.Relu, "sigmoid": L.Sigmoid}
+        if activation not in kinds:
+            raise ValueError(f"{type(self).__name__}: activation must be 'relu' or 'sigmoid', got {activation!r}")
+        ns, _, dn, rng, device = _setup(xp, device, dtype, seed)
+        hidden = [int(h) for h in hidden_size_list]
+        sizes = [int(input_size)] + hidden + [int(output_size)]
+        affines = []
+        for fan_in, fan_out in itertools.pairwise(sizes):
+            W = rng.normal((fan_in, fan_out), xp=ns, dtype=dn, device=device, scale=_init_scale(weight_init_std, fan_in))
+            affines.append(L.Affine(W, zeros((fan_out,), xp=ns, dtype=dn, device=device)))
+        layers, names = [], []
+        for k, size in enumerate(hidden, start=1):
+            layers.append(affines[k - 1])
+            names.append(f"Affine{k}")
+            if use_batchnorm:
+                gamma = zeros((size,), xp=ns, dtype=dn, device=device) + 1
+                layers.append(L.BatchNormalization(gamma, zeros((size,), xp=ns, dtype=dn, device=device)))
+                names.append(f"BatchNorm{k}")
+            layers.append(kinds[activation]())
+            names.append(f"Activation_function{k}")
+            if use_dropout:
+                layers.append(L.Dropout(dropout_ration, rng=rng))
+                names.append(f"Dropout{k}")
+        layers.append(affines[-1])
+        names.append(f"Affine{len(hidden) + 1}")
+        super().__init__(layers, names=names)
+        self.input_size, self.output_size = int(input_size), int(output_size)
+        self.hidden_size_list = hidden
+        self.hidden_layer_num = len(hidden)
+        self.weight_decay_lambda = weight_decay_lambda
+        self.config = {
+            "input_size": int(input_size),
+            "hidden_size_list": hidden,
+            "output_size": int(output_size),
+            "activation": activation,
+            "weight_init_std": weight_init_std,
+            "weight_decay_lambda": float(weight_decay_lambda),
+        }
+
+    def _weight_keys(self) -> list[str]:
+        return [f"W{k}" for k in range(1, self.hidden_layer_num + 2)]
+
+    def loss(self, x, t, train_flg: bool = True):
+        """Mean cross-entropy plus 0.5*weight_decay_lambda*sum(W**2) over the affine weights."""
+        out = super().loss(x, t, train_flg)
+        lam = self.weight_decay_lambda
+        if lam:
+            xp = self.xp
+            decay = 0
+            for key in self._weight_keys():
+                decay = decay + 0.5 * lam * xp.sum(self.params[key] ** 2)
+            out = out + decay
+        return out
+
+    def gradient(self, x, t) -> dict:
+        grads = super().gradient(x, t)
+        lam = self.weight_decay_lambda
+        if lam:
+            for key in self._weight_keys():
+                grads[key] = grads[key] + lam * self.params[key]
+        return grads
+
+
+class MultiLayerNetExtend(MultiLayerNet):
+    """:class:`MultiLayerNet` with the book's options: ``use_batchnorm`` puts a
+    BatchNormalization (parameters gamma1, beta1, ...) after each hidden affine,
+    ``use_dropout`` a Dropout of ratio ``dropout_ration`` (the book's spelling) after
+    each activation.  As in the book, ``predict`` and ``loss`` run in test mode unless
+    ``train_flg=True``; ``gradient`` and ``numerical_gradient`` in training mode."""
+
+    name = "multi_layer_extend"
+
+    def __init__(self, input_size, hidden_size_list, output_size, activation="relu", weight_init_std="relu",
+                 weight_decay_lambda=0, use_dropout=False, dropout_ration=0.5, use_batchnorm=False, *,
+                 xp=None, device=None, dtype="float32", seed=None):
+        self._build(input_size, hidden_size_list, output_size, activation, weight_init_std, weight_decay_lambda,
+                    bool(use_dropout), dropout_ration, bool(use_batchnorm), xp, device, dtype, seed)
+        self.use_dropout, self.use_batchnorm = bool(use_dropout), bool(use_batchnorm)
+        self.config.update(use_dropout=self.use_dropout, dropout_ration=float(dropout_ration), use_batchnorm=self.use_batchnorm)
+
+    def loss(self, x, t, train_flg: bool = False):
+        return super().loss(x, t, train_flg)
+
+
+MODELS = {
+    "simple": SimpleConvNet,
+    "deep": DeepConvNet,
+    "mlp": TwoLayerNet,
+    "multi_layer": MultiLayerNet,
+    "multi_layer_extend": MultiLayerNetExtend,
+}
 
 
 def build_model(name: str, config: Mapping[str, Any] | None = None, **kwargs) -> Sequential:
-    """A named model ('simple', 'deep', 'mlp') from its constructor config."""
+    """A named model (a key of ``MODELS``: 'simple', 'deep', 'mlp', 'multi_layer',
+    'multi_layer_extend') from its constructor config."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
     return MODELS[name](**dict(config or {}), **kwargs)

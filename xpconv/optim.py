@@ -22,7 +22,7 @@ class Optimizer:
 
     _slots: tuple[str, ...] = ()
 
-    def __init__(self, lr: float = 0.01, weight_decay: float = 0.0):
+    def __init__(self, lr: float = 0.01, *, weight_decay: float = 0.0):
         if not (lr > 0 and math.isfinite(lr)):
             raise ValueError(f"{type(self).__name__}: lr must be a positive number, got {lr!r}")
         if not (weight_decay >= 0 and math.isfinite(weight_decay)):
@@ -31,6 +31,13 @@ class Optimizer:
         self.weight_decay = float(weight_decay)
         self.iter = 0
         self.state: dict[str, dict[str, Any]] = {name: {} for name in self._slots}
+
+    def __getattr__(self, name: str):
+        # the book's per-parameter dicts (Momentum.v, AdaGrad.h, Adam.m / .v) read the slots
+        state = self.__dict__.get("state")
+        if state is not None and name in state:
+            return state[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # -- hyper-parameters shown in checkpoints and summaries
     def hyperparameters(self) -> dict[str, float]:
@@ -101,8 +108,8 @@ class Momentum(Optimizer):
 
     _slots = ("v",)
 
-    def __init__(self, lr=0.01, momentum=0.9, weight_decay=0.0):
-        super().__init__(lr, weight_decay)
+    def __init__(self, lr=0.01, momentum=0.9, *, weight_decay=0.0):
+        super().__init__(lr, weight_decay=weight_decay)
         if not 0.0 <= momentum < 1.0:  # also refuses nan
             raise ValueError(f"{type(self).__name__}: momentum must be in [0, 1), got {momentum!r}")
         self.momentum = float(momentum)
@@ -118,15 +125,17 @@ class Momentum(Optimizer):
 
 
 class Nesterov(Momentum):
-    """Nesterov's accelerated gradient in the book's form."""
+    """Nesterov's accelerated gradient in the book's form and order: the parameters
+    move with the velocity of the previous step, then the velocity is updated.
+    p += momentum**2 * v - (1 + momentum)*lr*g; v = momentum*v - lr*g"""
 
     def _step(self, key, p, g, slots):
         v = slots["v"]
         m = self.momentum
-        v *= m
-        v -= self.lr * g
         p += (m * m) * v
         p -= ((1.0 + m) * self.lr) * g
+        v *= m
+        v -= self.lr * g
 
 
 class AdaGrad(Optimizer):
@@ -146,8 +155,8 @@ class RMSprop(Optimizer):
 
     _slots = ("h",)
 
-    def __init__(self, lr=0.01, decay_rate=0.99, weight_decay=0.0):
-        super().__init__(lr, weight_decay)
+    def __init__(self, lr=0.01, decay_rate=0.99, *, weight_decay=0.0):
+        super().__init__(lr, weight_decay=weight_decay)
         if not 0.0 <= decay_rate < 1.0:  # also refuses nan
             raise ValueError(f"RMSprop: decay_rate must be in [0, 1), got {decay_rate!r}")
         self.decay_rate = float(decay_rate)
@@ -168,8 +177,8 @@ class Adam(Optimizer):
 
     _slots = ("m", "v")
 
-    def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, weight_decay=0.0):
-        super().__init__(lr, weight_decay)
+    def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, *, weight_decay=0.0):
+        super().__init__(lr, weight_decay=weight_decay)
         if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
             raise ValueError(f"Adam: beta1 and beta2 must be in [0, 1), got {beta1!r}, {beta2!r}")
         self.beta1 = float(beta1)

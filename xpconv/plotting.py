@@ -165,8 +165,13 @@ def plot_misclassified(x, t_true, t_pred, path, *, class_names: Sequence[str] | 
     n = len(shown)
     cols = min(9, max(1, n))
     rows = max(1, math.ceil(n / cols))
-    fig = _figure(1.25 * cols + 0.4, 1.45 * rows + 0.7) if n else _figure(6.5, 1.6)
-    fig.suptitle(f"misclassified test images: {len(wrong)} of {len(t_true)} (true \u2192 predicted" + (", its probability)" if probs is not None else ")") + (f", first {n} shown" if len(wrong) > n else ""), fontsize=10)
+    # the title on two short lines, and the figure at least as wide as they are, so a
+    # grid of a few images does not cut it off
+    title = (f"misclassified test images: {len(wrong)} of {len(t_true)}" + (f", first {n} shown" if len(wrong) > n else "")
+             + "\n(true \u2192 predicted" + (", its probability)" if probs is not None else ")"))
+    title_w = 0.085 * max(len(line) for line in title.split("\n")) + 0.4  # inches at fontsize 10
+    fig = _figure(max(1.25 * cols + 0.4, title_w), 1.45 * rows + 0.9) if n else _figure(max(6.5, title_w), 1.6)
+    fig.suptitle(title, fontsize=10)
     if n == 0:
         ax = fig.add_subplot(1, 1, 1)
         ax.axis("off")
