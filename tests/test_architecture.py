@@ -18,7 +18,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "xpconv"
 
 #: the core: it may import itself, backend, kernels and the private leaves (``_name``)
-CORE = ("xpconv.ops", "xpconv.layers", "xpconv.optim", "xpconv.models")
+CORE = ("xpconv.ops", "xpconv.layers", "xpconv.optim", "xpconv.models", "xpconv.functions", "xpconv.util", "xpconv.gradient")
 
 
 def _module_name(path: Path) -> str:
