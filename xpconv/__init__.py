@@ -5,8 +5,8 @@ array namespace (NumPy, CuPy, array-api-strict, PyTorch).
     >>> net = SimpleConvNet(xp="numpy", seed=0)          # or xp="cupy" on a GPU
 """
 
-from ._version import __version__
 from . import backend, layers, ops, optim
+from ._version import __version__
 from .backend import get_namespace, namespace_of, resolve_device
 from .layers import (
     Affine,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import importlib
 import warnings
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
@@ -102,7 +103,7 @@ def is_numpy_namespace(xp: ModuleType) -> bool:
     return array_api_compat.is_numpy_namespace(xp)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _import_by_name(name: str) -> ModuleType:
     canonical = _ALIASES.get(name.lower())
     if canonical is None:
@@ -217,7 +218,7 @@ def resolve_device(device: str | None = "auto") -> ModuleType:
     raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
@@ -281,7 +282,9 @@ class Generator:
     reproducible, but no host-to-device copy per step).
     """
 
-    def __init__(self, seed: int | None | "Generator" = None):
+    _np: np.random.Generator
+
+    def __init__(self, seed: int | Sequence[int] | None | Generator = None):
         if isinstance(seed, Generator):
             self._np = seed._np
         else:

@@ -30,8 +30,9 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ._version import __version__
 from .recipes import (
@@ -445,6 +446,8 @@ def cmd_train(args) -> int:
             msg += f"; the last good checkpoint {last} is kept"
         raise OutOfMemory(msg) from exc
     except KeyboardInterrupt:
+        if trainer is None:  # before training began: nothing to save
+            raise
         path = trainer.save_interrupted()
         pos = trainer.position
         msg = f"interrupted at epoch {pos['epoch']}, iteration {pos['iteration']}"

@@ -319,7 +319,7 @@ def read_idx(path, kind=None, shape=None, *, max_bytes: int = MAX_IDX_BYTES) -> 
 
 
 def _read_into(f, buf: np.ndarray) -> int:
-    view = memoryview(buf)
+    view = memoryview(buf)  # type: ignore[arg-type]  # ndarray exports the buffer protocol
     total = 0
     while total < len(view):
         n = f.readinto(view[total:])
@@ -630,8 +630,10 @@ def _obtain(name, folder: Path, keys, may_download: bool, base_url, verify: bool
     """Paths of the files ``keys`` (IDX_FILES keys): found in ``folder`` (verified by SHA-256
     unless ``verify`` is false) or downloaded there when ``may_download``.
     Returns (found: dict key -> Path, missing: list of file names, why: str)."""
-    found, missing, why = {}, [], []
-    dead = set()  # mirrors found unreachable: not retried for the next file
+    found: dict[str, Path] = {}
+    missing: list[str] = []
+    why: list[str] = []
+    dead: set[str] = set()  # mirrors found unreachable: not retried for the next file
     _remove_stale_parts(folder)
     urls = None
     for key in keys:

@@ -47,8 +47,9 @@ import sys
 import time
 import traceback
 import warnings
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Any, Mapping, MutableMapping
+from typing import Any
 
 import numpy as np
 
@@ -290,7 +291,7 @@ class Communicator(Sharding):
         self._nccl = nccl
         self._device_namespace = "cupy"  # arrays of this library go through NCCL when it is set up
         self._grad_buffers: dict[str, _FlatBuffer] = {}
-        self._grad_layout = None
+        self._grad_layout: tuple | None = None
         self.stats = CommStats()
 
     # ------------------------------------------------------------------ basics

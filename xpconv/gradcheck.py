@@ -40,4 +40,4 @@ def relative_error(analytic, numeric) -> float:
     followed by batch normalization) do not turn rounding noise into a large error."""
     a = np.asarray(analytic, dtype=np.float64).ravel()
     n = np.asarray(numeric, dtype=np.float64).ravel()
-    return float(np.linalg.norm(a - n) / max(np.linalg.norm(a) + np.linalg.norm(n), 1e-8))
+    return float(np.linalg.norm(a - n)) / max(float(np.linalg.norm(a) + np.linalg.norm(n)), 1e-8)

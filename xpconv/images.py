@@ -49,11 +49,11 @@ def read_image(path: str | Path, input_dim: Sequence[int]) -> tuple[list[tuple[s
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("L")
+        with Image.open(path) as opened:
+            im = opened.convert("L")
             size = im.size
             if size != (W, H):
-                im = im.resize((W, H), Image.LANCZOS)
+                im = im.resize((W, H), Image.Resampling.LANCZOS)
             g = np.asarray(im, dtype=np.float32) / 255.0
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image Pillow can read (and not a .npy file)") from None

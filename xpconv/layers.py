@@ -418,6 +418,7 @@ class ConvBlock(LayerBase):
         c, p = self.conv, self.pool
         x = c._checked(x)
         self._cache = None  # the last pass's state goes before this one's is built
+        cache: ops.Cache | None
         if p is None:
             out, cache = ops.conv2d_forward(x, c.W, c.b, c.stride, c.pad, relu=True, impl=c.impl)
         else:

@@ -12,27 +12,27 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from . import _fileformat
 from . import layers as L
+from ._geometry import conv_output_size
+from ._typing import Layer
 from .backend import (
     Generator,
     asarray_in,
-    zeros,
     device_of,
     dtype_name,
     get_namespace,
     namespace_name,
-    resolve_device,
     namespace_of,
+    resolve_device,
     resolve_dtype,
     to_numpy,
+    zeros,
 )
-from ._geometry import conv_output_size
-from ._typing import Layer
 from .gradient import numerical_gradient as _numerical_gradient
 
 __all__ = [
@@ -313,7 +313,7 @@ class Sequential:
 
     # ------------------------------------------------------------------ placement
 
-    def to(self, target, device=None) -> "Sequential":
+    def to(self, target, device=None) -> Sequential:
         """Move every parameter (and BatchNorm statistics) to a namespace
         (module or name) or a device choice ('cpu', 'cuda', 'auto'). Returns self."""
         xp = get_namespace(target)

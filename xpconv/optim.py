@@ -9,7 +9,8 @@ resumed from a checkpoint continues exactly where it stopped.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .backend import asarray_in, device_of, namespace_of
 

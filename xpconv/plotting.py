@@ -9,8 +9,9 @@ for :func:`plot_filters`, None with a reason when the first layer has no picture
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -77,7 +78,7 @@ def plot_curves(
                  label=f"best test {best['test_acc']:.4f} (epoch {best['epoch']})")
     resumed = first_epoch is not None and epochs and epochs[0] <= int(first_epoch) < epochs[-1]
     for ax in (ax1, ax2):
-        if resumed:  # this run continued a checkpoint after epoch first_epoch
+        if resumed and first_epoch is not None:  # this run continued a checkpoint after epoch first_epoch
             ax.axvline(int(first_epoch), color="grey", linestyle=":", linewidth=1, label=f"resumed after epoch {int(first_epoch)}" if ax is ax1 else None)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if len(epochs) == 1:

@@ -42,7 +42,7 @@ def read_source(name: str) -> str:
     return f'{common}\n#line 1 "{name}.cu"\n{own}'
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def module(name: str):
     """``cupy.RawModule`` of ``<name>.cu`` (compiled lazily by CuPy on first use)."""
     import cupy
@@ -50,7 +50,7 @@ def module(name: str):
     return cupy.RawModule(code=read_source(name), options=OPTIONS)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def function(source: str, name: str):
     """The kernel ``name`` (an ``extern "C"`` entry point) of ``<source>.cu``, as a
     ``cupy.RawKernel``: call it as ``kernel((blocks,), (threads,), args)``."""

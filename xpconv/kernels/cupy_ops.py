@@ -40,7 +40,6 @@ import cupy
 from .._geometry import window
 from . import cuda_source, register
 
-
 _THREADS = 256
 _MAX_BLOCKS = 1 << 16  # grid-stride loops cover larger launches
 #: most elements one launch may touch in any array (32-bit indices, with room for the grid stride)

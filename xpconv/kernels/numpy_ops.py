@@ -327,7 +327,7 @@ def _conv_backward_flat(d: np.ndarray, cache: _ConvCache, need_dx: bool):
     g, pool, dt = cache.g, cache.pool, cache.dtype
     FN, K, C = g.FN, g.K, g.C
     xpad = np.ascontiguousarray(cache.xpad)
-    Hp, Wp = xpad.shape[2], xpad.shape[3]
+    Wp = xpad.shape[3]
     L = (g.OH - 1) * Wp + g.OW
     dxpad = np.zeros(xpad.shape, dt) if need_dx else None
     WT = np.ascontiguousarray(cache.Wa[:, :K].T) if need_dx else None
