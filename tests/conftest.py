@@ -95,3 +95,35 @@ def shared_dataset(name: str) -> str:
             pytest.fail(msg)
         pytest.skip(msg)
     return path
+
+
+def _cuda_usable() -> bool:
+    """True when CuPy or torch can really run on a CUDA device here."""
+    if importlib.util.find_spec("cupy") is not None and backend.cuda_status()[0]:
+        return True
+    return importlib.util.find_spec("torch") is not None and _torch_cuda()
+
+
+_GPU_DESELECTED: list[str] = []
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without a usable CUDA device the gpu-marked tests are deselected, not skipped:
+    they run where a GPU is (benchmarks/gpu/run.sh runs ``-m gpu`` and fails on any skip),
+    and a CPU run's summary counts them apart from real skips."""
+    if _cuda_usable():
+        return
+    keep, drop = [], []
+    for item in items:
+        (drop if item.get_closest_marker("gpu") is not None else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+        _GPU_DESELECTED.extend(item.nodeid for item in drop)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _GPU_DESELECTED:
+        terminalreporter.write_line(
+            f"{len(_GPU_DESELECTED)} gpu-marked tests deselected: no usable CUDA device here (benchmarks/gpu/run.sh runs them on a GPU)"
+        )
