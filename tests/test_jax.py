@@ -57,7 +57,7 @@ def test_asking_for_a_gpu_jax_lacks_says_so():
 
 
 def test_to_jax_and_back_keeps_the_numbers():
-    kw = dict(input_dim=(1, 8, 8), conv_param={"filter_num": 3, "filter_size": 3}, hidden_size=5, seed=1)
+    kw = {"input_dim": (1, 8, 8), "conv_param": {"filter_num": 3, "filter_size": 3}, "hidden_size": 5, "seed": 1}
     net = SimpleConvNet(**kw)
     x = np.random.default_rng(1).random((3, 1, 8, 8), dtype=np.float32)
     want = np.asarray(net.predict(x))

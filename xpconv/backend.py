@@ -152,7 +152,7 @@ def compiled(*, static_argnums: tuple[int, ...] = ()):
     return decorate
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def is_mutable(xp: ModuleType) -> bool:
     """Whether arrays that namespace ``xp`` creates can be written in place: True for
     NumPy, CuPy, torch and array-api-strict, False for JAX."""
