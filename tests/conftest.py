@@ -1,5 +1,10 @@
 """Shared fixtures: every array namespace available here, and helpers to build
-arrays in them from host NumPy data."""
+arrays in them from host NumPy data.
+
+JAX runs in 64-bit mode in the tests (``jax_enable_x64``, set below before any JAX
+array exists): the float64 gradient checks need it, and JAX would otherwise hand
+back float32.  Float32 models and ops are unaffected; tests/test_jax.py also trains
+with 64-bit mode off, JAX's default."""
 
 from __future__ import annotations
 
@@ -18,6 +23,16 @@ def _torch_cuda() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def _jax_x64() -> bool:
+    """True when JAX is importable, with 64-bit mode switched on for the tests."""
+    if importlib.util.find_spec("jax") is None:
+        return False
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    return True
+
+
 def _available():
     params = [pytest.param("numpy", id="numpy")]
     if importlib.util.find_spec("array_api_strict") is not None:
@@ -33,6 +48,10 @@ def _available():
                 marks=[pytest.mark.gpu, pytest.mark.skipif(not _torch_cuda(), reason="torch sees no CUDA device")],
             )
         )
+    if _jax_x64():
+        params.append(pytest.param("jax", id="jax"))
+    elif os.environ.get("CI") == "true":
+        raise RuntimeError("jax is required in CI: pip install '.[test]'")
     if importlib.util.find_spec("cupy") is not None:
         params.append(
             pytest.param(
@@ -53,7 +72,7 @@ NAMESPACES = _available()
 @pytest.fixture(params=NAMESPACES)
 def xp(request):
     """The Array-API namespace of one available library (numpy, array_api_strict,
-    torch on CPU, cupy and torch on CUDA when a CUDA device works).  For torch-cuda the
+    torch and jax on the CPU, cupy and torch on CUDA when a CUDA device works).  For torch-cuda the
     default device is CUDA while the test runs, so every array a test makes lands there."""
     if request.param != "torch-cuda":
         yield backend.get_namespace(request.param)

@@ -9,19 +9,18 @@ from xpconv import layers as L
 from xpconv import ops
 from xpconv.backend import Generator, asarray_in, to_numpy
 
-from .gradcheck import check
+from .gradcheck import check_attr, check_input
 
 
 def f64(xp, a):
     return asarray_in(np.asarray(a, dtype=np.float64), xp)
 
 
-def linear_loss(layer, x, R, **kw):
-    """f() = <layer.forward(x), R>, so dL/dout = R."""
-    R_ = R
+def linear_loss(layer, R, **kw):
+    """f(x) = <layer.forward(x), R>, so dL/dout = R."""
 
-    def f():
-        return float(np_sum(layer.forward(x, **kw) * R_))
+    def f(x):
+        return float(np_sum(layer.forward(x, **kw) * R))
 
     return f
 
@@ -49,10 +48,10 @@ def test_convolution_gradients(xp, rng, case):
     out = layer.forward(x)
     R = f64(xp, rng.standard_normal(tuple(out.shape)))
     dx = layer.backward(R)
-    f = linear_loss(layer, x, R)
-    check(f, x, dx, "Convolution dx")
-    check(f, layer.W, layer.dW, "Convolution dW")
-    check(f, layer.b, layer.db, "Convolution db")
+    loss_at = linear_loss(layer, R)
+    check_input(loss_at, x, dx, "Convolution dx")
+    check_attr(lambda: loss_at(x), layer, "W", layer.dW, "Convolution dW")
+    check_attr(lambda: loss_at(x), layer, "b", layer.db, "Convolution db")
 
 
 @pytest.mark.parametrize("cls", [L.Pooling, L.AvgPooling])
@@ -62,7 +61,7 @@ def test_pooling_gradients(xp, rng, cls, pool, stride, pad):
     layer = cls(pool[0], pool[1], stride, pad)
     out = layer.forward(x)
     R = f64(xp, rng.standard_normal(tuple(out.shape)))
-    check(linear_loss(layer, x, R), x, layer.backward(R), f"{cls.__name__} dx")
+    check_input(linear_loss(layer, R), x, layer.backward(R), f"{cls.__name__} dx")
 
 
 def test_affine_gradients_and_4d_input(xp, rng):
@@ -73,10 +72,10 @@ def test_affine_gradients_and_4d_input(xp, rng):
     R = f64(xp, rng.standard_normal((3, 5)))
     dx = layer.backward(R)
     assert tuple(dx.shape) == (3, 2, 3, 2)  # backward restores the input's shape
-    f = linear_loss(layer, x, R)
-    check(f, x, dx, "Affine dx")
-    check(f, layer.W, layer.dW, "Affine dW")
-    check(f, layer.b, layer.db, "Affine db")
+    loss_at = linear_loss(layer, R)
+    check_input(loss_at, x, dx, "Affine dx")
+    check_attr(lambda: loss_at(x), layer, "W", layer.dW, "Affine dW")
+    check_attr(lambda: loss_at(x), layer, "b", layer.db, "Affine db")
 
 
 @pytest.mark.parametrize("cls", [L.Relu, L.Sigmoid])
@@ -87,7 +86,7 @@ def test_activation_gradients(xp, rng, cls):
     layer = cls()
     out = layer.forward(x)
     R = f64(xp, rng.standard_normal(tuple(out.shape)))
-    check(linear_loss(layer, x, R), x, layer.backward(R), f"{cls.__name__} dx")
+    check_input(linear_loss(layer, R), x, layer.backward(R), f"{cls.__name__} dx")
 
 
 def test_dropout_gradient_with_fixed_mask(xp, rng):
@@ -97,11 +96,11 @@ def test_dropout_gradient_with_fixed_mask(xp, rng):
     R = f64(xp, rng.standard_normal(tuple(out.shape)))
     dx = layer.backward(R)
 
-    def f():
+    def loss_at(x):
         layer.rng = Generator(7)
         return float(np_sum(layer.forward(x, train_flg=True) * R))
 
-    check(f, x, dx, "Dropout dx")
+    check_input(loss_at, x, dx, "Dropout dx")
     mask = to_numpy(layer.mask)
     assert set(np.unique(mask)) <= {0.0, 1.0} and 0 < mask.mean() < 1
     # test mode scales by the keep probability (the book's convention)
@@ -114,10 +113,10 @@ def test_batchnorm_gradients(xp, rng):
     out = layer.forward(x, train_flg=True)
     R = f64(xp, rng.standard_normal(tuple(out.shape)))
     dx = layer.backward(R)
-    f = linear_loss(layer, x, R, train_flg=True)
-    check(f, x, dx, "BatchNormalization dx")
-    check(f, layer.gamma, layer.dgamma, "BatchNormalization dgamma")
-    check(f, layer.beta, layer.dbeta, "BatchNormalization dbeta")
+    loss_at = linear_loss(layer, R, train_flg=True)
+    check_input(loss_at, x, dx, "BatchNormalization dx")
+    check_attr(lambda: loss_at(x), layer, "gamma", layer.dgamma, "BatchNormalization dgamma")
+    check_attr(lambda: loss_at(x), layer, "beta", layer.dbeta, "BatchNormalization dbeta")
     y = to_numpy(layer.forward(x, train_flg=True)).reshape(5, -1)
     g, b = to_numpy(layer.gamma), to_numpy(layer.beta)
     np.testing.assert_allclose(((y - b) / g).mean(axis=0), 0, atol=1e-7)
@@ -131,7 +130,7 @@ def test_softmax_with_loss_gradient(xp, rng, one_hot):
     layer = L.SoftmaxWithLoss()
     layer.forward(x, t)
     dx = layer.backward(1.0)
-    check(lambda: float(layer.forward(x, t)), x, dx, "SoftmaxWithLoss dx")
+    check_input(lambda x: float(layer.forward(x, t)), x, dx, "SoftmaxWithLoss dx")
 
 
 # ------------------------------------------------------------------ bad input

@@ -32,7 +32,8 @@ def _gradcheck_model(net, x, t, n_per_key=8, reseed=None):
     grads = net.gradient(x, t)
     assert set(grads) == set(net.params)
     for key in net.params:
-        check(f, net.params[key], grads[key], f"{type(net).__name__} {key}", indices=_sample(n_per_key, net.params[key], r))
+        check(f, net.params[key], grads[key], f"{type(net).__name__} {key}", indices=_sample(n_per_key, net.params[key], r),
+              replace=lambda a, key=key: net.params.__setitem__(key, a))
 
 
 def test_simple_convnet_gradient(xp, rng):

@@ -5,7 +5,12 @@ imports numpy, cupy or torch itself.  Here live:
 
 * ``namespace_of(*arrays)`` -- the Array-API namespace of some arrays;
 * ``get_namespace(name_or_module)`` -- a namespace by name ("numpy", "cupy",
-  "torch", "array_api_strict") or from a module;
+  "torch", "array_api_strict", "jax") or from a module;
+* ``is_writeable(x)`` / ``is_mutable(xp)`` -- whether arrays can be written in place
+  (JAX's cannot: the ops, optimizers and gradient checks then build new arrays);
+* ``compiled`` -- a pure array function compiled where the library compiles (JAX);
+* ``library_device(xp, device)`` -- a device choice ('cpu', 'cuda', 'auto') as the
+  device object or name that library takes;
 * ``resolve_device("auto" | "cpu" | "cuda")`` -- which namespace a run uses,
   probing CUDA for real before choosing CuPy;
 * transfers: ``to_numpy``, ``asarray_in``, ``device_of``;
@@ -35,7 +40,10 @@ __all__ = [
     "device_of",
     "free_device_memory",
     "get_namespace",
+    "is_mutable",
     "is_numpy_namespace",
+    "is_writeable",
+    "library_device",
     "namespace_name",
     "namespace_of",
     "resolve_device",
@@ -48,6 +56,7 @@ _EXTRAS = {
     "torch": "pip install torch",
     "array_api_strict": "pip install 'xpconv[test]' (or pip install array-api-strict)",
     "numpy": "pip install numpy",
+    "jax": "pip install jax",
 }
 
 _ALIASES = {
@@ -60,7 +69,13 @@ _ALIASES = {
     "array_api_strict": "array_api_strict",
     "array-api-strict": "array_api_strict",
     "strict": "array_api_strict",
+    "jax": "jax",
+    "jnp": "jax",
+    "jax.numpy": "jax",
 }
+
+#: libraries whose namespace object is ``array_api_compat.<name>`` (the others are their own)
+_COMPAT_WRAPPED = ("numpy", "cupy", "torch")
 
 
 class BackendUnavailable(ImportError):
@@ -87,7 +102,7 @@ def namespace_of(*arrays: Any) -> ModuleType:
 
 
 def namespace_name(xp: ModuleType) -> str:
-    """Short library name of a namespace: 'numpy', 'cupy', 'torch' or 'array_api_strict'."""
+    """Short library name of a namespace: 'numpy', 'cupy', 'torch', 'array_api_strict' or 'jax'."""
     if array_api_compat.is_numpy_namespace(xp):
         return "numpy"
     if array_api_compat.is_cupy_namespace(xp):
@@ -96,6 +111,8 @@ def namespace_name(xp: ModuleType) -> str:
         return "torch"
     if array_api_compat.is_array_api_strict_namespace(xp):
         return "array_api_strict"
+    if array_api_compat.is_jax_namespace(xp) or getattr(xp, "__name__", None) == "jax":
+        return "jax"
     return getattr(xp, "__name__", repr(xp))
 
 
@@ -103,12 +120,52 @@ def is_numpy_namespace(xp: ModuleType) -> bool:
     return array_api_compat.is_numpy_namespace(xp)
 
 
+def is_writeable(x: Any) -> bool:
+    """Whether ``x`` can be written in place (``x[i] = v``, ``x += y``).
+
+    False for JAX arrays (immutable by design) and read-only NumPy views; code that
+    updates arrays then assigns new ones instead (``array_api_extra.at``)."""
+    return array_api_compat.is_writeable_array(x)
+
+
+def compiled(*, static_argnums: tuple[int, ...] = ()):
+    """Decorator for a pure array function of the generic ops: where the first
+    argument's library compiles whole functions (JAX: ``jax.jit``, one program per
+    shape and static arguments, cached) it runs compiled, which spares an eager
+    library one dispatch (and one compilation) per op; elsewhere the function runs
+    as written.  ``static_argnums`` are the Python ints that shape the program."""
+
+    def decorate(fn):
+        jitted = []
+
+        @functools.wraps(fn)
+        def run(*args):
+            if namespace_name(namespace_of(args[0])) != "jax":
+                return fn(*args)
+            if not jitted:
+                import jax
+
+                jitted.append(jax.jit(fn, static_argnums=static_argnums))
+            return jitted[0](*args)
+
+        return run
+
+    return decorate
+
+
+@functools.cache
+def is_mutable(xp: ModuleType) -> bool:
+    """Whether arrays that namespace ``xp`` creates can be written in place: True for
+    NumPy, CuPy, torch and array-api-strict, False for JAX."""
+    return is_writeable(xp.zeros((1,)))
+
+
 @functools.cache
 def _import_by_name(name: str) -> ModuleType:
     canonical = _ALIASES.get(name.lower())
     if canonical is None:
         raise ValueError(
-            f"unknown array namespace {name!r}; expected one of numpy, cupy, torch, array_api_strict"
+            f"unknown array namespace {name!r}; expected one of numpy, cupy, torch, array_api_strict, jax"
         )
     try:
         mod = importlib.import_module(canonical)
@@ -116,14 +173,16 @@ def _import_by_name(name: str) -> ModuleType:
         raise BackendUnavailable(
             f"array namespace {canonical!r} is not installed ({exc}); to use it: {_EXTRAS[canonical]}"
         ) from exc
-    if canonical == "array_api_strict":
-        return mod
+    if canonical not in _COMPAT_WRAPPED:
+        # array-api-strict and jax.numpy are Array-API namespaces themselves
+        return importlib.import_module("jax.numpy") if canonical == "jax" else mod
     return importlib.import_module(f"array_api_compat.{canonical}")
 
 
 def get_namespace(xp: str | ModuleType | None = None) -> ModuleType:
-    """Array-API namespace from a name ('numpy', 'cupy', 'torch', 'array_api_strict'),
-    a library module (``numpy``, ``cupy``, ``torch``) or a namespace; ``None`` means NumPy.
+    """Array-API namespace from a name ('numpy', 'cupy', 'torch', 'array_api_strict', 'jax'),
+    a library module (``numpy``, ``cupy``, ``torch``, ``jax``, ``jax.numpy``) or a
+    namespace; ``None`` means NumPy.
 
     The result is the same object ``namespace_of`` returns for that library's arrays.
     """
@@ -135,7 +194,7 @@ def get_namespace(xp: str | ModuleType | None = None) -> ModuleType:
         return _import_by_name(xp)
     if isinstance(xp, ModuleType):
         name = namespace_name(xp)
-        if name in ("numpy", "cupy", "torch", "array_api_strict"):
+        if name in ("numpy", "cupy", "torch", "array_api_strict", "jax"):
             return _import_by_name(name)
         return xp
     raise TypeError(f"expected a namespace name or module for xp, got {type(xp).__name__}")
@@ -218,6 +277,37 @@ def resolve_device(device: str | None = "auto") -> ModuleType:
     raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
 
 
+def library_device(xp: ModuleType, device: Any) -> Any:
+    """The ``device=`` argument namespace ``xp`` takes for a device choice.
+
+    'auto', 'cpu', 'cuda' and 'gpu' are checked against the library: NumPy and
+    array-api-strict compute on the CPU, CuPy on CUDA (both take no device object,
+    so the result is None); JAX gets its device object for that platform (None for
+    its default device, where parameters then stay); torch gets the name.  Any
+    other value (torch's 'cuda:1', a JAX ``Device``) and None pass through."""
+    if not isinstance(device, str) or device.lower() not in ("auto", "cpu", "cuda", "gpu"):
+        return device
+    choice = device.lower()
+    name = namespace_name(xp)
+    if choice == "auto":
+        return None
+    if name == "torch":
+        return "cuda" if choice == "gpu" else choice
+    if name == "jax":
+        import jax
+
+        platform = "cpu" if choice == "cpu" else "gpu"
+        try:
+            found = jax.devices(platform)
+        except RuntimeError as exc:
+            raise BackendUnavailable(f"device {device!r} was asked for but JAX has no {platform} device: {exc}") from None
+        return None if found[0] == jax.devices()[0] else found[0]
+    expected = {"numpy": ("cpu",), "array_api_strict": ("cpu",), "cupy": ("cuda", "gpu")}
+    if choice not in expected.get(name, (choice,)):
+        raise ValueError(f"device {device!r} does not fit xp={name!r}")
+    return None
+
+
 @functools.cache
 def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
@@ -240,6 +330,8 @@ def to_numpy(x: Any) -> np.ndarray:
         return x.get()
     if array_api_compat.is_torch_array(x):
         return x.detach().cpu().numpy()
+    if array_api_compat.is_jax_array(x):
+        return np.asarray(x)
     if isinstance(x, (int, float, bool, list, tuple)) or np.isscalar(x):
         return np.asarray(x)
     try:
@@ -349,13 +441,22 @@ def resolve_dtype(xp: ModuleType, dtype: Any) -> Any:
     name = dtype_name(dtype) if not isinstance(dtype, str) else dtype
     if name not in ("float32", "float64"):
         raise ValueError(f"dtype must be float32 or float64, got {name!r}")
+    if name == "float64" and namespace_name(xp) == "jax":
+        import jax
+
+        if not jax.config.jax_enable_x64:
+            # JAX would silently hand back float32 arrays
+            raise ValueError(
+                "dtype float64 on JAX needs 64-bit mode: call jax.config.update('jax_enable_x64', True) "
+                "at start-up, got it switched off"
+            )
     return getattr(xp, name)
 
 
 def free_device_memory(xp: ModuleType, device: Any = None) -> int | None:
     """Free bytes on the accelerator that ``xp`` (on ``device``) computes on, or None when
     its arrays live in host memory (NumPy, array-api-strict, torch on the CPU) or the
-    library cannot tell. The Trainer keeps a dataset resident on a GPU only when it fits."""
+    library cannot tell (JAX on the CPU included). The Trainer keeps a dataset resident on a GPU only when it fits."""
     name = namespace_name(xp)
     try:
         if name == "cupy":
@@ -372,6 +473,14 @@ def free_device_memory(xp: ModuleType, device: Any = None) -> int | None:
                 return None
             free, _total = torch.cuda.mem_get_info(dev)
             return int(free)
+        if name == "jax":
+            import jax
+
+            dev = device if device is not None else jax.devices()[0]
+            stats = dev.memory_stats() if dev.platform != "cpu" else None
+            if not stats or "bytes_limit" not in stats:
+                return None
+            return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
     except Exception:
         return None
     return None

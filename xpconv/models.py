@@ -26,6 +26,7 @@ from .backend import (
     device_of,
     dtype_name,
     get_namespace,
+    library_device,
     namespace_name,
     namespace_of,
     resolve_device,
@@ -405,17 +406,14 @@ def _setup(xp, device, dtype, seed):
     """(namespace, dtype object, dtype name, Generator, device) for a constructor.
 
     ``device`` alone ('auto', 'cpu', 'cuda') picks the namespace; with ``xp`` given it
-    is passed on as that library's device (e.g. torch's 'cuda:0')."""
+    becomes that library's device (``backend.library_device``: torch's 'cuda:0', a
+    JAX device)."""
     choice = device.lower() if isinstance(device, str) else None
     if xp is None and choice in _DEVICE_CHOICES:
         ns, device = resolve_device(choice), None
     else:
         ns = get_namespace(xp)
-        if choice is not None and namespace_name(ns) != "torch":
-            expected = {"numpy": ("cpu", "auto"), "array_api_strict": ("cpu", "auto"), "cupy": ("cuda", "gpu", "auto")}
-            if choice not in expected.get(namespace_name(ns), (choice,)):
-                raise ValueError(f"device {device!r} does not fit xp={namespace_name(ns)!r}")
-            device = None
+        device = library_device(ns, device)
     dt = resolve_dtype(ns, dtype)
     return ns, dt, dtype_name(dt), Generator(seed), device
 

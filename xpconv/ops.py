@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import array_api_extra as xpx
+
 from . import backend, kernels
 from ._geometry import conv_output_size, pair
 from ._typing import Array
@@ -110,8 +112,11 @@ def _check_4d(x: Array, where: str, what: str = "input") -> None:
 
 
 def _pad(xp: Any, x: Array, PH: int, PW: int, value: float = 0.0) -> Array:
+    """x (N, C, H, W) with PH rows above and below and PW columns left and right of ``value``."""
     if PH == 0 and PW == 0:
         return x
+    if not backend.is_mutable(xp):  # JAX: no writing into a fresh array
+        return xpx.pad(x, ((0, 0), (0, 0), (PH, PH), (PW, PW)), constant_values=value, xp=xp)
     N, C, H, W = x.shape
     out = xp.full((N, C, H + 2 * PH, W + 2 * PW), value, dtype=x.dtype, device=backend.device_of(x))
     out[:, :, PH : PH + H, PW : PW + W] = x
@@ -131,6 +136,45 @@ class _Reference:
 # --------------------------------------------------------------------------- im2col / col2im
 
 
+def _window_index(xp, FH: int, FW: int, OH: int, OW: int, SH: int, SW: int, Wp: int):
+    """Flat positions in a padded (Hp, Wp) plane of every window element, ordered
+    (FH, FW, OH, OW): element (y, x) of the window at output (i, j) sits at
+    ``(y + i*SH) * Wp + x + j*SW``."""
+    fy = xp.reshape(xp.arange(FH), (FH, 1, 1, 1))
+    fx = xp.reshape(xp.arange(FW), (1, FW, 1, 1))
+    oy = xp.reshape(xp.arange(OH) * SH, (1, 1, OH, 1))
+    ox = xp.reshape(xp.arange(OW) * SW, (1, 1, 1, OW))
+    return xp.reshape((fy + oy) * Wp + (fx + ox), (-1,))
+
+
+# im2col/col2im for immutable namespaces: a gather and a scatter-add over the window
+# positions, each compiled into one program where the library compiles (JAX) instead
+# of a dozen op-by-op dispatches.
+
+
+@backend.compiled(static_argnums=(1, 2, 3, 4, 5, 6, 7))
+def _im2col_gather(x, FH: int, FW: int, SH: int, SW: int, PH: int, PW: int, pad_value: float):
+    xp = namespace_of(x)
+    N, C, H, W = x.shape
+    OH, OW = conv_output_size(H, W, FH, FW, (SH, SW), (PH, PW))
+    Hp, Wp = H + 2 * PH, W + 2 * PW
+    img = xp.reshape(_pad(xp, x, PH, PW, pad_value), (N, C, Hp * Wp))
+    col = xp.reshape(xp.take(img, _window_index(xp, FH, FW, OH, OW, SH, SW, Wp), axis=2), (N, C, FH, FW, OH, OW))
+    return xp.reshape(xp.permute_dims(col, (0, 4, 5, 1, 2, 3)), (N * OH * OW, C * FH * FW))
+
+
+@backend.compiled(static_argnums=(1, 2, 3, 4, 5, 6, 7, 8, 9, 10))
+def _col2im_scatter(col, N: int, C: int, H: int, W: int, FH: int, FW: int, SH: int, SW: int, PH: int, PW: int):
+    xp = namespace_of(col)
+    OH, OW = conv_output_size(H, W, FH, FW, (SH, SW), (PH, PW), where="col2im")
+    Hp, Wp = H + 2 * PH, W + 2 * PW
+    c = xp.permute_dims(xp.reshape(col, (N, OH, OW, C, FH, FW)), (0, 3, 4, 5, 1, 2))
+    flat = xp.zeros((N, C, Hp * Wp), dtype=col.dtype)
+    # repeated positions (overlapping windows) accumulate
+    flat = xpx.at(flat)[:, :, _window_index(xp, FH, FW, OH, OW, SH, SW, Wp)].add(xp.reshape(c, (N, C, -1)))
+    return xp.reshape(flat, (N, C, Hp, Wp))[:, :, PH : PH + H, PW : PW + W]
+
+
 class Im2col(_Reference):
     """Reference ``im2col`` (forward) and its adjoint ``col2im`` (backward)."""
 
@@ -143,6 +187,8 @@ class Im2col(_Reference):
         SH, SW = pair(stride, "stride")
         PH, PW = pair(pad, "pad")
         OH, OW = conv_output_size(H, W, FH, FW, (SH, SW), (PH, PW))
+        if not backend.is_mutable(xp):  # JAX: one gather instead of FH*FW writes
+            return _im2col_gather(input_data, FH, FW, SH, SW, PH, PW, float(pad_value))
         img = _pad(xp, input_data, PH, PW, pad_value)
         col = xp.empty((N, C, FH, FW, OH, OW), dtype=input_data.dtype, device=backend.device_of(input_data))
         for y in range(FH):
@@ -160,6 +206,8 @@ class Im2col(_Reference):
         SH, SW = pair(stride, "stride")
         PH, PW = pair(pad, "pad")
         OH, OW = conv_output_size(H, W, FH, FW, (SH, SW), (PH, PW), where="col2im")
+        if not backend.is_mutable(xp):  # JAX: one scatter-add instead of FH*FW in-place adds
+            return _col2im_scatter(col, N, C, H, W, FH, FW, SH, SW, PH, PW)
         c = xp.permute_dims(xp.reshape(col, (N, OH, OW, C, FH, FW)), (0, 3, 4, 5, 1, 2))
         img = xp.zeros((N, C, H + 2 * PH, W + 2 * PW), dtype=col.dtype, device=backend.device_of(col))
         for y in range(FH):
@@ -183,7 +231,8 @@ def im2col(input_data: Array, filter_h: int, filter_w: int, stride: Any = 1, pad
 
 def col2im(col: Array, input_shape: tuple[int, ...], filter_h: int, filter_w: int, stride: Any = 1, pad: Any = 0, *, impl: Impl = None) -> Array:
     """Adjoint of :func:`im2col`: sum the patch rows (N*OH*OW, C*FH*FW) back into
-    an (N, C, H, W) image; overlapping windows add up."""
+    an (N, C, H, W) image; overlapping windows add up (on immutable namespaces
+    one scatter-add through ``array_api_extra.at``)."""
     N, C, H, W = (int(s) for s in input_shape)
     FH, FW = int(filter_h), int(filter_w)
     SH, SW = pair(stride, "stride")

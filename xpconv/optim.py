@@ -1,5 +1,11 @@
 """Optimizers with the book's interface: ``update(params, grads)`` updates a dict of
-arrays in place, in whatever namespace the arrays live.
+arrays, in whatever namespace the arrays live.
+
+Each step is written with augmented assignments (``p -= lr * g``).  On writeable
+arrays (NumPy, CuPy, torch, array-api-strict) they update in place, the fast path;
+on immutable ones (JAX) Python rebinds the name to a new array, and ``update`` puts
+that array into ``params`` (``params[key] = new``) and into the optimizer's slots.
+So on JAX ``params`` must take item assignment: a dict or a model's ``params``.
 
 Each optimizer's state (step count and per-parameter slots such as Adam's m and v)
 is returned by ``state_dict()`` and restored by ``load_state_dict()``, so a run
@@ -19,7 +25,9 @@ __all__ = ["SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam", "OPTIMIZ
 
 class Optimizer:
     """Base class. Subclasses list their per-parameter slots in ``_slots`` and
-    implement ``_step(key, p, g, slots)``, updating ``p`` in place."""
+    implement ``_step(key, p, g, slots) -> p``: it updates ``p`` and the arrays of
+    the ``slots`` dict with augmented assignments, stores each slot it changed back
+    into ``slots`` and returns ``p`` (the same object when it was written in place)."""
 
     _slots: tuple[str, ...] = ()
 
@@ -67,9 +75,13 @@ class Optimizer:
                     s = xp.zeros_like(p) if s is None else asarray_in(s, xp, dtype=p.dtype, device=device_of(p))
                     self.state[name][key] = s
                 slots[name] = s
-            self._step(key, p, g, slots)
+            new = self._step(key, p, g, slots)
+            if new is not p:  # immutable arrays: the step made new ones
+                params[key] = new
+                for name in self._slots:
+                    self.state[name][key] = slots[name]
 
-    def _step(self, key, p, g, slots) -> None:  # pragma: no cover - abstract
+    def _step(self, key, p, g, slots):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
@@ -102,6 +114,7 @@ class SGD(Optimizer):
 
     def _step(self, key, p, g, slots):
         p -= self.lr * g
+        return p
 
 
 class Momentum(Optimizer):
@@ -123,6 +136,8 @@ class Momentum(Optimizer):
         v *= self.momentum
         v -= self.lr * g
         p += v
+        slots["v"] = v
+        return p
 
 
 class Nesterov(Momentum):
@@ -137,6 +152,8 @@ class Nesterov(Momentum):
         p -= ((1.0 + m) * self.lr) * g
         v *= m
         v -= self.lr * g
+        slots["v"] = v
+        return p
 
 
 class AdaGrad(Optimizer):
@@ -149,6 +166,8 @@ class AdaGrad(Optimizer):
         h = slots["h"]
         h += g * g
         p -= self.lr * g / (xp.sqrt(h) + 1e-7)
+        slots["h"] = h
+        return p
 
 
 class RMSprop(Optimizer):
@@ -171,6 +190,8 @@ class RMSprop(Optimizer):
         h *= self.decay_rate
         h += (1.0 - self.decay_rate) * g * g
         p -= self.lr * g / (xp.sqrt(h) + 1e-7)
+        slots["h"] = h
+        return p
 
 
 class Adam(Optimizer):
@@ -199,6 +220,8 @@ class Adam(Optimizer):
         m += (1.0 - self.beta1) * (g - m)
         v += (1.0 - self.beta2) * (g * g - v)
         p -= self._lr_t * m / (xp.sqrt(v) + 1e-7)
+        slots["m"], slots["v"] = m, v
+        return p
 
 
 OPTIMIZERS = {
