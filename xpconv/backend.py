@@ -444,7 +444,7 @@ def resolve_dtype(xp: ModuleType, dtype: Any) -> Any:
     if name == "float64" and namespace_name(xp) == "jax":
         import jax
 
-        if not jax.config.jax_enable_x64:
+        if not jax.config.read("jax_enable_x64"):
             # JAX would silently hand back float32 arrays
             raise ValueError(
                 "dtype float64 on JAX needs 64-bit mode: call jax.config.update('jax_enable_x64', True) "

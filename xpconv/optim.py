@@ -15,7 +15,7 @@ resumed from a checkpoint continues exactly where it stopped.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 from .backend import asarray_in, device_of, namespace_of
@@ -52,7 +52,7 @@ class Optimizer:
     def hyperparameters(self) -> dict[str, float]:
         return {"lr": self.lr, "weight_decay": self.weight_decay}
 
-    def update(self, params: Mapping[str, Any], grads: Mapping[str, Any]) -> None:
+    def update(self, params: MutableMapping[str, Any], grads: Mapping[str, Any]) -> None:
         missing = [k for k in params if k not in grads]
         if missing:
             raise KeyError(f"{type(self).__name__}.update: no gradient for parameter(s) {missing}")
