@@ -10,8 +10,8 @@ torch = pytest.importorskip("torch")
 
 from xpconv import layers as L
 from xpconv.backend import to_numpy
-from xpconv.interop import TO_TORCH, book_dropout, to_torch
-from xpconv.models import DeepConvNet, Sequential, SimpleConvNet, TwoLayerNet
+from xpconv.interop import TO_TORCH, book_dropout, from_torch, to_torch
+from xpconv.models import DeepConvNet, MultiLayerNetExtend, Sequential, SimpleConvNet, TwoLayerNet
 
 
 def _scores(module, x):
@@ -30,6 +30,7 @@ def _images(n, shape=(1, 28, 28), seed=0):
     (lambda: SimpleConvNet(input_dim=(3, 12, 10), conv_param={"filter_num": 4, "filter_size": 3, "pad": 1, "stride": 1},
                            hidden_size=20, output_size=5, weight_init_std=0.3, seed=1), (3, 12, 10)),
     (lambda: DeepConvNet(seed=0), (1, 28, 28)),
+    (lambda: MultiLayerNetExtend(784, [40, 30], 10, use_batchnorm=True, use_dropout=True, dropout_ration=0.2, seed=0), (784,)),
 ])
 def test_eval_scores_match_the_model(make, shape):
     net = make()
@@ -115,3 +116,57 @@ def test_unknown_layers_and_options_are_refused_by_name():
     with pytest.raises(ValueError, match="BatchNormalization after a convolution"):
         to_torch(Sequential([conv, bn]))
     assert {L.Convolution, L.Affine, L.Dropout, L.Pooling} <= set(TO_TORCH)
+
+
+def _trained_bn_net(seed):
+    """A MultiLayerNetExtend whose BatchNorm running statistics have moved off zero."""
+    net = MultiLayerNetExtend(20, [16, 12], 4, use_batchnorm=True, use_dropout=True, dropout_ration=0.3, seed=seed)
+    rng = np.random.default_rng(seed)
+    for _ in range(3):
+        net.gradient(rng.random((8, 20), dtype=np.float32), rng.integers(0, 4, 8))  # training-mode forward
+    return net
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda s: TwoLayerNet(784, 50, 10, weight_init_std=0.1, seed=s), (784,)),
+    (lambda s: SimpleConvNet(seed=s), (1, 28, 28)),
+    (lambda s: DeepConvNet(seed=s), (1, 28, 28)),
+    (_trained_bn_net, (20,)),
+])
+@pytest.mark.parametrize("via", ["module", "state_dict"])
+def test_from_torch_brings_the_weights_back(make, shape, via):
+    # torch -> xpconv: a module built from one model (seed 0), loaded into a model with
+    # other initial weights (seed 1), gives seed 0's logits within 1e-5 in eval mode
+    src, dst = make(0), make(1)
+    x = _images(4, shape)
+    module = to_torch(src).eval()
+    got = from_torch(module if via == "module" else module.state_dict(), dst)
+    assert got is dst
+    np.testing.assert_allclose(to_numpy(dst.predict(x)), _scores(module, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(dst.predict(x)), to_numpy(src.predict(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_from_torch_changes_a_torch_trained_weight_and_keeps_dtypes():
+    net = TwoLayerNet(6, 5, 3, weight_init_std=0.1, seed=0)
+    module = to_torch(net)
+    with torch.no_grad():
+        module[1].weight.mul_(2.0)  # Linear(6, 5): weight is W1.T
+    from_torch(module, net)
+    np.testing.assert_allclose(to_numpy(net.params["W1"]), module[1].weight.detach().numpy().T, rtol=0, atol=0)
+    assert net.params["W1"].dtype == np.float32
+
+
+def test_from_torch_refuses_a_mismatch_and_leaves_the_model_as_it_was():
+    net = SimpleConvNet(seed=0)
+    before = {k: to_numpy(v).copy() for k, v in net.params.items()}
+    other = to_torch(SimpleConvNet(input_dim=(1, 28, 28), hidden_size=60, seed=1))
+    with pytest.raises(ValueError, match="expected shape"):
+        from_torch(other, net)
+    with pytest.raises(ValueError, match="does not fit SimpleConvNet"):
+        from_torch({"0.weight": torch.zeros(1)}, net)
+    with pytest.raises(ValueError, match="layers with weights"):
+        from_torch(to_torch(TwoLayerNet(784, 50, 10, seed=0)), net)
+    with pytest.raises(TypeError, match="torch.nn.Module or a state dict"):
+        from_torch(42, net)
+    for k, v in net.params.items():
+        np.testing.assert_array_equal(to_numpy(v), before[k])

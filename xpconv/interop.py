@@ -32,7 +32,11 @@ computes.  In training mode the forward differs only in the random draws (Dropou
 for BatchNorm, in how torch updates the running variance (unbiased).
 
 The table is :data:`TO_TORCH`, one converter per layer type; a new layer type gets a
-converter there (and the reverse direction gets its own table next to it).
+converter there.  The reverse direction, :func:`from_torch`, copies the weights of such a
+module (or of its ``state_dict()``, e.g. after training it in PyTorch) back into an xpconv
+model of the same architecture, through :data:`FROM_TORCH`: Linear weights transposed
+back to Affine's (D, M), BatchNorm1d's weight/bias/running statistics to gamma/beta and
+the layer's running mean/variance.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from typing import Any
 from . import layers as L
 from .backend import to_numpy
 
-__all__ = ["TO_TORCH", "book_dropout", "to_torch"]
+__all__ = ["FROM_TORCH", "TO_TORCH", "book_dropout", "from_torch", "to_torch"]
 
 DROPOUT_MODES = ("exact", "inverted")
 
@@ -187,3 +191,90 @@ def book_dropout(ratio: float):
 
         _BOOK_DROPOUT = BookDropout
     return _BOOK_DROPOUT(float(ratio))
+
+
+# --------------------------------------------------------------------------- torch -> xpconv
+
+
+def _copy(name: str, src: Any, like: Any, *, transpose: bool = False) -> Any:
+    """A torch tensor as an array of ``like``'s namespace, dtype and device (shape checked)."""
+    from .backend import asarray_in, device_of, namespace_of
+
+    a = src.detach().cpu().numpy()
+    if transpose:
+        a = a.T
+    if tuple(a.shape) != tuple(like.shape):
+        raise ValueError(f"from_torch: {name}: expected shape {tuple(like.shape)}, got {tuple(a.shape)}")
+    return asarray_in(a.copy(), namespace_of(like), dtype=like.dtype, device=device_of(like))
+
+
+def _from_convolution(layer: L.Convolution, m: Any, name: str) -> dict:
+    return {"W": _copy(f"{name}.weight", m.weight, layer.W), "b": _copy(f"{name}.bias", m.bias, layer.b)}
+
+
+def _from_affine(layer: L.Affine, m: Any, name: str) -> dict:
+    return {"W": _copy(f"{name}.weight", m.weight, layer.W, transpose=True), "b": _copy(f"{name}.bias", m.bias, layer.b)}
+
+
+def _from_batch_norm(layer: L.BatchNormalization, m: Any, name: str) -> dict:
+    out = {"gamma": _copy(f"{name}.weight", m.weight, layer.gamma), "beta": _copy(f"{name}.bias", m.bias, layer.beta)}
+    out["running_mean"] = _copy(f"{name}.running_mean", m.running_mean, layer.gamma)
+    out["running_var"] = _copy(f"{name}.running_var", m.running_var, layer.gamma)
+    return out
+
+
+#: xpconv layer type -> ``(layer, torch module, module name) -> {attribute: new array}``;
+#: layers without weights (pooling, activations, Dropout) have no entry
+FROM_TORCH: dict[type, Callable[[Any, Any, str], dict]] = {
+    L.Convolution: _from_convolution,
+    L.Affine: _from_affine,
+    L.BatchNormalization: _from_batch_norm,
+}
+
+
+def _weighted(module: Any) -> list[tuple[str, Any]]:
+    """The (name, module) pairs of ``module``'s leaves that hold parameters, in order."""
+    return [(n, m) for n, m in module.named_modules() if not list(m.children()) and any(True for _ in m.parameters(recurse=False))]
+
+
+def from_torch(source: Any, model: Any):
+    """Copy weights from PyTorch into ``model`` (an xpconv model of the same
+    architecture) and return it.
+
+    ``source``: a ``torch.nn.Module`` whose parameter-holding leaves are, in order, the
+    Conv2d / Linear / BatchNorm1d counterparts of the model's Convolution / Affine /
+    BatchNormalization layers (what :func:`to_torch` builds), or the ``state_dict()`` of
+    such a module.  Every tensor is converted and shape-checked before anything is
+    assigned: on an error the model is unchanged."""
+    if not hasattr(model, "layers"):
+        raise TypeError(f"from_torch: expected an xpconv model with .layers (e.g. SimpleConvNet), got {type(model).__name__}")
+    import torch
+
+    if isinstance(source, torch.nn.Module):
+        module = source
+    elif hasattr(source, "keys"):
+        module = to_torch(model)  # the same architecture, then torch checks the keys and shapes
+        try:
+            module.load_state_dict(source, strict=True)
+        except RuntimeError as exc:
+            raise ValueError(f"from_torch: the state dict does not fit {type(model).__name__}: {str(exc).splitlines()[0]}") from None
+    else:
+        raise TypeError(f"from_torch: expected a torch.nn.Module or a state dict, got {type(source).__name__}")
+    wanted = [layer for layer in model.layers if type(layer) in FROM_TORCH]
+    found = _weighted(module)
+    if len(found) != len(wanted):
+        raise ValueError(f"from_torch: {type(model).__name__} has {len(wanted)} layers with weights "
+                         f"({', '.join(type(x).__name__ for x in wanted)}), the torch module {len(found)} "
+                         f"({', '.join(type(m).__name__ for _, m in found)})")
+    expect = {L.Convolution: "Conv2d", L.Affine: "Linear", L.BatchNormalization: "BatchNorm1d"}
+    updates = []
+    with torch.no_grad():
+        for layer, (name, m) in zip(wanted, found):
+            if type(m).__name__ != expect[type(layer)]:
+                raise ValueError(f"from_torch: module {name!r} is a {type(m).__name__}; expected a "
+                                 f"{expect[type(layer)]} for the model's {type(layer).__name__}")
+            updates.append((layer, FROM_TORCH[type(layer)](layer, m, name)))
+    for layer, new in updates:  # all converted: assign
+        for attr, value in new.items():
+            setattr(layer, attr, value)
+    return model
