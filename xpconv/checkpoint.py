@@ -310,6 +310,8 @@ _PICKLE_WHY = (
 
 def _sniff(path: Path, head: bytes) -> str | None:
     """Why ``head`` (the file's first bytes) is not a safetensors file, or None."""
+    if head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= _MAX_HEADER:
+        return None  # a safetensors header, whatever the file is called
     if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
         return f"it is a Python pickle: {_PICKLE_WHY}"
     if head[:4] == b"PK\x03\x04":

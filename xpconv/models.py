@@ -240,17 +240,25 @@ class Sequential:
                     layer.running_mean = asarray_in(arrays[f"running_mean{bn}"], self.xp, dtype=self.dtype, device=self.device)
                     layer.running_var = asarray_in(arrays[f"running_var{bn}"], self.xp, dtype=self.dtype, device=self.device)
 
-    def save_params(self, path) -> None:
-        """Write the parameters to ``path`` (safe format: no code runs on load)."""
+    def save_params(self, path="params.pkl") -> None:
+        """Write the parameters to ``path`` in xpconv's safe format (safetensors + JSON
+        metadata: no code runs on load), whatever the name says; the default is the book's."""
         from .checkpoint import save_params
 
         save_params(self, path)
 
-    def load_params(self, path_or_dict) -> None:
-        """Load parameters from a file written by ``save_params`` or from a dict of
-        arrays of any namespace."""
+    def load_params(self, path_or_dict="params.pkl") -> None:
+        """Load parameters from a dict of arrays of any namespace, or from a file
+        recognised by its bytes, not its name: xpconv's safetensors files, or the book's
+        pickled ``save_params`` files (read by :mod:`xpconv.bookpickle`, whose allow-list
+        lets nothing in them run)."""
         if isinstance(path_or_dict, Mapping):
             self.load_state_arrays(path_or_dict)
+            return
+        from . import bookpickle
+
+        if bookpickle.file_kind(path_or_dict) == "pickle":
+            self.load_state_arrays(bookpickle.load_params(path_or_dict))
             return
         from .checkpoint import load_params
 
