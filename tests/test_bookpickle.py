@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import SHARED, shared_dataset
 from xpconv import bookpickle
 from xpconv.bookpickle import UnsafePickleError, file_kind
 from xpconv.checkpoint import load_params as checkpoint_load_params
 from xpconv.datasets import read_idx
 from xpconv.models import DeepConvNet, SimpleConvNet, TwoLayerNet
+
+from .conftest import SHARED, shared_dataset
 
 PROTOCOLS = range(pickle.HIGHEST_PROTOCOL + 1)
 
