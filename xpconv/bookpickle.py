@@ -144,7 +144,8 @@ def _scan(data: bytes) -> None:
     last: list[tuple[str, Any]] = []  # the latest stack pushes: ("str", value) or ("other", None)
     count = 0
     try:
-        for op, arg, _pos in pickletools.genops(io.BytesIO(data)):
+        for op, op_arg, _pos in pickletools.genops(io.BytesIO(data)):
+            arg: Any = op_arg
             count += 1
             name = op.name
             if name in _REFUSED_OPCODES:
@@ -282,7 +283,9 @@ class _DtypeStub:
 
     def resolve(self) -> np.dtype:
         dt = np.dtype(self.code)
-        return dt.newbyteorder(self.order) if self.order in "<>" else dt
+        if self.order in ("<", ">"):
+            return dt.newbyteorder("<" if self.order == "<" else ">")
+        return dt
 
 
 def _dtype_of(value, what: str) -> np.dtype:
