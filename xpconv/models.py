@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from . import _fileformat
+from . import _fileformat, bookpickle
 from . import layers as L
 from ._geometry import conv_output_size
 from ._typing import Layer
@@ -364,10 +364,10 @@ class Sequential:
                     layer.running_mean = asarray_in(arrays[f"running_mean{bn}"], self.xp, dtype=self.dtype, device=self.device)
                     layer.running_var = asarray_in(arrays[f"running_var{bn}"], self.xp, dtype=self.dtype, device=self.device)
 
-    def save_params(self, path) -> Path:
+    def save_params(self, path="params.pkl") -> Path:
         """Write the parameters (host copies, BatchNorm statistics included) and the
-        model's name and config to ``path`` in xpconv's safetensors format: no code runs
-        when it is loaded. Returns the path."""
+        model's name and config to ``path`` in xpconv's safetensors format, whatever the
+        name says (the default is the book's): no code runs when it is loaded. Returns the path."""
         arrays = self.state_arrays()
         return _fileformat.write_file(
             path,
@@ -375,12 +375,17 @@ class Sequential:
             {"kind": "params", "model": model_meta(self)},
         )
 
-    def load_params(self, path_or_dict) -> None:
-        """Load parameters from a file written by ``save_params`` or ``save_checkpoint``
-        (or a plain safetensors file of named arrays), or from a dict of arrays of any
-        namespace. A file that is not safetensors (a pickle) raises CheckpointError."""
+    def load_params(self, path_or_dict="params.pkl") -> None:
+        """Load parameters from a dict of arrays of any namespace, or from a file
+        recognised by its bytes, not its name: xpconv's safetensors files (``save_params``,
+        ``save_checkpoint``, or plain safetensors of named arrays), or the book's pickled
+        ``save_params`` files (read by :mod:`xpconv.bookpickle`, whose allow-list lets
+        nothing in them run)."""
         if isinstance(path_or_dict, Mapping):
             self.load_state_arrays(path_or_dict)
+            return
+        if bookpickle.file_kind(path_or_dict) == "pickle":
+            self.load_state_arrays(bookpickle.load_params(path_or_dict))
             return
         self.load_state_arrays(_fileformat.model_arrays(*_fileformat.read_file(path_or_dict)))
 

@@ -1,0 +1,541 @@
+"""The book's pickled parameter files, read without running anything they contain.
+
+*Deep Learning from Scratch* saves weights with ``pickle.dump(params, f)``: a dict of
+NumPy arrays (``ch07/params.pkl``, ``ch08/deep_convnet_params.pkl``). A pickle is a small
+program, and ``pickle.load`` runs whatever it names, so xpconv reads these files with an
+allow-list unpickler instead:
+
+* Before unpickling starts, the whole opcode stream is read with :mod:`pickletools`: every
+  global it names (``GLOBAL`` or ``STACK_GLOBAL`` with literal names) must be in
+  :data:`ALLOWED_GLOBALS`; persistent ids, the copyreg extension registry, ``INST``/``OBJ``/
+  ``NEWOBJ`` object construction and out-of-band buffers are refused; so are memo indices and
+  lengths that do not fit the file.
+* While unpickling, ``find_class`` hands out *checking stand-ins*, never NumPy's own
+  functions: ``_reconstruct`` accepts only ``(numpy.ndarray, (0,), b'b')``, ``dtype`` only a
+  plain numeric type code (bool, int, uint, float, complex), an array's state must be a
+  shape whose byte count equals the bytes that came with it, and all arrays together may not
+  hold more bytes than the file. ``numpy.ndarray`` can be named but not called, and
+  ``persistent_load`` always refuses.
+
+Anything else raises :class:`UnsafePickleError` with one line that names the file and what
+was refused (e.g. ``os.system``); since a refused global is never resolved, nothing in the
+file has run by then. Dicts, lists, tuples, strings, numbers and bytes come from pickle
+opcodes alone and need no global.
+
+:func:`file_kind` tells files apart by their first bytes, never by their names: a
+safetensors file (8-byte header length, then ``{``) is ``'safetensors'`` even when it is
+called ``params.pkl``; a pickle (``\\x80`` and a protocol number, or a protocol-0/1 opcode
+and a final ``.``) is ``'pickle'`` whatever it is called.
+
+    >>> from xpconv import bookpickle
+    >>> params = bookpickle.load_params("ch07/params.pkl")   # doctest: +SKIP
+    >>> sorted(params), params["W1"].shape                   # doctest: +SKIP
+    (['W1', 'W2', 'W3', 'b1', 'b2', 'b3'], (30, 1, 5, 5))
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import pickle
+import pickletools
+import reprlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "ALLOWED_GLOBALS",
+    "MAX_FILE_BYTES",
+    "UnsafePickleError",
+    "file_kind",
+    "load",
+    "load_params",
+    "loads",
+]
+
+#: files larger than this are refused before they are read (the book's are 1-4 MB)
+MAX_FILE_BYTES = 256 * 2**20
+#: containers nested deeper than this are refused
+MAX_DEPTH = 100
+_MAX_NDIM = 32
+
+#: the type codes a pickled dtype may name: bool, signed and unsigned ints, floats, complex
+_DTYPE_CODES = frozenset(["b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16"])
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle was refused (a global off the allow-list, a size that does not fit the file,
+    a malformed stream); the one-line message names the file and what was refused."""
+
+
+# ----------------------------------------------------------------------------- sniffing
+
+_SAFETENSORS_MAX_HEADER = 100 * 2**20
+# opcodes a protocol-0/1 pickle can start with (protocol 2+ starts with PROTO, b"\x80")
+_P01_FIRST = frozenset(b"(]})NIJKLMFGSTUVXBCc")
+
+
+def _kind_of(head: bytes, last: bytes, size: int) -> str:
+    if len(head) >= 9 and head[8:9] == b"{":
+        n = int.from_bytes(head[:8], "little")
+        if n <= _SAFETENSORS_MAX_HEADER and 8 + n <= size:
+            return "safetensors"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    if head[:1] and head[0] in _P01_FIRST and last == b".":
+        return "pickle"
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if head[:6] == b"\x93NUMPY":
+        return "npy"
+    return "unknown"
+
+
+def file_kind(source) -> str:
+    """What a file is, from its bytes alone (its name is never looked at):
+    ``'safetensors'``, ``'pickle'``, ``'zip'`` (.npz, torch .pt), ``'npy'`` or ``'unknown'``.
+
+    ``source`` is a path or the file's bytes. A missing or unreadable path is ``'unknown'``
+    (the loader that is then called says what is wrong with it)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source[:16]), bytes(source[-1:]), len(source)
+        return _kind_of(*data)
+    try:
+        with open(source, "rb") as f:
+            head = f.read(16)
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(size - 1, 0))
+            last = f.read(1)
+    except OSError:
+        return "unknown"
+    return _kind_of(head, last, size)
+
+
+# ----------------------------------------------------------------------------- static scan
+
+_REFUSED_OPCODES = {
+    "PERSID": "a persistent id (persistent_load is refused)",
+    "BINPERSID": "a persistent id (persistent_load is refused)",
+    "EXT1": "a global from the copyreg extension registry",
+    "EXT2": "a global from the copyreg extension registry",
+    "EXT4": "a global from the copyreg extension registry",
+    "INST": "object construction (INST)",
+    "OBJ": "object construction (OBJ)",
+    "NEWOBJ": "object construction (NEWOBJ)",
+    "NEWOBJ_EX": "object construction (NEWOBJ_EX)",
+    "NEXT_BUFFER": "an out-of-band buffer",
+    "READONLY_BUFFER": "an out-of-band buffer",
+}
+_STRING_OPS = frozenset(
+    ["STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"]
+)
+_MEMO_PUT = frozenset(["PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"])
+_MEMO_GET = frozenset(["GET", "BINGET", "LONG_BINGET"])
+_NO_STACK_EFFECT = frozenset(["FRAME", "PROTO"]) | _MEMO_PUT
+
+
+def _scan(data: bytes) -> None:
+    """Read the opcode stream without executing it; raise UnsafePickleError (message
+    without the file name) for anything refused."""
+    memo: dict[int, Any] = {}
+    last: list[tuple[str, Any]] = []  # the latest stack pushes: ("str", value) or ("other", None)
+    count = 0
+    try:
+        for op, op_arg, _pos in pickletools.genops(io.BytesIO(data)):
+            arg: Any = op_arg
+            count += 1
+            name = op.name
+            if name in _REFUSED_OPCODES:
+                what = _REFUSED_OPCODES[name]
+                if name == "INST":
+                    what += f" of {arg.replace(' ', '.')}"
+                raise UnsafePickleError(f"{what} is not allowed")
+            if name == "GLOBAL":
+                module, _, gname = str(arg).partition(" ")
+                _check_global(module, gname)
+            if name in _MEMO_PUT:
+                index = len(memo) if name == "MEMOIZE" else int(arg)
+                if index > count:
+                    raise UnsafePickleError(
+                        f"memo index {index} at opcode {count} (a legitimate pickle numbers them in order)"
+                    )
+                memo[index] = last[-1][1] if last and last[-1][0] == "str" else None
+                continue
+            if name == "STACK_GLOBAL":
+                if len(last) < 2 or last[-1][0] != "str" or last[-2][0] != "str":
+                    raise UnsafePickleError("a global whose name is computed, not written in the file")
+                _check_global(last[-2][1], last[-1][1])
+            if name in _NO_STACK_EFFECT:
+                continue
+            if name in _STRING_OPS:
+                last.append(("str", arg))
+            elif name in _MEMO_GET and isinstance(memo.get(int(arg)), str):
+                last.append(("str", memo[int(arg)]))
+            else:
+                last.append(("other", None))
+            del last[:-2]
+    except UnsafePickleError:
+        raise
+    except (ValueError, EOFError, OverflowError) as exc:  # truncated stream, bad opcode, lengths past the end
+        raise UnsafePickleError(f"not a valid pickle ({_one_line(exc)})") from None
+
+
+def _check_global(module: str, name: str) -> None:
+    if (module, name) not in ALLOWED_GLOBALS:
+        raise UnsafePickleError(
+            f"global {module}.{name} is not on the allow-list (NumPy arrays, dtypes and plain containers only)"
+        )
+
+
+# ----------------------------------------------------------------------------- stand-ins
+
+
+class _Budget:
+    """Bytes that arrays built from the file may hold in all: at most the file's size (each
+    array's bytes are in the file once), so a file cannot make xpconv allocate more."""
+
+    def __init__(self, file_size: int):
+        self.file_size = file_size
+        self.left = file_size
+
+    def take(self, nbytes: int, what: str) -> None:
+        if nbytes > self.file_size:
+            raise UnsafePickleError(
+                f"{what} needs {nbytes:,} bytes, more than the whole file ({self.file_size:,} bytes)"
+            )
+        if nbytes > self.left:
+            raise UnsafePickleError(
+                f"{what} needs {nbytes:,} bytes; the arrays would hold more bytes than the file ({self.file_size:,})"
+            )
+        self.left -= nbytes
+
+
+def _take_exact(budget: _Budget, nbytes: int, got: int, what: str) -> None:
+    """Check that ``what`` (``nbytes`` by its shape and dtype) came with exactly ``got``
+    bytes and fits the budget, before anything is copied."""
+    if nbytes > budget.file_size:
+        budget.take(nbytes, what)  # raises: more than the whole file
+    if got != nbytes:
+        raise UnsafePickleError(f"{what} needs {nbytes:,} bytes but {got:,} came with it")
+    budget.take(nbytes, what)
+
+
+class _ClassName:
+    """What ``numpy.ndarray`` resolves to: a name that ``_reconstruct`` accepts, never callable."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return "numpy.ndarray"
+
+    def __call__(self, *args, **kwargs):
+        raise UnsafePickleError("numpy.ndarray may only be named as the class of _reconstruct; calling it is refused")
+
+
+_NDARRAY = _ClassName()
+
+
+def _flag(value, what: str) -> bool:
+    if type(value) is bool or (type(value) is int and value in (0, 1)):
+        return bool(value)
+    raise UnsafePickleError(f"{what} must be True or False, got {_short(value)}")
+
+
+def _shape(value, what: str) -> tuple[int, ...]:
+    if type(value) is not tuple or len(value) > _MAX_NDIM or any(type(s) is not int or s < 0 for s in value):
+        raise UnsafePickleError(f"{what} must be a tuple of at most {_MAX_NDIM} non-negative ints, got {_short(value)}")
+    return value
+
+
+class _DtypeStub:
+    """A dtype named in the file: a numeric type code and, after BUILD, its byte order."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"dtype({self.code!r})"
+
+    def __init__(self, code: str):
+        self.code = code
+        self.order = "="
+        self.built = False
+
+    def __setstate__(self, state) -> None:
+        if self.built:
+            raise UnsafePickleError("a dtype's state is set twice")
+        ok = (
+            type(state) is tuple
+            and len(state) in (8, 9)
+            and state[0] in (3, 4)
+            and state[1] in ("<", ">", "|", "=")
+            and state[2:5] == (None, None, None)
+            and state[5:8] == (-1, -1, 0)
+            and all(type(v) is int for v in state[5:8])
+            and (len(state) == 8 or state[8] is None)
+        )
+        if not ok:
+            raise UnsafePickleError(f"dtype state {_short(state)} is not that of a plain numeric dtype")
+        self.order = state[1]
+        self.built = True
+
+    def resolve(self) -> np.dtype:
+        dt = np.dtype(self.code)
+        if self.order in ("<", ">"):
+            return dt.newbyteorder("<" if self.order == "<" else ">")
+        return dt
+
+
+def _dtype_of(value, what: str) -> np.dtype:
+    if not isinstance(value, _DtypeStub):
+        raise UnsafePickleError(f"{what} must be a dtype from the file, got {_short(value)}")
+    return value.resolve()
+
+
+def _native(arr: np.ndarray) -> np.ndarray:
+    """A writable array in native byte order, owning its memory."""
+    if not arr.dtype.isnative:
+        return arr.astype(arr.dtype.newbyteorder("="))
+    return arr.copy(order="K")
+
+
+class _ArrayStub:
+    """What ``_reconstruct`` returns: an array that gets its shape, dtype and bytes from
+    BUILD, all checked before one byte is copied."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return "ndarray(...)"
+
+    def __init__(self, budget: _Budget):
+        self.budget = budget
+        self.array: np.ndarray | None = None
+
+    def __setstate__(self, state) -> None:
+        if self.array is not None:
+            raise UnsafePickleError("an array's state is set twice")
+        if type(state) is not tuple or len(state) not in (4, 5):
+            raise UnsafePickleError(
+                f"array state must be (version, shape, dtype, is_fortran, data), got {_short(state)}"
+            )
+        if len(state) == 5:
+            if state[0] != 1 or type(state[0]) is not int:
+                raise UnsafePickleError(f"array state version {_short(state[0])}; expected 1")
+            state = state[1:]
+        shape = _shape(state[0], "an array's shape")
+        dt = _dtype_of(state[1], "an array's dtype")
+        fortran = _flag(state[2], "an array's is_fortran flag")
+        raw = state[3]
+        what = f"an array of shape {shape} and dtype {dt.name}"
+        if type(raw) not in (bytes, bytearray):
+            raise UnsafePickleError(f"{what} must come with its bytes, got {_short(raw)}")
+        _take_exact(self.budget, math.prod(shape) * dt.itemsize, len(raw), what)
+        flat = np.frombuffer(raw, dtype=dt)
+        self.array = _native(flat.reshape(shape, order="F" if fortran else "C"))
+
+
+def _allowed(budget: _Budget) -> dict[tuple[str, str], Any]:
+    """The stand-ins ``find_class`` hands out, bound to one file's byte budget."""
+
+    def _reconstruct(cls, shape, typecode):
+        if cls is not _NDARRAY or type(shape) is not tuple or shape != (0,) or type(shape[0]) is not int:
+            raise UnsafePickleError(
+                f"_reconstruct{_short((cls, shape, typecode))} refused; only _reconstruct(numpy.ndarray, (0,), b'b') rebuilds an array"
+            )
+        if typecode not in (b"b", "b"):
+            raise UnsafePickleError(f"_reconstruct with type code {_short(typecode)} refused; expected b'b'")
+        return _ArrayStub(budget)
+
+    def _dtype(obj, align=False, copy=True):
+        if type(obj) is not str or obj not in _DTYPE_CODES:
+            raise UnsafePickleError(f"dtype {_short(obj)} refused; allowed: {', '.join(sorted(_DTYPE_CODES))}")
+        _flag(align, "dtype's align")
+        _flag(copy, "dtype's copy")
+        return _DtypeStub(obj)
+
+    def _scalar(dtype, data=None):
+        dt = _dtype_of(dtype, "scalar's dtype")
+        if type(data) is not bytes or len(data) != dt.itemsize:
+            raise UnsafePickleError(f"a {dt.name} scalar needs {dt.itemsize} bytes, got {_short(data)}")
+        budget.take(dt.itemsize, f"a {dt.name} scalar")
+        return np.frombuffer(data, dtype=dt)[0].astype(dt.newbyteorder("="))
+
+    def _frombuffer(buf, dtype, shape, order, axis_order=None):
+        dt = _dtype_of(dtype, "an array's dtype")
+        shape = _shape(shape, "an array's shape")
+        what = f"an array of shape {shape} and dtype {dt.name}"
+        if type(buf) not in (bytes, bytearray):
+            raise UnsafePickleError(f"{what} must come with its bytes in the file, got {_short(buf)}")
+        if order not in ("C", "F", "K"):
+            raise UnsafePickleError(f"{what}: order {_short(order)} refused; expected 'C', 'F' or 'K'")
+        if order == "K" and axis_order is not None:
+            if type(axis_order) not in (tuple, list) or sorted(axis_order) != list(range(len(shape))):
+                raise UnsafePickleError(f"{what}: axis order {_short(axis_order)} is not a permutation of its axes")
+            if any(type(a) is not int for a in axis_order):
+                raise UnsafePickleError(f"{what}: axis order {_short(axis_order)} is not a permutation of its axes")
+        _take_exact(budget, math.prod(shape) * dt.itemsize, len(buf), what)
+        flat = np.frombuffer(bytes(buf), dtype=dt)
+        if order == "K" and axis_order is not None:
+            return _native(flat.reshape(shape, order="C").transpose(axis_order))
+        return _native(flat.reshape(shape, order="C" if order == "K" else order))
+
+    def _encode(obj, encoding="latin1"):
+        # protocols 0-2 write bytes as _codecs.encode(text, 'latin1')
+        if type(obj) is not str or encoding not in ("latin1", "latin-1"):
+            raise UnsafePickleError(
+                f"_codecs.encode{_short((obj, encoding))} refused; only (str, 'latin1') makes bytes"
+            )
+        return obj.encode("latin-1")
+
+    def _bytes(*args):
+        # protocols 0-2 write b"" as bytes()
+        if args:
+            raise UnsafePickleError(f"bytes{_short(args)} refused; only bytes() makes the empty bytes")
+        return b""
+
+    table: dict[tuple[str, str], Any] = {("numpy", "ndarray"): _NDARRAY, ("numpy", "dtype"): _dtype}
+    for core in ("numpy.core", "numpy._core"):
+        table[(f"{core}.multiarray", "_reconstruct")] = _reconstruct
+        table[(f"{core}.multiarray", "scalar")] = _scalar
+        table[(f"{core}.numeric", "_frombuffer")] = _frombuffer
+    table[("_codecs", "encode")] = _encode
+    table[("builtins", "bytes")] = _bytes
+    table[("__builtin__", "bytes")] = _bytes
+    return table
+
+
+#: every (module, name) a pickle may name: what NumPy 1.x and 2.x write for arrays, dtypes
+#: and scalars with protocols 0-5 (``numpy.ndarray`` only as the class of ``_reconstruct``),
+#: plus ``_codecs.encode`` and ``bytes``, which protocols 0-2 use to write bytes
+ALLOWED_GLOBALS = frozenset(_allowed(_Budget(0)))
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file, budget: _Budget):
+        super().__init__(file)
+        self._table = _allowed(budget)
+
+    def find_class(self, module, name):
+        stand_in = self._table.get((module, name))
+        if stand_in is None:
+            _check_global(str(module), str(name))  # raises, naming it
+        return stand_in
+
+    def persistent_load(self, pid):
+        raise UnsafePickleError(f"a persistent id ({_short(pid)}) is not allowed")
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def _finish(obj, depth: int, seen: dict[int, Any]):
+    """Replace the stand-ins by NumPy arrays and dtypes throughout dicts, lists and tuples."""
+    key = id(obj)
+    if key in seen:
+        return seen[key]
+    if depth > MAX_DEPTH:
+        raise UnsafePickleError(f"containers nested deeper than {MAX_DEPTH} levels")
+    if isinstance(obj, _ArrayStub):
+        if obj.array is None:
+            raise UnsafePickleError("an array without its shape, dtype and data")
+        out: Any = obj.array
+    elif isinstance(obj, _DtypeStub):
+        out = obj.resolve()
+    elif obj is _NDARRAY:
+        raise UnsafePickleError("the class numpy.ndarray itself appears in the data")
+    elif type(obj) is dict:
+        seen[key] = obj
+        for k in list(obj):
+            obj[k] = _finish(obj[k], depth + 1, seen)
+        return obj
+    elif type(obj) is list:
+        seen[key] = obj
+        obj[:] = [_finish(v, depth + 1, seen) for v in obj]
+        return obj
+    elif type(obj) is tuple:
+        out = tuple(_finish(v, depth + 1, seen) for v in obj)
+    else:  # str, bytes, numbers, None, sets of those: opcodes alone made them
+        out = obj
+    seen[key] = out
+    return out
+
+
+# what a malformed or hostile stream can raise from inside pickle.Unpickler.load
+_LOAD_ERRORS = (
+    pickle.UnpicklingError,
+    TypeError,
+    ValueError,
+    EOFError,
+    AttributeError,
+    IndexError,
+    KeyError,
+    OverflowError,
+    RecursionError,
+    MemoryError,
+)
+
+
+def loads(data: bytes, *, source: str = "<bytes>") -> Any:
+    """Unpickle ``data`` with the allow-list (see the module's docstring); ``source`` names
+    it in errors. Returns the object with NumPy arrays in place of the pickled ones."""
+    data = bytes(data)
+    try:
+        _scan(data)
+        budget = _Budget(len(data))
+        obj = _Unpickler(io.BytesIO(data), budget).load()
+        return _finish(obj, 0, {})
+    except UnsafePickleError as exc:
+        raise UnsafePickleError(f"{source}: refusing to load: {exc}; nothing in the file was run") from None
+    except _LOAD_ERRORS as exc:  # a stand-in called with the wrong arguments, a truncated stream, ...
+        raise UnsafePickleError(
+            f"{source}: refusing to load: {type(exc).__name__}: {_one_line(exc)}; nothing in the file was run"
+        ) from None
+
+
+def load(path, *, max_bytes: int = MAX_FILE_BYTES) -> Any:
+    """:func:`loads` of the file at ``path``; files over ``max_bytes`` are refused unread."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise UnsafePickleError(f"{path}: refusing to load: {size:,} bytes, more than the limit of {max_bytes:,}")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UnsafePickleError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UnsafePickleError(f"{path}: is a folder, not a parameter file") from None
+    except OSError as exc:
+        raise UnsafePickleError(f"{path}: cannot read: {_one_line(exc)}") from None
+    return loads(data, source=str(path))
+
+
+def load_params(path, *, max_bytes: int = MAX_FILE_BYTES) -> dict[str, np.ndarray]:
+    """The parameters in a file written by the book's ``save_params``: a dict of name ->
+    NumPy array (e.g. ``W1``, ``b1``, ...). Anything else raises :class:`UnsafePickleError`."""
+    obj = load(path, max_bytes=max_bytes)
+    if type(obj) is not dict:
+        raise UnsafePickleError(f"{path}: holds a {type(obj).__name__}; expected a dict of name -> array")
+    for k, v in obj.items():
+        if type(k) is not str or not isinstance(v, np.ndarray):
+            raise UnsafePickleError(
+                f"{path}: entry {_short(k)} is a {type(v).__name__}; expected a dict of name -> array"
+            )
+    return obj
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 40, 40, 40
+
+
+def _short(value, limit: int = 80) -> str:
+    """A short one-line repr of a value from the file (never the repr of a huge object)."""
+    text = " ".join(_REPR.repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
