@@ -322,6 +322,7 @@ def _run(path: Path, data_root: Path) -> str:
     env.update(
         MPLBACKEND="Agg",
         XPCONV_DATA_DIR=str(data_root),
+        XPCONV_DATA_VERIFY="0",  # a subset of our own making: it cannot match the published SHA-256
         XPCONV_MNIST_URL="http://127.0.0.1:9/",  # never download: the subset is complete
         PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     )

@@ -626,6 +626,14 @@ def _download(name: str, fname: str, folder: Path, urls: list[str], dead: set, w
     return None
 
 
+def _verify_choice(verify) -> bool:
+    """``verify`` as given, or (None) True unless ``$XPCONV_DATA_VERIFY`` is "0": the
+    opt-out for folders of one's own files (subsets, uncompressed copies)."""
+    if verify is None:
+        return os.environ.get("XPCONV_DATA_VERIFY", "1").strip() != "0"
+    return bool(verify)
+
+
 def _obtain(name, folder: Path, keys, may_download: bool, base_url, verify: bool, why_not: str):
     """Paths of the files ``keys`` (IDX_FILES keys): found in ``folder`` (verified by SHA-256
     unless ``verify`` is false) or downloaded there when ``may_download``.
@@ -670,7 +678,7 @@ def _missing_message(name, folder: Path, missing, why: str) -> str:
 
 
 def _load_idx_dataset(name, normalize, flatten, one_hot_label, data_dir, download, base_url,
-                      allow_test_split, seed, keep_uint8, verify=True):
+                      allow_test_split, seed, keep_uint8, verify=None):
     if download not in (None, True, False):
         raise TypeError(f"download must be None, True or False, got {download!r}")
     folder = dataset_dir(name, data_dir)
@@ -680,7 +688,7 @@ def _load_idx_dataset(name, normalize, flatten, one_hot_label, data_dir, downloa
                f"{folder} is your folder: nothing is downloaded into it unless asked (download=True)")
 
     def obtain(keys):
-        return _obtain(name, folder, keys, may_download, base_url, verify, why_not)
+        return _obtain(name, folder, keys, may_download, base_url, _verify_choice(verify), why_not)
 
     found, missing, why = obtain(("test_img", "test_label"))
     if missing:  # list the train files too, but don't download them for nothing
@@ -719,7 +727,8 @@ def _load_idx_dataset(name, normalize, flatten, one_hot_label, data_dir, downloa
 
 _DOWNLOAD_DOC = """
     Where files come from: :func:`dataset_dir` (name, data_dir). Every file found there is
-    checked against its published size and SHA-256 (``verify=False`` reads unchecked files,
+    checked against its published size and SHA-256 (``verify=False``, or ``$XPCONV_DATA_VERIFY=0``
+    when ``verify`` is left at None, reads unchecked files,
     e.g. uncompressed copies, still with the header and size checks of :func:`read_idx`); a
     mismatch names the file and, when it is another known file, which one. Missing files are
     downloaded - https only, with a size cap and a deadline, verified before they are moved
@@ -730,7 +739,7 @@ _DOWNLOAD_DOC = """
 
 
 def load_mnist(normalize=True, flatten=True, one_hot_label=False, *, data_dir=None,
-               download=None, base_url=None, allow_test_split=False, seed=0, verify=True):
+               download=None, base_url=None, allow_test_split=False, seed=0, verify=None):
     """MNIST, book-compatible: ``((x_train, t_train), (x_test, t_test))``.
 
     Images are (N, 784), or (N, 1, 28, 28) with ``flatten=False``; float32 in [0, 1] with
@@ -747,7 +756,7 @@ def load_mnist(normalize=True, flatten=True, one_hot_label=False, *, data_dir=No
 
 
 def load_fashion_mnist(normalize=True, flatten=True, one_hot_label=False, *, data_dir=None,
-                       download=None, base_url=None, allow_test_split=False, seed=0, verify=True):
+                       download=None, base_url=None, allow_test_split=False, seed=0, verify=None):
     """Fashion-MNIST, the same way as :func:`load_mnist` (folder 'fashion-mnist', mirror
     variable ``$XPCONV_FASHION_MNIST_URL``). Class names are in
     ``DATASETS['fashion-mnist']['class_names']``. MNIST's files in its place are refused."""
@@ -761,7 +770,7 @@ if load_mnist.__doc__ and load_fashion_mnist.__doc__:  # None under python -OO
 
 
 def load_dataset(name, data_dir=None, normalize=True, flatten=False, seed=0, download=None,
-                 base_url=None, verify=True):
+                 base_url=None, verify=None):
     """``((x_train, t_train), (x_test, t_test))`` for 'digits', 'mnist' or 'fashion-mnist':
     images float32 NCHW (or (N, C*H*W) with ``flatten``), in [0, 1] with ``normalize``;
     labels int64. This is what the CLI and the Trainer call.

@@ -100,6 +100,9 @@ class Convolution(LayerBase):
     def __init__(self, W: Array, b: Array, stride: Any = 1, pad: Any = 0, *, impl: ops.Impl = None):
         if len(W.shape) != 4:
             raise ValueError(f"Convolution: expected W of shape (FN, C, FH, FW), got {_shape(W)}")
+        if isinstance(b, (int, float)) and not isinstance(b, bool):  # the book's Convolution(w, 0): one bias for all
+            xp = namespace_of(W)
+            b = xp.full((int(W.shape[0]),), float(b), dtype=W.dtype, device=device_of(W))
         if _shape(b) != (int(W.shape[0]),):
             raise ValueError(f"Convolution: expected b of shape (FN,) = ({int(W.shape[0])},), got {_shape(b)}")
         namespace_of(W, b)

@@ -18,9 +18,13 @@ import math
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
-from .backend import asarray_in, device_of, namespace_of
+from .backend import asarray_in, device_of, get_namespace, namespace_of
 
 __all__ = ["SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam", "OPTIMIZERS", "get_optimizer"]
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 class Optimizer:
@@ -60,6 +64,10 @@ class Optimizer:
         for key in params:
             p = params[key]
             g = grads[key]
+            scalar = _is_number(p)
+            if scalar:  # the book's toy problems keep parameters as Python floats
+                host = get_namespace("numpy")
+                p, g = host.asarray(float(p)), host.asarray(float(g))
             if tuple(g.shape) != tuple(p.shape):
                 raise ValueError(
                     f"{type(self).__name__}.update: gradient {key!r} has shape {tuple(g.shape)}, "
@@ -76,6 +84,11 @@ class Optimizer:
                     self.state[name][key] = s
                 slots[name] = s
             new = self._step(key, p, g, slots)
+            if scalar:
+                params[key] = float(new)
+                for name in self._slots:
+                    self.state[name][key] = slots[name]
+                continue
             if new is not p:  # immutable arrays: the step made new ones
                 params[key] = new
                 for name in self._slots:
