@@ -100,3 +100,77 @@ def test_run_script_parses_hashes_the_tree_and_runs_its_cpu_stage(tmp_path):
     assert f"commit: test-commit (tree hash {h.stdout.strip()}; stages: machine)" in summary
     assert "## simple" in (tmp_path / "floor.md").read_text()
     assert summary.strip() in (tmp_path / "gpu-run.log").read_text()
+
+
+# --------------------------------------------------------------------------- CuPy peak memory
+
+
+def _fake_cupy_with_a_pool():
+    """A cupy whose memory pool calls the active MemoryHooks like CuPy's does (on every
+    malloc and free of pooled memory, with the rounded ``mem_size``), and keeps freed
+    blocks cached: ``pool.total_bytes()`` only grows."""
+    import types
+
+    active = []
+
+    class MemoryHook:
+        def __enter__(self):
+            active.append(self)
+            return self
+
+        def __exit__(self, *exc):
+            active.remove(self)
+
+    class Pool:
+        total = 0
+        live = 0
+
+        def malloc(self, size):
+            mem = -(-size // 512) * 512
+            Pool.live += mem
+            Pool.total = max(Pool.total, Pool.live)
+            for h in active:
+                h.malloc_postprocess(device_id=0, size=size, mem_size=mem, mem_ptr=1, pmem_id=1)
+            return mem
+
+        def free(self, mem):
+            Pool.live -= mem
+            for h in active:
+                h.free_postprocess(device_id=0, mem_size=mem, mem_ptr=1, pmem_id=1)
+
+        def total_bytes(self):
+            return Pool.total
+
+    stream = types.SimpleNamespace(synchronize=lambda: None)
+    cuda = types.SimpleNamespace(memory_hook=types.SimpleNamespace(MemoryHook=MemoryHook),
+                                 get_current_stream=lambda: stream)
+    return types.SimpleNamespace(cuda=cuda, pool=Pool()), cuda.memory_hook
+
+
+def test_cupy_peak_memory_counts_what_is_in_use_not_what_the_pool_caches(monkeypatch):
+    from benchmarks import harness
+
+    cupy, hook_module = _fake_cupy_with_a_pool()
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", cupy.cuda)
+    monkeypatch.setitem(sys.modules, "cupy.cuda.memory_hook", hook_module)
+    pool = cupy.pool
+    old_param = pool.malloc(4096)  # held from before the step (a parameter the step replaces)
+    big = pool.malloc(100_000)
+    pool.free(big)  # cached by the pool: its total stays high
+
+    def step():
+        a = pool.malloc(1000)  # 1024
+        b = pool.malloc(3000)  # 3072
+        pool.free(a)
+        pool.free(old_param)  # the update frees the old parameter ...
+        c = pool.malloc(4096)  # ... and allocates its new one
+        pool.free(b)
+        return c
+
+    case = object.__new__(harness._XpconvCase)  # the CuPy case, without a model or a GPU
+    case.cupy = cupy
+    assert case.peak(step) == 1024 + 3072  # most in use at once above the start level
+    assert pool.total_bytes() >= 100_000  # what pool growth would have reported instead
+    epoch = _load("epoch")
+    assert epoch.CupyPeak is harness.CupyPeak  # the GPU epoch script measures the same way
