@@ -30,7 +30,9 @@ Implementations:
 Peak memory: on the CPU, the growth of the process's resident set over its level
 just before a step (``/proc/self/clear_refs`` resets the kernel's high-water mark,
 ``malloc_trim`` hands freed heap back first); on CUDA, torch's
-``max_memory_allocated`` and the CuPy memory pool's size after freeing its cache.
+``max_memory_allocated`` and, for CuPy, the most bytes its memory pool had handed out
+at once (a memory hook, :class:`CupyPeak`: cached free blocks are not counted, as torch
+does not count its cache), both above the level at the step's start.
 Where neither works the column says ``-``.
 
 ``--json PATH`` writes every number (and the machine, settings and the targets of
@@ -199,13 +201,40 @@ class _XpconvCase(_Case):
     def peak(self, fn):
         if self.cupy is None:
             return self.host_mem.peak(fn)
-        pool = self.cupy.get_default_memory_pool()
+        return CupyPeak(self.cupy).measure(fn)
+
+
+class CupyPeak:
+    """Peak bytes in use from CuPy's memory pool while a function runs, above the level
+    at its start: a ``cupy.cuda.memory_hook.MemoryHook`` adds each allocation's size and
+    subtracts each free (the pool's cached free blocks are not counted, as torch's
+    ``max_memory_allocated`` does not count its cache)."""
+
+    def __init__(self, cupy):
+        from cupy.cuda import memory_hook
+
+        outer = self
+
+        class Hook(memory_hook.MemoryHook):
+            name = "xpconv-peak"
+
+            def malloc_postprocess(self, **kw):
+                outer.used += kw["mem_size"]
+                outer.peak = max(outer.peak, outer.used)
+
+            def free_postprocess(self, **kw):
+                outer.used -= kw["mem_size"]
+
+        self.cupy, self.Hook = cupy, Hook
+        self.used = self.peak = 0
+
+    def measure(self, fn) -> int:
         self.cupy.cuda.get_current_stream().synchronize()
-        pool.free_all_blocks()
-        base = pool.used_bytes()
-        fn()
-        self.cupy.cuda.get_current_stream().synchronize()
-        return max(0, pool.total_bytes() - base)  # the pool keeps what the step needed at once
+        self.used = self.peak = 0
+        with self.Hook():
+            fn()
+            self.cupy.cuda.get_current_stream().synchronize()
+        return self.peak
 
 
 class _TorchCase(_Case):

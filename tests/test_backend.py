@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import re
+import sys
+import types
 import warnings
 
 import numpy as np
@@ -98,3 +101,109 @@ def test_generator_streams_advance():
 def test_resolve_dtype_rejects_integers():
     with pytest.raises(ValueError, match="dtype must be float32 or float64, got 'int32'"):
         backend.resolve_dtype(np, "int32")
+
+
+# --------------------------------------------------------------------------- the CUDA probe
+
+
+class CompileException(Exception):  # named like CuPy's, so reasons read as on a real machine
+    pass
+
+
+class CUBLASError(RuntimeError):
+    pass
+
+
+def _fake_cupy(*, compile_error: str = "", matmul_error: str = "", im2col=None):
+    """A cupy over host NumPy arrays with the parts the probe touches: arange/zeros,
+    matmul, asnumpy, the runtime and a RawModule whose xpc_im2col_f32 runs ``im2col``
+    (default: the 1x1-window copy the real kernel does)."""
+    launches = []
+
+    def default_im2col(x, col, total, *rest):
+        col[: int(total)] = x.reshape(-1)[: int(total)]
+
+    class RawModule:
+        def __init__(self, code, options=()):
+            self.code, self.options = code, options
+
+        def compile(self):
+            if compile_error:
+                raise CompileException(compile_error)
+
+        def get_function(self, name):
+            def kernel(grid, block, args):
+                launches.append((name, grid, block))
+                (im2col or default_im2col)(*args)
+
+            return kernel
+
+    def matmul(a, b):
+        if matmul_error:
+            raise CUBLASError(matmul_error)
+        return np.matmul(a, b)
+
+    rt = types.SimpleNamespace(getDeviceCount=lambda: 1, driverGetVersion=lambda: 12040, runtimeGetVersion=lambda: 12040)
+    cupy = types.SimpleNamespace(
+        float32=np.float32, arange=np.arange, zeros=np.zeros, matmul=matmul, asnumpy=np.asarray,
+        RawModule=RawModule, cuda=types.SimpleNamespace(runtime=rt),
+    )
+    return cupy, launches
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    """Installs a fake cupy; the caches of the probe and of the compiled modules are
+    emptied before and after (a real GPU run must not meet the fake's modules)."""
+    from xpconv.kernels import cuda_source
+
+    def clear():
+        backend.cuda_status.cache_clear()
+        backend._warn_once.cache_clear()
+        cuda_source.module.cache_clear()
+        cuda_source.function.cache_clear()
+
+    def install(**kwargs):
+        clear()
+        cupy, launches = _fake_cupy(**kwargs)
+        monkeypatch.setitem(sys.modules, "cupy", cupy)
+        return launches
+
+    yield install
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    clear()
+
+
+def test_the_probe_compiles_and_launches_xpconvs_own_kernels_and_a_cublas_product(fake_cupy):
+    launches = fake_cupy()
+    assert backend.cuda_status() == (True, "1 CUDA device(s)")
+    assert launches == [("xpc_im2col_f32", (1,), (32,))]
+    from xpconv.kernels import cuda_source
+
+    assert cuda_source.module("conv").code == cuda_source.read_source("conv")  # xpconv's own source ...
+    assert cuda_source.module("conv").options == cuda_source.OPTIONS  # ... with its own options
+
+
+@pytest.mark.parametrize(
+    "kwargs, reason",
+    [
+        ({"matmul_error": "CUBLAS_STATUS_NOT_INITIALIZED"},
+         "a cuBLAS matrix product failed: CUBLASError: CUBLAS_STATUS_NOT_INITIALIZED"),
+        ({"compile_error": "catastrophic error: cannot open source file \"cuda_fp16.h\"\n\n1 catastrophic error detected"},
+         ("compiling xpconv's CUDA source conv.cu (NVRTC, options -std=c++14) failed: CompileException: "
+          "catastrophic error: cannot open source file \"cuda_fp16.h\" 1 catastrophic error detected")),
+        ({"im2col": lambda x, col, *rest: None},
+         "xpconv's im2col kernel gave [0.0, 0.0, 0.0, 0.0], expected [0.0, 1.0, 2.0, 3.0]"),
+        ({"im2col": lambda *args: (_ for _ in ()).throw(RuntimeError("cudaErrorNoKernelImageForDevice"))},
+         "a launch of xpconv's im2col kernel failed: RuntimeError: cudaErrorNoKernelImageForDevice"),
+    ],
+    ids=["cublas", "nvrtc", "wrong-result", "launch"],
+)
+def test_a_failing_probe_step_is_the_reason_cuda_is_not_usable(fake_cupy, kwargs, reason):
+    fake_cupy(**kwargs)
+    ok, why = backend.cuda_status()
+    assert not ok and why == reason
+    with pytest.raises(backend.BackendUnavailable, match=re.escape(f"CUDA is not usable: {reason}")):
+        backend.resolve_device("cuda")
+    with pytest.warns(RuntimeWarning, match=re.escape(f"CUDA is not usable ({reason})")):
+        assert backend.resolve_device("auto") is backend.get_namespace("numpy")

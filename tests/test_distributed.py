@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -66,6 +67,37 @@ class FakeWorld:
     def Bcast(self, buf, root=0):
         pass
 
+    def Allgather(self, sendbuf, recvbuf):
+        recvbuf[...] = sendbuf  # every rank sent the same
+
+
+class FakeNode(FakeWorld):
+    """The ranks of one node seen from ``rank``; rank i's device has PCI bus id ``bus_ids[i]``."""
+
+    def __init__(self, rank, bus_ids):
+        super().__init__(rank, len(bus_ids))
+        self.bus_ids = bus_ids
+
+    def Allgather(self, sendbuf, recvbuf):
+        assert bytes(sendbuf).rstrip(b"\0").decode() == self.bus_ids[self.rank]  # what this rank sent
+        for i, bid in enumerate(self.bus_ids):
+            recvbuf[i] = 0
+            recvbuf[i, : len(bid)] = np.frombuffer(bid.encode(), dtype=np.uint8)
+
+    def Free(self):
+        pass
+
+
+class NodeWorld(FakeWorld):
+    """A job of one node whose ranks hold the GPUs ``bus_ids``, seen from ``rank``."""
+
+    def __init__(self, rank, bus_ids):
+        super().__init__(rank, len(bus_ids))
+        self.bus_ids = bus_ids
+
+    def Split_type(self, *args, **kwargs):
+        return FakeNode(self.rank, self.bus_ids)
+
 
 class FakeNccl:
     """The part of cupy.cuda.nccl that the NCCL transport uses, over host memory:
@@ -75,13 +107,18 @@ class FakeNccl:
     NCCL_SUM, NCCL_FLOAT16, NCCL_FLOAT32, NCCL_FLOAT64 = 0, 6, 7, 8
     _ctypes = {7: ctypes.c_float, 8: ctypes.c_double}
 
-    def __init__(self):
+    class NcclError(RuntimeError):  # named like cupy.cuda.nccl's
+        pass
+
+    def __init__(self, refuse: str = ""):
         self.calls = []
         fake = self
 
         class NcclCommunicator:
             def __init__(self, ndev, uid, rank):
                 assert len(uid) == 128
+                if refuse:
+                    raise FakeNccl.NcclError(refuse)
                 fake.calls.append(("init", ndev, uid, rank))
                 self.ndev = ndev
 
@@ -310,6 +347,7 @@ def pretend_cuda(monkeypatch, n_gpus: int) -> None:
     monkeypatch.setattr(distributed, "_cuda_device_count", lambda: n_gpus)
     monkeypatch.setattr(distributed, "_use_cuda_device", lambda index: None)
     monkeypatch.setattr(distributed, "cuda_status", lambda: (True, ""))
+    monkeypatch.setattr(distributed, "_pci_bus_id", lambda: "")  # unknown: not compared
     monkeypatch.setattr(distributed, "_COMM", None)
 
 
@@ -382,9 +420,123 @@ def test_more_ranks_than_gpus_on_a_node_trains_on_the_cpu_with_a_warning_or_fail
 
 def test_one_gpu_per_rank_is_checked():
     assert distributed._gpu_for_rank(3, 3, 4, 4) == 3
-    assert distributed._gpu_for_rank(3, 3, 4, 1) == 0  # launcher shows each rank its own GPU
+    # each rank sees one GPU: its own (the launcher hands them out) or one they all share;
+    # which of the two only the PCI bus ids tell (test_ranks_sharing_a_gpu_...)
+    assert distributed._gpu_for_rank(3, 3, 4, 1) == 0
     with pytest.raises(ValueError, match="4 ranks on this node but 2 CUDA devices"):
         distributed._gpu_for_rank(3, 3, 4, 2)
+
+
+BUS = "0000:3B:00.0"
+
+
+def test_shared_gpus_are_found_from_the_bus_ids_of_a_node():
+    assert distributed._shared_gpus(FakeNode(0, ["0000:3B:00.0", "0000:86:00.0"]), "0000:3B:00.0") == []
+    node = FakeNode(1, ["0000:3B:00.0", "0000:3B:00.0", "0000:86:00.0", "0000:86:00.0", "0000:AF:00.0"])
+    assert distributed._shared_gpus(node, "0000:3B:00.0") == [("0000:3B:00.0", [0, 1]), ("0000:86:00.0", [2, 3])]
+    assert distributed._shared_gpus(FakeNode(0, ["", ""]), "") == []  # ids that could not be read are not compared
+
+
+def test_the_bus_id_is_read_from_cupys_runtime(monkeypatch):
+    rt = types.SimpleNamespace(getDevice=lambda: 2, deviceGetPCIBusId=lambda dev: f"0000:3b:0{dev}.0")
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=rt)))
+    assert distributed._pci_bus_id() == "0000:3B:02.0"
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    assert distributed._pci_bus_id() == ""
+
+
+def _no_nccl(world):
+    raise AssertionError("NCCL must not be set up on a shared GPU")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_ranks_sharing_a_gpu_reduce_over_mpi_with_one_warning_or_fail_when_nccl_was_asked_for(monkeypatch, rank):
+    """Two ranks on a one-GPU node both take GPU 0: NCCL would refuse ("duplicate GPU") and
+    abort the job, so the bus ids are compared first. Rank 0 warns once; rank 1 is quiet."""
+    monkeypatch.setattr(MPI, "COMM_WORLD", NodeWorld(rank, [BUS, BUS]), raising=False)
+    pretend_cuda(monkeypatch, n_gpus=1)
+    monkeypatch.setattr(distributed, "_pci_bus_id", lambda: BUS)
+    monkeypatch.setattr(distributed, "_NCCLTransport", _no_nccl)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        comm = distributed.setup(device="auto", excepthook=False)
+    assert (comm.device, comm.backend) == ("cuda", "mpi")
+    messages = [str(w.message) for w in record]
+    if rank == 0:
+        assert len(messages) == 1, messages
+        assert re.search(r"NCCL needs one GPU per rank, but 2 ranks share a GPU with another rank "
+                         r"\(on this node: local ranks 0, 1 share GPU 0000:3B:00.0\).*gradients go through the host over MPI",
+                         messages[0]), messages[0]
+    else:
+        assert messages == []
+    monkeypatch.setattr(distributed, "_COMM", None)
+    with pytest.raises(backend.BackendUnavailable, match=rf"rank {rank}: NCCL needs one GPU per rank, but 2 ranks share a GPU"):
+        distributed.setup(device="cuda", backend="nccl", excepthook=False)
+    monkeypatch.setattr(distributed, "_COMM", None)
+    comm = distributed.setup(device="cuda", backend="mpi", excepthook=False)  # no comparison needed
+    assert (comm.device, comm.backend) == ("cuda", "mpi")
+
+
+def test_ranks_with_their_own_gpus_set_up_nccl(monkeypatch):
+    monkeypatch.setattr(MPI, "COMM_WORLD", NodeWorld(0, [BUS, "0000:86:00.0"]), raising=False)
+    pretend_cuda(monkeypatch, n_gpus=2)
+    monkeypatch.setattr(distributed, "_pci_bus_id", lambda: BUS)
+    real = distributed._NCCLTransport
+    nccl = FakeNccl()
+    monkeypatch.setattr(distributed, "_NCCLTransport", lambda world: real(world, nccl=nccl))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        comm = distributed.setup(device="auto", excepthook=False)
+    assert (comm.device, comm.backend) == ("cuda", "nccl") and nccl.calls[0][0] == "init"
+
+
+def test_an_nccl_error_during_set_up_means_nccl_is_unavailable(monkeypatch):
+    """NcclError from NCCL's own set-up (here "duplicate GPU", as NCCL says it when the bus
+    ids could not be read) is "unavailable": 'auto' falls back to MPI, 'nccl' fails, both clearly."""
+    refuse = "NCCL_ERROR_INVALID_USAGE: invalid usage (run with NCCL_DEBUG=WARN for details): Duplicate GPU detected"
+    world = FakeWorld(0, 2)
+    with pytest.raises(backend.BackendUnavailable,
+                       match=r"rank 0: NCCL could not set up its communicator on 2 of 2 ranks .here: NcclError: NCCL_ERROR_INVALID_USAGE"):
+        distributed._NCCLTransport(world, nccl=FakeNccl(refuse))
+    monkeypatch.setattr(MPI, "COMM_WORLD", NodeWorld(0, ["", ""]), raising=False)
+    pretend_cuda(monkeypatch, n_gpus=1)
+    real = distributed._NCCLTransport
+    monkeypatch.setattr(distributed, "_NCCLTransport", lambda world: real(world, nccl=FakeNccl(refuse)))
+    with pytest.warns(UserWarning, match="NCCL could not set up its communicator.*Duplicate GPU.*gradients go through the host over MPI"):
+        comm = distributed.setup(device="auto", excepthook=False)
+    assert (comm.device, comm.backend) == ("cuda", "mpi")
+    monkeypatch.setattr(distributed, "_COMM", None)
+    with pytest.raises(backend.BackendUnavailable, match="NCCL could not set up its communicator on 2 of 2 ranks"):
+        distributed.setup(device="cuda", backend="nccl", excepthook=False)
+
+
+def test_one_ranks_nccl_error_fails_every_rank_and_frees_the_others_communicators():
+    """Seen from a rank whose NCCL set-up worked while another's failed: it learns so
+    (one allreduce), destroys its communicator and raises like the failing rank."""
+    destroyed = []
+
+    class DestroyableNccl(FakeNccl):
+        def __init__(self):
+            super().__init__()
+            base = self.NcclCommunicator
+
+            class NcclCommunicator(base):
+                def destroy(self):
+                    destroyed.append(self)
+
+            self.NcclCommunicator = NcclCommunicator
+
+    class OtherFailed(FakeWorld):
+        calls = 0
+
+        def Allreduce(self, sendbuf, recvbuf, op=None):
+            OtherFailed.calls += 1
+            if OtherFailed.calls > 1:  # the first allreduce is the import check: all ranks fine
+                recvbuf += 1  # then the other rank reports that its set-up failed
+
+    with pytest.raises(backend.BackendUnavailable, match=r"rank 0: NCCL could not set up its communicator on 1 of 2 ranks$"):
+        distributed._NCCLTransport(OtherFailed(0, 2), nccl=DestroyableNccl())
+    assert len(destroyed) == 1
 
 
 # --------------------------------------------------------------------------- multi-rank jobs

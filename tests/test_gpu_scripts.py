@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -100,3 +101,189 @@ def test_run_script_parses_hashes_the_tree_and_runs_its_cpu_stage(tmp_path):
     assert f"commit: test-commit (tree hash {h.stdout.strip()}; stages: machine)" in summary
     assert "## simple" in (tmp_path / "floor.md").read_text()
     assert summary.strip() in (tmp_path / "gpu-run.log").read_text()
+
+
+# --------------------------------------------------------------------------- CuPy peak memory
+
+
+def _fake_cupy_with_a_pool():
+    """A cupy whose memory pool calls the active MemoryHooks like CuPy's does (on every
+    malloc and free of pooled memory, with the rounded ``mem_size``), and keeps freed
+    blocks cached: ``pool.total_bytes()`` only grows."""
+    import types
+
+    active = []
+
+    class MemoryHook:
+        def __enter__(self):
+            active.append(self)
+            return self
+
+        def __exit__(self, *exc):
+            active.remove(self)
+
+    class Pool:
+        total = 0
+        live = 0
+
+        def malloc(self, size):
+            mem = -(-size // 512) * 512
+            Pool.live += mem
+            Pool.total = max(Pool.total, Pool.live)
+            for h in active:
+                h.malloc_postprocess(device_id=0, size=size, mem_size=mem, mem_ptr=1, pmem_id=1)
+            return mem
+
+        def free(self, mem):
+            Pool.live -= mem
+            for h in active:
+                h.free_postprocess(device_id=0, mem_size=mem, mem_ptr=1, pmem_id=1)
+
+        def total_bytes(self):
+            return Pool.total
+
+    stream = types.SimpleNamespace(synchronize=lambda: None)
+    cuda = types.SimpleNamespace(memory_hook=types.SimpleNamespace(MemoryHook=MemoryHook),
+                                 get_current_stream=lambda: stream)
+    return types.SimpleNamespace(cuda=cuda, pool=Pool()), cuda.memory_hook
+
+
+def test_cupy_peak_memory_counts_what_is_in_use_not_what_the_pool_caches(monkeypatch):
+    from benchmarks import harness
+
+    cupy, hook_module = _fake_cupy_with_a_pool()
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", cupy.cuda)
+    monkeypatch.setitem(sys.modules, "cupy.cuda.memory_hook", hook_module)
+    pool = cupy.pool
+    old_param = pool.malloc(4096)  # held from before the step (a parameter the step replaces)
+    big = pool.malloc(100_000)
+    pool.free(big)  # cached by the pool: its total stays high
+
+    def step():
+        a = pool.malloc(1000)  # 1024
+        b = pool.malloc(3000)  # 3072
+        pool.free(a)
+        pool.free(old_param)  # the update frees the old parameter ...
+        c = pool.malloc(4096)  # ... and allocates its new one
+        pool.free(b)
+        return c
+
+    case = object.__new__(harness._XpconvCase)  # the CuPy case, without a model or a GPU
+    case.cupy = cupy
+    assert case.peak(step) == 1024 + 3072  # most in use at once above the start level
+    assert pool.total_bytes() >= 100_000  # what pool growth would have reported instead
+    epoch = _load("epoch")
+    assert epoch.CupyPeak is harness.CupyPeak  # the GPU epoch script measures the same way
+
+
+# --------------------------------------------------------------------------- run.sh cannot pass by skipping
+
+RUN = GPU / "run.sh"
+FAKE_PYTEST = '''
+import os, sys
+xml = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--junitxml="))
+with open(os.environ["FAKE_LOG"], "a") as log:
+    log.write(" ".join(sys.argv[1:]) + "\\n")
+with open(xml, "w") as f:
+    f.write(os.environ["FAKE_JUNIT"])
+print(os.environ.get("FAKE_LINE", "1 passed in 0.10s"))
+sys.exit(int(os.environ.get("FAKE_RC", "0")))
+'''
+
+
+def junit(*cases: str) -> str:
+    return '<?xml version="1.0"?><testsuites><testsuite name="pytest">' + "".join(cases) + "</testsuite></testsuites>"
+
+
+PASS = '<testcase classname="tests.test_cupy_kernels" name="test_conv[cupy]"/>'
+SKIP = ('<testcase classname="tests.test_cupy_kernels" name="test_pool[cupy]">'
+        '<skipped type="pytest.skip" message="no usable CUDA device (CuPy)"/></testcase>')
+FAIL = '<testcase classname="tests.test_x" name="test_y"><failure message="boom"/></testcase>'
+
+
+def dry_run(tmp_path, stages, junit_text, rc=0):
+    fake = tmp_path / "fake_pytest.py"
+    fake.write_text(FAKE_PYTEST)
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), XPCONV_COMMIT="dry", PYTHON=sys.executable, XPCONV_GPU_DRY_RUN="1",
+               XPCONV_PYTEST=f"{sys.executable} {fake}", FAKE_JUNIT=junit_text, FAKE_RC=str(rc),
+               FAKE_LOG=str(tmp_path / "pytest-calls.txt"), CUPY_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run(["bash", str(RUN), *stages], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    calls = (tmp_path / "pytest-calls.txt").read_text() if (tmp_path / "pytest-calls.txt").exists() else ""
+    return proc, out, calls
+
+
+def test_run_script_structure():
+    text = RUN.read_text()
+    assert subprocess.run(["bash", "-n", str(RUN)]).returncode == 0
+    assert "set -uo pipefail" in text
+    assert re.search(r"^export CUPY_CACHE_DIR=", text, re.M)
+    assert re.search(r"^BUDGET=\$\{XPCONV_GPU_BUDGET:-500\}", text, re.M)
+    assert "stages=(machine preflight kernels bench epoch gpu)" in text  # preflight before anything on the GPU
+    # every pytest and python stage runs under the budget (run_limited = timeout), and the pytest stages write JUnit
+    for line in re.findall(r"^\s*run_limited .*$", text, re.M):
+        assert re.match(r"\s*run_limited \"?\$?\(?\(?[\w$ *]+\)?\)?\"? ", line), line
+    assert text.count("--junitxml=") >= 3 and "--timeout=\"$PER_TEST\"" in text
+    assert '"$OUT/kernels.xml"' in text and '"$OUT/gpu.xml"' in text
+    assert not re.search(r"run_limited \d+ \$PY -m pytest", text), "pytest goes through ${PYTEST[@]} (the dry run's stand-in)"
+    if shutil.which("shellcheck"):
+        proc = subprocess.run(["shellcheck", "-S", "warning", str(RUN)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout
+
+
+def test_preflight_failure_stops_the_run_saying_why(tmp_path):
+    # on this CPU the real preflight fails (no CuPy or no device): the run must stop there, exit 3
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), XPCONV_COMMIT="c", PYTHON=sys.executable,
+               XPCONV_PYTEST=f"{sys.executable} -c 'raise SystemExit(\"pytest must not run\")'")
+    env.pop("XPCONV_GPU_DRY_RUN", None)
+    proc = subprocess.run(["bash", str(RUN), "preflight", "kernels"], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=300)
+    summary = (out / "summary.md").read_text()
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "RESULT: FAILED at preflight, the run stops here: PREFLIGHT FAILED: CUDA not usable: " in summary
+    assert "nvidia-* packages:" in summary
+    assert "==== kernels" not in proc.stdout and "pytest must not run" not in proc.stdout
+
+
+def test_a_skipped_gpu_kernel_test_fails_the_run(tmp_path):
+    proc, out, calls = dry_run(tmp_path, ["preflight", "kernels"], junit(PASS, SKIP), rc=0)
+    summary = (out / "summary.md").read_text()
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "kernels (JUnit): 1 passed, 0 failed, 0 errors, 1 skipped" in summary
+    assert "RESULT: FAILED: kernels: 1 passed, 0 failed, 0 errors, 1 skipped" in summary
+    assert "-m gpu" in calls and f"--junitxml={out}/kernels.xml" in calls and "tests/test_cupy_kernels.py" in calls
+    assert (out / "kernels.xml").exists()
+    assert "skipped tests.test_cupy_kernels::test_pool[cupy]: no usable CUDA device (CuPy)" in proc.stdout
+
+
+@pytest.mark.parametrize("junit_text, rc, ok", [(junit(PASS), 0, True), (junit(PASS, FAIL), 1, False), (junit(), 5, False)],
+                         ids=["pass", "fail", "none-ran"])
+def test_the_kernel_and_gpu_stages_pass_only_on_a_clean_result(tmp_path, junit_text, rc, ok):
+    proc, out, calls = dry_run(tmp_path, ["preflight", "kernels", "gpu"], junit_text, rc=rc)
+    summary = (out / "summary.md").read_text()
+    assert (proc.returncode == 0) is ok, proc.stdout + proc.stderr
+    assert ("RESULT: ok" in summary) is ok and ("RESULT: FAILED" in summary) is not ok
+    assert (out / "gpu.xml").exists()  # JUnit of the last stage in the results, merged or direct
+    gpu_calls = [c for c in calls.splitlines() if "test_cupy_kernels" not in c]
+    assert gpu_calls and all("-m gpu" in c for c in gpu_calls)
+    import importlib.util as iu
+
+    if iu.find_spec("pytest_timeout"):
+        assert all("--timeout=120" in c for c in gpu_calls)
+    else:  # one call per test file, each under `timeout`
+        assert len(gpu_calls) > 1 and re.search(r"\$ timeout \d+ .*-m gpu", proc.stdout)
+
+
+def test_junit_reader_counts_and_merges(tmp_path):
+    jr = _load("junit")
+    a, b = tmp_path / "a.xml", tmp_path / "b.xml"
+    a.write_text(junit(PASS, SKIP))
+    b.write_text(junit(PASS))
+    assert jr.verdict([str(a)], no_skips=False)[0] == 0
+    assert jr.verdict([str(a)], no_skips=True)[0] == 1
+    rc, lines = jr.verdict([str(tmp_path / "missing.xml")], no_skips=False)
+    assert rc == 1 and "no JUnit XML" in lines[-1]  # a killed run that wrote nothing fails
+    jr.merge([str(a), str(b)], str(tmp_path / "m.xml"))
+    assert jr.verdict([str(tmp_path / "m.xml")], no_skips=False)[1][0] == "2 passed, 0 failed, 0 errors, 1 skipped"

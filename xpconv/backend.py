@@ -205,9 +205,12 @@ def get_namespace(xp: str | ModuleType | None = None) -> ModuleType:
 
 @functools.lru_cache(maxsize=1)
 def cuda_status() -> tuple[bool, str]:
-    """(usable, reason). Usable means CuPy imports *and* a device allocation and a
-    kernel launch succeed (CuPy imports fine on machines with no usable driver and
-    only fails at the first allocation)."""
+    """(usable, reason). Usable means CuPy imports *and* the current device does what a
+    training step needs (:func:`_probe_cuda`): an allocation, an elementwise kernel, a
+    cuBLAS product, a compile and launch of xpconv's own CUDA sources, and copies back.
+    CuPy imports fine on machines with no usable driver, and a missing NVRTC, cuBLAS or
+    CUDA header folder only shows at first use: the probe makes each a reason here
+    rather than a crash in the first step."""
     try:
         import cupy
     except ImportError:
@@ -218,12 +221,63 @@ def cuda_status() -> tuple[bool, str]:
         n = cupy.cuda.runtime.getDeviceCount()
         if n < 1:
             return False, "no CUDA device found"
-        a = cupy.arange(4, dtype=cupy.float32)
-        float((a * 2).sum())
     except Exception as exc:
         hint = _cuda_hint(cupy)
         return False, f"{type(exc).__name__}: {exc}" + (f" ({hint})" if hint else "")
+    why = _probe_cuda(cupy)
+    if why:
+        return False, why
     return True, f"{n} CUDA device(s)"
+
+
+def _probe_cuda(cupy: ModuleType) -> str:
+    """'' when the current device runs each thing a step needs, else what failed first and why.
+
+    1. an allocation and an elementwise kernel (CuPy's own NVRTC compile), copied back;
+    2. a small float32 product through cuBLAS, copied back and checked;
+    3. xpconv's RawModule sources (``kernels/cuda_source.py``) compiled with NVRTC, and one
+       launch of the im2col kernel (a 1x1 window: the columns are the input), checked."""
+    from .kernels import cuda_source
+
+    def failed(step: str, exc: BaseException) -> str:
+        hint = _cuda_hint(cupy)
+        detail = " ".join(str(exc).split())  # compiler logs span lines: the reason is one
+        if len(detail) > 400:
+            detail = detail[:400] + " ..."
+        return f"{step} failed: {type(exc).__name__}: {detail}" + (f" ({hint})" if hint else "")
+
+    try:
+        a = cupy.arange(4, dtype=cupy.float32)
+        got = float(cupy.asnumpy((a * 2).sum()))
+    except Exception as exc:
+        return failed("a CUDA allocation and elementwise kernel", exc)
+    if got != 12.0:
+        return f"an elementwise kernel gave {got}, expected 12.0"
+    try:
+        m = cupy.arange(6, dtype=cupy.float32).reshape(2, 3)
+        prod = np.asarray(cupy.asnumpy(cupy.matmul(m, m.T)))
+    except Exception as exc:
+        return failed("a cuBLAS matrix product", exc)
+    if prod.tolist() != [[5.0, 14.0], [14.0, 50.0]]:
+        return f"a cuBLAS matrix product gave {prod.tolist()}, expected [[5.0, 14.0], [14.0, 50.0]]"
+    for source in cuda_source.SOURCES:
+        try:
+            cuda_source.module(source).compile()
+        except Exception as exc:
+            return failed(f"compiling xpconv's CUDA source {source}.cu (NVRTC, options {' '.join(cuda_source.OPTIONS)})", exc)
+    try:
+        x = cupy.arange(4, dtype=cupy.float32)
+        col = cupy.zeros(4, dtype=cupy.float32)
+        i32 = np.int32
+        # im2col of a 1x1x2x2 image with a 1x1 window: total, C, H, W, FH, FW, SH, SW, PH, PW, OH, OW, pad
+        args = (x, col, i32(4), i32(1), i32(2), i32(2), i32(1), i32(1), i32(1), i32(1), i32(0), i32(0), i32(2), i32(2), np.float32(0))
+        cuda_source.function("conv", "xpc_im2col_f32")((1,), (32,), args)
+        cols = np.asarray(cupy.asnumpy(col))
+    except Exception as exc:
+        return failed("a launch of xpconv's im2col kernel", exc)
+    if cols.tolist() != [0.0, 1.0, 2.0, 3.0]:
+        return f"xpconv's im2col kernel gave {cols.tolist()}, expected [0.0, 1.0, 2.0, 3.0]"
+    return ""
 
 
 def _cuda_version(v: int) -> str:

@@ -118,8 +118,44 @@ def _use_cuda_device(index: int) -> None:
     cupy.cuda.Device(index).use()
 
 
+def _pci_bus_id() -> str:
+    """PCI bus id of the current CUDA device ('0000:3B:00.0'), or '' when it cannot be read.
+    Two ranks that each see "GPU 0" may hold two GPUs (the launcher shows each rank its own)
+    or share one: only the bus id tells."""
+    try:
+        import cupy
+
+        return str(cupy.cuda.runtime.deviceGetPCIBusId(cupy.cuda.runtime.getDevice())).strip().upper()
+    except Exception:
+        return ""
+
+
+#: bytes of a PCI bus id sent over MPI ('0000:3B:00.0' is 12; NVML allows 16)
+_BUS_ID_BYTES = 32
+
+
+def _shared_gpus(node, bus_id: str) -> list[tuple[str, list[int]]]:
+    """[(bus id, [local ranks])] of the GPUs held by more than one rank of this node.
+    The ids go over MPI as fixed-size bytes (``Allgather``: no pickle); ranks whose id
+    could not be read ('') are not compared."""
+    size = int(node.Get_size())
+    mine = np.zeros(_BUS_ID_BYTES, dtype=np.uint8)
+    raw = bus_id.encode("ascii", "replace")[:_BUS_ID_BYTES]
+    mine[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+    every = np.zeros((size, _BUS_ID_BYTES), dtype=np.uint8)
+    node.Allgather(mine, every)
+    holders: dict[str, list[int]] = {}
+    for local, row in enumerate(every):
+        bid = bytes(row).rstrip(b"\0").decode("ascii", "replace")
+        if bid:
+            holders.setdefault(bid, []).append(local)
+    return [(bid, ranks) for bid, ranks in holders.items() if len(ranks) > 1]
+
+
 def _gpu_for_rank(rank: int, local_rank: int, local_size: int, n_gpus: int) -> int:
-    """This rank's GPU: the local rank, or 0 when the launcher shows each rank only its own GPU."""
+    """This rank's GPU: the local rank, or 0 when each rank sees one GPU (its own when the
+    launcher hands each rank one; the same one when several ranks share a GPU, which
+    :func:`_shared_gpus` finds out)."""
     if n_gpus == 1:
         return 0
     if local_size > n_gpus:
@@ -176,6 +212,7 @@ class _NCCLTransport:
                 + "; install NCCL where CuPy finds it (CuPy's installation guide, 'NCCL') or reduce over MPI (setup(backend='mpi'))"
             )
         self._nccl = nccl
+        nccl_error = getattr(nccl, "NcclError", RuntimeError)
         # 128 id bytes (NCCL_UNIQUE_ID_BYTES, sent as bytes: no pickle) + 1 status byte from rank 0
         uid = np.zeros(129, dtype=np.int8)
         if rank == 0:
@@ -187,7 +224,23 @@ class _NCCLTransport:
         mpi_comm.Bcast(uid, root=0)
         if int(uid[128]):
             raise BackendUnavailable(f"rank {rank}: rank 0 could not create an NCCL communicator id" + (f" ({why})" if why else ""))
-        self._comm = nccl.NcclCommunicator(size, tuple(int(v) for v in uid[:128]), rank)
+        # NCCL's own set-up can refuse (two ranks on one GPU: "duplicate GPU", a broken
+        # network plugin...): every rank learns whether any failed, so all fall back together
+        comm, why = None, ""
+        try:
+            comm = nccl.NcclCommunicator(size, tuple(int(v) for v in uid[:128]), rank)
+        except nccl_error as exc:
+            why = f"{type(exc).__name__}: {exc}"
+        failed = np.asarray([0 if comm is not None else 1], dtype=np.int32)
+        mpi_comm.Allreduce(_mpi().IN_PLACE, failed, op=_mpi().SUM)
+        if int(failed[0]):
+            if comm is not None and hasattr(comm, "destroy"):
+                comm.destroy()
+            raise BackendUnavailable(
+                f"rank {rank}: NCCL could not set up its communicator on {int(failed[0])} of {size} ranks"
+                + (f" (here: {why})" if why else "")
+            )
+        self._comm = comm
         self._types = {"float16": nccl.NCCL_FLOAT16, "float32": nccl.NCCL_FLOAT32, "float64": nccl.NCCL_FLOAT64}
 
     def _type(self, buf) -> int:
@@ -473,11 +526,14 @@ def setup(device: str = "auto", *, backend: str = "auto", excepthook: bool = Tru
     * ``backend``: 'auto' (NCCL for CuPy arrays when on CUDA, MPI otherwise; without
       NCCL on every rank: MPI through the host, with a warning),
       'mpi' (everything over MPI, device arrays staged through the host) or 'nccl'.
+      NCCL needs one GPU per rank: the ranks of each node compare their devices' PCI bus
+      ids, and when two share a GPU (two ranks on a one-GPU node) 'auto' reduces over MPI
+      with one warning and 'nccl' is an error.  NCCL refusing to set up (``NcclError``)
+      counts as NCCL being unavailable in the same way.
     * ``excepthook``: with more than one rank, an uncaught exception aborts the job
       with ``rank R failed: ...``.
 
     Calling it again returns the same communicator."""
-    global _COMM
     if _COMM is not None:
         return _COMM
     choice = str(device).lower()
@@ -488,8 +544,15 @@ def setup(device: str = "auto", *, backend: str = "auto", excepthook: bool = Tru
     MPI = _mpi()
     world = MPI.COMM_WORLD
     node = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
+    try:
+        return _setup(world, node, choice, device, backend, excepthook)
+    finally:
+        node.Free()
+
+
+def _setup(world, node, choice: str, device: str, backend: str, excepthook: bool) -> Communicator:
+    global _COMM
     local_rank, local_size = node.Get_rank(), node.Get_size()
-    node.Free()
     comm = Communicator(world, local_rank=local_rank, local_size=local_size)
     if excepthook and comm.size > 1:
         _install_excepthook(comm)
@@ -518,16 +581,34 @@ def setup(device: str = "auto", *, backend: str = "auto", excepthook: bool = Tru
         comm.device = "cuda"
     elif n_want and comm.is_root:
         warnings.warn(f"CUDA is usable on only {n_ok} of {comm.size} ranks: every rank trains on the CPU"
-                      + (f" (rank 0: {why})" if why else ""), stacklevel=2)
+                      + (f" (rank 0: {why})" if why else ""), stacklevel=3)
     if backend == "nccl" and comm.device != "cuda":
         raise BackendUnavailable(f"rank {comm.rank}: backend 'nccl' needs CUDA devices (device={device!r})")
     if comm.device == "cuda" and backend != "mpi":
         try:
+            _refuse_shared_gpus(comm, node)
             comm._nccl = _NCCLTransport(world)
         except BackendUnavailable as exc:  # every rank gets here together
             if backend == "nccl":
                 raise
             if comm.is_root:
-                warnings.warn(f"{exc}; gradients go through the host over MPI instead", stacklevel=2)
+                warnings.warn(f"{exc}; gradients go through the host over MPI instead", stacklevel=3)
     _COMM = comm
     return comm
+
+
+def _refuse_shared_gpus(comm: Communicator, node) -> None:
+    """BackendUnavailable on every rank when two ranks of any node hold the same GPU
+    (NCCL refuses such a job, and would abort it, not fall back): the ranks of each node
+    compare their devices' PCI bus ids, then all ranks learn whether any node has a
+    shared GPU."""
+    shared = _shared_gpus(node, _pci_bus_id())
+    mine = any(int(node.Get_rank()) in ranks for _, ranks in shared)
+    n_shared = int(comm.allreduce_sum([mine])[0])
+    if n_shared:
+        here = "; ".join(f"local ranks {', '.join(map(str, ranks))} share GPU {bid}" for bid, ranks in shared)
+        raise BackendUnavailable(
+            f"rank {comm.rank}: NCCL needs one GPU per rank, but {n_shared} ranks share a GPU with another rank"
+            + (f" (on this node: {here})" if here else "")
+            + "; give each rank its own GPU (CUDA_VISIBLE_DEVICES, srun --gpus-per-task=1) or reduce over MPI (backend='mpi')"
+        )

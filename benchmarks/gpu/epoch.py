@@ -42,6 +42,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
+from benchmarks.harness import CupyPeak  # noqa: E402  (one definition: `xpconv bench` measures alike)
+
 EPOCH_SAMPLES = 60_000
 INPUT_DIM = (1, 28, 28)
 CLASSES = 10
@@ -59,36 +61,6 @@ def host_data(n: int, seed: int = 0):
 
 
 # ------------------------------------------------------------------ xpconv
-
-
-class CupyPeak:
-    """Peak bytes in use from CuPy's memory pool while a function runs (a MemoryHook)."""
-
-    def __init__(self, cupy):
-        from cupy.cuda import memory_hook
-
-        outer = self
-
-        class Hook(memory_hook.MemoryHook):
-            name = "xpconv-peak"
-
-            def malloc_postprocess(self, **kw):
-                outer.used += kw["mem_size"]
-                outer.peak = max(outer.peak, outer.used)
-
-            def free_postprocess(self, **kw):
-                outer.used -= kw["mem_size"]
-
-        self.cupy, self.Hook = cupy, Hook
-        self.used = self.peak = 0
-
-    def measure(self, fn) -> int:
-        self.cupy.cuda.get_current_stream().synchronize()
-        self.used = self.peak = 0
-        with self.Hook():
-            fn()
-            self.cupy.cuda.get_current_stream().synchronize()
-        return self.peak
 
 
 def xpconv_setup(model: str, batch: int, x_host, t_host, ns: str = "cupy"):
