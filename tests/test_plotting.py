@@ -10,11 +10,11 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from matplotlib.figure import Figure  # noqa: E402
-from PIL import Image  # noqa: E402
+from matplotlib.figure import Figure
+from PIL import Image
 
-from xpconv import plotting  # noqa: E402
-from xpconv.models import SimpleConvNet, TwoLayerNet  # noqa: E402
+from xpconv import plotting
+from xpconv.models import SimpleConvNet, TwoLayerNet
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HISTORY = [{"epoch": e, "train_loss": 1.0 / e, "train_acc": 0.8 + 0.01 * e, "test_acc": 0.79 + 0.01 * e} for e in (1, 2, 3)]

@@ -21,7 +21,7 @@ import numpy as np
 
 from .backend import to_numpy
 
-__all__ = ["PlotFigure", "plot_curves", "plot_filters", "plot_misclassified", "predict_labels", "predict_proba", "save_run_plots"]
+__all__ = ["plot_curves", "plot_filters", "plot_misclassified", "predict_labels", "predict_proba", "save_run_plots"]
 
 
 def _png(fig) -> bytes:
