@@ -9,6 +9,7 @@ the book's interface: ``params`` (``W1``, ``b1``, ...), ``predict``, ``loss``,
 
 from __future__ import annotations
 
+import html
 import itertools
 import math
 import warnings
@@ -399,6 +400,10 @@ class Sequential:
 
     def __repr__(self) -> str:
         return self.summary()
+
+    def _repr_html_(self) -> str:
+        """The summary as Jupyter shows a model that ends a cell (monospaced, escaped)."""
+        return "<pre>" + html.escape(self.summary()) + "</pre>"
 
 
 # ---------------------------------------------------------------------- named nets

@@ -2,12 +2,17 @@
 
 Matplotlib is used through its Agg canvas directly (no pyplot, no global backend
 switch), so these functions work on headless machines and leave an interactive
-session's backend alone.  Every function writes one PNG and returns its path (or,
-for :func:`plot_filters`, None with a reason when the first layer has no picture).
+session's backend alone.  Every function returns the matplotlib Figure it drew (for
+:func:`plot_filters`, with what it shows, or None and the reason when the first layer
+has no picture).  In a notebook the Figure shows itself inline when it is the last
+expression of a cell; given a ``path``, the function also writes it there as a PNG
+(atomically) and the Figure's ``path`` is that file (``os.fspath(fig)`` too, so code that
+used the returned path keeps working).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,33 +25,68 @@ from .backend import to_numpy
 __all__ = ["plot_curves", "plot_filters", "plot_misclassified", "predict_labels", "predict_proba", "save_run_plots"]
 
 
-def _figure(w: float, h: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+def _png(fig) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+@functools.cache
+def _figure_class() -> type:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(w, h), dpi=100)
+    class PlotFigure(Figure):
+        """A matplotlib Figure on an Agg canvas that shows itself inline in Jupyter
+        (``_repr_png_``, with or without ``%matplotlib inline``) and remembers the PNG it
+        was saved to: ``path`` (None when not saved), also its ``os.fspath``."""
+
+        path: Path | None = None
+
+        def _repr_png_(self) -> bytes:
+            return _png(self)
+
+        def __fspath__(self) -> str:
+            if self.path is None:
+                raise TypeError("this figure was not saved to a file (pass a path to the plotting function)")
+            return str(self.path)
+
+    PlotFigure.__module__ = __name__
+    return PlotFigure
+
+
+def __getattr__(name: str):
+    if name == "PlotFigure":  # the class is made on first use, so importing this module needs no matplotlib
+        return _figure_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _figure(w: float, h: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = _figure_class()(figsize=(w, h), dpi=100)
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig, path) -> Path:
-    import io
+def _save(fig, path):
+    """Write ``fig`` as a PNG at ``path`` (atomically) when a path is given; return ``fig``."""
+    if path is not None:
+        from ._io import atomic_write
 
-    from ._io import atomic_write
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return atomic_write(path, buf.getvalue())
+        fig.path = atomic_write(path, _png(fig))
+    return fig
 
 
 def plot_curves(
     history: Sequence[Mapping[str, Any]],
-    path,
+    path=None,
     train_loss_list: Sequence[float] | None = None,
     *,
     first_epoch: int | None = None,
     title: str | None = None,
-) -> Path:
+):
     """Loss (left) and accuracy (right) by epoch. ``history``: the per-epoch records
     (``epoch``, ``train_loss``, ``train_acc``, ``test_acc``); ``train_loss_list``: the
     per-iteration losses of epochs ``first_epoch + 1`` to the last one (all epochs by
@@ -145,13 +185,14 @@ def _as_images(x: np.ndarray, image_hw: Sequence[int] | None = None) -> np.ndarr
     return x.reshape(x.shape[0], *hw)
 
 
-def plot_misclassified(x, t_true, t_pred, path, *, class_names: Sequence[str] | None = None, probs=None, max_images: int = 36,
-                       image_hw: Sequence[int] | None = None) -> Path:
+def plot_misclassified(x, t_true, t_pred, path=None, *, class_names: Sequence[str] | None = None, probs=None, max_images: int = 36,
+                       image_hw: Sequence[int] | None = None):
     """A grid of wrongly classified images titled ``true -> predicted``.
 
     ``x``: the images (NCHW or flattened), ``t_true``/``t_pred``: class indices of the
     same samples; ``probs``: the predicted class's probability (optional); ``image_hw``:
-    (H, W) of flattened images. The first ``max_images`` wrong ones are drawn."""
+    (H, W) of flattened images. The first ``max_images`` wrong ones are drawn. Returns the
+    Figure (saved as a PNG at ``path`` when given)."""
     t_true = to_numpy(t_true)
     if t_true.ndim == 2:
         t_true = t_true.argmax(axis=1)
@@ -217,10 +258,10 @@ def first_layer_filters(model, input_dim: Sequence[int] | None = None) -> tuple[
     return None, f"the first parameter has shape {W.shape}"
 
 
-def plot_filters(model, path, input_dim: Sequence[int] | None = None) -> tuple[Path | None, str]:
+def plot_filters(model, path=None, input_dim: Sequence[int] | None = None) -> tuple[Any, str]:
     """The first layer's filters (a conv net) or input weights of the first hidden units
-    (an MLP with square images), each scaled to its own range. Returns (path, what) or
-    (None, why not)."""
+    (an MLP with square images), each scaled to its own range. Returns (Figure, what) --
+    the Figure saved as a PNG at ``path`` when given -- or (None, why not), writing nothing."""
     imgs, what = first_layer_filters(model, input_dim)
     if imgs is None:
         return None, what
@@ -252,6 +293,6 @@ def save_run_plots(out_dir, model, history, x_test, t_test, *, train_loss_list=N
     hw = list(input_dim)[1:] if input_dim is not None and len(input_dim) == 3 else None
     plot_misclassified(x_test, t, pred, out / "misclassified.png", class_names=class_names, probs=prob, image_hw=hw)
     notes["misclassified.png"] = f"{len(wrong)} of {len(t)} test images misclassified"
-    path, what = plot_filters(model, out / "filters.png", input_dim=input_dim)
-    notes["filters.png"] = what if path else f"not written: {what}"
+    fig, what = plot_filters(model, out / "filters.png", input_dim=input_dim)
+    notes["filters.png"] = what if fig is not None else f"not written: {what}"
     return notes
