@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 __all__ = ["atomic_write", "pid_alive", "proc_status", "remove_stale_temp_files"]
 
@@ -77,7 +78,7 @@ def _signals_deferred() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    saved: dict[int, object] = {}
+    saved: dict[int, Any] = {}
     caught: list[int] = []
     try:
         for sig in DEFERRED_SIGNALS:
@@ -89,7 +90,7 @@ def _signals_deferred() -> Iterator[None]:
         yield
     finally:
         for sig, handler in saved.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
+            signal.signal(sig, handler)
     for sig in dict.fromkeys(caught):
         handler = saved[sig]
         if handler is signal.SIG_DFL:
