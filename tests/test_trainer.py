@@ -633,13 +633,13 @@ def test_cli_log_levels(tmp_path, capsys):
     common = ("--epochs", 1, "--no-plots", "--batch-size", 200)
     out, err = _cli(capsys, "train", *common, "--out", tmp_path / "a")
     assert re.search(r"^epoch 1/1  train loss ", out, re.M) and "writing to" in out and "debug" not in err
-    for args in (("-q", "train"), ("train", "-q"), ("--quiet", "train")):
-        out, err = _cli(capsys, *args, *common, "--out", tmp_path / "b")
+    for i, args in enumerate((("-q", "train"), ("train", "-q"), ("--quiet", "train"))):
+        out, err = _cli(capsys, *args, *common, "--out", tmp_path / f"b{i}")  # a run folder is not reused
         assert [line.split(" ")[0] for line in out.splitlines()] == ["test", "results"] and err == "", args
-    for args in (("-v", "train"), ("train", "--verbose")):
-        out, err = _cli(capsys, *args, *common, "--out", tmp_path / "c")
+    for i, args in enumerate((("-v", "train"), ("train", "--verbose"))):
+        out, err = _cli(capsys, *args, *common, "--out", tmp_path / f"c{i}")
         assert re.search(r"^epoch 1/1 ", out, re.M)
-        assert f"xpconv: debug: wrote {tmp_path / 'c' / 'last.safetensors'} (epoch 1)" in err.splitlines(), err
+        assert f"xpconv: debug: wrote {tmp_path / f'c{i}' / 'last.safetensors'} (epoch 1)" in err.splitlines(), err
         assert "xpconv: debug: 7 steps per epoch of 200 samples" in err
     assert logging_untouched()
 

@@ -6,21 +6,37 @@ can write files through it.
 :func:`atomic_write` writes a temporary file in the target's folder, flushes and
 fsyncs it, renames it over the target with ``os.replace`` and fsyncs the folder: a
 crash (even ``kill -9``) mid-write leaves the previous file intact, and readers see
-the old file or the new one, never a mix. A Ctrl-C during the write is held back
-until the file is in place, so no temp file is left behind.
+the old file or the new one, never a mix. A Ctrl-C, SIGTERM or SIGHUP during the
+write is held back until the file is in place, so no temp file is left behind.
+
+The temp file is named ``.<name>.<pid>.<random>.tmp`` after the writing process, so
+:func:`remove_stale_temp_files` can tell a temp file a dead writer left (``kill -9``)
+from one being written now.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_write", "proc_status"]
+__all__ = ["atomic_write", "pid_alive", "proc_status", "remove_stale_temp_files"]
+
+#: the signals held back while a file is written (those that end a run the way Ctrl-C does)
+DEFERRED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+#: a temp file whose writer cannot be told dead is removed once it is this old (seconds)
+STALE_TEMP_AGE = 3600.0
+
+# .<name>.<pid>.<mkstemp's 8 characters>.tmp; before the pid was in the name: .<name>.<8>.tmp
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+?)\.(?:(?P<pid>[0-9]+)\.)?(?P<random>[a-z0-9_]{8})\.tmp$")
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
@@ -32,8 +48,8 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
         data = data.encode("utf-8")
     folder = path.parent if str(path.parent) else Path(".")
     folder.mkdir(parents=True, exist_ok=True)
-    with _ctrl_c_deferred():  # a Ctrl-C lands after the write, never between mkstemp and cleanup
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    with _signals_deferred():  # a Ctrl-C or SIGTERM lands after the write, never between mkstemp and cleanup
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=folder)
         try:
             _chmod_like_new_file(fd, path)
             with os.fdopen(fd, "wb") as f:
@@ -52,21 +68,80 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
 
 
 @contextlib.contextmanager
-def _ctrl_c_deferred() -> Iterator[None]:
-    """Hold back SIGINT (Python's KeyboardInterrupt) while the block runs and raise it
-    when the block is done. Only in the main thread with Python's own handler installed;
-    elsewhere the block runs as it is (a kill -9 is covered by the rename alone)."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+def _signals_deferred() -> Iterator[None]:
+    """Hold back SIGINT, SIGTERM and SIGHUP while the block runs and deliver them, once
+    each, when the block is done: a Python handler (``KeyboardInterrupt``'s, or the one
+    ``xpconv train`` installs for SIGTERM) is called then, a default action (SIGTERM
+    ending the process) is taken then. Ignored signals stay ignored. Only in the main
+    thread (where signal handlers live); elsewhere the block runs as it is (a kill is
+    covered by the rename alone)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    saved: dict[int, Any] = {}
     caught: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
     try:
+        for sig in DEFERRED_SIGNALS:
+            handler = signal.getsignal(sig)
+            if handler is signal.SIG_IGN or handler is None:  # ignored, or a handler set outside Python
+                continue
+            saved[sig] = handler
+            signal.signal(sig, lambda signum, frame: caught.append(signum))
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if caught:
-        raise KeyboardInterrupt
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    for sig in dict.fromkeys(caught):
+        handler = saved[sig]
+        if handler is signal.SIG_DFL:
+            os.kill(os.getpid(), sig)  # the default action, now that the file is in place
+        elif callable(handler):
+            handler(sig, None)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (one of another user counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:  # e.g. Windows without the process
+        return False
+    return True
+
+
+def remove_stale_temp_files(folder: str | os.PathLike[str], *, max_age: float = STALE_TEMP_AGE) -> list[Path]:
+    """Remove the temp files :func:`atomic_write` left in ``folder`` when its writer was
+    killed: those whose writer (the pid in the name) is gone, and those older than
+    ``max_age`` seconds (a reused pid, or a name without one). Returns the removed paths."""
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        m = _TEMP_NAME.match(entry.name)
+        if m is None or not entry.is_file(follow_symlinks=False):
+            continue
+        pid = m.group("pid")
+        stale = pid is not None and int(pid) != os.getpid() and not pid_alive(int(pid))
+        if not stale:
+            try:
+                stale = now - entry.stat(follow_symlinks=False).st_mtime > max_age
+            except OSError:
+                continue
+        if stale:
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            removed.append(Path(entry.path))
+    return removed
 
 
 def proc_status(key: str) -> str | None:

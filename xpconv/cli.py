@@ -16,7 +16,10 @@ User errors (bad options, missing or damaged data and checkpoint files) print on
 ``xpconv: error: ...`` on stderr and exit with status 2; running out of (GPU) memory
 prints ``xpconv: error: out of GPU memory at --batch-size N (...): try a smaller
 --batch-size, e.g. --batch-size N/2`` and exits with status 1; Ctrl-C during training
-writes ``interrupted.safetensors`` and exits with status 130.
+writes ``interrupted.safetensors`` and exits with status 130, SIGTERM and SIGHUP do the
+same and exit with 128 + the signal's number (143, 129).  ``train`` refuses an output
+folder that holds a run unless it is resumed (``--resume``) or replaced (``--overwrite``),
+and one that another run is writing to (its lock file).
 """
 
 from __future__ import annotations
@@ -151,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'cpu' = NumPy, 'cuda' = CuPy on the GPU, 'auto' = CUDA when it really works, else CPU (default: auto)")
     t.add_argument("--dtype", choices=("float32", "float64"), default=None, help="floating-point type of weights and data (default: float32)")
     t.add_argument("--out", metavar="DIR", default=None, help="output folder (default: runs/<timestamp>; with --resume: the checkpoint's folder)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its checkpoints, metrics and figures); without it a folder "
+                        "holding a run is refused")
     t.add_argument("--resume", metavar="CKPT", default=None,
                    help="continue from a checkpoint (last.safetensors) at its next epoch, with its optimizer state; "
                         "with the same settings this repeats an uninterrupted run exactly")
@@ -382,10 +388,27 @@ def _setup_distributed(args):
 
 
 def cmd_train(args) -> int:
+    from .training import stop_signals
+
+    # SIGTERM/SIGHUP end the run as Ctrl-C does, from the first line on; the run folder's
+    # lock is released on the way out
+    with stop_signals(), contextlib.ExitStack() as cleanup:
+        return _train(args, cleanup)
+
+
+def _train(args, cleanup: contextlib.ExitStack) -> int:
     from . import backend
     from .models import build_model
     from .optim import get_optimizer
-    from .training import EpochLine, ProgressBar, Run, Trainer, format_seconds
+    from .training import (
+        EpochLine,
+        ProgressBar,
+        Run,
+        RunFolderError,
+        Trainer,
+        claim_run_folder,
+        format_seconds,
+    )
 
     cfg, ckpt = _train_settings(args)
     comm = _setup_distributed(args)
@@ -394,6 +417,12 @@ def cmd_train(args) -> int:
     log = logging.getLogger("xpconv")
     tell = log.info if is_root else (lambda *a: None)  # the set-up lines; --quiet keeps only the result
 
+    out = Path(args.out) if args.out else (Path(args.resume).parent if ckpt is not None else _default_out())
+    if is_root:  # before the data is read: a folder that cannot be used is said at once
+        try:
+            cleanup.callback(claim_run_folder(out, resume=args.resume, overwrite=args.overwrite).release)
+        except RunFolderError as exc:
+            raise UserError(str(exc)) from None
     (x_train, t_train), (x_test, t_test) = _load_data(cfg["dataset"], cfg.get("data_dir"), _download_choice(args))
     cfg["train_samples"], cfg["test_samples"] = int(x_train.shape[0]), int(x_test.shape[0])
     device = comm.device if comm is not None else cfg["device"]
@@ -412,7 +441,6 @@ def cmd_train(args) -> int:
         _note(f"the checkpoint was trained on {old_ranks} rank(s), this run has {cfg['ranks']}: "
               "the global batch is the same, results agree up to rounding")
 
-    out = Path(args.out) if args.out else (Path(args.resume).parent if ckpt is not None else _default_out())
     if is_root:
         out.mkdir(parents=True, exist_ok=True)
     n_batches = cfg["train_samples"] // cfg["batch_size"]
@@ -445,18 +473,21 @@ def cmd_train(args) -> int:
         if last is not None:
             msg += f"; the last good checkpoint {last} is kept"
         raise OutOfMemory(msg) from exc
-    except KeyboardInterrupt:
-        if trainer is None:  # before training began: nothing to save
-            raise
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (training.Terminated)
+        signame = getattr(exc, "signame", None)
+        status = getattr(exc, "exit_status", 130)
+        if trainer is None:
+            sys.stderr.write(f"{PROG}: interrupted{' by ' + signame if signame else ''} before training started\n")
+            return status
         path = trainer.save_interrupted()
         pos = trainer.position
-        msg = f"interrupted at epoch {pos['epoch']}, iteration {pos['iteration']}"
+        msg = f"interrupted{' by ' + signame if signame else ''} at epoch {pos['epoch']}, iteration {pos['iteration']}"
         if path is not None:
             msg += f"; saved {path} (mid-epoch weights)"
             if trainer.last_checkpoint is not None:
                 msg += f"; resume exactly with --resume {trainer.last_checkpoint}"
         sys.stderr.write(f"{PROG}: {msg}\n")
-        return 130
+        return status
     seconds = time.perf_counter() - t0
     if not is_root:
         return 0
@@ -587,9 +618,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with _one_line_warnings(), _console_logging(args):
         try:
             return handler(args)
-        except KeyboardInterrupt:
-            sys.stderr.write(f"{PROG}: interrupted\n")
-            return 130
+        except KeyboardInterrupt as exc:  # SIGTERM/SIGHUP in train come as training.Terminated
+            signame = getattr(exc, "signame", None)
+            sys.stderr.write(f"{PROG}: interrupted{' by ' + signame if signame else ''}\n")
+            return int(getattr(exc, "exit_status", 130))
         except OutOfMemory as exc:
             return _fail(str(exc), 1)
         except _user_errors() as exc:

@@ -5,7 +5,8 @@
   one schedule for one process and K ranks;
 * :mod:`~xpconv.training.callbacks` -- progress bar, per-epoch line, checkpoints, metrics;
 * :mod:`~xpconv.training.comm` -- the communicator interface and :class:`LocalCommunicator`;
-* :mod:`~xpconv.training.console` -- the console handler of the ``xpconv`` logger.
+* :mod:`~xpconv.training.console` -- the console handler of the ``xpconv`` logger;
+* :mod:`~xpconv.training.runs` -- the run folder: its lock, stop signals, repair after a kill.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ from .callbacks import (
 )
 from .comm import Communicator, LocalCommunicator
 from .loop import Run, Trainer, TrainingDiverged
+from .runs import (
+    RunFolderError,
+    RunLock,
+    Terminated,
+    claim_run_folder,
+    reconcile_run,
+    stop_signals,
+)
 from .schedule import Schedule, global_batches, seed_dropout
 
 __all__ = [
@@ -33,12 +42,18 @@ __all__ = [
     "Metrics",
     "ProgressBar",
     "Run",
+    "RunFolderError",
+    "RunLock",
     "Schedule",
+    "Terminated",
     "Trainer",
     "TrainingDiverged",
     "append_jsonl",
+    "claim_run_folder",
     "format_seconds",
     "global_batches",
+    "reconcile_run",
     "seed_dropout",
+    "stop_signals",
     "write_metrics",
 ]

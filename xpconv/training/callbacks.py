@@ -18,7 +18,8 @@ them all, doing nothing).  The trainer calls them on every rank, in list order:
     when ``train()`` ends: ``error`` is None, or the exception that is ending it
     (re-raised afterwards);
 ``on_interrupt(trainer)``
-    from ``trainer.save_interrupted()`` after a Ctrl-C; may return the path it saved.
+    from ``trainer.save_interrupted()`` after a Ctrl-C (or SIGTERM/SIGHUP, see
+    :mod:`~xpconv.training.runs`); may return the path it saved.
 
 A plain function ``f(trainer, record)`` in the list is an ``on_epoch_end``.  The callbacks
 below act on rank 0 only (``trainer.comm.is_root``), so a data-parallel job shows and
@@ -279,14 +280,18 @@ class Checkpoints(Callback):
             self.save_epoch(trainer, record)
 
     def save_epoch(self, trainer, record) -> None:
-        """Write the epoch just finished (``trainer.current_epoch``)."""
+        """Write the epoch just finished (``trainer.current_epoch``): ``last.safetensors``,
+        then ``best.safetensors`` when its test accuracy is the best so far (the order
+        :func:`~xpconv.training.runs.reconcile_run` relies on).  What is written already
+        is not written again, so this can finish an epoch a signal cut short."""
         self._start(trainer)
-        trainer.last_checkpoint = trainer.checkpoint(self.out_dir / "last.safetensors")
-        self.saved_epoch = trainer.current_epoch
-        log.debug(f"wrote {trainer.last_checkpoint} (epoch {trainer.current_epoch})")
+        if self.saved_epoch is None or self.saved_epoch < trainer.current_epoch:
+            trainer.last_checkpoint = trainer.checkpoint(self.out_dir / "last.safetensors")
+            self.saved_epoch = trainer.current_epoch
+            log.debug(f"wrote {trainer.last_checkpoint} (epoch {trainer.current_epoch})")
         if record["test_acc"] > self.best_test_acc:
-            self.best_test_acc = record["test_acc"]
             log.debug(f"wrote {trainer.checkpoint(self.out_dir / 'best.safetensors')} (best test acc {record['test_acc']:.4f})")
+            self.best_test_acc = record["test_acc"]
 
     def on_interrupt(self, trainer):
         """``interrupted.safetensors``: the weights as they are, mid-epoch; its ``epoch``
@@ -295,9 +300,9 @@ class Checkpoints(Callback):
             return None
         self._start(trainer)
         at = dict(trainer.position)
-        if at["iteration"] == 0 and trainer.current_epoch > self.saved_epoch and trainer.history:
-            # Ctrl-C came after an epoch ended but before its checkpoint was written: the
-            # weights are still that epoch's end, so last.safetensors gets them first
+        if at["iteration"] == 0 and trainer.history and trainer.history[-1]["epoch"] == trainer.current_epoch:
+            # the signal came after an epoch ended, maybe before (all of) its checkpoints were
+            # written: the weights are still that epoch's end, so its files are finished first
             self.save_epoch(trainer, trainer.history[-1])
         return trainer.checkpoint(self.out_dir / "interrupted.safetensors", extra={"interrupted_at": at})
 

@@ -32,11 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from .. import backend
+from .._io import remove_stale_temp_files
 from ..backend import asarray_in, namespace_of, to_numpy
 from ..optim import get_optimizer
 from .callbacks import Checkpoints, EpochLine, Metrics, OnEpochEnd, ProgressBar
 from .comm import LocalCommunicator
 from .console import LOGGER
+from .runs import RunLock, metrics_document, stop_signals
 from .schedule import Schedule
 
 __all__ = ["RESIDENT_FRACTION", "Run", "Trainer", "TrainingDiverged"]
@@ -357,7 +359,27 @@ class Trainer:
 
     def train(self) -> list[dict]:
         """Train from ``start_epoch + 1`` to ``epochs``; returns the per-epoch records
-        (all of them, including those of a resumed run's earlier epochs)."""
+        (all of them, including those of a resumed run's earlier epochs).
+
+        SIGTERM and SIGHUP (when left at their default action) raise
+        :class:`~xpconv.training.runs.Terminated`, a ``KeyboardInterrupt``, as Ctrl-C
+        does: catch it and call :meth:`save_interrupted`.  With ``run.out_dir`` the
+        folder's lock is held while training (a second run into it is refused, see
+        :class:`~xpconv.training.runs.RunLock`) and temp files a killed write left there
+        are removed first."""
+        lock = None
+        if self.out_dir is not None and self.is_root:
+            lock = RunLock(self.out_dir).acquire()
+            for path in remove_stale_temp_files(self.out_dir):
+                log.info(f"removed {path.name}, left by a write that was killed")
+        try:
+            with stop_signals():
+                return self._train()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train(self) -> list[dict]:
         t0 = time.perf_counter()
         self.stop_training = False
         error: BaseException | None = None
@@ -386,20 +408,13 @@ class Trainer:
     # ------------------------------------------------------------------ files
 
     def metrics(self) -> dict:
-        """The metrics.json document."""
-        final = {}
-        if self.history:
-            last = self.history[-1]
-            best = max(self.history, key=lambda r: r["test_acc"])
-            final = {
-                "epoch": last["epoch"],
-                "test_acc": last["test_acc"],
-                "train_acc": last["train_acc"],
-                "train_loss": last["train_loss"],
-                "best_test_acc": best["test_acc"],
-                "best_epoch": best["epoch"],
-            }
-        return {"epochs": self.history, "final": final, "config": self.config}
+        """The metrics.json document (the completed epochs)."""
+        return metrics_document(self._done(), self.config)
+
+    def _done(self) -> list[dict]:
+        """The records of the completed epochs (a signal can land between an epoch's
+        record being kept and the epoch counting as done)."""
+        return [r for r in self.history if r["epoch"] <= self.current_epoch]
 
     def checkpoint(self, path, *, extra: Mapping[str, Any] | None = None) -> Path:
         """Write a checkpoint of the current state (model, optimizer, epoch, metrics)."""
@@ -411,12 +426,12 @@ class Trainer:
             self.network,
             opt,
             epoch=self.current_epoch,
-            metrics=self.history,
+            metrics=self._done(),
             extra={"config": self.config, "seed": self.seed, **dict(extra or {})},
         )
 
     def save_interrupted(self) -> Path | None:
-        """After Ctrl-C: the callbacks' ``on_interrupt`` (``Checkpoints`` writes
+        """After Ctrl-C (or SIGTERM/SIGHUP): the callbacks' ``on_interrupt`` (``Checkpoints`` writes
         ``interrupted.safetensors`` -- the weights as they are, mid-epoch, ``epoch`` = the
         completed epochs -- and ``Metrics`` writes metrics.json with ``interrupted_at``).
         Returns the checkpoint's path, or None when nothing was saved."""
