@@ -61,8 +61,8 @@ __all__ = [
     "OPTIM_PREFIX",
     "SUFFIX",
     "CheckpointError",
-    "jsonable",
     "StoredFile",
+    "jsonable",
     "model_arrays",
     "nonfinite",
     "open_file",
@@ -157,7 +157,7 @@ def _sniff(path: Path, head: bytes) -> str | None:
 
 #: the most bytes a checkpoint file may have (a model of the book's size takes a few MB);
 #: ``XPCONV_MAX_CHECKPOINT_BYTES`` raises it for a larger model of your own
-MAX_FILE_BYTES = int(os.environ.get("XPCONV_MAX_CHECKPOINT_BYTES", 4 << 30))
+MAX_FILE_BYTES = int(os.environ.get("XPCONV_MAX_CHECKPOINT_BYTES") or 4 << 30)
 #: the most bytes of the safetensors JSON header (tensor table and metadata)
 MAX_HEADER_BYTES = 16 << 20
 #: the most bytes of the xpconv metadata document inside the header
@@ -220,7 +220,7 @@ def stat_regular(path: Path, what: str) -> os.stat_result:
 
 def json_depth(text: str) -> int:
     """The deepest nesting of ``[``/``{`` in a JSON text (strings skipped), without parsing it."""
-    bare = re.sub(r'"(?:[^"\\]|\\.)*"', "", text)
+    bare = re.sub(r'"[^"\\]*(?:\\.[^"\\]*)*"', "", text)
     marks = np.frombuffer(re.sub(r"[^\[\]{}]", "", bare).encode("ascii"), dtype=np.uint8)
     if marks.size == 0:
         return 0

@@ -62,9 +62,9 @@ def _read_npy(path: Path) -> np.ndarray:
         try:
             version = np.lib.format.read_magic(f)
             if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f, max_header_size=10_000)
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f, max_header_size=10_000)
             else:
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=10_000)
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=10_000)
         except (ValueError, SyntaxError, TypeError) as exc:
             raise ImageError(f"{path}: a damaged .npy header ({short(str(exc), 100)})") from None
         data_start = f.tell()
@@ -107,7 +107,11 @@ def read_image(path: str | Path, input_dim: Sequence[int]) -> tuple[list[tuple[s
         return [(f"{path}[{i}]" if a.shape[0] > 1 else str(path), a[i]) for i in range(a.shape[0])], []
     from PIL import Image, UnidentifiedImageError
 
+    limit = Image.MAX_IMAGE_PIXELS
     try:
+        # Pillow's own bomb check (at open, without the size) is replaced by ours below,
+        # which reads the size from the header and refuses before anything is decoded
+        Image.MAX_IMAGE_PIXELS = None
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
@@ -128,6 +132,8 @@ def read_image(path: str | Path, input_dim: Sequence[int]) -> tuple[list[tuple[s
         if isinstance(exc, ImageError):
             raise
         raise ImageError(f"{path}: a damaged or truncated image ({short(str(exc), 120)})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
     notes = []
     if size != (W, H):
         notes.append(f"resized {size[0]}x{size[1]} -> {W}x{H}")

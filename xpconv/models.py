@@ -820,7 +820,7 @@ def _dims(config: Mapping[str, Any], key: str, default: Any = None) -> tuple[int
 
 def _conv(cp: Any, where: str, defaults: Mapping[str, Any]) -> tuple[int, int, Any, Any]:
     if not isinstance(cp, Mapping):
-        raise ValueError(f"config.{where} should be an object (filter_num, filter_size, pad, stride), got {_fileformat.short(cp)}")
+        raise ValueError(f"config.{where} should be an object (filter_num, filter_size, pad, stride), got {_fileformat.short(cp)}")  # noqa: TRY004 - a bad file's value
     cp = {**defaults, **cp}
     FN = _count(cp, "filter_num", high=1 << 20)
     FS = _count(cp, "filter_size", high=1 << 12)
@@ -840,7 +840,7 @@ def param_shapes(name: str, config: Mapping[str, Any]) -> dict[str, tuple[tuple[
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
     if not isinstance(config, Mapping):
-        raise ValueError(f"config should be an object, got {_fileformat.short(config)}")
+        raise ValueError(f"config should be an object, got {_fileformat.short(config)}")  # noqa: TRY004 - a bad file's value
     out: dict[str, tuple[tuple[int, ...], bool]] = {}
 
     def affine(k: int, fan_in: int, fan_out: int) -> None:
