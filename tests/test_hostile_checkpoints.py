@@ -100,7 +100,7 @@ def good(tmp_path_factory) -> Path:
 
 def _parts(path: Path) -> tuple[dict, dict]:
     with safe_open(str(path), framework="numpy") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is no dict, json.loads(f.metadata()["xpconv"])
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["xpconv"])  # noqa: SIM118 - safe_open is no dict
 
 
 def crafted(src: Path, dst: Path, meta=None, tensors=None, raw_meta: str | None = None) -> Path:
