@@ -302,7 +302,7 @@ def _write_with_document(path, document, tensors=None):
         ({"format_version": 0}, r"format_version 0; expected an integer"),
         ({"kind": "weights"}, r"bad xpconv metadata: kind should be 'checkpoint' or 'params', got 'weights'"),
         ({"model": ["W1"]}, r"bad xpconv metadata: model should be an object, got \['W1'\]"),
-        ({"epoch": "3"}, r"bad xpconv metadata: epoch should be an integer or null, got '3'"),
+        ({"epoch": "3"}, r"bad xpconv metadata: epoch should be an integer from 0 to 10\*\*9 or null, got '3'"),
         ({"optimizer": {"type": 7}}, r"bad xpconv metadata: optimizer\.type should be a string, got 7"),
         ({"metrics": {"epoch": 1}}, r"bad xpconv metadata: metrics should be a list"),
     ],

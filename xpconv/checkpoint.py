@@ -26,6 +26,7 @@ import numpy as np
 
 from . import models, optim
 from ._fileformat import (
+    FLOAT_DTYPES,
     FORMAT,
     FORMAT_VERSION,
     MODEL_PREFIX,
@@ -34,6 +35,8 @@ from ._fileformat import (
     CheckpointError,
     jsonable,
     model_arrays,
+    nonfinite,
+    open_file,
     read_file,
     write_file,
 )
@@ -126,7 +129,9 @@ class Checkpoint:
         return self.metadata["model"]["name"]
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, xp=None, device=None, dtype=None, model=None) -> Checkpoint:
+def load_checkpoint(
+    path: str | os.PathLike[str], *, xp=None, device=None, dtype=None, model=None, require_finite: bool = False
+) -> Checkpoint:
     """Read a checkpoint (or a params file) and rebuild what it describes.
 
     The model is rebuilt by :func:`xpconv.models.model_from_checkpoint` in namespace
@@ -135,27 +140,57 @@ def load_checkpoint(path: str | os.PathLike[str], *, xp=None, device=None, dtype
     weights into a model you built yourself (needed for a custom ``Sequential``). The
     optimizer, when the file has one, is rebuilt with its hyper-parameters, step count
     and slots.
+
+    Nothing is allocated before the file is checked: the header (bounded), the
+    metadata's schema, and the shapes the stored config implies against the stored
+    tensors' shapes and dtypes (computed by arithmetic, see
+    :func:`xpconv.models.param_shapes`). Tensors are then read memory-mapped.
+    ``require_finite``: refuse weights holding NaN or inf, naming the tensor. Raises
+    :class:`CheckpointError` naming the file, what was expected and what came.
     """
     path = Path(path)
-    tensors, meta = read_file(path)
+    stored = open_file(path)
+    meta = stored.meta
     if not meta:
         raise CheckpointError(f"{path}: a safetensors file without xpconv metadata; use load_params() for bare weights")
+    index = models.stored_model_index(stored)
     try:
-        model = models.model_from_checkpoint(meta["model"], model_arrays(tensors, meta), xp=xp, device=device, dtype=dtype, model=model)
+        if model is None:
+            mmeta = meta["model"]
+            if mmeta["name"] not in models.MODELS:
+                raise ValueError(
+                    f"model {mmeta['name']!r} cannot be rebuilt from its config (known: {', '.join(models.MODELS)}); "
+                    "build it yourself and pass model=..."
+                )
+            try:
+                expected = models.param_shapes(mmeta["name"], mmeta.get("config") or {})
+            except ValueError as exc:
+                raise ValueError(f"bad stored config of model {mmeta['name']!r}: {exc}") from None
+        else:
+            expected = model.expected_arrays()
+        keys = models.check_arrays(expected, index)
+        opt, slot_keys = _plan_optimizer(meta.get("optimizer"), expected, stored.index)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    arrays = stored.read(models.stored_keys(stored, keys) + slot_keys)
+    if require_finite:
+        bad = nonfinite(arrays)
+        if bad:
+            raise CheckpointError(f"{path}: expected finite weights, got non-finite values in tensor {bad}")
+    try:
+        model = models.model_from_checkpoint(
+            meta["model"], model_arrays({k: arrays[k] for k in arrays if not k.startswith(OPTIM_PREFIX)}, meta),
+            xp=xp, device=device, dtype=dtype, model=model,
+        )
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
-
-    opt = None
-    ometa = meta.get("optimizer")
-    if ometa:
+    if opt is not None:
+        ometa = meta["optimizer"]
+        slots = {slot: {key: arrays[f"{OPTIM_PREFIX}{slot}/{key}"] for key in names} for slot, names in ometa.get("slots", {}).items()}
         try:
-            opt = optim.get_optimizer(ometa["type"].lower(), **ometa.get("hyper", {}))
-            slots = {
-                slot: {key: tensors[f"{OPTIM_PREFIX}{slot}/{key}"] for key in keys} for slot, keys in ometa.get("slots", {}).items()
-            }
-            opt.load_state_dict({"type": ometa["type"], "iter": ometa.get("iter", 0), "slots": slots})
+            opt.load_state_dict({"type": type(opt).__name__, "iter": ometa.get("iter", 0), "slots": slots})
         except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: cannot restore the optimizer state: {exc!r}") from exc
+            raise CheckpointError(f"{path}: cannot restore the optimizer state: {exc}") from exc
     return Checkpoint(
         path=path,
         model=model,
@@ -165,3 +200,32 @@ def load_checkpoint(path: str | os.PathLike[str], *, xp=None, device=None, dtype
         extra=dict(meta.get("extra") or {}),
         metadata=meta,
     )
+
+
+def _plan_optimizer(ometa: Any, expected: Mapping[str, Any], index: Mapping[str, Any]) -> tuple[Any, list[str]]:
+    """(the optimizer with its hyper-parameters, the file's slot tensor names) when the
+    stored optimizer entry is one xpconv knows and its slots fit the parameters; else
+    ValueError saying which part does not."""
+    if not ometa:
+        return None, []
+    kind = ometa["type"]
+    if kind.lower() not in optim.OPTIMIZERS:
+        raise ValueError(f"optimizer.type should be one of {', '.join(optim.OPTIMIZERS)}, got {kind!r}")
+    try:
+        opt = optim.get_optimizer(kind.lower(), **ometa.get("hyper", {}))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"bad stored optimizer.hyper: {exc}") from None
+    keys = []
+    for slot, names in ometa.get("slots", {}).items():
+        if slot not in opt._slots:
+            raise ValueError(f"optimizer.slots: {kind} has slots {list(opt._slots)}, got {slot!r}")
+        for name in names:
+            if name not in expected or not expected[name][1]:
+                raise ValueError(f"optimizer slot {slot}/{name}: no such parameter in the model")
+            dtype, shape = index[f"{OPTIM_PREFIX}{slot}/{name}"]
+            if tuple(shape) != tuple(expected[name][0]) or dtype not in FLOAT_DTYPES:
+                raise ValueError(
+                    f"optimizer slot {slot}/{name}: expected a float array of shape {tuple(expected[name][0])}, got {dtype} {tuple(shape)}"
+                )
+            keys.append(f"{OPTIM_PREFIX}{slot}/{name}")
+    return opt, keys

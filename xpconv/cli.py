@@ -49,7 +49,7 @@ from .recipes import (
     recipe,
 )
 
-__all__ = ["build_parser", "main", "out_of_memory_message", "positive_float", "positive_int"]
+__all__ = ["build_parser", "main", "nonnegative_int", "out_of_memory_message", "positive_float", "positive_int"]
 
 PROG = "xpconv"
 class UserError(Exception):
@@ -103,9 +103,29 @@ def positive_float(text: str) -> float:
     return v
 
 
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (e.g. a seed)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors in one line: ``xpconv train: error: argument --seed: expected
+    an integer >= 0, got -1 (see xpconv train --help)``, exit status 2."""
+
+    def error(self, message: str):
+        _err(f"{message} (see '{self.prog} --help')", prog=self.prog)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog=PROG,
         description="xpconv: the CNN stack of 'Deep Learning from Scratch' on NumPy, CuPy and other Array-API libraries.",
         epilog="Run 'xpconv COMMAND --help' for the options of a command.",
@@ -114,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more messages (checkpoint writes, data placement)")
     p.add_argument("-q", "--quiet", action="count", default=0, help="only results and errors: no progress bar, no per-epoch lines")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error instead of one line")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     t = sub.add_parser(
@@ -149,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=positive_float, default=None,
                    help="learning rate (default: the recipe's, or for another optimizer: "
                         + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
-    t.add_argument("--seed", type=int, default=None, help="seed of the initial weights, the sample order and dropout (default: 0)")
+    t.add_argument("--seed", type=nonnegative_int, default=None, help="seed of the initial weights, the sample order and dropout (default: 0)")
     t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="'cpu' = NumPy, 'cuda' = CuPy on the GPU, 'auto' = CUDA when it really works, else CPU (default: auto)")
     t.add_argument("--dtype", choices=("float32", "float64"), default=None, help="floating-point type of weights and data (default: float32)")
@@ -200,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "NumPy's BLAS and what --device auto picks. Exits with 0 either way.")
     i.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
+    for sp in (t, e, pr):  # --debug also after the command
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the Python traceback of an error")
     sub.add_parser(
         "bench", add_help=False,
         help="the speed benchmarks: from a source checkout's root, the same as 'python -m benchmarks'",
@@ -212,13 +235,23 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- helpers
 
 
-def _err(message: str) -> None:
-    sys.stderr.write(f"{PROG}: error: {message}\n")
+def printable(text: Any) -> str:
+    """``text`` with every control or non-printable character (terminal escape
+    sequences, newlines) written as a Python escape (``\\x1b``), so that a string from a
+    file prints as one harmless line."""
+    text = " ".join(part.strip() for part in str(text).splitlines() if part.strip()) if "\n" in str(text) else str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _err(message: str, prog: str = PROG) -> None:
+    sys.stderr.write(f"{printable(prog)}: error: {printable(message)}\n")
     sys.stderr.flush()
 
 
 def _note(message: str) -> None:
-    sys.stderr.write(f"{PROG}: note: {message}\n")
+    sys.stderr.write(f"{PROG}: note: {printable(message)}\n")
     sys.stderr.flush()
 
 
@@ -315,10 +348,11 @@ def _train_settings(args) -> tuple[dict, Any]:
         from .checkpoint import load_checkpoint
 
         device = args.device
-        ckpt = load_checkpoint(args.resume, device=device, dtype=args.dtype)
+        ckpt = load_checkpoint(args.resume, device=device, dtype=args.dtype, require_finite=True)
         old = dict(ckpt.extra.get("config") or {})
         if not old or ckpt.epoch is None or ckpt.optimizer is None:
             raise UserError(f"{args.resume}: not a training checkpoint written by 'xpconv train' (no run configuration); use it with eval/predict")
+        check_run_config(old, args.resume, needed=_RESUME_NEEDS)
         for key in ("model", "dataset"):
             given = getattr(args, key)
             if given is not None and given != old[key]:
@@ -336,8 +370,7 @@ def _train_settings(args) -> tuple[dict, Any]:
             _note(f"--lr {args.lr:g} replaces the checkpoint's {cfg['lr']:g}")
             cfg["lr"] = args.lr
             ckpt.optimizer.lr = float(args.lr)
-        if args.data_dir is not None:
-            cfg["data_dir"] = args.data_dir
+        cfg["data_dir"] = args.data_dir  # a checkpoint never chooses where data is read or written
         cfg["dtype"] = args.dtype or cfg.get("dtype", "float32")
         cfg["device"] = args.device
         if ckpt.epoch >= cfg["epochs"]:
@@ -519,16 +552,71 @@ def _train(args, cleanup: contextlib.ExitStack) -> int:
 # --------------------------------------------------------------------------- eval / predict
 
 
+_RUN_CONFIG_KINDS: dict[str, Any] = {
+    "model": MODELS,
+    "dataset": DATASET_NAMES,
+    "optimizer": OPTIMIZER_NAMES,
+    "dtype": ("float32", "float64"),
+    "epochs": "count",
+    "batch_size": "count",
+    "ranks": "count",
+    "seed": "index",
+    "split_seed": "index",
+    "lr": "rate",
+    "input_dim": "dims",
+    "class_names": "names",
+    "data_dir": "text",
+}
+_RESUME_NEEDS = ("model", "dataset", "epochs", "batch_size", "optimizer", "lr")
+
+
+def check_run_config(cfg: Any, path: Any, *, needed: Sequence[str] = ()) -> dict:
+    """The run configuration a checkpoint stores (``extra.config``), each known entry
+    checked for type and range; raises UserError naming the file and the entry."""
+    from ._fileformat import short
+
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path}: bad run configuration: extra.config should be an object, got {short(cfg)}")
+    for key in needed:
+        if key not in cfg:
+            raise UserError(f"{path}: bad run configuration: config.{key} is missing")
+    for key, kind in _RUN_CONFIG_KINDS.items():
+        if key not in cfg or (cfg[key] is None and key in ("data_dir", "class_names", "input_dim", "ranks", "split_seed", "dtype")):
+            continue
+        v = cfg[key]
+        integer = isinstance(v, int) and not isinstance(v, bool)
+        if isinstance(kind, tuple):
+            ok, expected = v in kind, "one of " + ", ".join(kind)
+        elif kind == "count":
+            ok, expected = integer and 1 <= v <= 10**9, "an integer from 1 to 10**9"
+        elif kind == "index":
+            ok, expected = integer and 0 <= v < 2**63, "an integer >= 0"
+        elif kind == "rate":
+            ok, expected = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf, "a positive number"
+        elif kind == "dims":
+            ok = isinstance(v, list) and len(v) == 3 and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 1 << 20 for d in v)
+            expected = "[channels, height, width] of positive integers"
+        elif kind == "names":
+            ok = isinstance(v, list) and len(v) <= 100_000 and all(isinstance(n, str) and len(n) <= 200 for n in v)
+            expected = "a list of class names (strings)"
+        else:
+            ok, expected = isinstance(v, str), "a string"
+        if not ok:
+            raise UserError(f"{path}: bad run configuration: config.{key} should be {expected}, got {short(v)}")
+    return cfg
+
+
 def _load_for_inference(path: str, device: str):
     from .checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(path, device=device)
-    cfg = dict(ckpt.extra.get("config") or {})
+    ckpt = load_checkpoint(path, device=device, require_finite=True)
+    cfg = check_run_config(ckpt.extra.get("config") or {}, path)
     model_cfg = ckpt.metadata["model"].get("config") or {}
     input_dim = cfg.get("input_dim") or model_cfg.get("input_dim")
-    if input_dim is None and "input_size" in model_cfg:
-        side = int(round(math.sqrt(model_cfg["input_size"])))
-        input_dim = [1, side, side] if side * side == model_cfg["input_size"] else None
+    size = model_cfg.get("input_size")
+    if input_dim is None and isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        side = math.isqrt(size)
+        input_dim = [1, side, side] if side * side == size else None
     return ckpt, cfg, input_dim
 
 
@@ -540,12 +628,14 @@ def cmd_eval(args) -> int:
     info = _dataset_info(dataset)
     if input_dim is not None and list(input_dim) != list(info["input_dim"]):
         raise UserError(f"{args.checkpoint} takes inputs of shape {tuple(input_dim)}, but {dataset} images are {tuple(info['input_dim'])}")
-    _, (x_test, t_test) = _load_data(dataset, args.data_dir if args.data_dir is not None else cfg.get("data_dir"), _download_choice(args))
+    # the data are read from --data-dir or the default folders: a checkpoint never chooses
+    # where data is read or written (its stored data_dir is not used)
+    _, (x_test, t_test) = _load_data(dataset, args.data_dir, _download_choice(args))
     t0 = time.perf_counter()
     acc = ckpt.model.accuracy(x_test, t_test, batch_size=args.batch_size)
     n = int(x_test.shape[0])
     epoch = f", epoch {ckpt.epoch}" if ckpt.epoch is not None else ""
-    print(f"{args.checkpoint} ({type(ckpt.model).__name__}{epoch}) on {dataset} test set: "
+    print(f"{printable(args.checkpoint)} ({type(ckpt.model).__name__}{epoch}) on {dataset} test set: "
           f"accuracy {acc:.4f} ({round(acc * n):,} of {n:,}) in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -568,10 +658,10 @@ def cmd_predict(args) -> int:
         order = np.argsort(-row)[:k]
         parts = []
         for c in order:
-            name = names[c] if names and c < len(names) else str(int(c))
+            name = printable(names[c]) if names and c < len(names) else str(int(c))
             parts.append(f"{name} ({row[c]:.3f})" if k > 1 else f"class {name} (probability {row[c]:.3f})")
         note = f"  [{'; '.join(notes_of[label])}]" if notes_of.get(label) else ""
-        print(f"{label}: {', '.join(parts)}{note}")
+        print(f"{printable(label)}: {', '.join(parts)}{note}")
     return 0
 
 
@@ -619,19 +709,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return handler(args)
         except KeyboardInterrupt as exc:  # SIGTERM/SIGHUP in train come as training.Terminated
+            if getattr(args, "debug", False):
+                raise
             signame = getattr(exc, "signame", None)
             sys.stderr.write(f"{PROG}: interrupted{' by ' + signame if signame else ''}\n")
             return int(getattr(exc, "exit_status", 130))
-        except OutOfMemory as exc:
-            return _fail(str(exc), 1)
-        except _user_errors() as exc:
-            if _is_out_of_memory(exc):  # e.g. eval's chunks on a full GPU
-                return _fail(out_of_memory_message(exc, getattr(args, "batch_size", None)), 1)
-            return _fail(str(exc) or type(exc).__name__, 2)
         except Exception as exc:
-            if _is_out_of_memory(exc):
-                return _fail(out_of_memory_message(exc, getattr(args, "batch_size", None)), 1)
-            raise
+            if getattr(args, "debug", False):
+                raise
+            return _handle(exc, args)
+
+
+def _handle(exc: Exception, args) -> int:
+    """The one line (and exit status) for an error: 2 for what the user can fix, 1 for
+    running out of memory and for anything unforeseen (never a traceback: ``--debug``
+    shows it)."""
+    batch_size = getattr(args, "batch_size", None)
+    if isinstance(exc, OutOfMemory):
+        return _fail(str(exc), 1)
+    if _is_out_of_memory(exc):  # e.g. eval's chunks on a full GPU
+        return _fail(out_of_memory_message(exc, batch_size), 1)
+    if isinstance(exc, _user_errors()):
+        return _fail(str(exc) or type(exc).__name__, 2)
+    detail = (str(exc).strip().splitlines() or [""])[0][:200]
+    return _fail(f"internal error: {type(exc).__name__}: {detail} (rerun with --debug for the traceback)", 1)
 
 
 def _fail(message: str, code: int) -> int:

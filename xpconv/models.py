@@ -349,21 +349,35 @@ class Sequential:
                     out[f"running_var{bn}"] = to_numpy(layer.running_var)
         return out
 
-    def load_state_arrays(self, arrays: Mapping[str, Any]) -> None:
-        """Set parameters from a dict of arrays of any namespace (checked: every key
-        present, shapes equal); converted to this model's namespace and dtype."""
-        missing = [k for k in self._slots if k not in arrays]
-        if missing:
-            raise KeyError(f"parameters missing: {missing} (got {sorted(arrays)})")
-        for key in self._slots:
-            self.params[key] = asarray_in(arrays[key], self.xp, dtype=self.dtype, device=self.device)
+    def expected_arrays(self) -> dict[str, tuple[tuple[int, ...], bool]]:
+        """name -> (shape, required) of what :meth:`load_state_arrays` takes: the
+        parameters (required) and BatchNorm running statistics (optional)."""
+        out = {k: (tuple(int(d) for d in v.shape), True) for k, v in self.params.items()}
         bn = 0
         for layer in self.layers:
             if isinstance(layer, L.BatchNormalization):
                 bn += 1
-                if f"running_mean{bn}" in arrays:
-                    layer.running_mean = asarray_in(arrays[f"running_mean{bn}"], self.xp, dtype=self.dtype, device=self.device)
-                    layer.running_var = asarray_in(arrays[f"running_var{bn}"], self.xp, dtype=self.dtype, device=self.device)
+                shape = tuple(int(d) for d in layer.gamma.shape)
+                out[f"running_mean{bn}"] = out[f"running_var{bn}"] = (shape, False)
+        return out
+
+    def load_state_arrays(self, arrays: Mapping[str, Any]) -> None:
+        """Set parameters from a dict of arrays of any namespace. All or nothing: every
+        parameter must be present with this model's shape and a floating dtype (another
+        float kind is converted, said once in a warning; an integer array is refused),
+        else ValueError naming the array, and the model is left as it was."""
+        plan = check_arrays(self.expected_arrays(), {k: (dtype_name(a.dtype), tuple(int(d) for d in a.shape)) for k, a in arrays.items()})
+        converted = {k: asarray_in(arrays[k], self.xp, dtype=self.dtype, device=self.device) for k in plan}
+        _say_conversion({k: dtype_name(arrays[k].dtype) for k in plan}, dtype_name(self.dtype))
+        for key in self._slots:
+            self.params[key] = converted[key]
+        bn = 0
+        for layer in self.layers:
+            if isinstance(layer, L.BatchNormalization):
+                bn += 1
+                if f"running_mean{bn}" in converted:
+                    layer.running_mean = converted[f"running_mean{bn}"]
+                    layer.running_var = converted[f"running_var{bn}"]
 
     def save_params(self, path="params.pkl") -> Path:
         """Write the parameters (host copies, BatchNorm statistics included) and the
@@ -377,18 +391,27 @@ class Sequential:
         )
 
     def load_params(self, path_or_dict="params.pkl") -> None:
-        """Load parameters from a dict of arrays of any namespace, or from a file
-        recognised by its bytes, not its name: xpconv's safetensors files (``save_params``,
-        ``save_checkpoint``, or plain safetensors of named arrays), or the book's pickled
-        ``save_params`` files (read by :mod:`xpconv.bookpickle`, whose allow-list lets
-        nothing in them run)."""
+        """Load parameters from a file written by ``save_params`` or ``save_checkpoint``
+        (or a plain safetensors file of named arrays), or from a dict of arrays of any
+        namespace. Files are recognised by their bytes, not their names: the book's
+        pickled ``save_params`` files load through :mod:`xpconv.bookpickle` (an allow-list
+        unpickler that lets nothing in them run). A safetensors file's header is checked against this model's shapes before any
+        tensor is read; loading is all or nothing. A file that is not safetensors (a
+        pickle) or does not fit raises CheckpointError."""
         if isinstance(path_or_dict, Mapping):
             self.load_state_arrays(path_or_dict)
             return
         if bookpickle.file_kind(path_or_dict) == "pickle":
             self.load_state_arrays(bookpickle.load_params(path_or_dict))
             return
-        self.load_state_arrays(_fileformat.model_arrays(*_fileformat.read_file(path_or_dict)))
+        stored = _fileformat.open_file(path_or_dict)
+        index = stored_model_index(stored)
+        try:
+            keys = check_arrays(self.expected_arrays(), index)
+            arrays = stored.read(stored_keys(stored, keys))
+            self.load_state_arrays(model_part(stored, arrays))
+        except ValueError as exc:
+            raise _fileformat.CheckpointError(f"{stored.path}: {exc}") from None
 
     def summary(self) -> str:
         lines = [f"{type(self).__name__} on {self.backend_name} ({dtype_name(self.dtype)})"]
@@ -728,6 +751,157 @@ def model_meta(model: Sequential) -> dict[str, Any]:
     }
 
 
+def stored_model_index(stored) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name (W1, b1, ...) -> (dtype, shape) of the model arrays a checked file holds."""
+    if not stored.meta:
+        return dict(stored.index)
+    n = len(_fileformat.MODEL_PREFIX)
+    return {k[n:]: v for k, v in stored.index.items() if k.startswith(_fileformat.MODEL_PREFIX)}
+
+
+def stored_keys(stored, names) -> list[str]:
+    """The file's tensor names of the model arrays ``names``."""
+    prefix = _fileformat.MODEL_PREFIX if stored.meta else ""
+    return [prefix + k for k in names]
+
+
+def model_part(stored, arrays: Mapping[str, Any]) -> dict[str, Any]:
+    """``arrays`` read from ``stored`` keyed W1, b1, ..."""
+    n = len(_fileformat.MODEL_PREFIX) if stored.meta else 0
+    return {k[n:]: v for k, v in arrays.items()}
+
+
+class ArraysMissing(KeyError, ValueError):
+    """Arrays a model needs are not there (a KeyError, as a dict lookup would give, and a
+    ValueError, as every other misfit)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def check_arrays(expected: Mapping[str, tuple[tuple[int, ...], bool]], got: Mapping[str, tuple[str, tuple[int, ...]]]) -> list[str]:
+    """The names to load when arrays of (dtype name, shape) ``got`` fit ``expected``
+    (name -> (shape, required)); else ValueError naming the first array that does not:
+    missing, another shape, or not floating point. Nothing is allocated."""
+    missing = [k for k, (_, required) in expected.items() if required and k not in got]
+    if missing:
+        raise ArraysMissing(f"the stored weights do not fit the model: parameters missing: {missing[:8]} (got {sorted(got)[:12]})")
+    keys = []
+    for key, (shape, _) in expected.items():
+        if key not in got:
+            continue
+        dtype, stored_shape = got[key]
+        if tuple(stored_shape) != tuple(shape):
+            raise ValueError(f"the stored weights do not fit the model: parameter {key!r}: expected shape {tuple(shape)}, got {tuple(stored_shape)}")
+        if dtype not in _fileformat.FLOAT_DTYPES:
+            raise ValueError(f"parameter {key!r}: expected a floating-point array ({', '.join(_fileformat.FLOAT_DTYPES)}), got {dtype}")
+        keys.append(key)
+    for key in keys:
+        if key.startswith("running_mean") and "running_var" + key[12:] not in keys:
+            raise ValueError(f"the stored BatchNorm statistics are incomplete: {key} without running_var{key[12:]}")
+        if key.startswith("running_var") and "running_mean" + key[11:] not in keys:
+            raise ValueError(f"the stored BatchNorm statistics are incomplete: {key} without running_mean{key[11:]}")
+    return keys
+
+
+def _say_conversion(dtypes: Mapping[str, str], target: str) -> None:
+    """One warning when arrays of another float kind are converted to ``target``."""
+    other = sorted({d for d in dtypes.values() if d != target})
+    if other:
+        n = sum(d != target for d in dtypes.values())
+        warnings.warn(f"{n} stored array(s) of {', '.join(other)} converted to the model's {target}", stacklevel=3)
+
+
+def _count(config: Mapping[str, Any], key: str, default: Any = None, *, low: int = 1, high: int = 1 << 31) -> int:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"config.{key} should be an integer from {low} to {high:,}, got {_fileformat.short(value)}")
+    return value
+
+
+def _dims(config: Mapping[str, Any], key: str, default: Any = None) -> tuple[int, int, int]:
+    value = config.get(key, default)
+    if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 20 for v in value)):
+        raise ValueError(f"config.{key} should be [channels, height, width] of positive integers, got {_fileformat.short(value)}")
+    return tuple(value)
+
+
+def _conv(cp: Any, where: str, defaults: Mapping[str, Any]) -> tuple[int, int, Any, Any]:
+    if not isinstance(cp, Mapping):
+        raise ValueError(f"config.{where} should be an object (filter_num, filter_size, pad, stride), got {_fileformat.short(cp)}")  # noqa: TRY004 - a bad file's value
+    cp = {**defaults, **cp}
+    FN = _count(cp, "filter_num", high=1 << 20)
+    FS = _count(cp, "filter_size", high=1 << 12)
+    for k in ("pad", "stride"):
+        v = cp.get(k)
+        vs = v if isinstance(v, (list, tuple)) else [v]
+        if not (1 <= len(vs) <= 2 and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 1 << 12 for x in vs)):
+            raise ValueError(f"config.{where}.{k} should be an integer >= 0 or an (h, w) pair, got {_fileformat.short(v)}")
+    return FN, FS, cp["pad"], cp["stride"]
+
+
+def param_shapes(name: str, config: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """name -> (shape, required) of the arrays the named model built from ``config``
+    holds, computed by arithmetic alone (nothing is allocated), so a checkpoint's config
+    can be compared with its stored tensors before the model is built. Raises ValueError
+    naming the config entry of the wrong type or out of range."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+    if not isinstance(config, Mapping):
+        raise ValueError(f"config should be an object, got {_fileformat.short(config)}")  # noqa: TRY004 - a bad file's value
+    out: dict[str, tuple[tuple[int, ...], bool]] = {}
+
+    def affine(k: int, fan_in: int, fan_out: int) -> None:
+        out[f"W{k}"], out[f"b{k}"] = ((fan_in, fan_out), True), ((fan_out,), True)
+
+    try:
+        if name == "simple":
+            C, H, W = _dims(config, "input_dim", (1, 28, 28))
+            FN, FS, pad, stride = _conv(config.get("conv_param") or {}, "conv_param", {"filter_num": 30, "filter_size": 5, "pad": 0, "stride": 1})
+            OH, OW = conv_output_size(H, W, FS, FS, stride, pad, where="SimpleConvNet")
+            hidden, classes = _count(config, "hidden_size", 100), _count(config, "output_size", 10)
+            out["W1"], out["b1"] = ((FN, C, FS, FS), True), ((FN,), True)
+            affine(2, FN * (OH // 2) * (OW // 2), hidden)
+            affine(3, hidden, classes)
+        elif name == "deep":
+            C, H, W = _dims(config, "input_dim", (1, 28, 28))
+            cps = config.get("conv_params")
+            if cps is None:
+                cps = [config.get(f"conv_param_{i}") or {} for i in range(1, 7)]
+            if not (isinstance(cps, list) and len(cps) == 6):
+                raise ValueError(f"config.conv_params should be a list of 6 objects, got {_fileformat.short(cps)}")
+            for i, cp in enumerate(cps):
+                f, p = DEEP_CONV_DEFAULTS[i]
+                FN, FS, pad, stride = _conv(cp, f"conv_params[{i}]", {"filter_num": f, "filter_size": 3, "pad": p, "stride": 1})
+                out[f"W{i + 1}"], out[f"b{i + 1}"] = ((FN, C, FS, FS), True), ((FN,), True)
+                H, W = conv_output_size(H, W, FS, FS, stride, pad, where=f"DeepConvNet conv{i + 1}")
+                C = FN
+                if i % 2 == 1:
+                    H, W = conv_output_size(H, W, 2, 2, 2, 0, where=f"DeepConvNet pool{i // 2 + 1}")
+            hidden, classes = _count(config, "hidden_size", 50), _count(config, "output_size", 10)
+            affine(7, C * H * W, hidden)
+            affine(8, hidden, classes)
+        elif name == "mlp":
+            sizes = [_count(config, "input_size"), _count(config, "hidden_size"), _count(config, "output_size")]
+            affine(1, sizes[0], sizes[1])
+            affine(2, sizes[1], sizes[2])
+        else:
+            hidden_list = config.get("hidden_size_list")
+            if not (isinstance(hidden_list, list) and len(hidden_list) <= 1000):
+                raise ValueError(f"config.hidden_size_list should be a list of positive integers, got {_fileformat.short(hidden_list)}")
+            sizes = [_count(config, "input_size")] + [_count({"hidden_size_list[]": h}, "hidden_size_list[]") for h in hidden_list]
+            sizes.append(_count(config, "output_size"))
+            bn = name == "multi_layer_extend" and config.get("use_batchnorm") is True
+            for k, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes), start=1):
+                affine(k, fan_in, fan_out)
+                if bn and k <= len(hidden_list):
+                    out[f"gamma{k}"], out[f"beta{k}"] = ((fan_out,), True), ((fan_out,), True)
+                    out[f"running_mean{k}"] = out[f"running_var{k}"] = ((fan_out,), False)
+    except (TypeError, KeyError) as exc:
+        raise ValueError(f"config: {exc}") from None
+    return out
+
+
 def model_from_checkpoint(
     meta: Mapping[str, Any],
     arrays: Mapping[str, Any],
@@ -749,16 +923,20 @@ def model_from_checkpoint(
         name = meta.get("name")
         if name not in MODELS:
             raise ValueError(
-                f"model {name!r} cannot be rebuilt from its config (known: {', '.join(MODELS)}); build it yourself and pass model=..."
+                f"model {_fileformat.short(name)} cannot be rebuilt from its config (known: {', '.join(MODELS)}); build it yourself and pass model=..."
             )
+        config = meta.get("config") or {}
+        try:
+            expected = param_shapes(name, config)
+        except ValueError as exc:
+            raise ValueError(f"bad stored config of model {name!r}: {exc}") from None
+        # the stored arrays are compared with the config's shapes before anything is built
+        check_arrays(expected, {k: (dtype_name(a.dtype), tuple(int(d) for d in a.shape)) for k, a in arrays.items()})
         if xp is None and device is None:
             xp = "numpy"
         try:
-            model = build_model(name, meta.get("config") or {}, xp=xp, device=device, dtype=dtype or meta.get("dtype", "float32"), seed=0)
+            model = build_model(name, config, xp=xp, device=device, dtype=dtype or meta.get("dtype", "float32"), seed=0)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"cannot rebuild model {name!r} from the stored config: {exc}") from exc
-    try:
-        model.load_state_arrays(arrays)
-    except (KeyError, ValueError) as exc:
-        raise ValueError(f"the stored weights do not fit the model: {exc}") from exc
+    model.load_state_arrays(arrays)
     return model
