@@ -468,7 +468,7 @@ def _check_schema(path: Path, meta: Mapping[str, Any], index: Mapping[str, Any] 
             raise bad(f"metrics[{i}]", "an object", row)
         for key, kind in METRICS_FIELDS.items():
             v = row.get(key)
-            if kind == "int" and not (_is_int(v) and 1 <= int(v) <= 10**9):
+            if kind == "int" and not (isinstance(v, int) and _is_int(v) and 1 <= v <= 10**9):
                 raise bad(f"metrics[{i}].{key}", "an integer from 1 to 10**9", v)
             if kind == "number" and not _is_number(v):
                 raise bad(f"metrics[{i}].{key}", "a number", v)
