@@ -33,6 +33,7 @@ import types
 import numpy as np
 
 SHIM = r"""
+#include <math.h>
 #define __global__
 #define __device__
 #define __forceinline__ inline
@@ -50,7 +51,7 @@ extern "C" void xpc_emu_set(unsigned int block, unsigned int thread, unsigned in
 #: launches with at most this many threads run every thread; larger ones run 2 x 3
 EXACT_THREADS = 4096
 
-_POINTEE = {"float": np.float32, "double": np.float64, "int": np.int32}
+_POINTEE = {"float": np.float32, "double": np.float64, "int": np.int32, "long long": np.int64}
 _SCALAR = {"float": (np.float32, ctypes.c_float), "double": (np.float64, ctypes.c_double), "int": (np.int32, ctypes.c_int)}
 _ENTRY = re.compile(r'extern\s+"C"\s+void\s+(\w+)\s*\(([^)]*)\)')
 
@@ -86,10 +87,10 @@ def _parse_params(text: str):
         *typ, _name = p.split(" ")
         pointer = "*" in typ
         const = "const" in typ
-        base = [t for t in typ if t not in ("const", "*")]
-        if len(base) != 1:
+        base = " ".join(t for t in typ if t not in ("const", "*"))
+        if base not in _POINTEE:
             raise ValueError(f"cannot read kernel parameter {raw!r}")
-        params.append((base[0], pointer, const))
+        params.append((base, pointer, const))
     return tuple(params)
 
 
@@ -205,6 +206,8 @@ def fake_cupy() -> types.ModuleType:
         empty=poisoned_empty,
         ascontiguousarray=np.ascontiguousarray,
         int32=np.int32,
+        int64=np.int64,
+        dtype=np.dtype,
         float32=np.float32,
         float64=np.float64,
         RawModule=HostModule,

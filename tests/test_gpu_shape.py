@@ -101,3 +101,126 @@ def test_trainer_checks_labels_once_where_data_enters():
         Trainer(net, x, bad, x, good, epochs=1, mini_batch_size=4, verbose=False)
     with pytest.raises(ValueError, match=r"^Trainer t_test: labels out of range"):
         Trainer(net, x, good, x, bad - 1, epochs=1, mini_batch_size=4, verbose=False)
+
+
+# ====================================================================== step kernels through the host build
+
+from . import cuda_host  # noqa: E402
+from .test_cupy_kernels import _host_impl, needs_cxx  # noqa: E402
+
+
+def _lowbias32(x: int) -> int:
+    """The hash as plain Python integers (the spec both implementations follow)."""
+    m = 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & m
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & m
+    return x ^ (x >> 16)
+
+
+def test_keep_mask_is_the_documented_hash():
+    keys, ratio = (0xDEADBEEF, 12345), 0.3
+    mask = backend.keep_mask((7, 9), ratio, keys, xp="numpy", dtype="float64").ravel()
+    want = [float((_lowbias32(_lowbias32(i ^ keys[0]) ^ keys[1]) >> 8) >= round(ratio * 2**24)) for i in range(63)]
+    np.testing.assert_array_equal(mask, want)
+
+
+def _namespaces():
+    names = ["numpy", "array_api_strict"]
+    try:
+        import torch  # noqa: F401
+
+        names.append("torch")
+    except ImportError:
+        pass
+    return names
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 0.9])
+def test_dropout_masks_are_equal_on_every_backend(ratio):
+    want = backend.Generator([4, 2, 1]).dropout_mask((33, 17), ratio, xp="numpy", dtype="float32")
+    assert want.dtype == np.float32
+    if ratio == 0.0:
+        assert want.all()
+    else:
+        assert abs(1 - want.mean() - ratio) < 0.05
+    for name in _namespaces():
+        got = backend.Generator([4, 2, 1]).dropout_mask((33, 17), ratio, xp=name, dtype="float32")
+        np.testing.assert_array_equal(backend.to_numpy(got), want, err_msg=name)
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_dropout_mask_kernel_equals_the_generic_hash(dtype):
+    kernel = _host_impl().ops.kernels["dropout_mask"]
+    for shape, ratio, keys in [((5, 7), 0.5, (1, 2)), ((3, 4, 5), 0.1, (2**32 - 1, 2**31)), ((1000,), 0.7, (99, 7))]:
+        threshold = backend.dropout_threshold(ratio)
+        got = kernel.forward(shape, *keys, threshold, np.dtype(dtype))
+        want = backend.keep_mask(shape, ratio, keys, xp="numpy", dtype=dtype)
+        assert got.dtype == np.dtype(dtype) and got.shape == shape
+        np.testing.assert_array_equal(got, want)
+
+
+@needs_cxx
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # -inf * 0 is NaN, as the book's x * mask gives it
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_relu_kernel_equals_generic(dtype):
+    k = _host_impl().ops.kernels["relu"]
+    x = np.random.default_rng(0).standard_normal((5, 6, 7)).astype(dtype)
+    x.flat[:4] = [0.0, -0.0, np.nan, -np.inf]
+    out, cache = ops.relu_forward(x, impl=k)
+    assert cache.kernel is k
+    want, gcache = ops.relu_forward(x, impl=ops.GENERIC)
+    np.testing.assert_array_equal(out, want)
+    dout = np.random.default_rng(1).standard_normal(x.shape).astype(dtype)
+    np.testing.assert_array_equal(ops.relu_backward(dout, cache), ops.relu_backward(dout, gcache))
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_softmax_cross_entropy_kernel_equals_generic(dtype):
+    k = _host_impl().ops.kernels["softmax_cross_entropy"]
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((9, 10)) * 5).astype(dtype)
+    tol = 1e-6 if dtype == "float32" else 1e-13
+    for t in (rng.integers(0, 10, 9), rng.integers(0, 10, 9).astype("int32"), np.array([0, 1, 2, 3, 10, 5, -1, 7, 8])):
+        loss, y, cache = ops.softmax_cross_entropy_forward(x, t, impl=k)
+        assert cache.kernel is k
+        wloss, wy, wcache = ops.softmax_cross_entropy_forward(x, t, impl=ops.GENERIC)
+        np.testing.assert_allclose(float(loss), float(wloss), rtol=tol, equal_nan=True)
+        np.testing.assert_allclose(y, wy, rtol=tol, atol=tol)
+        for dout in (1.0, 0.5, np.asarray(2.0, dtype=dtype)):
+            np.testing.assert_allclose(ops.softmax_cross_entropy_backward(dout, cache), ops.softmax_cross_entropy_backward(dout, wcache), rtol=tol, atol=tol, equal_nan=True)
+    bad = np.isnan(ops.softmax_cross_entropy_backward(1.0, cache))
+    assert bad[[4, 6]].all() and not bad[[0, 1, 2, 3, 5, 7, 8]].any()
+
+
+@needs_cxx
+@pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_fused_optimizer_updates_equal_the_generic_steps(name, dtype, weight_decay, monkeypatch):
+    from xpconv import kernels, optim
+
+    rng = np.random.default_rng(3)
+    params = {"W": rng.standard_normal((4, 5)).astype(dtype), "b": rng.standard_normal(5).astype(dtype)}
+    grads = [{k: rng.standard_normal(v.shape).astype(dtype) for k, v in params.items()} for _ in range(4)]
+    generic = {k: v.copy() for k, v in params.items()}
+    opt = optim.get_optimizer(name, lr=0.05, weight_decay=weight_decay)
+    assert opt._fast_kernel(backend.get_namespace("numpy")) is None or kernels.find("numpy", opt._kernel_op) is not None
+    for g in grads:
+        opt.update(generic, g)
+    kernel = _host_impl().ops.kernels[opt._kernel_op]
+    monkeypatch.setitem(kernels.REGISTRY, ("numpy", opt._kernel_op), kernel)
+    launches = len(cuda_host.HostModule.launches)
+    fused = {k: v.copy() for k, v in params.items()}
+    fopt = optim.get_optimizer(name, lr=0.05, weight_decay=weight_decay)
+    for g in grads:
+        fopt.update(fused, g)
+    assert len(cuda_host.HostModule.launches) - launches == 4 * len(params), "one launch per parameter and step"
+    tol = 2e-6 if dtype == "float32" else 1e-14
+    for k in params:
+        np.testing.assert_allclose(fused[k], generic[k], rtol=tol, atol=tol)
+        for slot in opt.state:
+            np.testing.assert_allclose(fopt.state[slot][k], opt.state[slot][k], rtol=tol, atol=tol)
