@@ -6,6 +6,7 @@ budget (see tests/cuda_host.py's counting stand-in)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import numpy as np
 import pytest
@@ -224,3 +225,74 @@ def test_fused_optimizer_updates_equal_the_generic_steps(name, dtype, weight_dec
         np.testing.assert_allclose(fused[k], generic[k], rtol=tol, atol=tol)
         for slot in opt.state:
             np.testing.assert_allclose(fopt.state[slot][k], opt.state[slot][k], rtol=tol, atol=tol)
+
+
+# ====================================================================== launches per step
+
+#: launches of one training step (gradient() + Adam update) at batch 100, as CuPy
+#: would make them (tests/cuda_host.py: LaunchCount).  A regression above fails here.
+LAUNCH_BUDGET = {"SimpleConvNet": 30, "DeepConvNet": 90}
+
+
+@functools.lru_cache(maxsize=None)
+def _counting_kernels() -> dict:
+    """op -> kernel of a private cupy_ops bound to the counting stand-in cupy."""
+    from .test_cupy_kernels import _fresh, _kernel_classes, _load_cupy_ops_with
+
+    src = _fresh("cuda_source", "xpconv.kernels._counting_cuda_source")
+    src.module = functools.lru_cache(maxsize=None)(lambda name: cuda_host.HostModule(src.read_source(name), src.OPTIONS))
+    mod = _load_cupy_ops_with(cuda_host.counting_cupy())
+    mod.cuda_source = src
+    return {op: cls() for op, cls in _kernel_classes(mod).items()}
+
+
+def _as_cupy_would_run(monkeypatch, net):
+    """``net``'s arrays as Counted stand-ins and every op routed to cupy_ops' kernels
+    (registered for "numpy", the stand-in's namespace).  Labels are on the "device",
+    so the model does not check them (check_labels="host" with device labels)."""
+    from xpconv import kernels
+
+    kernels.find("numpy", "conv2d")
+    for key in [k for k in kernels.REGISTRY if k[0] == "numpy"]:
+        monkeypatch.delitem(kernels.REGISTRY, key)
+    for op, kernel in _counting_kernels().items():
+        monkeypatch.setitem(kernels.REGISTRY, ("numpy", op), kernel)
+    for key in list(net.params):
+        net.params[key] = cuda_host.counted(net.params[key])
+    monkeypatch.setattr(net.last_layer, "check_labels", False)
+
+
+@needs_cxx
+@pytest.mark.parametrize("model", ["SimpleConvNet", "DeepConvNet"])
+def test_launches_per_training_step_stay_within_budget(model, monkeypatch):
+    cls = getattr(models, model)
+    rng = np.random.default_rng(0)
+    x = cuda_host.counted(rng.random((100, 1, 28, 28)).astype("float32"))
+    t = cuda_host.counted(rng.integers(0, 10, 100))
+    net = cls(seed=0)
+    _as_cupy_would_run(monkeypatch, net)
+    opt = Adam(lr=0.001)
+    opt.update(net.params, net.gradient(x, t))  # warm-up: optimizer slots
+    with cuda_host.LaunchCount() as count:
+        opt.update(net.params, net.gradient(x, t))
+    print(f"{model}: {count.total} launches ({count.kernels} xpconv kernels, {count.elementwise} other): {count.names}")
+    params = len(net.params)
+    assert sum(n.startswith("xpc_adam") for n in count.names) == params, "one fused update per parameter"
+    assert "xpc_softmax_xent_fwd_f32" in count.names and "xpc_softmax_xent_bwd_f32" in count.names
+    dropouts = sum(type(layer).__name__ == "Dropout" for layer in net.layers.values())
+    assert count.names.count("xpc_dropout_mask_f32") == dropouts
+    assert count.total <= LAUNCH_BUDGET[model], f"{model}: {count.total} launches per step, budget {LAUNCH_BUDGET[model]}: {count.names}"
+    assert np.isfinite(float(net.last_layer.loss))
+
+
+def test_launch_counter_counts_what_cupy_would_launch():
+    a = cuda_host.counted(np.ones((3, 4), "float32"))
+    with cuda_host.LaunchCount() as count:
+        b = a * 2 + 1  # two elementwise kernels
+        b.reshape(4, 3)  # a view
+        b.sum(axis=0)  # one reduction
+        b @ b.T  # one product
+        b -= a  # in place: one
+        b.astype("float64")  # a conversion
+        b.astype("float32", copy=False)  # none
+    assert count.names == ["multiply", "add", "add.reduce", "matmul", "subtract", "astype"]

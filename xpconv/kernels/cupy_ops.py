@@ -454,7 +454,10 @@ class DropoutMask:
     ``xpconv.backend.keep_mask`` on any other namespace."""
 
     def accepts(self, dtype) -> bool:
-        return getattr(dtype, "name", str(dtype)) in _SUFFIX
+        try:
+            return cupy.dtype(dtype).name in _SUFFIX
+        except TypeError:
+            return False
 
     def forward(self, shape, k1, k2, threshold, dtype):
         dtype = cupy.dtype(dtype)
