@@ -231,7 +231,7 @@ def test_fused_optimizer_updates_equal_the_generic_steps(name, dtype, weight_dec
 
 #: launches of one training step (gradient() + Adam update) at batch 100, as CuPy
 #: would make them (tests/cuda_host.py: LaunchCount).  A regression above fails here.
-LAUNCH_BUDGET = {"SimpleConvNet": 30, "DeepConvNet": 90}
+LAUNCH_BUDGET = {"SimpleConvNet": 32, "DeepConvNet": 95}
 
 
 @functools.lru_cache(maxsize=None)

@@ -14,7 +14,8 @@ How the work is split:
   are gathers -- each input pixel sums what reaches it, in the generic code's
   order -- so there are no atomics and results are deterministic.
 * Convolution is the im2col kernel + one cuBLAS product ``col @ W.T`` giving NHWC
-  rows + one kernel that adds the bias (and applies the ReLU, ``relu=True``) while
+  rows (col is freed at once: the backward keeps the input and rebuilds it, so no
+  im2col matrix lives from forward to backward) + one kernel that adds the bias (and applies the ReLU, ``relu=True``) while
   moving them to NCHW.  Backward moves dout to NHWC rows in one kernel (applying
   the ReLU's mask), then cuBLAS for dW and dcol, a column sum for db and the
   col2im kernel; ``need_dx=False`` skips dcol and col2im.
@@ -164,8 +165,10 @@ def _col2im(col, sfx, x_shape, FH, FW, SH, SW, PH, PW, OH, OW):
 
 
 class _ConvCache(_Cache):
-    __slots__ = ("x_shape", "W_shape", "Wm", "col", "geometry", "relu_out")
-    # Wm: W as (FN, C*FH*FW); col: im2col(x); geometry: (SH, SW, PH, PW, OH, OW);
+    __slots__ = ("x_shape", "W_shape", "Wm", "x", "sfx", "geometry", "relu_out")
+    # Wm: W as (FN, C*FH*FW); x: the (contiguous) input, whose im2col the backward
+    # rebuilds -- holding col from forward to backward would keep C*FH*FW/(SH*SW)
+    # times the input alive per layer; sfx: kernel suffix; geometry: (SH, SW, PH, PW, OH, OW);
     # relu_out: the output when a ReLU was applied (its mask is out > 0), else None
 
 
@@ -192,19 +195,23 @@ def _conv_rows(x, W, stride, pad, sfx):
     N, C, H, Wd = (int(s) for s in x.shape)
     FN, _, FH, FW = (int(s) for s in W.shape)
     geom = _geometry(H, Wd, FH, FW, stride, pad, "Convolution")
-    col = _im2col(cupy.ascontiguousarray(x), sfx, FH, FW, *geom, 0.0)
+    x = cupy.ascontiguousarray(x)
+    col = _im2col(x, sfx, FH, FW, *geom, 0.0)
     Wm = cupy.ascontiguousarray(W).reshape(FN, C * FH * FW)
     y = col @ Wm.T
-    return y, _ConvCache(x_shape=(N, C, H, Wd), W_shape=(FN, C, FH, FW), Wm=Wm, col=col, geometry=geom, relu_out=None)
+    del col  # freed now: the backward rebuilds it from x (one im2col launch, no held memory)
+    return y, _ConvCache(x_shape=(N, C, H, Wd), W_shape=(FN, C, FH, FW), Wm=Wm, x=x, sfx=sfx, geometry=geom, relu_out=None)
 
 
 def _conv_grads(d, cache: _ConvCache, need_dx: bool):
     """(dx, dW, db) from d = dL/d(output) as NHWC rows (N*OH*OW, FN)."""
     db = d.sum(axis=0)
-    dW = (d.T @ cache.col).reshape(cache.W_shape)
+    _, _, FH, FW = cache.W_shape
+    col = _im2col(cache.x, cache.sfx, FH, FW, *cache.geometry, 0.0)
+    dW = (d.T @ col).reshape(cache.W_shape)
+    del col
     if not need_dx:
         return None, dW, db
-    _, _, FH, FW = cache.W_shape
     dcol = d @ cache.Wm
     dx = _col2im(dcol, _SUFFIX[d.dtype.name], cache.x_shape, FH, FW, *cache.geometry)
     return dx, dW, db
@@ -238,7 +245,7 @@ class Conv2d:
         FN = state.W_shape[0]
         OH, OW = state.geometry[4:]
         P = OH * OW
-        dtype = state.col.dtype
+        dtype = state.x.dtype
         dout = _dout("Convolution", dout, (N, FN, OH, OW), dtype)
         d = cupy.empty((N * P, FN), dtype=dtype)
         _launch("conv", "nchw_to_nhwc", _SUFFIX[dtype.name], N, P * FN, (dout, state.relu_out, d), (), (FN, P))
@@ -281,7 +288,7 @@ class Conv2dReluMaxPool2d:
         FN = conv.W_shape[0]
         OH, OW = conv.geometry[4:]
         POH, POW = state.pool_geometry[4:]
-        dtype = conv.col.dtype
+        dtype = conv.x.dtype
         dout = _dout("Convolution+ReLU+Pooling", dout, (N, FN, POH, POW), dtype)
         d = cupy.empty((N * OH * OW, FN), dtype=dtype)
         ints = (FN, OH, OW, *state.pool, *state.pool_geometry)
