@@ -232,7 +232,7 @@ class LaunchCount:
     matrix products, copies), ``kernels`` (xpconv's own RawModule launches) and
     ``names`` (every launch, in order)."""
 
-    active: "LaunchCount | None" = None
+    active: LaunchCount | None = None
 
     def __init__(self):
         self.names: list[str] = []

@@ -8,12 +8,12 @@ from __future__ import annotations
 import contextlib
 import functools
 
+import array_api_strict
 import numpy as np
 import pytest
 
-import array_api_strict
-
-from xpconv import backend, layers as L, models, ops
+from xpconv import backend, models, ops
+from xpconv import layers as L
 from xpconv.optim import Adam, Momentum
 
 # ====================================================================== no host reads
@@ -106,8 +106,8 @@ def test_trainer_checks_labels_once_where_data_enters():
 
 # ====================================================================== step kernels through the host build
 
-from . import cuda_host  # noqa: E402
-from .test_cupy_kernels import _host_impl, needs_cxx  # noqa: E402
+from . import cuda_host
+from .test_cupy_kernels import _host_impl, needs_cxx
 
 
 def _lowbias32(x: int) -> int:
@@ -234,7 +234,7 @@ def test_fused_optimizer_updates_equal_the_generic_steps(name, dtype, weight_dec
 LAUNCH_BUDGET = {"SimpleConvNet": 32, "DeepConvNet": 95}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _counting_kernels() -> dict:
     """op -> kernel of a private cupy_ops bound to the counting stand-in cupy."""
     from .test_cupy_kernels import _fresh, _kernel_classes, _load_cupy_ops_with
