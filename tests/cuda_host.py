@@ -33,6 +33,7 @@ import types
 import numpy as np
 
 SHIM = r"""
+#include <math.h>
 #define __global__
 #define __device__
 #define __forceinline__ inline
@@ -50,7 +51,7 @@ extern "C" void xpc_emu_set(unsigned int block, unsigned int thread, unsigned in
 #: launches with at most this many threads run every thread; larger ones run 2 x 3
 EXACT_THREADS = 4096
 
-_POINTEE = {"float": np.float32, "double": np.float64, "int": np.int32}
+_POINTEE = {"float": np.float32, "double": np.float64, "int": np.int32, "long long": np.int64}
 _SCALAR = {"float": (np.float32, ctypes.c_float), "double": (np.float64, ctypes.c_double), "int": (np.int32, ctypes.c_int)}
 _ENTRY = re.compile(r'extern\s+"C"\s+void\s+(\w+)\s*\(([^)]*)\)')
 
@@ -86,10 +87,10 @@ def _parse_params(text: str):
         *typ, _name = p.split(" ")
         pointer = "*" in typ
         const = "const" in typ
-        base = [t for t in typ if t not in ("const", "*")]
-        if len(base) != 1:
+        base = " ".join(t for t in typ if t not in ("const", "*"))
+        if base not in _POINTEE:
             raise ValueError(f"cannot read kernel parameter {raw!r}")
-        params.append((base[0], pointer, const))
+        params.append((base, pointer, const))
     return tuple(params)
 
 
@@ -205,9 +206,154 @@ def fake_cupy() -> types.ModuleType:
         empty=poisoned_empty,
         ascontiguousarray=np.ascontiguousarray,
         int32=np.int32,
+        int64=np.int64,
+        dtype=np.dtype,
         float32=np.float32,
         float64=np.float64,
         RawModule=HostModule,
         __xpconv_fake__=True,
     )
+    return m
+
+
+# ====================================================================== counting launches
+
+#: NumPy functions that are views or metadata on a GPU too (no kernel launch)
+NO_LAUNCH = frozenset({
+    "reshape", "transpose", "permute_dims", "squeeze", "expand_dims", "broadcast_to", "broadcast_arrays",
+    "moveaxis", "swapaxes", "shape", "ndim", "size", "result_type", "can_cast", "may_share_memory",
+    "shares_memory", "iscomplexobj", "isrealobj", "ravel", "atleast_1d", "atleast_2d", "copyto_view",
+})
+
+
+class LaunchCount:
+    """What one stretch of code would launch on CuPy, as counted by :class:`Counted`
+    arrays and the host-built kernels: ``elementwise`` (ufunc calls, reductions,
+    matrix products, copies), ``kernels`` (xpconv's own RawModule launches) and
+    ``names`` (every launch, in order)."""
+
+    active: LaunchCount | None = None
+
+    def __init__(self):
+        self.names: list[str] = []
+        self.elementwise = 0
+        self._kernels0 = 0
+
+    def __enter__(self):
+        LaunchCount.active = self
+        self._kernels0 = len(HostModule.launches)
+        return self
+
+    def __exit__(self, *exc):
+        LaunchCount.active = None
+        self.kernel_names = [name for name, _, _ in HostModule.launches[self._kernels0:]]
+        self.names += self.kernel_names
+
+    @property
+    def kernels(self) -> int:
+        return len(getattr(self, "kernel_names", []))
+
+    @property
+    def total(self) -> int:
+        return self.elementwise + self.kernels
+
+    def add(self, name: str) -> None:
+        self.elementwise += 1
+        self.names.append(name)
+
+
+def _count(name: str) -> None:
+    if LaunchCount.active is not None:
+        LaunchCount.active.add(name)
+
+
+def _plain(v):
+    if isinstance(v, Counted):
+        return v.view(np.ndarray)
+    if isinstance(v, (tuple, list)):
+        return type(v)(_plain(a) for a in v)
+    return v
+
+
+def _wrap(v):
+    if isinstance(v, np.ndarray) and not isinstance(v, Counted):
+        return v.view(Counted)
+    if isinstance(v, np.generic):  # CuPy reductions give 0-d arrays, not scalars
+        return np.asarray(v).view(Counted)
+    if isinstance(v, tuple):
+        return tuple(_wrap(a) for a in v)
+    return v
+
+
+class Counted(np.ndarray):
+    """A NumPy array standing in for a CuPy array, counting the kernel launches CuPy
+    would make for what is done with it.
+
+    What it counts, honestly: one launch per ufunc call (every elementwise
+    operator, including in-place ones, ``matmul`` -- one cuBLAS call on CuPy --
+    and every ``ufunc.reduce``: ``sum``/``max``/...), one per NumPy function reached
+    through ``__array_function__`` except the view-only ones in :data:`NO_LAUNCH`,
+    one per ``astype`` that converts, ``copy``, fancy-index read or array
+    assignment into a slice.  It does not see memory set-up that CuPy does without
+    a kernel (``empty``), counts ``zeros``/``full`` only when made from a Counted
+    array (``zeros_like``), and does not model CuPy's copies of non-contiguous
+    arrays inside ``reshape`` or cuBLAS (xpconv's hot paths pass contiguous arrays).
+    xpconv's own kernels are counted from :attr:`HostModule.launches`."""
+
+    def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
+        _count(f"{ufunc.__name__}.{method}" if method != "__call__" else ufunc.__name__)
+        if out is not None:
+            kwargs["out"] = _plain(out)
+        result = getattr(ufunc, method)(*_plain(inputs), **kwargs)
+        if out is not None:
+            return out[0] if len(out) == 1 else out
+        return _wrap(result)
+
+    def __array_function__(self, func, types, args, kwargs):
+        if func.__name__ not in NO_LAUNCH:
+            _count(func.__name__)
+        return _wrap(func(*_plain(args), **_plain(kwargs)))
+
+    def astype(self, dtype, *args, **kwargs):
+        if np.dtype(dtype) != self.dtype or kwargs.get("copy", True) is True and args[:1] != (False,):
+            _count("astype")
+        return _wrap(self.view(np.ndarray).astype(dtype, *args, **kwargs))
+
+    def copy(self, *args, **kwargs):
+        _count("copy")
+        return _wrap(self.view(np.ndarray).copy(*args, **kwargs))
+
+    def __getitem__(self, key):
+        keys = key if isinstance(key, tuple) else (key,)
+        if any(isinstance(k, (np.ndarray, list)) for k in keys):
+            _count("take")
+        return _wrap(self.view(np.ndarray)[_plain(key)])
+
+    def __setitem__(self, key, value):
+        if isinstance(value, np.ndarray):
+            _count("copy_into")
+        self.view(np.ndarray)[_plain(key)] = _plain(value)
+
+
+def counted(a) -> Counted:
+    """``a`` as a :class:`Counted` array (a view: writes reach ``a``)."""
+    return np.asarray(a).view(Counted)
+
+
+def counting_cupy() -> types.ModuleType:
+    """:func:`fake_cupy` whose arrays are :class:`Counted` (``empty`` poisons them too),
+    so cupy_ops' own array operations are counted as CuPy would launch them."""
+    m = fake_cupy()
+
+    def empty(shape, dtype=float, order="C"):
+        return poisoned_empty(shape, dtype, order).view(Counted)
+
+    def ascontiguousarray(a):
+        if isinstance(a, np.ndarray) and a.flags.c_contiguous:
+            return a if isinstance(a, Counted) else a.view(Counted)
+        _count("ascontiguousarray")
+        return np.ascontiguousarray(_plain(a)).view(Counted)
+
+    m.empty = empty
+    m.ascontiguousarray = ascontiguousarray
     return m

@@ -350,10 +350,22 @@ def test_files_are_written_in_format_2_without_rng_fields(tmp_path):
         save_checkpoint(tmp_path / "c.safetensors", net, opt, epoch=1, rng=None)
 
 
+class _HostUniformMasks(Generator):
+    """Dropout masks as xpconv drew them when the version-1 file was written: host
+    uniforms >= ratio from the model's own stream (masks now come from a hash)."""
+
+    def dropout_mask(self, shape, ratio, *, xp, dtype, device=None):
+        keep = (self.numpy.random(tuple(shape), dtype=np.float32) >= ratio).astype(np.dtype(str(dtype).rsplit(".", 1)[-1]))
+        return keep
+
+
 def _v1_recipe():
     """What tests/data/checkpoint-v1.safetensors was written from (tests/data/README.md)."""
     cp = [{"filter_num": 2, "filter_size": 3, "pad": 1, "stride": 1}] * 6
     net = DeepConvNet(input_dim=(1, 8, 8), conv_params=cp, hidden_size=3, output_size=4, seed=0)
+    for layer in net.layers:
+        if isinstance(layer, L.Dropout):
+            layer.rng = _HostUniformMasks(layer.rng)  # the same stream, drawn as the writer drew it
     opt = Adam(lr=0.01)
     r = np.random.default_rng(0)
     x = r.random((5, 1, 8, 8), dtype=np.float32)

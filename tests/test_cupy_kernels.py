@@ -37,7 +37,7 @@ import sys
 import numpy as np
 import pytest
 
-from xpconv import backend, kernels, ops
+from xpconv import backend, kernels, ops, optim
 from xpconv.kernels import cuda_source
 
 from . import cuda_host
@@ -53,6 +53,23 @@ ARCHES = ("sm_80", "sm_90")
 
 #: every op a kernel can be registered for: the reference classes of xpconv.ops
 GENERIC_OPS = tuple(sorted(ops.REFERENCE))
+
+
+#: kernels of a training step whose reference is not an op of xpconv.ops: the Dropout
+#: mask (xpconv.backend.keep_mask) and each optimizer's update (its generic ``_step``)
+STEP_OPS = ("dropout_mask", *sorted(cls._kernel_op for cls in optim.OPTIMIZERS.values()))
+
+
+def test_every_optimizer_names_an_update_kernel_cupy_ops_has():
+    module = _load_cupy_ops_with(cuda_host.fake_cupy())
+    classes = _kernel_classes(module)
+    for cls in optim.OPTIMIZERS.values():
+        kernel = classes[cls._kernel_op]
+        opt = cls(lr=0.1)
+        opt._lr_t = 0.1  # Adam's step size of the current update
+        keywords = [p.name for p in inspect.signature(kernel().step).parameters.values() if p.kind is p.KEYWORD_ONLY]
+        assert sorted(keywords) == sorted(opt._kernel_scalars()), cls.__name__
+        assert kernel.slots == cls._slots, cls.__name__
 
 
 def test_ops_dispatches_the_ops_this_file_checks():
@@ -230,15 +247,17 @@ def _parameters(fn) -> list:
 def test_cupy_ops_has_the_generic_ops_signatures():
     # cupy_ops imported against the stand-in cupy: no CuPy, GPU or compiler needed
     module = _load_cupy_ops_with(cuda_host.fake_cupy())
-    classes = _kernel_classes(module)
+    every = _kernel_classes(module)
+    classes = {op: cls for op, cls in every.items() if op not in STEP_OPS}
     assert sorted(classes) == sorted(GENERIC_OPS), "cupy_ops should have a kernel for every op of xpconv.ops"
+    assert sorted(set(every) - set(classes)) == sorted(STEP_OPS)
     for op, cls in classes.items():
         ref = ops.REFERENCE[op]
         assert cls.namespace == "cupy" and cls.__name__ == type(ref).__name__, op
         for method in ("forward", "backward"):
             want, got = _parameters(getattr(ref, method)), _parameters(getattr(cls(), method))
             assert got == want, f"cupy_ops.{cls.__name__}.{method} parameters {got} differ from the reference's {want}"
-    assert sorted(module.__all__) == sorted(cls.__name__ for cls in classes.values())
+    assert sorted(module.__all__) == sorted(cls.__name__ for cls in every.values())
     assert not _public_functions(module), "cupy_ops' public face is its kernel classes"
     # loading the copy left the registry as it was
     assert all(type(k).__module__ != module.__name__ for k in kernels.REGISTRY.values())
@@ -639,13 +658,13 @@ def test_each_op_is_one_kernel_launch():
     names, (out, cache) = count(impl.ops.conv2d_forward, x, Wt, b, 1, 1)
     assert names == ["xpc_im2col_f32", "xpc_bias_nhwc_to_nchw_f32"]
     names, _ = count(impl.ops.conv2d_backward, np.ones_like(out), cache)
-    assert names == ["xpc_nchw_to_nhwc_f32", "xpc_col2im_f32"]
+    assert names == ["xpc_nchw_to_nhwc_f32", "xpc_im2col_f32", "xpc_col2im_f32"]  # col rebuilt from x, not held
     names, _ = count(functools.partial(impl.ops.conv2d_backward, need_dx=False), np.ones_like(out), cache)
-    assert names == ["xpc_nchw_to_nhwc_f32"]
+    assert names == ["xpc_nchw_to_nhwc_f32", "xpc_im2col_f32"]
     names, (out, cache) = count(impl.ops.conv2d_relu_max_pool2d_forward, x, Wt, b, 1, 1, 2, 2, 2)
     assert names == ["xpc_im2col_f32", "xpc_bias_relu_maxpool_f32"]
     names, _ = count(impl.ops.conv2d_relu_max_pool2d_backward, np.ones_like(out), cache)
-    assert names == ["xpc_maxpool_bwd_nhwc_f32", "xpc_col2im_f32"]
+    assert names == ["xpc_maxpool_bwd_nhwc_f32", "xpc_im2col_f32", "xpc_col2im_f32"]
 
 
 @needs_cxx

@@ -76,10 +76,10 @@ def test_floor_counts_match_the_hand_worked_flops():
     assert simple["params"] == 30 * 25 + 30 + 4320 * 100 + 100 + 100 * 10 + 10
     # the conv block as implemented (elements): im2col reads x and writes col; the product
     # reads col and writes y; bias/ReLU/pool reads y, writes out + argmax; the backward
-    # gathers (dpool, argmax -> d), dW reads d and col, db reads d
+    # gathers (dpool, argmax -> d), rebuilds col from x, dW reads d and col, db reads d
     x, col, y, pooled = 784, 576 * 25, 576 * 30, 30 * 12 * 12
     fwd = (x + col) + (col + y) + y + 2 * pooled
-    bwd = (2 * pooled + y) + (y + col) + y
+    bwd = (2 * pooled + y) + (x + col) + (y + col) + y
     assert simple["rows"][0][2] == (fwd + bwd) * 4
     deep = floor.walk("deep")
     shapes = [(1, 16, 28), (16, 16, 28), (16, 32, 14), (32, 32, 16), (32, 64, 8), (64, 64, 8)]  # (C, FN, OH=OW)

@@ -32,6 +32,8 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from . import kernels  # the fast-path registry (it imports nothing of xpconv's but the geometry leaf)
+
 __all__ = [
     "BackendUnavailable",
     "Generator",
@@ -458,17 +460,70 @@ class Generator:
         return self._np.integers(low, high, size=size)
 
     def dropout_mask(self, shape, ratio: float, *, xp, dtype, device=None):
-        """Array of 0/1 of ``dtype``: 1 where the unit is kept (probability 1 - ratio)."""
-        xp = get_namespace(xp)
-        name = namespace_name(xp)
-        shape = tuple(shape)
-        if name == "cupy":
-            import cupy
+        """Array of 0/1 of ``dtype``: 1 where the unit is kept (probability 1 - ratio).
 
-            rs = cupy.random.default_rng(int(self._np.integers(2**63)))
-            return (rs.random(shape, dtype=cupy.float32) >= ratio).astype(_np_dtype(dtype))
-        keep = (self._np.random(shape, dtype=np.float32) >= ratio).astype(_np_dtype(dtype))
-        return asarray_in(keep, xp, device=device)
+        Two 32-bit keys are drawn from this generator's host stream (no device work);
+        the mask is then :func:`keep_mask` of those keys -- a counter-based hash of
+        (keys, element index), computed where the array lives (one kernel on CuPy, the
+        same integer arithmetic elsewhere), so every backend gives the same mask and
+        none sets up a device random generator."""
+        xp = get_namespace(xp)
+        k1, k2 = (int(k) for k in self._np.integers(0, 2**32, size=2, dtype=np.uint64))
+        return keep_mask(tuple(int(s) for s in shape), ratio, (k1, k2), xp=xp, dtype=dtype, device=device)
+
+
+#: Dropout's uniform draws are 24-bit: unit kept where (hash >> 8) >= round(ratio * 2**24)
+DROPOUT_BITS = 24
+
+
+def dropout_threshold(ratio: float) -> int:
+    """The integer threshold of :func:`keep_mask` for a drop probability ``ratio``."""
+    ratio = float(ratio)
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"dropout ratio must be in [0, 1], got {ratio!r}")
+    return int(round(ratio * 2**DROPOUT_BITS))
+
+
+def _mul32(xp, a, c: int):
+    """(a * c) mod 2**32 for int64 arrays a in [0, 2**32) and a 32-bit constant c,
+    without overflowing 64 bits: a = hi * 2**16 + lo."""
+    lo, hi = a & 0xFFFF, a >> 16
+    return (lo * c + (((hi * (c & 0xFFFF)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def _mix32(xp, x):
+    """lowbias32 (C. Wellons' integer hash), a bijection of 32-bit words, on int64 arrays."""
+    x = x ^ (x >> 16)
+    x = _mul32(xp, x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(xp, x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def keep_mask(shape, ratio: float, keys: tuple[int, int], *, xp, dtype, device=None):
+    """Dropout mask of ``shape`` from 32-bit ``keys`` (k1, k2): element i (C order) is
+    kept (1) where ``mix(mix(i ^ k1) ^ k2) >> 8 >= round(ratio * 2**24)``, mix being
+    lowbias32.  Pure integer Array-API arithmetic (int64, no overflow), so NumPy,
+    array-api-strict, torch and CuPy's kernel (``xpc_dropout_mask`` in step.cu, which
+    runs instead on CuPy) give the same bits."""
+    xp = get_namespace(xp)
+    k1, k2 = (int(k) & 0xFFFFFFFF for k in keys)
+    threshold = dropout_threshold(ratio)
+    dt = resolve_dtype(xp, dtype)
+    fast = kernels.find(namespace_name(xp), "dropout_mask")
+    if fast is not None and fast.accepts(dt):
+        return fast.forward(shape, k1, k2, threshold, dt)
+    n = 1
+    for s in shape:
+        n *= int(s)
+    if n >= 2**32:
+        raise ValueError(f"Dropout: a mask of {n} elements is more than the hash's 2**32 positions")
+    idx = xp.arange(n, dtype=xp.int64, device=device) if device is not None else xp.arange(n, dtype=xp.int64)
+    if idx.dtype != xp.int64:  # a namespace without 64-bit integers here (JAX without x64): on the host
+        return asarray_in(to_numpy(keep_mask(shape, ratio, keys, xp=get_namespace("numpy"), dtype=dtype)), xp, device=device)
+    h = _mix32(xp, _mix32(xp, idx ^ k1) ^ k2)
+    keep = (h >> (32 - DROPOUT_BITS)) >= threshold
+    return xp.reshape(xp.astype(keep, dt), shape)
 
 
 def zeros(shape, *, xp=None, dtype="float32", device=None):

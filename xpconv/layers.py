@@ -21,7 +21,7 @@ from typing import Any
 from . import ops
 from ._geometry import conv_output_size, pair
 from ._typing import Array
-from .backend import Generator, asarray_in, device_of, dtype_name, namespace_of
+from .backend import Generator, asarray_in, device_of, dtype_name, is_numpy_namespace, namespace_of
 
 __all__ = [
     "Affine",
@@ -246,16 +246,25 @@ class Affine(LayerBase):
 
 
 class Relu(LayerBase):
-    def __init__(self):
+    """max(x, 0) as ``x * (x > 0)``; ``.mask`` is the forward's (x > 0) in x's dtype
+    (None after a fused kernel ran: that keeps its own state).  Ops:
+    :func:`xpconv.ops.relu_forward`/``_backward`` (one kernel each way on CuPy)."""
+
+    def __init__(self, *, impl: ops.Impl = None):
         self.mask = None
+        self.impl = impl
+        self._cache: ops.Cache | None = None
 
     def forward(self, x: Array, train_flg: bool = True) -> Array:
-        xp = namespace_of(x)
-        self.mask = xp.astype(x > 0, x.dtype)
-        return x * self.mask
+        self._cache = None
+        out, self._cache = ops.relu_forward(x, impl=self.impl)
+        self.mask = self._cache.state if self._cache.kernel is ops.REFERENCE["relu"] else None
+        return out
 
     def backward(self, dout: Array) -> Array:
-        return dout * self.mask
+        if self._cache is None:
+            raise RuntimeError("Relu: backward() called before forward()")
+        return ops.relu_backward(dout, self._cache)
 
 
 class Sigmoid(LayerBase):
@@ -372,13 +381,26 @@ class BatchNormalization(LayerBase):
 class SoftmaxWithLoss:
     """Softmax followed by mean cross-entropy (computed through log-softmax). Labels:
     class indices (N,) or (N, 1), or one-hot (N, K). ``forward`` returns the loss as a 0-d array of the input's namespace
-    (``float(loss)`` reads it)."""
+    (``float(loss)`` reads it).
 
-    def __init__(self):
+    ``check_labels`` says when class indices are range-checked (a ValueError naming
+    the range): ``True`` (default, for direct calls) always -- on a device array that
+    reads device memory, a sync; ``"host"`` (what the models use) only when the labels
+    arrive as host NumPy arrays, which costs no device read -- labels already on a
+    device are not read inside the step (the Trainer checks its data once, where it
+    enters), and one out of range makes the loss and its gradient row NaN; ``False``
+    never.  Ops: :func:`xpconv.ops.softmax_cross_entropy_forward`/``_backward`` (one
+    fused kernel each way on CuPy)."""
+
+    def __init__(self, *, check_labels: bool | str = True, impl: ops.Impl = None):
+        if check_labels not in (True, False, "host"):
+            raise ValueError(f"SoftmaxWithLoss: check_labels must be True, False or 'host', got {check_labels!r}")
+        self.check_labels = check_labels
+        self.impl = impl
         self.loss = None
         self.y = None
         self.t = None
-        self._t_one_hot = None
+        self._cache: ops.Cache | None = None
 
     def forward(self, x, t):
         xp = namespace_of(x)
@@ -386,19 +408,35 @@ class SoftmaxWithLoss:
             raise ValueError(f"SoftmaxWithLoss: expected scores of shape (N, K), got {_shape(x)}")
         if int(x.shape[0]) == 0:
             raise ValueError("SoftmaxWithLoss: expected a batch of at least one sample, got N=0 (an empty batch has no mean loss)")
+        on_host = _is_host(t)
         t = label_indices(_labels_in(xp, t, x))
         if int(t.shape[0]) != int(x.shape[0]):
             raise ValueError(f"SoftmaxWithLoss: expected {int(x.shape[0])} labels (one per row of scores), got {int(t.shape[0])}")
+        K = int(x.shape[1])
+        ops.check_label_shape(t, K)
+        if len(t.shape) == 1 and (self.check_labels is True or (self.check_labels == "host" and on_host)):
+            ops.check_label_range(t, K)
         self.t = t
-        self._t_one_hot = ops.labels_as_one_hot(t, int(x.shape[1]), x.dtype)
+        if len(t.shape) == 2:
+            t = xp.astype(t, x.dtype)
+        self._cache = None
         # through log-softmax: the exact loss whose gradient backward() returns (the book
         # takes -log(y + 1e-7), smaller by about 1e-7 / y of the true class)
-        self.loss, self.y = ops.softmax_cross_entropy(x, self._t_one_hot)
+        self.loss, self.y, self._cache = ops.softmax_cross_entropy_forward(x, t, impl=self.impl)
         return self.loss
 
     def backward(self, dout=1):
-        N = int(self.y.shape[0])
-        return (self.y - self._t_one_hot) * (dout / N)
+        if self._cache is None:
+            raise RuntimeError("SoftmaxWithLoss: backward() called before forward()")
+        return ops.softmax_cross_entropy_backward(dout, self._cache)
+
+
+def _is_host(t) -> bool:
+    """Labels that live in host memory (NumPy arrays, lists): reading them costs no device sync."""
+    try:
+        return is_numpy_namespace(namespace_of(t))
+    except TypeError:
+        return True
 
 
 class ConvBlock(LayerBase):

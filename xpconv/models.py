@@ -187,7 +187,8 @@ class Sequential:
     def __init__(self, layers: list[Layer], loss_layer: Any = None, *, names: Any = None, eval_batch_size: int = EVAL_BATCH_SIZE):
         self.layers = LayerList(layers, names)
         self.steps: list[Layer] = L.fuse(list(self.layers))  # what runs: the layers, with fused blocks
-        self.last_layer = loss_layer if loss_layer is not None else L.SoftmaxWithLoss()
+        # labels are range-checked where they enter on the host, never read on a device inside a step
+        self.last_layer = loss_layer if loss_layer is not None else L.SoftmaxWithLoss(check_labels="host")
         self.eval_batch_size = int(eval_batch_size)
         self.config: dict[str, Any] = {}
         self._slots = slots = _param_slots(self.layers)
@@ -255,7 +256,8 @@ class Sequential:
     def loss(self, x, t, train_flg: bool = True):
         """Mean loss (a 0-d array; ``float()`` reads it)."""
         y = self._forward(self._input(x), train_flg)
-        return self.last_layer.forward(y, self._labels(t))
+        # SoftmaxWithLoss moves labels itself, after checking host ones (no device read)
+        return self.last_layer.forward(y, t if isinstance(self.last_layer, L.SoftmaxWithLoss) else self._labels(t))
 
     def accuracy(self, x, t, batch_size: int = 100) -> float:
         """Fraction of samples classified correctly; runs in chunks of batch_size."""

@@ -39,8 +39,12 @@ __all__ = [
     "Conv2dReluMaxPool2d",
     "Im2col",
     "MaxPool2d",
+    "Relu",
+    "SoftmaxCrossEntropy",
     "avg_pool2d_backward",
     "avg_pool2d_forward",
+    "check_label_range",
+    "check_label_shape",
     "col2im",
     "conv2d_backward",
     "conv2d_forward",
@@ -52,8 +56,12 @@ __all__ = [
     "max_pool2d_backward",
     "max_pool2d_forward",
     "pair",
+    "relu_backward",
+    "relu_forward",
     "softmax",
     "softmax_cross_entropy",
+    "softmax_cross_entropy_backward",
+    "softmax_cross_entropy_forward",
 ]
 
 # --------------------------------------------------------------------------- dispatch
@@ -450,30 +458,60 @@ def log_softmax(x):
     return z - xp.log(xp.sum(xp.exp(z), axis=-1, keepdims=True))
 
 
-def one_hot(t, num_classes: int, dtype):
-    """(N,) integer class indices -> (N, num_classes) one-hot of ``dtype``."""
+def one_hot(t, num_classes: int, dtype, *, poison: bool = False):
+    """(N,) integer class indices -> (N, num_classes) one-hot of ``dtype``.  With
+    ``poison`` a row whose label is outside [0, num_classes) is NaN, so a loss over
+    labels nobody has read on the host comes out NaN rather than a plausible number."""
     xp = namespace_of(t)
     classes = xp.arange(num_classes, device=backend.device_of(t))
-    return xp.astype(classes[None, :] == t[:, None], dtype)
+    oh = xp.astype(classes[None, :] == t[:, None], dtype)
+    if not poison:
+        return oh
+    valid = (t >= 0) & (t < num_classes)
+    return xp.where(valid[:, None], oh, xp.asarray(float("nan"), dtype=dtype, device=backend.device_of(t)))
 
 
-def labels_as_one_hot(t, num_classes: int, dtype, where: str = "SoftmaxWithLoss"):
-    """Validate labels (class indices (N,) or one-hot (N, K)) and return them one-hot."""
+def check_label_shape(t, num_classes: int, where: str = "SoftmaxWithLoss") -> None:
+    """Labels must be class indices (N,) of an integer dtype or one-hot (N, num_classes);
+    looks at shapes and dtypes only (never reads the values)."""
     xp = namespace_of(t)
     if len(t.shape) == 2:
         if t.shape[1] != num_classes:
             raise ValueError(f"{where}: one-hot labels must have {num_classes} columns, got shape {tuple(t.shape)}")
-        return xp.astype(t, dtype)
+        return
     if len(t.shape) != 1:
         raise ValueError(f"{where}: expected labels of shape (N,) or (N, {num_classes}), got {tuple(t.shape)}")
     if xp.isdtype(t.dtype, "real floating"):
         raise TypeError(f"{where}: class-index labels must be integers, got dtype {t.dtype}")
     if not xp.isdtype(t.dtype, "integral"):
         raise TypeError(f"{where}: labels must be integer class indices or one-hot, got dtype {t.dtype}")
-    if t.shape[0] and bool(xp.any((t < 0) | (t >= num_classes))):
+
+
+def check_label_range(t, num_classes: int | None, where: str = "SoftmaxWithLoss") -> None:
+    """Class indices (N,) must lie in [0, num_classes) (``None``: only >= 0).  This
+    reads the labels: on a device array it waits for the device, so it belongs where
+    data enters (the host side, once per run), never inside a training step."""
+    if len(t.shape) != 1 or not t.shape[0]:
+        return
+    xp = namespace_of(t)
+    bad = t < 0 if num_classes is None else (t < 0) | (t >= num_classes)
+    if bool(xp.any(bad)):
         lo, hi = int(xp.min(t)), int(xp.max(t))
-        raise ValueError(f"{where}: labels out of range: expected 0 <= t < {num_classes}, got min {lo}, max {hi}")
-    return one_hot(t, num_classes, dtype)
+        expected = "0 <= t" if num_classes is None else f"0 <= t < {num_classes}"
+        raise ValueError(f"{where}: labels out of range: expected {expected}, got min {lo}, max {hi}")
+
+
+def labels_as_one_hot(t, num_classes: int, dtype, where: str = "SoftmaxWithLoss", *, check: bool = True):
+    """Validate labels (class indices (N,) or one-hot (N, K)) and return them one-hot.
+    ``check=False`` skips the range check (no read of the values); a label out of
+    range then gives a NaN row (see :func:`one_hot`)."""
+    xp = namespace_of(t)
+    check_label_shape(t, num_classes, where)
+    if len(t.shape) == 2:
+        return xp.astype(t, dtype)
+    if check:
+        check_label_range(t, num_classes, where)
+    return one_hot(t, num_classes, dtype, poison=not check)
 
 
 def softmax_cross_entropy(x, t_one_hot):
@@ -485,6 +523,72 @@ def softmax_cross_entropy(x, t_one_hot):
     logp = log_softmax(x)
     loss = -xp.sum(t_one_hot * logp) / N
     return loss, xp.exp(logp)
+
+
+class SoftmaxCrossEntropy(_Reference):
+    """Reference softmax + mean cross-entropy, forward and backward.  Labels are class
+    indices (N,) (a label outside [0, K) makes the loss and its row of the gradient
+    NaN: nothing is read on the host here) or one-hot / soft targets (N, K) of x's dtype.
+    Layer: :class:`xpconv.layers.SoftmaxWithLoss`; kernel: ``cupy_ops.SoftmaxCrossEntropy``
+    (one kernel each way)."""
+
+    op = "softmax_cross_entropy"
+
+    def forward(self, x: Array, t: Array) -> tuple[tuple[Array, Array], Any]:
+        K = int(x.shape[1])
+        oh = one_hot(t, K, x.dtype, poison=True) if len(t.shape) == 1 else t
+        loss, y = softmax_cross_entropy(x, oh)
+        return (loss, y), (y, oh)
+
+    def backward(self, dout: Any, state: Any) -> Array:
+        y, oh = state
+        return (y - oh) * (dout / int(y.shape[0]))
+
+
+def softmax_cross_entropy_forward(x: Array, t: Array, *, impl: Impl = None) -> tuple[Array, Array, Cache]:
+    """(loss, y, cache) of softmax + mean cross-entropy of scores x (N, K) against
+    labels t (class indices (N,) or targets (N, K) of x's dtype; shapes checked by the
+    caller).  Reads nothing on the host.  Reference: :class:`SoftmaxCrossEntropy`."""
+    kernel = _choose("softmax_cross_entropy", impl, x, t)
+    (loss, y), state = kernel.forward(x, t)
+    return loss, y, Cache(kernel, state)
+
+
+def softmax_cross_entropy_backward(dout: Any, cache: Cache) -> Array:
+    """dL/dx = (y - onehot(t)) * dout / N (dout: a Python number or 0-d array)."""
+    kernel, state = _state("softmax_cross_entropy_backward", cache, "softmax_cross_entropy")
+    return kernel.backward(dout, state)
+
+
+class Relu(_Reference):
+    """Reference ReLU: forward keeps the mask (x > 0) as x's dtype for backward.
+    Layer: :class:`xpconv.layers.Relu`; kernel: ``cupy_ops.Relu`` (one kernel each way)."""
+
+    op = "relu"
+
+    def forward(self, x: Array) -> tuple[Array, Any]:
+        xp = namespace_of(x)
+        mask = xp.astype(x > 0, x.dtype)
+        return x * mask, mask
+
+    def backward(self, dout: Array, state: Any) -> Array:
+        return dout * state
+
+
+def relu_forward(x: Array, *, impl: Impl = None) -> tuple[Array, Cache]:
+    """``x * (x > 0)`` elementwise (the book's ReLU: a NaN stays NaN).  Reference: :class:`Relu`."""
+    kernel = _choose("relu", impl, x)
+    out, state = kernel.forward(x)
+    return out, Cache(kernel, state)
+
+
+def relu_backward(dout: Array, cache: Cache) -> Array:
+    """dout where the forward's input was > 0, else 0."""
+    kernel, state = _state("relu_backward", cache, "relu")
+    return kernel.backward(dout, state)
+
+
+REFERENCE.update({k.op: k for k in (SoftmaxCrossEntropy(), Relu())})
 
 
 def cross_entropy_error(y, t):

@@ -18,7 +18,8 @@ import math
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
-from .backend import asarray_in, device_of, get_namespace, namespace_of
+from . import kernels
+from .backend import asarray_in, device_of, get_namespace, namespace_name, namespace_of
 
 __all__ = ["SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam", "OPTIMIZERS", "get_optimizer"]
 
@@ -61,6 +62,7 @@ class Optimizer:
         if missing:
             raise KeyError(f"{type(self).__name__}.update: no gradient for parameter(s) {missing}")
         self.iter += 1
+        xp = fast = None  # the namespace and its fused update kernel, resolved once per call
         for key in params:
             p = params[key]
             g = grads[key]
@@ -73,16 +75,21 @@ class Optimizer:
                     f"{type(self).__name__}.update: gradient {key!r} has shape {tuple(g.shape)}, "
                     f"parameter has {tuple(p.shape)}"
                 )
-            if self.weight_decay:
-                g = g + self.weight_decay * p
+            if xp is None:
+                xp = namespace_of(p)
+                fast = self._fast_kernel(xp)
             slots = {}
             for name in self._slots:
                 s = self.state[name].get(key)
-                if s is None or namespace_of(s) is not namespace_of(p):
-                    xp = namespace_of(p)
+                if s is None or (type(s) is not type(p) and namespace_of(s) is not xp):
                     s = xp.zeros_like(p) if s is None else asarray_in(s, xp, dtype=p.dtype, device=device_of(p))
                     self.state[name][key] = s
                 slots[name] = s
+            if fast is not None and not scalar and fast.accepts(p, g, *slots.values()):
+                fast.step(p, g, slots, self.weight_decay, **self._kernel_scalars())
+                continue
+            if self.weight_decay:
+                g = g + self.weight_decay * p
             new = self._step(key, p, g, slots)
             if scalar:
                 params[key] = float(new)
@@ -93,6 +100,21 @@ class Optimizer:
                 params[key] = new
                 for name in self._slots:
                     self.state[name][key] = slots[name]
+
+    #: op of the fused update kernel registered per namespace in :mod:`xpconv.kernels`
+    #: (e.g. "adam_update" on CuPy: one launch per parameter); only the class that
+    #: names it uses it -- a subclass with its own ``_step`` runs its ``_step``
+    _kernel_op = ""
+
+    def _fast_kernel(self, xp):
+        """The registered update kernel for namespace ``xp``, or None (then ``_step`` runs)."""
+        if "_kernel_op" not in type(self).__dict__ or "_step" not in type(self).__dict__:
+            return None
+        return kernels.find(namespace_name(xp), self._kernel_op)
+
+    def _kernel_scalars(self) -> dict[str, float]:
+        """The host scalars the update kernel takes (keyword arguments of its ``step``)."""
+        return {"lr": self.lr}
 
     def _step(self, key, p, g, slots):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -125,6 +147,8 @@ class Optimizer:
 class SGD(Optimizer):
     """p -= lr * g"""
 
+    _kernel_op = "sgd_update"
+
     def _step(self, key, p, g, slots):
         p -= self.lr * g
         return p
@@ -144,6 +168,11 @@ class Momentum(Optimizer):
     def hyperparameters(self):
         return {**super().hyperparameters(), "momentum": self.momentum}
 
+    _kernel_op = "momentum_update"
+
+    def _kernel_scalars(self):
+        return {"lr": self.lr, "momentum": self.momentum}
+
     def _step(self, key, p, g, slots):
         v = slots["v"]
         v *= self.momentum
@@ -157,6 +186,8 @@ class Nesterov(Momentum):
     """Nesterov's accelerated gradient in the book's form and order: the parameters
     move with the velocity of the previous step, then the velocity is updated.
     p += momentum**2 * v - (1 + momentum)*lr*g; v = momentum*v - lr*g"""
+
+    _kernel_op = "nesterov_update"
 
     def _step(self, key, p, g, slots):
         v = slots["v"]
@@ -173,6 +204,7 @@ class AdaGrad(Optimizer):
     """h += g*g; p -= lr*g/(sqrt(h) + 1e-7)"""
 
     _slots = ("h",)
+    _kernel_op = "adagrad_update"
 
     def _step(self, key, p, g, slots):
         xp = namespace_of(p)
@@ -196,6 +228,11 @@ class RMSprop(Optimizer):
 
     def hyperparameters(self):
         return {**super().hyperparameters(), "decay_rate": self.decay_rate}
+
+    _kernel_op = "rmsprop_update"
+
+    def _kernel_scalars(self):
+        return {"lr": self.lr, "decay_rate": self.decay_rate}
 
     def _step(self, key, p, g, slots):
         xp = namespace_of(p)
@@ -221,6 +258,11 @@ class Adam(Optimizer):
 
     def hyperparameters(self):
         return {**super().hyperparameters(), "beta1": self.beta1, "beta2": self.beta2}
+
+    _kernel_op = "adam_update"
+
+    def _kernel_scalars(self):
+        return {"lr_t": self._lr_t, "beta1": self.beta1, "beta2": self.beta2}
 
     def update(self, params, grads):
         t = self.iter + 1

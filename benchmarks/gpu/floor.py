@@ -13,7 +13,8 @@ block) and counts, per sample of a float32 training step (forward, backward, Ada
 * bytes **as implemented** by xpconv/kernels/cupy_ops.py: im2col materialises col
   (P*K per sample) and the products read it; the fused bias/ReLU/max-pool kernel
   reads the NHWC rows once and writes the pooled output and an int32 argmax; the
-  backward gathers into NHWC rows, cuBLAS reads them for dW, a column sum for db,
+  backward rebuilds col from the kept input (no im2col matrix is held between
+  forward and backward), gathers into NHWC rows, cuBLAS reads them for dW, a column sum for db,
   and dcol -> col2im for dx.  Affine/ReLU/softmax/Adam run as generic CuPy
   elementwise code (one pass per array operation: counted per operation).
 * bytes of an **ideal** fused step: every activation written once and read once
@@ -75,6 +76,7 @@ def walk(model: str) -> dict:
             fwd = (n_in + P * K) + (P * K + conv_out) + conv_out  # im2col; GEMM; bias/relu(/pool) reads y
             fwd += 2 * n_out if step.pool is not None else n_out  # pooled out + argmax, or the NCHW output
             bwd = (2 * n_out + conv_out) if step.pool is not None else (3 * conv_out)  # gather to NHWC rows
+            bwd += n_in + P * K  # im2col rebuilt from the kept input (col is not held from forward to backward)
             bwd += (conv_out + P * K) + conv_out  # dW GEMM reads d and col; db column sum
             if not first:
                 bwd += (conv_out + P * K) + (P * K + n_in)  # dcol GEMM; col2im

@@ -1,6 +1,6 @@
 """The CUDA sources of xpconv's CuPy kernels, and the compiled modules built from them.
 
-Kernels live in real ``.cu`` files beside this module (``conv.cu``, ``pool.cu``),
+Kernels live in real ``.cu`` files beside this module (``conv.cu``, ``pool.cu``, ``step.cu``),
 shipped as package data, with the helpers they share in ``common.cu``, which
 :func:`read_source` puts in front of each (followed by a ``#line`` directive, so
 compiler messages name the source's own lines).  ``function(source, name)`` compiles a source once with
@@ -17,7 +17,7 @@ from importlib import resources
 __all__ = ["COMMON", "SOURCES", "function", "module", "read_source", "source_path"]
 
 #: the kernel sources of this package, by short name
-SOURCES = ("conv", "pool")
+SOURCES = ("conv", "pool", "step")
 
 #: the helpers every source is compiled with (no kernels of its own)
 COMMON = "common"

@@ -14,7 +14,8 @@ How the work is split:
   are gathers -- each input pixel sums what reaches it, in the generic code's
   order -- so there are no atomics and results are deterministic.
 * Convolution is the im2col kernel + one cuBLAS product ``col @ W.T`` giving NHWC
-  rows + one kernel that adds the bias (and applies the ReLU, ``relu=True``) while
+  rows (col is freed at once: the backward keeps the input and rebuilds it, so no
+  im2col matrix lives from forward to backward) + one kernel that adds the bias (and applies the ReLU, ``relu=True``) while
   moving them to NCHW.  Backward moves dout to NHWC rows in one kernel (applying
   the ReLU's mask), then cuBLAS for dW and dcol, a column sum for db and the
   col2im kernel; ``need_dx=False`` skips dcol and col2im.
@@ -163,8 +164,10 @@ def _col2im(col, sfx, x_shape, FH, FW, SH, SW, PH, PW, OH, OW):
 
 
 class _ConvCache(_Cache):
-    __slots__ = ("x_shape", "W_shape", "Wm", "col", "geometry", "relu_out")
-    # Wm: W as (FN, C*FH*FW); col: im2col(x); geometry: (SH, SW, PH, PW, OH, OW);
+    __slots__ = ("x_shape", "W_shape", "Wm", "x", "sfx", "geometry", "relu_out")
+    # Wm: W as (FN, C*FH*FW); x: the (contiguous) input, whose im2col the backward
+    # rebuilds -- holding col from forward to backward would keep C*FH*FW/(SH*SW)
+    # times the input alive per layer; sfx: kernel suffix; geometry: (SH, SW, PH, PW, OH, OW);
     # relu_out: the output when a ReLU was applied (its mask is out > 0), else None
 
 
@@ -191,19 +194,23 @@ def _conv_rows(x, W, stride, pad, sfx):
     N, C, H, Wd = (int(s) for s in x.shape)
     FN, _, FH, FW = (int(s) for s in W.shape)
     geom = _geometry(H, Wd, FH, FW, stride, pad, "Convolution")
-    col = _im2col(cupy.ascontiguousarray(x), sfx, FH, FW, *geom, 0.0)
+    x = cupy.ascontiguousarray(x)
+    col = _im2col(x, sfx, FH, FW, *geom, 0.0)
     Wm = cupy.ascontiguousarray(W).reshape(FN, C * FH * FW)
     y = col @ Wm.T
-    return y, _ConvCache(x_shape=(N, C, H, Wd), W_shape=(FN, C, FH, FW), Wm=Wm, col=col, geometry=geom, relu_out=None)
+    del col  # freed now: the backward rebuilds it from x (one im2col launch, no held memory)
+    return y, _ConvCache(x_shape=(N, C, H, Wd), W_shape=(FN, C, FH, FW), Wm=Wm, x=x, sfx=sfx, geometry=geom, relu_out=None)
 
 
 def _conv_grads(d, cache: _ConvCache, need_dx: bool):
     """(dx, dW, db) from d = dL/d(output) as NHWC rows (N*OH*OW, FN)."""
     db = d.sum(axis=0)
-    dW = (d.T @ cache.col).reshape(cache.W_shape)
+    _, _, FH, FW = cache.W_shape
+    col = _im2col(cache.x, cache.sfx, FH, FW, *cache.geometry, 0.0)  # type: ignore[call-arg]  # geometry: (SH, SW, PH, PW, OH, OW)
+    dW = (d.T @ col).reshape(cache.W_shape)
+    del col
     if not need_dx:
         return None, dW, db
-    _, _, FH, FW = cache.W_shape
     dcol = d @ cache.Wm
     dx = _col2im(dcol, _SUFFIX[d.dtype.name], cache.x_shape, FH, FW, *cache.geometry)
     return dx, dW, db
@@ -237,7 +244,7 @@ class Conv2d:
         FN = state.W_shape[0]
         OH, OW = state.geometry[4:]
         P = OH * OW
-        dtype = state.col.dtype
+        dtype = state.x.dtype
         dout = _dout("Convolution", dout, (N, FN, OH, OW), dtype)
         d = cupy.empty((N * P, FN), dtype=dtype)
         _launch("conv", "nchw_to_nhwc", _SUFFIX[dtype.name], N, P * FN, (dout, state.relu_out, d), (), (FN, P))
@@ -280,7 +287,7 @@ class Conv2dReluMaxPool2d:
         FN = conv.W_shape[0]
         OH, OW = conv.geometry[4:]
         POH, POW = state.pool_geometry[4:]
-        dtype = conv.col.dtype
+        dtype = conv.x.dtype
         dout = _dout("Convolution+ReLU+Pooling", dout, (N, FN, POH, POW), dtype)
         d = cupy.empty((N * OH * OW, FN), dtype=dtype)
         ints = (FN, OH, OW, *state.pool, *state.pool_geometry)
@@ -373,4 +380,200 @@ class AvgPool2d:
         return dx
 
 
-__all__ = ["AvgPool2d", "Conv2d", "Conv2dReluMaxPool2d", "Im2col", "MaxPool2d"]
+# --------------------------------------------------------------------------- ReLU, softmax + cross-entropy
+
+
+def _flat_ok(*arrays) -> str | None:
+    """Kernel suffix when the arrays share one dtype of the kernels, else None."""
+    if any(not isinstance(a, cupy.ndarray) for a in arrays):
+        return None
+    return _suffix(*arrays)
+
+
+@register("cupy", "relu")
+class Relu:
+    """ReLU, one kernel each way (the forward's output is the backward's mask);
+    reference: :class:`xpconv.ops.Relu`."""
+
+    def accepts(self, *arrays) -> bool:
+        return _flat_ok(*arrays) is not None and arrays[0].size < _INDEX_LIMIT
+
+    def forward(self, x):
+        """See :func:`xpconv.ops.relu_forward`."""
+        x = cupy.ascontiguousarray(x)
+        out = cupy.empty(x.shape, dtype=x.dtype)
+        _launch("step", "relu_fwd", _suffix(x), 1, x.size, (x, out))
+        return out, out
+
+    def backward(self, dout, state):
+        """See :func:`xpconv.ops.relu_backward`."""
+        out = state
+        dout = _dout("Relu", dout, out.shape, out.dtype)
+        dx = cupy.empty(out.shape, dtype=out.dtype)
+        _launch("step", "relu_bwd", _suffix(out), 1, out.size, (dout, out, dx))
+        return dx
+
+
+@register("cupy", "softmax_cross_entropy")
+class SoftmaxCrossEntropy:
+    """Softmax + mean cross-entropy against class indices: one kernel (one thread per
+    row) writes y and each row's loss / N, one sum gives the loss; backward is one
+    kernel.  One-hot targets go to the reference.  Reference:
+    :class:`xpconv.ops.SoftmaxCrossEntropy`."""
+
+    def accepts(self, *arrays) -> bool:
+        x, t = arrays
+        return (
+            _flat_ok(x) is not None and isinstance(t, cupy.ndarray) and len(x.shape) == 2 and len(t.shape) == 1
+            and t.dtype.kind in "iu" and x.size < _INDEX_LIMIT
+        )
+
+    def forward(self, x, t):
+        """See :func:`xpconv.ops.softmax_cross_entropy_forward`."""
+        x = cupy.ascontiguousarray(x)
+        N, K = (int(s) for s in x.shape)
+        t = cupy.ascontiguousarray(t if t.dtype == cupy.int64 else t.astype(cupy.int64))
+        y = cupy.empty((N, K), dtype=x.dtype)
+        rows = cupy.empty((N,), dtype=x.dtype)
+        _launch("step", "softmax_xent_fwd", _suffix(x), 1, N, (x, t, y, rows), (), (K,), (x.dtype.type(1.0 / N),))
+        return (rows.sum(), y), (y, t)
+
+    def backward(self, dout, state):
+        """See :func:`xpconv.ops.softmax_cross_entropy_backward`: dout a Python number
+        goes into the kernel's scale; an array multiplies afterwards (one launch more)."""
+        y, t = state
+        N, K = (int(s) for s in y.shape)
+        number = isinstance(dout, (int, float))
+        scale = (float(dout) if number else 1.0) / N
+        dx = cupy.empty((N, K), dtype=y.dtype)
+        _launch("step", "softmax_xent_bwd", _suffix(y), 1, N * K, (y, t, dx), (), (K,), (y.dtype.type(scale),))
+        return dx if number else dx * dout
+
+
+# --------------------------------------------------------------------------- Dropout masks
+
+
+@register("cupy", "dropout_mask")
+class DropoutMask:
+    """A Dropout mask from two 32-bit keys in one kernel: the counter-based hash of
+    :func:`xpconv.backend.keep_mask` (no curand generator set up); reference:
+    ``xpconv.backend.keep_mask`` on any other namespace."""
+
+    def accepts(self, dtype) -> bool:
+        try:
+            return cupy.dtype(dtype).name in _SUFFIX
+        except TypeError:
+            return False
+
+    def forward(self, shape, k1, k2, threshold, dtype):
+        dtype = cupy.dtype(dtype)
+        mask = cupy.empty(tuple(shape), dtype=dtype)
+        if mask.size >= _INDEX_LIMIT:
+            raise ValueError(f"Dropout: a mask of {mask.size} elements is more than one launch's {_INDEX_LIMIT}")
+        ints = (_as_int32(k1), _as_int32(k2), int(threshold))
+        _launch("step", "dropout_mask", _SUFFIX[mask.dtype.name], 1, mask.size, (mask,), (), ints)
+        return mask
+
+
+def _as_int32(v: int) -> int:
+    """A 32-bit word as the signed int with its bits (the kernel reads it unsigned)."""
+    v = int(v) & 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+# --------------------------------------------------------------------------- optimizer updates
+
+
+class _Update:
+    """One optimizer's update of one parameter in one kernel (``xpconv.optim`` calls
+    ``step(p, g, slots, weight_decay, **scalars)`` for the arrays it ``accepts``); the
+    generic ``_step`` of the optimizer is the reference."""
+
+    slots: tuple[str, ...] = ()
+
+    def accepts(self, p, g, *slots) -> bool:
+        arrays = (p, g, *slots)
+        return (
+            _flat_ok(*arrays) is not None and all(a.flags.c_contiguous and a.shape == p.shape for a in arrays)
+            and p.size < _INDEX_LIMIT
+        )
+
+    def forward(self, *args, **kwargs):  # the registry's protocol: an update has one direction
+        return self.step(*args, **kwargs), None
+
+    def backward(self, *args, **kwargs):
+        raise TypeError(f"{type(self).__name__}: an optimizer update has no backward")
+
+    def step(self, p, g, slots, weight_decay=0.0, **hyper):  # pragma: no cover - each subclass launches its kernel
+        raise NotImplementedError
+
+
+def _tail(p, *values):
+    """Scalars of p's type for a kernel's tail arguments."""
+    return tuple(p.dtype.type(v) for v in values)
+
+
+@register("cupy", "sgd_update")
+class SgdUpdate(_Update):
+    """:class:`xpconv.optim.SGD`'s update, one launch per parameter."""
+
+    def step(self, p, g, slots, weight_decay=0.0, *, lr):
+        _launch("step", "sgd", _SUFFIX[p.dtype.name], 1, p.size, (p, g), (), (), _tail(p, weight_decay, lr))
+
+
+@register("cupy", "momentum_update")
+class MomentumUpdate(_Update):
+    """:class:`xpconv.optim.Momentum`'s update, one launch per parameter."""
+
+    slots = ("v",)
+
+    def step(self, p, g, slots, weight_decay=0.0, *, lr, momentum):
+        _launch("step", "momentum", _SUFFIX[p.dtype.name], 1, p.size, (p, g, slots["v"]), (), (), _tail(p, weight_decay, lr, momentum))
+
+
+@register("cupy", "nesterov_update")
+class NesterovUpdate(_Update):
+    """:class:`xpconv.optim.Nesterov`'s update, one launch per parameter."""
+
+    slots = ("v",)
+
+    def step(self, p, g, slots, weight_decay=0.0, *, lr, momentum):
+        tail = _tail(p, weight_decay, lr, momentum, momentum * momentum, (1.0 + momentum) * lr)
+        _launch("step", "nesterov", _SUFFIX[p.dtype.name], 1, p.size, (p, g, slots["v"]), (), (), tail)
+
+
+@register("cupy", "adagrad_update")
+class AdagradUpdate(_Update):
+    """:class:`xpconv.optim.AdaGrad`'s update, one launch per parameter."""
+
+    slots = ("h",)
+
+    def step(self, p, g, slots, weight_decay=0.0, *, lr):
+        _launch("step", "adagrad", _SUFFIX[p.dtype.name], 1, p.size, (p, g, slots["h"]), (), (0,), _tail(p, weight_decay, lr, 1.0, 1.0))
+
+
+@register("cupy", "rmsprop_update")
+class RmspropUpdate(_Update):
+    """:class:`xpconv.optim.RMSprop`'s update (the AdaGrad kernel with a decaying sum), one launch per parameter."""
+
+    slots = ("h",)
+
+    def step(self, p, g, slots, weight_decay=0.0, *, lr, decay_rate):
+        tail = _tail(p, weight_decay, lr, decay_rate, 1.0 - decay_rate)
+        _launch("step", "adagrad", _SUFFIX[p.dtype.name], 1, p.size, (p, g, slots["h"]), (), (1,), tail)
+
+
+@register("cupy", "adam_update")
+class AdamUpdate(_Update):
+    """:class:`xpconv.optim.Adam`'s update, one launch per parameter (was twelve)."""
+
+    slots = ("m", "v")
+
+    def step(self, p, g, slots, weight_decay=0.0, *, lr_t, beta1, beta2):
+        tail = _tail(p, weight_decay, lr_t, 1.0 - beta1, 1.0 - beta2)
+        _launch("step", "adam", _SUFFIX[p.dtype.name], 1, p.size, (p, g, slots["m"], slots["v"]), (), (), tail)
+
+__all__ = [
+    "AdagradUpdate", "AdamUpdate", "AvgPool2d", "Conv2d", "Conv2dReluMaxPool2d", "DropoutMask", "Im2col", "MaxPool2d",
+    "MomentumUpdate", "NesterovUpdate", "Relu", "RmspropUpdate", "SgdUpdate", "SoftmaxCrossEntropy",
+]

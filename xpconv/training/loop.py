@@ -34,6 +34,7 @@ from typing import Any
 from .. import backend
 from .._io import remove_stale_temp_files
 from ..backend import asarray_in, namespace_of, to_numpy
+from ..ops import check_label_range
 from ..optim import get_optimizer
 from .callbacks import Checkpoints, EpochLine, Metrics, OnEpochEnd, ProgressBar
 from .comm import LocalCommunicator
@@ -212,6 +213,8 @@ class Trainer:
         self._xp = getattr(network, "xp", None) or namespace_of(next(iter(network.params.values())))
         self._device = getattr(network, "device", None)
         self._dtype = getattr(network, "dtype", None)
+        _check_labels(network, t_train, "Trainer t_train")
+        _check_labels(network, t_test, "Trainer t_test")
         self._place_data(x_train, t_train, x_test, t_test, resident)
         self.comm.broadcast_params(network.params)
         log.debug(
@@ -473,3 +476,27 @@ def _nbytes(a) -> int:
     name = backend.dtype_name(a.dtype)
     digits = "".join(ch for ch in name if ch.isdigit())
     return n * (max(1, int(digits) // 8) if digits else 1)
+
+
+def _num_classes(network) -> int | None:
+    """Classes the network scores: the width of its last 2-D weight (the final Affine), or None."""
+    layers = getattr(network, "layers", None)
+    values = list(layers.values()) if layers is not None and hasattr(layers, "values") else list(layers or ())
+    for layer in reversed(values):
+        W = getattr(layer, "W", None)
+        if W is not None and len(getattr(W, "shape", ())) == 2:
+            return int(W.shape[1])
+    return None
+
+
+def _check_labels(network, t, where: str) -> None:
+    """Class-index labels range-checked once, where the data enters (on the host: the
+    training step itself never reads labels back from a device)."""
+    if t is None or not hasattr(t, "shape"):
+        return
+    host = to_numpy(t)
+    if host.ndim == 2 and host.shape[1] == 1:
+        host = host.reshape(-1)
+    if host.ndim == 1 and host.dtype.kind in "iu":
+        check_label_range(host, _num_classes(network), where)
+
