@@ -500,6 +500,15 @@ def _mix32(xp, x):
     return x ^ (x >> 16)
 
 
+def _has_int64(xp: ModuleType) -> bool:
+    """Whether ``xp`` makes int64 arrays (JAX does only with its x64 mode on)."""
+    if namespace_name(xp) != "jax":
+        return True
+    import jax
+
+    return bool(jax.config.read("jax_enable_x64"))
+
+
 def keep_mask(shape, ratio: float, keys: tuple[int, int], *, xp, dtype, device=None):
     """Dropout mask of ``shape`` from 32-bit ``keys`` (k1, k2): element i (C order) is
     kept (1) where ``mix(mix(i ^ k1) ^ k2) >> 8 >= round(ratio * 2**24)``, mix being
@@ -518,9 +527,9 @@ def keep_mask(shape, ratio: float, keys: tuple[int, int], *, xp, dtype, device=N
         n *= int(s)
     if n >= 2**32:
         raise ValueError(f"Dropout: a mask of {n} elements is more than the hash's 2**32 positions")
-    idx = xp.arange(n, dtype=xp.int64, device=device) if device is not None else xp.arange(n, dtype=xp.int64)
-    if idx.dtype != xp.int64:  # a namespace without 64-bit integers here (JAX without x64): on the host
+    if not _has_int64(xp):  # JAX without x64: the same bits, computed on the host
         return asarray_in(to_numpy(keep_mask(shape, ratio, keys, xp=get_namespace("numpy"), dtype=dtype)), xp, device=device)
+    idx = xp.arange(n, dtype=xp.int64, device=device) if device is not None else xp.arange(n, dtype=xp.int64)
     h = _mix32(xp, _mix32(xp, idx ^ k1) ^ k2)
     keep = (h >> (32 - DROPOUT_BITS)) >= threshold
     return xp.reshape(xp.astype(keep, dt), shape)
