@@ -1,12 +1,13 @@
+# ruff: noqa: B023  (timed lambdas run inside their own loop iteration)
 """Prototype: the NumPy kernels' batch-slice size (CHUNK_BYTES) on DeepConvNet's layers.
 Sum over the six layers of forward and backward, ms, as deep_layers.py (1 BLAS thread,
 process time, best of 5), for N = 100 and 1000."""
 import sys
 
+import deep_layers as D
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-import deep_layers as D
 from xpconv.kernels import numpy_ops as K
 
 

@@ -1,3 +1,4 @@
+# ruff: noqa: B023  (timed lambdas run inside their own loop iteration)
 """Per-layer prototype timings on DeepConvNet's real shapes (batch N, float32).
 
 python benchmarks/prototypes/deep_layers.py [N]
@@ -84,7 +85,7 @@ def best(f, R):
 def main(N=100, R=5):
     rng = np.random.default_rng(0)
     rows = []
-    tot = dict(cur_f=0.0, cur_b=0.0, gemm=0.0, wino_f=0.0)
+    tot = {"cur_f": 0.0, "cur_b": 0.0, "gemm": 0.0, "wino_f": 0.0}
     with threadpool_limits(1):
         for i, (C, H, W, FN, pad, pool) in enumerate(LAYERS):
             x = rng.standard_normal((N, C, H, W)).astype(np.float32)

@@ -1,20 +1,18 @@
+# ruff: noqa: B023  (timed lambdas run inside their own loop iteration)
 """Prototype: a Numba direct 3x3 convolution (+bias+ReLU) on channel-major (C, N, Hp, Wp)
 input, accumulating FB output channels per row in a small buffer so the inner loop is
 one contiguous run of OW values (LLVM vectorises it).  Times as deep_layers.py."""
 
 from __future__ import annotations
 
-import time
-
 import numba
 import numpy as np
-
-from deep_layers import LAYERS, best  # noqa: F401
+from deep_layers import LAYERS, best
 
 
 @numba.njit(parallel=True, fastmath=False, cache=True)
 def conv_direct(xpad, W, b, out):
-    C, N, Hp, Wp = xpad.shape
+    C, N = xpad.shape[:2]
     FN, _, FH, FW = W.shape
     _, _, OH, OW = out.shape
     for n in numba.prange(N):
@@ -34,11 +32,12 @@ def conv_direct(xpad, W, b, out):
             for f in range(FN):
                 for ow in range(OW):
                     v = acc[f, ow]
-                    out[f, n, oh, ow] = v if v > 0 else 0
+                    out[f, n, oh, ow] = max(0, v)
 
 
 def main(N=100):
     from threadpoolctl import threadpool_limits
+
     from xpconv.kernels import numpy_ops as K
     numba.set_num_threads(1)
     rng = np.random.default_rng(0)

@@ -1,13 +1,14 @@
+# ruff: noqa: B023  (timed lambdas run inside their own loop iteration)
 """A/B of the fused conv-relu-max-pool forward: Winograd F(2x2,3x3) (numpy_ops.WINOGRAD_MIN_C
 = 16) against the im2col GEMM (WINOGRAD_MIN_C = huge) on DeepConvNet's pooled layers,
 interleaved, 1 BLAS thread, process time, best of 7 (ms).  python winograd_ab.py [N ...]"""
 import sys
 import time
 
+import deep_layers as D
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-import deep_layers as D
 from xpconv.kernels import numpy_ops as K
 
 with threadpool_limits(1):
