@@ -1,4 +1,4 @@
-# ruff: noqa: B023  (timed lambdas run inside their own loop iteration)
+
 """A/B of the fused conv-relu-max-pool forward: Winograd F(2x2,3x3) (numpy_ops.WINOGRAD_MIN_C
 = 16) against the im2col GEMM (WINOGRAD_MIN_C = huge) on DeepConvNet's pooled layers,
 interleaved, 1 BLAS thread, process time, best of 7 (ms).  python winograd_ab.py [N ...]"""
