@@ -27,6 +27,11 @@ How they are fast (benchmarks/README.md has the measurements):
   ordered pool-window-major, so the GEMM writes each window's members as
   contiguous blocks: the pool is a running ``np.maximum`` over ph*pw contiguous
   blocks, and its arg-max (first maximum, as the reference) is kept as uint8.
+* **Winograd F(2x2,3x3) where it pays.**  A stride-1 3x3 convolution followed by a
+  2x2/2 max-pool with >= WINOGRAD_MIN_C input channels runs its forward as Winograd:
+  each 2x2 output tile is one pool window, so the four transformed outputs are the
+  pool's blocks directly.  The backward is the im2col one (it reads only the padded
+  input, the pooled output and the arg-max).
 * **The first layer's dx is skipped** (``need_dx=False``), as torch skips it for
   inputs that need no gradient.
 
