@@ -383,3 +383,86 @@ def test_fusion_is_decided_once_when_the_model_is_built(rng):
     net.predict(x)
     assert all(a is b for a, b in zip(net.steps, steps)) and len(net.steps) == len(steps)
     assert "ConvBlock(Convolution(1->2, 3x3" in repr(block)
+
+
+# --------------------------------------------------------------------------- Winograd F(2x2,3x3)
+
+# DeepConvNet's six layers at 1x28x28 (batch cut to 3): (N, C, H, W, FN, FH, FW, stride, pad), pooled?
+DEEP_LAYERS = [
+    ((3, 1, 28, 28, 16, 3, 3, 1, 1), False),
+    ((3, 16, 28, 28, 16, 3, 3, 1, 1), True),
+    ((3, 16, 14, 14, 32, 3, 3, 1, 1), False),
+    ((3, 32, 14, 14, 32, 3, 3, 1, 2), True),
+    ((3, 32, 8, 8, 64, 3, 3, 1, 1), False),
+    ((3, 64, 8, 8, 64, 3, 3, 1, 1), True),
+]
+# odd sizes for the Winograd path: odd channel counts, H != W, pads 0-2, one sample;
+# the last two have odd output sizes and must fall back to the im2col GEMM
+WINOGRAD_ODD = [
+    ((2, 3, 6, 10, 5, 3, 3, 1, 0), True),
+    ((1, 5, 8, 6, 3, 3, 3, 1, 2), True),
+    ((4, 7, 12, 8, 9, 3, 3, 1, 1), True),
+    ((2, 3, 7, 9, 4, 3, 3, 1, 1), False),
+    ((2, 2, 9, 8, 3, 3, 3, 1, 2), False),
+]
+
+
+@pytest.fixture
+def winograd_spy(monkeypatch):
+    """Winograd for every channel count (WINOGRAD_MIN_C = 1), counting its slices."""
+    calls = []
+    real = numpy_ops._winograd_blocks
+    monkeypatch.setattr(numpy_ops, "WINOGRAD_MIN_C", 1)
+    monkeypatch.setattr(numpy_ops, "_winograd_blocks", lambda *a: calls.append(a[-2:]) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case,winograd", WINOGRAD_ODD + [(c, p) for c, p in DEEP_LAYERS if p])
+def test_winograd_fused_forward_equals_generic(rng, chunking, winograd_spy, case, winograd, dtype):
+    """The fused conv-relu-max-pool forward as Winograd F(2x2,3x3) gives the reference's
+    output, and its cache the reference's gradients (the backward reads the arg-max and
+    the ReLU mask that the Winograd forward left).  Tolerances: float32 rtol 2e-4 /
+    atol 2e-5, float64 rtol 1e-10 / atol 1e-12 (measured: relative error to the largest
+    output ~5e-7 in float32, ~1e-15 in float64)."""
+    x, Wt, b, stride, pad = conv_inputs(rng, case, dtype)
+
+    def run(impl):
+        out, cache = ops.conv2d_relu_max_pool2d_forward(x, Wt, b, stride, pad, 2, 2, 2, impl=impl)
+        infer, _ = ops.conv2d_relu_max_pool2d_forward(x, Wt, b, stride, pad, 2, 2, 2, training=False, impl=impl)
+        dout = np.random.default_rng(7).standard_normal(out.shape).astype(dtype)
+        return out, infer, ops.conv2d_relu_max_pool2d_backward(dout, cache)
+
+    (out, infer, grads), (rout, _, rgrads) = run_both(run)
+    assert bool(winograd_spy) == winograd, f"Winograd ran {len(winograd_spy)} slices, expected it to run: {winograd}"
+    if winograd and chunking != "one-slice":
+        assert len(winograd_spy) == 2 * case[0], "expected one Winograd slice per sample (two forwards)"
+    close(np.asarray(out), rout, dtype, "winograd out")
+    close(np.asarray(infer), rout, dtype, "winograd out (training=False)")
+    for got, want, name in zip(grads, rgrads, ("dx", "dW", "db")):
+        close(np.asarray(got), want, dtype, f"winograd {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case,pooled", DEEP_LAYERS)
+def test_deepconvnet_layers_equal_generic(rng, case, pooled, dtype):
+    """Every DeepConvNet layer shape with the default dispatch (Winograd where
+    WINOGRAD_MIN_C allows, else the im2col GEMM): forward and backward as the reference."""
+    x, Wt, b, stride, pad = conv_inputs(rng, case, dtype)
+
+    def run(impl):
+        if pooled:
+            out, cache = ops.conv2d_relu_max_pool2d_forward(x, Wt, b, stride, pad, 2, 2, 2, impl=impl)
+            back = ops.conv2d_relu_max_pool2d_backward
+        else:
+            out, cache = ops.conv2d_forward(x, Wt, b, stride, pad, relu=True, impl=impl)
+            back = ops.conv2d_backward
+        dout = np.random.default_rng(3).standard_normal(out.shape).astype(dtype)
+        return out, back(dout, cache), back(dout, cache, need_dx=False)
+
+    (out, grads, nodx), (rout, rgrads, rnodx) = run_both(run)
+    close(np.asarray(out), rout, dtype, "out")
+    for got, want, name in zip(grads, rgrads, ("dx", "dW", "db")):
+        close(np.asarray(got), want, dtype, name)
+    assert nodx[0] is None and rnodx[0] is None
+    close(nodx[1], rgrads[1], dtype, "dW (need_dx=False)")
