@@ -42,7 +42,6 @@ import json
 import math
 import os
 import re
-import stat
 import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -50,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from ._io import atomic_write
+from ._io import atomic_write, file_kind, stat_regular
 from ._version import __version__
 from .backend import to_numpy
 
@@ -183,39 +182,6 @@ def short(value: Any, limit: int = 60) -> str:
     message shows a value that came from a file."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def file_kind(mode: int) -> str | None:
-    """What a non-regular file is ('a folder', 'a FIFO (named pipe)', ...); None for a regular file."""
-    if stat.S_ISREG(mode):
-        return None
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (named pipe)"
-    if stat.S_ISCHR(mode):
-        return "a character device"
-    if stat.S_ISBLK(mode):
-        return "a block device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a regular file"
-
-
-def stat_regular(path: Path, what: str) -> os.stat_result:
-    """``os.stat`` of ``path`` (links followed) when it is a regular file. Nothing is
-    opened. Raises FileNotFoundError (missing) or ValueError (a folder, FIFO, device,
-    socket, or unreadable), each with a one-line message naming the path and ``what``."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such {what}") from None
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
-    kind = file_kind(st.st_mode)
-    if kind is not None:
-        raise ValueError(f"{path}: is {kind}, not a regular {what}")
-    return st
 
 
 def json_depth(text: str) -> int:

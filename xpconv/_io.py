@@ -20,6 +20,7 @@ import contextlib
 import os
 import re
 import signal
+import stat
 import tempfile
 import threading
 import time
@@ -198,3 +199,36 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def file_kind(mode: int) -> str | None:
+    """What a non-regular file is ('a folder', 'a FIFO (named pipe)', ...); None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def stat_regular(path: Path, what: str) -> os.stat_result:
+    """``os.stat`` of ``path`` (links followed) when it is a regular file. Nothing is
+    opened. Raises FileNotFoundError (missing) or ValueError (a folder, FIFO, device,
+    socket, or unreadable), each with a one-line message naming the path and ``what``."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such {what}") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
+    kind = file_kind(st.st_mode)
+    if kind is not None:
+        raise ValueError(f"{path}: is {kind}, not a regular {what}")
+    return st

@@ -81,37 +81,31 @@ def out_of_memory_message(exc: BaseException, batch_size: int | None, option: st
 # --------------------------------------------------------------------------- parser
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (also the benchmarks' options)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+def _number_type(convert, ok, wanted: str, name: str, doc: str, echo_text: bool = False):
+    """An argparse type: ``convert(text)`` that must pass ``ok``; either failure is the
+    one-line "expected <wanted>, got ..." (the value as parsed, or the text when
+    ``echo_text``)."""
+
+    def parse(text: str):
+        try:
+            v = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text if echo_text else v}")
+        return v
+
+    parse.__name__ = parse.__qualname__ = name
+    parse.__doc__ = doc
+    return parse
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return v
-
-
-def nonnegative_int(text: str) -> int:
-    """argparse type: an integer >= 0 (e.g. a seed)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
+positive_int = _number_type(int, lambda v: v >= 1, "a positive integer", "positive_int",
+                            "argparse type: an integer >= 1 (also the benchmarks' options).")
+positive_float = _number_type(float, lambda v: v > 0 and math.isfinite(v), "a positive number", "positive_float",
+                              "argparse type: a finite number > 0.", echo_text=True)
+nonnegative_int = _number_type(int, lambda v: v >= 0, "an integer >= 0", "nonnegative_int",
+                               "argparse type: an integer >= 0 (e.g. a seed).")
 
 
 class _Parser(argparse.ArgumentParser):

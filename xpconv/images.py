@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._fileformat import short, stat_regular
+from ._fileformat import short
+from ._io import stat_regular
 
 __all__ = ["ImageError", "read_image", "read_images"]
 
