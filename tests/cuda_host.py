@@ -205,6 +205,7 @@ def fake_cupy() -> types.ModuleType:
         ndarray=np.ndarray,
         empty=poisoned_empty,
         ascontiguousarray=np.ascontiguousarray,
+        matmul=np.matmul,
         int32=np.int32,
         int64=np.int64,
         dtype=np.dtype,

@@ -591,6 +591,34 @@ def test_launches_split_over_the_batch_give_the_same_result(impl, seeded, monkey
         impl.ops.im2col(x, 3, 3, 1, 1)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_convolutions_in_batch_slices_equal_the_whole_batch(impl, seeded, monkeypatch, dtype):
+    # a COL_BYTES below one sample's im2col matrix makes every sample its own slice;
+    # three samples' worth makes slices of 3, 3 and 1 (N = 7)
+    rng, seed = seeded
+    N, C, H, W, FN = 7, 3, 9, 8, 4
+    x = randn(impl, rng, (N, C, H, W), dtype)
+    Wt = randn(impl, rng, (FN, C, 3, 3), dtype)
+    b = randn(impl, rng, (FN,), dtype)
+    per_sample = 9 * 8 * C * 9 * np.dtype(dtype).itemsize  # P * K * itemsize, stride 1, pad 1
+    for budget in (1, 3 * per_sample):
+        assert len(impl.module._chunks(N, per_sample)) == 1  # the default budget: one piece
+        monkeypatch.setattr(impl.module, "COL_BYTES", budget)
+        pieces = len(impl.module._chunks(N, per_sample))
+        assert pieces == (7 if budget == 1 else 3)
+        what = f"{pieces} slices {dtype}"
+        want, wcache = generic("conv2d_forward", x, Wt, b, 1, 1, relu=True)
+        got, gcache = impl.ops.conv2d_forward(x, Wt, b, 1, 1, relu=True)
+        check(impl, got, want, f"conv2d_forward {what}", seed, dtype=dtype)
+        check_backward(impl, "conv2d_backward", randn(impl, rng, tuple(want.shape), dtype), gcache, wcache, what, seed, dtype)
+        want, wcache = generic("conv2d_relu_max_pool2d_forward", x, Wt, b, 1, 1, 2, 2, 2)
+        got, gcache = impl.ops.conv2d_relu_max_pool2d_forward(x, Wt, b, 1, 1, 2, 2, 2)
+        check(impl, got, want, f"conv2d_relu_max_pool2d_forward {what}", seed, dtype=dtype)
+        dout = randn(impl, rng, tuple(want.shape), dtype)
+        check_backward(impl, "conv2d_relu_max_pool2d_backward", dout, gcache, wcache, what, seed, dtype)
+        monkeypatch.undo()
+
+
 def test_other_dtypes_and_generic_caches_use_the_generic_path(impl, seeded):
     rng, seed = seeded
     xi = impl.asarray(rng.integers(-5, 5, size=(2, 3, 6, 5)).astype("int32"))

@@ -15,7 +15,8 @@ How the work is split:
   order -- so there are no atomics and results are deterministic.
 * Convolution is the im2col kernel + one cuBLAS product ``col @ W.T`` giving NHWC
   rows (col is freed at once: the backward keeps the input and rebuilds it, so no
-  im2col matrix lives from forward to backward) + one kernel that adds the bias (and applies the ReLU, ``relu=True``) while
+  im2col matrix lives from forward to backward; a batch whose col would exceed
+  ``COL_BYTES`` is convolved slice by slice, so the transient is bounded too) + one kernel that adds the bias (and applies the ReLU, ``relu=True``) while
   moving them to NCHW.  Backward moves dout to NHWC rows in one kernel (applying
   the ReLU's mask), then cuBLAS for dW and dcol, a column sum for db and the
   col2im kernel; ``need_dx=False`` skips dcol and col2im.
@@ -46,6 +47,11 @@ _MAX_BLOCKS = 1 << 16  # grid-stride loops cover larger launches
 #: most elements one launch may touch in any array (32-bit indices, with room for the grid stride)
 _INDEX_LIMIT = 2**31 - 1 - _THREADS * _MAX_BLOCKS
 _SUFFIX = {"float32": "f32", "float64": "f64"}
+#: most bytes of im2col matrix (and of its gradient dcol) a convolution holds at once:
+#: larger batches are convolved slice by slice (one im2col launch and one product per
+#: slice).  DeepConvNet's largest layer needs 0.45 MB per sample, so batches up to
+#: ~148 run in one piece and batch 1000 in seven.
+COL_BYTES = 64 << 20
 
 
 # --------------------------------------------------------------------------- launching
@@ -153,9 +159,9 @@ def _im2col(x, sfx, FH, FW, SH, SW, PH, PW, OH, OW, pad_value):
     return col
 
 
-def _col2im(col, sfx, x_shape, FH, FW, SH, SW, PH, PW, OH, OW):
+def _col2im(col, sfx, x_shape, FH, FW, SH, SW, PH, PW, OH, OW, out=None):
     N, C, H, W = x_shape
-    x = cupy.empty(x_shape, dtype=col.dtype)
+    x = cupy.empty(x_shape, dtype=col.dtype) if out is None else out
     _launch("conv", "col2im", sfx, N, C * H * W, (col, x), (), (C, H, W, FH, FW, SH, SW, PH, PW, OH, OW))
     return x
 
@@ -188,32 +194,61 @@ def _convolvable(x, W, b) -> str | None:
     return sfx
 
 
+def _chunks(N: int, bytes_per_sample: int):
+    """(n0, n1) slices of the batch whose im2col matrix fits ``COL_BYTES`` (at least one sample each)."""
+    step = max(1, COL_BYTES // max(1, bytes_per_sample))
+    return [(n0, min(N, n0 + step)) for n0 in range(0, N, step)]
+
+
 def _conv_rows(x, W, stride, pad, sfx):
     """im2col + cuBLAS: y (N*OH*OW, FN), the convolution without bias in NHWC rows,
-    and the cache the backward needs."""
+    and the cache the backward needs.  The im2col matrix is built per slice of the
+    batch (``_chunks``) and freed after its product, so at most ``COL_BYTES`` of it
+    exist at once."""
     N, C, H, Wd = (int(s) for s in x.shape)
     FN, _, FH, FW = (int(s) for s in W.shape)
     geom = _geometry(H, Wd, FH, FW, stride, pad, "Convolution")
     x = cupy.ascontiguousarray(x)
-    col = _im2col(x, sfx, FH, FW, *geom, 0.0)
     Wm = cupy.ascontiguousarray(W).reshape(FN, C * FH * FW)
-    y = col @ Wm.T
-    del col  # freed now: the backward rebuilds it from x (one im2col launch, no held memory)
+    P, K = geom[4] * geom[5], C * FH * FW
+    chunks = _chunks(N, P * K * x.dtype.itemsize)
+    if len(chunks) == 1:
+        y = _im2col(x, sfx, FH, FW, *geom, 0.0) @ Wm.T  # the column matrix is freed with the expression
+    else:
+        y = cupy.empty((N * P, FN), dtype=x.dtype)
+        for n0, n1 in chunks:
+            cupy.matmul(_im2col(x[n0:n1], sfx, FH, FW, *geom, 0.0), Wm.T, out=y[n0 * P : n1 * P])
+    # the backward rebuilds col from x (one im2col launch per slice, no memory held in between)
     return y, _ConvCache(x_shape=(N, C, H, Wd), W_shape=(FN, C, FH, FW), Wm=Wm, x=x, sfx=sfx, geometry=geom, relu_out=None)
 
 
 def _conv_grads(d, cache: _ConvCache, need_dx: bool):
-    """(dx, dW, db) from d = dL/d(output) as NHWC rows (N*OH*OW, FN)."""
+    """(dx, dW, db) from d = dL/d(output) as NHWC rows (N*OH*OW, FN); the im2col
+    matrix is rebuilt from the kept input and dcol made, slice by slice of the
+    batch as in the forward (dW summed over the slices)."""
     db = d.sum(axis=0)
-    _, _, FH, FW = cache.W_shape
-    col = _im2col(cache.x, cache.sfx, FH, FW, *cache.geometry, 0.0)  # type: ignore[call-arg]  # geometry: (SH, SW, PH, PW, OH, OW)
-    dW = (d.T @ col).reshape(cache.W_shape)
-    del col
-    if not need_dx:
-        return None, dW, db
-    dcol = d @ cache.Wm
-    dx = _col2im(dcol, _SUFFIX[d.dtype.name], cache.x_shape, FH, FW, *cache.geometry)
-    return dx, dW, db
+    N, C, H, Wd = cache.x_shape
+    FN, _, FH, FW = cache.W_shape
+    geom = cache.geometry
+    P = geom[4] * geom[5]  # type: ignore[index]  # geometry: (SH, SW, PH, PW, OH, OW)
+    chunks = _chunks(N, P * C * FH * FW * d.dtype.itemsize)
+    dx = cupy.empty(cache.x_shape, dtype=d.dtype) if need_dx and len(chunks) > 1 else None
+    dW = None
+    for n0, n1 in chunks:
+        x = cache.x if len(chunks) == 1 else cache.x[n0:n1]
+        dn = d if len(chunks) == 1 else d[n0 * P : n1 * P]
+        part = dn.T @ _im2col(x, cache.sfx, FH, FW, *geom, 0.0)  # type: ignore[misc]
+        if dW is None:
+            dW = part
+        else:
+            dW += part
+        if need_dx:
+            xs = (n1 - n0, C, H, Wd)
+            out = dx[n0:n1] if dx is not None else None
+            piece = _col2im(dn @ cache.Wm, _SUFFIX[d.dtype.name], xs, FH, FW, *geom, out=out)  # type: ignore[misc]
+            if dx is None:
+                dx = piece
+    return dx, dW.reshape(cache.W_shape), db  # type: ignore[union-attr]
 
 
 @register("cupy", "conv2d")
