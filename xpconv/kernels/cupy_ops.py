@@ -229,15 +229,15 @@ def _conv_grads(d, cache: _ConvCache, need_dx: bool):
     db = d.sum(axis=0)
     N, C, H, Wd = cache.x_shape
     FN, _, FH, FW = cache.W_shape
-    geom = cache.geometry
-    P = geom[4] * geom[5]  # type: ignore[index]  # geometry: (SH, SW, PH, PW, OH, OW)
+    SH, SW, PH, PW, OH, OW = cache.geometry
+    P = OH * OW
     chunks = _chunks(N, P * C * FH * FW * d.dtype.itemsize)
     dx = cupy.empty(cache.x_shape, dtype=d.dtype) if need_dx and len(chunks) > 1 else None
     dW = None
     for n0, n1 in chunks:
         x = cache.x if len(chunks) == 1 else cache.x[n0:n1]
         dn = d if len(chunks) == 1 else d[n0 * P : n1 * P]
-        part = dn.T @ _im2col(x, cache.sfx, FH, FW, *geom, 0.0)  # type: ignore[misc]
+        part = dn.T @ _im2col(x, cache.sfx, FH, FW, SH, SW, PH, PW, OH, OW, 0.0)
         if dW is None:
             dW = part
         else:
@@ -245,7 +245,7 @@ def _conv_grads(d, cache: _ConvCache, need_dx: bool):
         if need_dx:
             xs = (n1 - n0, C, H, Wd)
             out = dx[n0:n1] if dx is not None else None
-            piece = _col2im(dn @ cache.Wm, _SUFFIX[d.dtype.name], xs, FH, FW, *geom, out=out)  # type: ignore[misc]
+            piece = _col2im(dn @ cache.Wm, _SUFFIX[d.dtype.name], xs, FH, FW, SH, SW, PH, PW, OH, OW, out=out)
             if dx is None:
                 dx = piece
     return dx, dW.reshape(cache.W_shape), db  # type: ignore[union-attr]
