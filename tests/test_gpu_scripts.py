@@ -89,6 +89,40 @@ def test_floor_counts_match_the_hand_worked_flops():
     assert "260 GFLOP" in text and "| **total** | **4.326** |" in text
 
 
+def test_floor_memory_counts_match_the_hand_worked_bytes():
+    floor = _load("floor")
+    whole = floor.memory("simple", 100, float("inf"))
+    # xpconv keeps the image (col rebuilt from it), the int32 argmax, the affine's input
+    # (the pooled output), the ReLU's output (the second affine's input) and the softmax
+    assert whole["xp_saved"] == (784 + 4320 + 4320 + 100 + 10) * 4 * 100
+    # torch: conv input, ReLU output (max-pool's input, 30x24x24), int64 indices, pooled
+    # output (Linear's input), ReLU output, log-softmax
+    assert whole["torch_saved"] == (784 + 17280 + 4320 + 100 + 10) * 4 * 100 + 4320 * 8 * 100
+    sliced = floor.memory("simple", 1000, 8 << 20)
+    assert sliced["xp_peak"] < floor.memory("simple", 1000, float("inf"))["xp_peak"]
+    # the target on paper: within 1.5x of torch's activation memory at the default slice budget
+    from xpconv.kernels import COL_BYTES
+
+    for model in ("simple", "deep"):
+        for batch in (100, 1000):
+            r = floor.memory(model, batch, COL_BYTES)
+            assert r["xp_peak"] <= 1.5 * r["torch_peak"], (model, batch, r)
+    assert "| deep | 1000 |" in floor.memory_table(["deep"], [1000], COL_BYTES)
+
+
+def test_slice_budget_comes_from_the_environment(monkeypatch):
+    from xpconv import kernels
+
+    monkeypatch.delenv("XPCONV_COL_MIB", raising=False)
+    assert kernels.col_bytes_from_env() == 8 << 20
+    monkeypatch.setenv("XPCONV_COL_MIB", "64")
+    assert kernels.col_bytes_from_env() == 64 << 20
+    for bad in ("0", "-3", "1.5", "lots"):
+        monkeypatch.setenv("XPCONV_COL_MIB", bad)
+        with pytest.raises(ValueError, match=f"XPCONV_COL_MIB: expected a whole number of MiB >= 1, got '{re.escape(bad)}'"):
+            kernels.col_bytes_from_env()
+
+
 def test_run_script_parses_hashes_the_tree_and_runs_its_cpu_stage(tmp_path):
     run = GPU / "run.sh"
     assert subprocess.run(["bash", "-n", str(run)]).returncode == 0

@@ -124,6 +124,159 @@ def walk(model: str) -> dict:
     return {"model": model, "rows": rows, "flops": flops, "bytes_impl": impl, "bytes_ideal": ideal, "params": params}
 
 
+# --------------------------------------------------------------------------- peak activation memory
+
+I32, I64, BOOL = 4, 8, 1  # argmax (xpconv, int32), pool indices (torch, int64), dropout mask (torch, bool)
+
+
+def _shapes(model: str) -> list[dict]:
+    """Per step of ``layers.fuse``: kind, elements per sample in and out, and for a
+    convolution block its output before pooling (z), positions P and column width K."""
+    import numpy as np
+
+    from xpconv import layers as L
+    from xpconv.models import build_model
+
+    net = build_model(model, xp="numpy", seed=0)
+    x = np.zeros((1, 1, 28, 28), dtype=np.float32)
+    out: list[dict] = []
+    for step in L.fuse(net.layers):
+        n_in = _numel(x.shape[1:])
+        rec: dict = {"n_in": n_in}
+        if isinstance(step, L.ConvBlock):
+            c = step.conv
+            FN, C, FH, FW = (int(s) for s in c.W.shape)
+            y = step.relu.forward(c.forward(x))
+            rec.update(kind="conv", z=_numel(y.shape[1:]), P=int(y.shape[2]) * int(y.shape[3]), K=C * FH * FW, pool=step.pool is not None)
+            x = step.pool.forward(y) if step.pool is not None else y
+        elif isinstance(step, L.Affine):
+            rec.update(kind="affine")
+            x = step.forward(x)
+        elif isinstance(step, L.Relu):
+            rec.update(kind="relu")
+            x = step.forward(x)
+        elif isinstance(step, L.Dropout):
+            rec.update(kind="dropout")
+        else:
+            raise SystemExit(f"floor.py: no memory model for {type(step).__name__}")
+        rec["n_out"] = _numel(x.shape[1:])
+        out.append(rec)
+    return out
+
+
+def memory(model: str, batch: int, col_bytes: float) -> dict:
+    """Peak bytes of activations in one float32 training step, on paper, for xpconv's
+    CuPy path (im2col in batch slices of at most ``col_bytes``) and for PyTorch
+    (what autograd saves for backward plus the largest transient of any layer).
+
+    Counted for both: every array a layer keeps from forward to backward (each array
+    once, however many layers keep it: ``act<i>`` is the input of step i, the output
+    of step i-1) and, at the worst moment of the worst layer, the arrays alive
+    besides them.  Not counted: parameters, gradients and optimizer state (the same
+    in both), the input batch, cuDNN workspace (torch only; it can be hundreds of MB,
+    so leaving it out favours torch) and allocator rounding.
+
+    xpconv keeps each layer's state until the next forward, so its backward peak is
+    all kept state plus the layer's transients; torch frees a layer's saved tensors
+    after its backward, so its backward peak at layer i counts only layers <= i.
+    """
+    B, F = batch, F32
+    layers = _shapes(model)
+    size: dict[str, float] = {}  # key -> bytes of every kept array
+    xp_keys: list[list[str]] = []  # per step, what xpconv keeps
+    t_keys: list[list[str]] = []  # per step, what torch's autograd saves
+    xp_fwd: list[float] = []  # transients of each step's forward and backward
+    xp_bwd: list[float] = []
+    t_fwd: list[float] = []
+    t_bwd: list[float] = []
+    for i, r in enumerate(layers):
+        n_in, n_out = r["n_in"] * B * F, r["n_out"] * B * F
+        size[f"act{i}"], size[f"act{i + 1}"] = n_in, n_out
+        if r["kind"] == "conv":
+            z = r["z"] * B * F
+            per = r["P"] * r["K"] * F
+            col = (B if col_bytes == float("inf") else min(B, max(1, int(col_bytes // per)))) * per
+            dx = n_in if i > 0 else 0
+            if r["pool"]:
+                size[f"argmax{i}"] = r["n_out"] * B * I32
+                size[f"idx{i}"] = r["n_out"] * B * I64
+                size[f"relu{i}"] = z
+                xp_keys.append([f"act{i}", f"argmax{i}"])  # input (col rebuilt from it), int32 argmax
+                t_keys.append([f"act{i}", f"relu{i}", f"idx{i}"])  # conv input; pool input and int64 indices
+                xp_fwd.append(max(col + z, z + n_out + size[f"argmax{i}"]))  # im2col + product; bias/ReLU/pool kernel
+                t_fwd.append(2 * z + n_out + size[f"idx{i}"])  # conv out, ReLU out, pool out + indices
+                t_bwd.append(n_out + 2 * z + dx)  # dout, grad of ReLU out, grad of conv out, dx
+            else:
+                xp_keys.append([f"act{i}", f"act{i + 1}"])  # input, and the output as the ReLU's mask
+                t_keys.append([f"act{i}", f"act{i + 1}"])  # conv input, ReLU output
+                xp_fwd.append(max(col + z, z + n_out))
+                t_fwd.append(2 * z)
+                t_bwd.append(n_out + z + dx)
+            xp_bwd.append(n_out + z + col + dx)  # dout, d rows, col (or its gradient's slice), dx
+        elif r["kind"] == "affine":
+            xp_keys.append([f"act{i}"])
+            t_keys.append([f"act{i}"])
+            xp_fwd.append(2 * n_out)  # x @ W, then + b
+            t_fwd.append(n_out)
+            xp_bwd.append(n_out + n_in)
+            t_bwd.append(n_out + n_in)
+        elif r["kind"] == "relu":
+            xp_keys.append([f"act{i + 1}"])
+            t_keys.append([f"act{i + 1}"])
+            xp_fwd.append(n_out)
+            t_fwd.append(n_out)
+            xp_bwd.append(2 * n_out)
+            t_bwd.append(2 * n_out)
+        else:  # dropout: xpconv's mask has the input's dtype, torch's is bool
+            size[f"mask{i}"], size[f"bmask{i}"] = n_in, r["n_in"] * B * BOOL
+            xp_keys.append([f"mask{i}"])
+            t_keys.append([f"bmask{i}"])
+            xp_fwd.append(2 * n_out)
+            t_fwd.append(n_out + size[f"bmask{i}"])
+            xp_bwd.append(2 * n_out)
+            t_bwd.append(2 * n_out)
+    size["softmax"] = layers[-1]["n_out"] * B * F  # xpconv's softmax output, torch's log-softmax
+    xp_keys[-1].append("softmax")
+    t_keys[-1].append("softmax")
+
+    def kept(keys: list[list[str]], upto: int) -> float:
+        return sum(size[k] for k in {k for ks in keys[:upto] for k in ks})
+
+    n = len(layers)
+    # forward of step i: what steps < i keep, the step's input, its transients
+    xp_peak, xp_at = max(
+        [(kept(xp_keys, i) + size[f"act{i}"] * (f"act{i}" not in {k for ks in xp_keys[:i] for k in ks}) + xp_fwd[i], f"forward of step {i + 1} ({layers[i]['kind']})") for i in range(n)]
+        + [(kept(xp_keys, n) + xp_bwd[i], f"backward of step {i + 1} ({layers[i]['kind']})") for i in range(n)]
+    )
+    t_peak = max(
+        [kept(t_keys, i) + size[f"act{i}"] * (f"act{i}" not in {k for ks in t_keys[:i] for k in ks}) + t_fwd[i] for i in range(n)]
+        + [kept(t_keys, i + 1) + t_bwd[i] for i in range(n)]
+    )
+    return {
+        "model": model, "batch": batch, "xp_saved": kept(xp_keys, n), "xp_peak": xp_peak, "xp_at": xp_at,
+        "torch_saved": kept(t_keys, n), "torch_peak": t_peak,
+    }
+
+
+def memory_table(models: list[str], batches: list[int], col_bytes: float) -> str:
+    lines = [
+        f"## Peak activation memory of a float32 training step, on paper (im2col slices of at most {col_bytes / 2**20:g} MiB)",
+        "",
+        "| model | batch | xpconv kept MB | xpconv peak MB | where | torch saved MB | torch peak MB | xpconv/torch peak | peak without slices MB |",
+        "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for m in models:
+        for b in batches:
+            r = memory(m, b, col_bytes)
+            whole = memory(m, b, float("inf"))
+            lines.append(
+                f"| {m} | {b} | {r['xp_saved'] / 1e6:.1f} | {r['xp_peak'] / 1e6:.1f} | {r['xp_at']} | "
+                f"{r['torch_saved'] / 1e6:.1f} | {r['torch_peak'] / 1e6:.1f} | {r['xp_peak'] / r['torch_peak']:.2f}x | "
+                f"{whole['xp_peak'] / 1e6:.1f} |"
+            )
+    return "\n".join(lines)
+
+
 def adam_bytes(params: int) -> tuple[float, float]:
     """Bytes per step of Adam over ``params`` float32 values: the generic update
     (xpconv.optim.Adam, ~12 array operations, each reading 1-2 arrays and writing one:
@@ -166,10 +319,15 @@ def main(argv=None) -> int:
     p.add_argument("--tflops", type=float, default=67.0, help="float32 compute ceiling, TFLOP/s (default: H100 SXM, no tensor cores)")
     p.add_argument("--tbps", type=float, default=3.0, help="memory bandwidth ceiling, TB/s read+written (default: H100 as measured here)")
     p.add_argument("--epoch", type=int, default=60_000)
+    p.add_argument("--memory-batches", default="100,1000", help="batches of the peak-memory table (default 100,1000)")
     args = p.parse_args(argv)
-    for m in args.models.split(","):
-        print(report(m.strip(), args.batch, args.tflops, args.tbps, args.epoch))
+    models = [m.strip() for m in args.models.split(",")]
+    for m in models:
+        print(report(m, args.batch, args.tflops, args.tbps, args.epoch))
         print()
+    from xpconv.kernels import COL_BYTES
+
+    print(memory_table(models, [int(b) for b in args.memory_batches.split(",")], COL_BYTES))
     return 0
 
 

@@ -39,8 +39,30 @@ geometry and its array library.
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
+
+def col_bytes_from_env() -> int:
+    """The im2col slice budget in bytes: ``XPCONV_COL_MIB`` (a whole number of MiB >= 1), default 8."""
+    raw = os.environ.get("XPCONV_COL_MIB", "8")
+    try:
+        mib = int(raw)
+    except ValueError:
+        mib = 0
+    if mib < 1:
+        raise ValueError(f"XPCONV_COL_MIB: expected a whole number of MiB >= 1, got {raw!r}")
+    return mib << 20
+
+
+#: most bytes of im2col matrix (and of its gradient dcol) a GPU convolution holds at
+#: once (cupy_ops): larger batches are convolved slice by slice, one im2col launch and
+#: one product per slice.  The default 8 MiB keeps DeepConvNet's peak activation
+#: memory within 1.4x of what PyTorch's autograd saves, at batch 100 and 1000
+#: (``python benchmarks/gpu/floor.py``), for ~70 more launches per DeepConvNet step
+#: at batch 100 (its largest layer, 0.45 MB of columns per sample, runs in slices of
+#: 18 samples); ``XPCONV_COL_MIB=64`` trades memory for fewer launches.
+COL_BYTES = col_bytes_from_env()
 
 __all__ = ["MODULES", "REGISTRY", "Kernel", "find", "register"]
 

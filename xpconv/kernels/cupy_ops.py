@@ -40,18 +40,13 @@ from __future__ import annotations
 import cupy
 
 from .._geometry import window
-from . import cuda_source, register
+from . import COL_BYTES, cuda_source, register
 
 _THREADS = 256
 _MAX_BLOCKS = 1 << 16  # grid-stride loops cover larger launches
 #: most elements one launch may touch in any array (32-bit indices, with room for the grid stride)
 _INDEX_LIMIT = 2**31 - 1 - _THREADS * _MAX_BLOCKS
 _SUFFIX = {"float32": "f32", "float64": "f64"}
-#: most bytes of im2col matrix (and of its gradient dcol) a convolution holds at once:
-#: larger batches are convolved slice by slice (one im2col launch and one product per
-#: slice).  DeepConvNet's largest layer needs 0.45 MB per sample, so batches up to
-#: ~148 run in one piece and batch 1000 in seven.
-COL_BYTES = 64 << 20
 
 
 # --------------------------------------------------------------------------- launching
