@@ -302,3 +302,30 @@ def test_launch_counter_counts_what_cupy_would_launch():
         b.astype("float64")  # a conversion
         b.astype("float32", copy=False)  # none
     assert count.names == ["multiply", "add", "add.reduce", "matmul", "subtract", "astype"]
+
+
+# ====================================================================== namespace lookups
+
+
+@pytest.mark.parametrize("model", ["SimpleConvNet", "DeepConvNet"])
+@pytest.mark.parametrize("xp_name", ["numpy", "array_api_strict"])
+def test_a_training_step_resolves_no_namespace_after_the_first(model, xp_name, monkeypatch):
+    # namespace_of answers from the arrays' types: after a warm-up step, a step's
+    # ~50 layer, op and optimizer calls are dict lookups, none a walk over the libraries
+    net = getattr(models, model)(seed=0, xp=xp_name)
+    xp = backend.get_namespace(xp_name)
+    rng = np.random.default_rng(0)
+    x = xp.asarray(rng.random((4, 1, 28, 28)).astype("float32"))
+    t = xp.asarray(rng.integers(0, 10, 4))
+    opt = Adam(lr=0.001)
+    opt.update(net.params, net.gradient(x, t))  # warm-up
+    walks = []
+    real = backend.array_api_compat.array_namespace
+    monkeypatch.setattr(backend.array_api_compat, "array_namespace", lambda *a, **k: walks.append(a) or real(*a, **k))
+    opt.update(net.params, net.gradient(x, t))
+    assert walks == []
+    monkeypatch.setattr(backend, "_NAMESPACES", {})  # and the lookup is what a walk gives
+    assert backend.namespace_of(x, net.params["W1"]) is real(x)
+    assert len(walks) == 1
+    with pytest.raises(TypeError, match="expected arrays of one array library"):
+        backend.namespace_of(x, np.ones(2) if xp_name != "numpy" else array_api_strict.ones(2))

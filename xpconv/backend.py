@@ -93,14 +93,28 @@ def namespace_of(*arrays: Any) -> ModuleType:
     Raises TypeError when the arrays come from different libraries or when none
     of them is an array.
     """
+    key = tuple(type(a) for a in arrays)
+    xp = _NAMESPACES.get(key)
+    if xp is not None:
+        return xp
     arrs = [a for a in arrays if a is not None and not isinstance(a, (int, float, bool, complex))]
     if not arrs:
         raise TypeError("namespace_of() needs at least one array, got none")
     try:
-        return array_api_compat.array_namespace(*arrs)
+        xp = array_api_compat.array_namespace(*arrs)
     except TypeError as exc:
         kinds = sorted({type(a).__module__ + "." + type(a).__name__ for a in arrs})
         raise TypeError(f"expected arrays of one array library, got {', '.join(kinds)}: {exc}") from None
+    if len(_NAMESPACES) >= 256:  # a handful of type combinations in practice; bounded anyway
+        _NAMESPACES.clear()
+    _NAMESPACES[key] = xp
+    return xp
+
+
+#: namespace_of's answers by the arguments' types: array_api_compat answers from the
+#: types alone, so each layer, op and optimizer call after the first one with the same
+#: kinds of arrays is a dict lookup instead of a walk over the array libraries
+_NAMESPACES: dict[tuple[type, ...], ModuleType] = {}
 
 
 def namespace_name(xp: ModuleType) -> str:

@@ -43,6 +43,7 @@ import os
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
+
 def col_bytes_from_env() -> int:
     """The im2col slice budget in bytes: ``XPCONV_COL_MIB`` (a whole number of MiB >= 1), default 8."""
     raw = os.environ.get("XPCONV_COL_MIB", "8")
