@@ -21,6 +21,11 @@ block) and counts, per sample of a float32 training step (forward, backward, Ada
   per pass, the input of each layer read again for its dW, weights amortised over
   the batch, Adam one pass over (p, g, m, v).
 
+Then a table of peak activation memory per model and batch (``memory``): what the
+CuPy step keeps from forward to backward plus its largest transient (im2col in slices
+of ``xpconv.kernels.COL_BYTES``), against what PyTorch's autograd saves plus its
+largest transient.
+
 The floor of a step is max(FLOPs / compute ceiling, bytes / bandwidth ceiling);
 an epoch of 60,000 samples is 60,000 / batch steps.  The ceilings default to one
 H100 (SXM): 67 TFLOP/s float32 without tensor cores (CuPy's cuBLAS does not use
