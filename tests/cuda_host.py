@@ -196,8 +196,14 @@ POISON = {"f": np.nan, "i": np.iinfo(np.int32).min + 7, "u": 0xDEAD, "b": True}
 def poisoned_empty(shape, dtype=float, order="C"):
     """``numpy.empty`` with every element set to :data:`POISON` for its kind."""
     a = np.empty(shape, dtype=dtype, order=order)
-    a.fill(POISON.get(a.dtype.kind, 0))
+    a.fill(_poison(a.dtype))
     return a
+
+
+def _poison(dtype):
+    """:data:`POISON` for ``dtype``'s kind (unsigned: as many of its bits as fit)."""
+    v = POISON.get(dtype.kind, 0)
+    return v & np.iinfo(dtype).max if dtype.kind == "u" else v
 
 
 def fake_cupy() -> types.ModuleType:
@@ -463,7 +469,7 @@ class HostToDevice:
 
 def _poisoned_like(r) -> np.ndarray:
     a = np.empty(np.shape(r), dtype=np.asarray(r).dtype)
-    a.fill(POISON.get(a.dtype.kind, 0))
+    a.fill(_poison(a.dtype))
     return a
 
 

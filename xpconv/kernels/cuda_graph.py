@@ -280,8 +280,11 @@ class CudaGraphStep:
         cp = self._cupy
         hyper, keys = self.host.advance()
         self._scalars.refresh(hyper, keys)  # type: ignore[union-attr]
-        cp.copyto(self._x, x)
-        cp.copyto(self._t, t)
+        for static, new in ((self._x, x), (self._t, t)):
+            if isinstance(new, cp.ndarray):
+                cp.copyto(static, new)
+            else:  # host data: one more host-to-device copy
+                static.set(new)
         self.graph.launch(cp.cuda.get_current_stream())  # type: ignore[attr-defined]
         self.counts["replay"] += 1
         return self._loss.copy()  # type: ignore[attr-defined]
