@@ -279,12 +279,12 @@ class CudaGraphStep:
     def _replay(self, x, t):
         cp = self._cupy
         hyper, keys = self.host.advance()
-        self._scalars.refresh(hyper, keys)  # type: ignore[union-attr]
+        self._scalars.refresh(hyper, keys)
         for static, new in ((self._x, x), (self._t, t)):
             if isinstance(new, cp.ndarray):
                 cp.copyto(static, new)
             else:  # host data: one more host-to-device copy
                 static.set(new)
-        self.graph.launch(cp.cuda.get_current_stream())  # type: ignore[attr-defined]
+        self.graph.launch(cp.cuda.get_current_stream())
         self.counts["replay"] += 1
-        return self._loss.copy()  # type: ignore[attr-defined]
+        return self._loss.copy()
