@@ -362,8 +362,10 @@ needs_cuda = pytest.mark.skipif(not (HAS_CUPY_SPEC and backend.cuda_status()[0])
 def test_graph_replays_equal_eager_steps_on_a_gpu(model):
     import cupy
 
+    ns = backend.get_namespace("cupy")
+
     def build():
-        net = models.SimpleConvNet(seed=3, xp=cupy) if model == "SimpleConvNet" else models.DeepConvNet(seed=3, xp=cupy)
+        net = getattr(models, model)(seed=3, xp=ns)
         net.last_layer.check_labels = False
         return net
 
