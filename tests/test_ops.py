@@ -307,7 +307,8 @@ def test_geometry_is_a_leaf_that_ops_and_the_kernels_share():
         assert "xpconv.ops" not in xpconv_imports, f"{path.name} imports xpconv.ops"
         assert xpconv_imports <= {"xpconv", "xpconv._geometry", "xpconv._geometry.pair", "xpconv._geometry.conv_output_size",
                                   "xpconv._geometry.window", "xpconv.kernels", "xpconv.kernels.register",
-                                  "xpconv.kernels.cuda_source", "xpconv.kernels.COL_BYTES"}, (path.name, xpconv_imports)
+                                  "xpconv.kernels.cuda_source", "xpconv.kernels.COL_BYTES",
+                                  "xpconv.kernels.cuda_graph"}, (path.name, xpconv_imports)
 
 
 def test_window_names_the_geometry():

@@ -482,8 +482,13 @@ class Generator:
         same integer arithmetic elsewhere), so every backend gives the same mask and
         none sets up a device random generator."""
         xp = get_namespace(xp)
+        return keep_mask(tuple(int(s) for s in shape), ratio, self.dropout_keys(), xp=xp, dtype=dtype, device=device)
+
+    def dropout_keys(self) -> tuple[int, int]:
+        """The two 32-bit keys of the next Dropout mask, drawn from the host stream (what
+        :meth:`dropout_mask` draws; a replayed CUDA graph draws them alone)."""
         k1, k2 = (int(k) for k in self._np.integers(0, 2**32, size=2, dtype=np.uint64))
-        return keep_mask(tuple(int(s) for s in shape), ratio, (k1, k2), xp=xp, dtype=dtype, device=device)
+        return k1, k2
 
 
 #: Dropout's uniform draws are 24-bit: unit kept where (hash >> 8) >= round(ratio * 2**24)

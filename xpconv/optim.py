@@ -61,7 +61,7 @@ class Optimizer:
         missing = [k for k in params if k not in grads]
         if missing:
             raise KeyError(f"{type(self).__name__}.update: no gradient for parameter(s) {missing}")
-        self.iter += 1
+        self._begin_update()
         xp = fast = None  # the namespace and its fused update kernel, resolved once per call
         for key in params:
             p = params[key]
@@ -100,6 +100,19 @@ class Optimizer:
                 params[key] = new
                 for name in self._slots:
                     self.state[name][key] = slots[name]
+
+    def _begin_update(self) -> None:
+        """The host half of an update: count it (Adam also sets this update's step size)."""
+        self.iter += 1
+
+    def host_step(self) -> dict[str, float]:
+        """Count one update on the host only and return the scalars its update kernel takes
+        for it (``weight_decay`` and the keyword arguments of the kernel's ``step``).
+
+        A captured CUDA graph (:mod:`xpconv.kernels.cuda_graph`) replays the device half
+        of :meth:`update`; this is the other half, run before each replay."""
+        self._begin_update()
+        return {"weight_decay": self.weight_decay, **self._kernel_scalars()}
 
     #: op of the fused update kernel registered per namespace in :mod:`xpconv.kernels`
     #: (e.g. "adam_update" on CuPy: one launch per parameter); only the class that
@@ -264,10 +277,10 @@ class Adam(Optimizer):
     def _kernel_scalars(self):
         return {"lr_t": self._lr_t, "beta1": self.beta1, "beta2": self.beta2}
 
-    def update(self, params, grads):
+    def _begin_update(self):
         t = self.iter + 1
         self._lr_t = self.lr * math.sqrt(1.0 - self.beta2**t) / (1.0 - self.beta1**t)
-        super().update(params, grads)
+        super()._begin_update()
 
     def _step(self, key, p, g, slots):
         xp = namespace_of(p)

@@ -40,7 +40,7 @@ from __future__ import annotations
 import cupy
 
 from .._geometry import window
-from . import COL_BYTES, cuda_source, register
+from . import COL_BYTES, cuda_graph, cuda_source, register
 
 _THREADS = 256
 _MAX_BLOCKS = 1 << 16  # grid-stride loops cover larger launches
@@ -500,8 +500,13 @@ class DropoutMask:
         mask = cupy.empty(tuple(shape), dtype=dtype)
         if mask.size >= _INDEX_LIMIT:
             raise ValueError(f"Dropout: a mask of {mask.size} elements is more than one launch's {_INDEX_LIMIT}")
-        ints = (_as_int32(k1), _as_int32(k2), int(threshold))
-        _launch("step", "dropout_mask", _SUFFIX[mask.dtype.name], 1, mask.size, (mask,), (), ints)
+        sfx = _SUFFIX[mask.dtype.name]
+        tape = cuda_graph.recording()
+        if tape is None:
+            ints = (_as_int32(k1), _as_int32(k2), int(threshold))
+            _launch("step", "dropout_mask", sfx, 1, mask.size, (mask,), (), ints)
+        else:  # under capture: the keys come from the graph's scalar buffer, refreshed each replay
+            _launch("step", "dropout_mask_dev", sfx, 1, mask.size, (mask,), (tape.keys(k1, k2),), (int(threshold),))
         return mask
 
 
@@ -537,18 +542,37 @@ class _Update:
     def step(self, p, g, slots, weight_decay=0.0, **hyper):  # pragma: no cover - each subclass launches its kernel
         raise NotImplementedError
 
+    def tail(self, dtype, weight_decay=0.0, **hyper) -> tuple:  # pragma: no cover - each subclass has its own
+        """The kernel's trailing scalars (of ``dtype``'s type) for these hyper-parameters:
+        what ``step`` passes, and what a captured graph's scalar buffer is refreshed with."""
+        raise NotImplementedError
 
-def _tail(p, *values):
-    """Scalars of p's type for a kernel's tail arguments."""
-    return tuple(p.dtype.type(v) for v in values)
+    def _graph_scalars(self, p, tail):
+        """None when eager; under graph capture the device array the ``_dev`` twin of the
+        kernel reads ``tail`` from (the graph's scalar buffer, refreshed before each replay)."""
+        tape = cuda_graph.recording()
+        return None if tape is None else tape.scalars(self, p.dtype, tail)
+
+
+def _tail(dtype, *values):
+    """Scalars of ``dtype``'s type for a kernel's tail arguments."""
+    return tuple(dtype.type(v) for v in values)
 
 
 @register("cupy", "sgd_update")
 class SgdUpdate(_Update):
     """:class:`xpconv.optim.SGD`'s update, one launch per parameter."""
 
+    def tail(self, dtype, weight_decay=0.0, *, lr):
+        return _tail(dtype, weight_decay, lr)
+
     def step(self, p, g, slots, weight_decay=0.0, *, lr):
-        _launch("step", "sgd", _SUFFIX[p.dtype.name], 1, p.size, (p, g), (), (), _tail(p, weight_decay, lr))
+        tail, sfx = self.tail(p.dtype, weight_decay, lr=lr), _SUFFIX[p.dtype.name]
+        scal = self._graph_scalars(p, tail)
+        if scal is None:
+            _launch("step", "sgd", sfx, 1, p.size, (p, g), (), (), tail)
+        else:
+            _launch("step", "sgd_dev", sfx, 1, p.size, (p, g), (scal,))
 
 
 @register("cupy", "momentum_update")
@@ -557,8 +581,16 @@ class MomentumUpdate(_Update):
 
     slots = ("v",)
 
+    def tail(self, dtype, weight_decay=0.0, *, lr, momentum):
+        return _tail(dtype, weight_decay, lr, momentum)
+
     def step(self, p, g, slots, weight_decay=0.0, *, lr, momentum):
-        _launch("step", "momentum", _SUFFIX[p.dtype.name], 1, p.size, (p, g, slots["v"]), (), (), _tail(p, weight_decay, lr, momentum))
+        tail, sfx, arrays = self.tail(p.dtype, weight_decay, lr=lr, momentum=momentum), _SUFFIX[p.dtype.name], (p, g, slots["v"])
+        scal = self._graph_scalars(p, tail)
+        if scal is None:
+            _launch("step", "momentum", sfx, 1, p.size, arrays, (), (), tail)
+        else:
+            _launch("step", "momentum_dev", sfx, 1, p.size, arrays, (scal,))
 
 
 @register("cupy", "nesterov_update")
@@ -567,9 +599,16 @@ class NesterovUpdate(_Update):
 
     slots = ("v",)
 
+    def tail(self, dtype, weight_decay=0.0, *, lr, momentum):
+        return _tail(dtype, weight_decay, lr, momentum, momentum * momentum, (1.0 + momentum) * lr)
+
     def step(self, p, g, slots, weight_decay=0.0, *, lr, momentum):
-        tail = _tail(p, weight_decay, lr, momentum, momentum * momentum, (1.0 + momentum) * lr)
-        _launch("step", "nesterov", _SUFFIX[p.dtype.name], 1, p.size, (p, g, slots["v"]), (), (), tail)
+        tail, sfx, arrays = self.tail(p.dtype, weight_decay, lr=lr, momentum=momentum), _SUFFIX[p.dtype.name], (p, g, slots["v"])
+        scal = self._graph_scalars(p, tail)
+        if scal is None:
+            _launch("step", "nesterov", sfx, 1, p.size, arrays, (), (), tail)
+        else:
+            _launch("step", "nesterov_dev", sfx, 1, p.size, arrays, (scal,))
 
 
 @register("cupy", "adagrad_update")
@@ -578,8 +617,16 @@ class AdagradUpdate(_Update):
 
     slots = ("h",)
 
+    def tail(self, dtype, weight_decay=0.0, *, lr):
+        return _tail(dtype, weight_decay, lr, 1.0, 1.0)
+
     def step(self, p, g, slots, weight_decay=0.0, *, lr):
-        _launch("step", "adagrad", _SUFFIX[p.dtype.name], 1, p.size, (p, g, slots["h"]), (), (0,), _tail(p, weight_decay, lr, 1.0, 1.0))
+        tail, sfx, arrays = self.tail(p.dtype, weight_decay, lr=lr), _SUFFIX[p.dtype.name], (p, g, slots["h"])
+        scal = self._graph_scalars(p, tail)
+        if scal is None:
+            _launch("step", "adagrad", sfx, 1, p.size, arrays, (), (0,), tail)
+        else:
+            _launch("step", "adagrad_dev", sfx, 1, p.size, arrays, (scal,), (0,))
 
 
 @register("cupy", "rmsprop_update")
@@ -588,9 +635,16 @@ class RmspropUpdate(_Update):
 
     slots = ("h",)
 
+    def tail(self, dtype, weight_decay=0.0, *, lr, decay_rate):
+        return _tail(dtype, weight_decay, lr, decay_rate, 1.0 - decay_rate)
+
     def step(self, p, g, slots, weight_decay=0.0, *, lr, decay_rate):
-        tail = _tail(p, weight_decay, lr, decay_rate, 1.0 - decay_rate)
-        _launch("step", "adagrad", _SUFFIX[p.dtype.name], 1, p.size, (p, g, slots["h"]), (), (1,), tail)
+        tail, sfx, arrays = self.tail(p.dtype, weight_decay, lr=lr, decay_rate=decay_rate), _SUFFIX[p.dtype.name], (p, g, slots["h"])
+        scal = self._graph_scalars(p, tail)
+        if scal is None:
+            _launch("step", "adagrad", sfx, 1, p.size, arrays, (), (1,), tail)
+        else:
+            _launch("step", "adagrad_dev", sfx, 1, p.size, arrays, (scal,), (1,))
 
 
 @register("cupy", "adam_update")
@@ -599,9 +653,17 @@ class AdamUpdate(_Update):
 
     slots = ("m", "v")
 
+    def tail(self, dtype, weight_decay=0.0, *, lr_t, beta1, beta2):
+        return _tail(dtype, weight_decay, lr_t, 1.0 - beta1, 1.0 - beta2)
+
     def step(self, p, g, slots, weight_decay=0.0, *, lr_t, beta1, beta2):
-        tail = _tail(p, weight_decay, lr_t, 1.0 - beta1, 1.0 - beta2)
-        _launch("step", "adam", _SUFFIX[p.dtype.name], 1, p.size, (p, g, slots["m"], slots["v"]), (), (), tail)
+        tail = self.tail(p.dtype, weight_decay, lr_t=lr_t, beta1=beta1, beta2=beta2)
+        sfx, arrays = _SUFFIX[p.dtype.name], (p, g, slots["m"], slots["v"])
+        scal = self._graph_scalars(p, tail)
+        if scal is None:
+            _launch("step", "adam", sfx, 1, p.size, arrays, (), (), tail)
+        else:  # lr_t changes every step: under capture it is read from the graph's scalar buffer
+            _launch("step", "adam_dev", sfx, 1, p.size, arrays, (scal,))
 
 __all__ = [
     "AdagradUpdate", "AdamUpdate", "AvgPool2d", "Conv2d", "Conv2dReluMaxPool2d", "DropoutMask", "Im2col", "MaxPool2d",
