@@ -27,8 +27,14 @@ from xpconv.kernels import numba_ops as NB
 from xpconv.kernels import numpy_ops as K
 
 # (C, H, W, FN, pad, pool?)  DeepConvNet at 1x28x28
-LAYERS = [(1, 28, 28, 16, 1, False), (16, 28, 28, 16, 1, True), (16, 14, 14, 32, 1, False),
-          (32, 14, 14, 32, 2, True), (32, 8, 8, 64, 1, False), (64, 8, 8, 64, 1, True)]
+LAYERS = [
+    (1, 28, 28, 16, 1, False),
+    (16, 28, 28, 16, 1, True),
+    (16, 14, 14, 32, 1, False),
+    (32, 14, 14, 32, 2, True),
+    (32, 8, 8, 64, 1, False),
+    (64, 8, 8, 64, 1, True),
+]
 
 
 def interleaved(fs, R):
@@ -36,7 +42,7 @@ def interleaved(fs, R):
     ts = [[] for _ in fs]
     for r in range(R):
         order = list(range(len(fs)))
-        order = order[r % len(fs):] + order[: r % len(fs)]
+        order = order[r % len(fs) :] + order[: r % len(fs)]
         for i in order:
             t = time.process_time()
             fs[i]()
@@ -82,20 +88,24 @@ def main(N=100, R=7, threads=1):
                 y = F.max_pool2d(y, 2, 2) if pool else y
                 y.backward(tdo)
 
-            fs = [fw[0], fw[1], t_fwd,
-                  lambda: npk.backward(dout, s1, need_dx=need_dx),
-                  lambda: nbk.backward(dout, s2, need_dx=need_dx)]
+            fs = [fw[0], fw[1], t_fwd, lambda: npk.backward(dout, s1, need_dx=need_dx), lambda: nbk.backward(dout, s2, need_dx=need_dx)]
             tf_np, tf_nb, tf_t, tb_np, tb_nb = interleaved(fs, R)
             tfb_t = interleaved([t_fb], R)[0]
             r = (tf_np, tf_nb, tf_t, tb_np, tb_nb, tfb_t - tf_t)
             tot += r
             rows.append((i + 1, f"{C}->{FN} {H}x{W} p{pad}{' +pool' if pool else ''}") + r + (err_f, err_b))
     print(f"N={N}, {threads} thread(s), process time, best of {R} interleaved (ms); torch bwd = (fwd+bwd) - fwd")
-    print("| layer | shape | NumPy fwd | Numba fwd | torch fwd | NumPy bwd | Numba bwd | torch bwd | fwd NumPy/Numba | bwd NumPy/Numba | max err fwd | max rel err bwd |")
+    print(
+        "| layer | shape | NumPy fwd | Numba fwd | torch fwd | NumPy bwd | Numba bwd | torch bwd | fwd NumPy/Numba | bwd NumPy/Numba | max err fwd | max rel err bwd |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.2f} | {r[7]:.2f} | {r[2] / r[3]:.2f}x | {r[5] / r[6]:.2f}x | {r[8]:.1e} | {r[9]:.1e} |")
-    print(f"| all | | {tot[0]:.1f} | {tot[1]:.1f} | {tot[2]:.1f} | {tot[3]:.1f} | {tot[4]:.1f} | {tot[5]:.1f} | {tot[0] / tot[1]:.2f}x | {tot[3] / tot[4]:.2f}x | | |")
+        print(
+            f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.2f} | {r[7]:.2f} | {r[2] / r[3]:.2f}x | {r[5] / r[6]:.2f}x | {r[8]:.1e} | {r[9]:.1e} |"
+        )
+    print(
+        f"| all | | {tot[0]:.1f} | {tot[1]:.1f} | {tot[2]:.1f} | {tot[3]:.1f} | {tot[4]:.1f} | {tot[5]:.1f} | {tot[0] / tot[1]:.2f}x | {tot[3] / tot[4]:.2f}x | | |"
+    )
 
 
 if __name__ == "__main__":

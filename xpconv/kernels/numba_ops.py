@@ -1,11 +1,12 @@
 """Compiled (Numba) kernels for 3x3 stride-1 convolutions on NumPy arrays: the optional
 ``xpconv[numba]`` extra.
 
-Imported after :mod:`.numpy_ops` when ``numba`` is importable (see
-``kernels.OPTIONAL``); its classes register for the ``"numpy"`` namespace and so take
-the place of the NumPy kernels of the same ops, which they call for every case they do
-not cover (another filter size, a stride, no pad, a pool that is not 2x2/2, an integer
-dtype).  ``XPCONV_NUMBA=0`` in the environment keeps this module from loading.
+Imported after :mod:`.numpy_ops` when ``numba`` is importable (``kernels.OPTIONAL``;
+``XPCONV_NUMBA=0`` in the environment leaves it out).  Its two classes register for the
+``"numpy"`` namespace with ``replaces=`` the NumPy kernels of the same ops, and run
+those (``self.replaces``) for every case they do not cover: another filter size, a
+stride, no pad or unequal pads, a pool that is not 2x2/2, a dtype other than
+float32/float64.
 
 How they are fast (benchmarks/README.md, candidate 12, has the measurements):
 
@@ -36,8 +37,6 @@ Every result equals the reference class in :mod:`xpconv.ops` (tests/test_numba_k
 
 from __future__ import annotations
 
-import os
-
 import numba
 import numpy as np
 from numba import njit, prange, types
@@ -47,17 +46,16 @@ from numba.extending import intrinsic
 from .._geometry import conv_output_size, pair
 from . import numpy_ops, register
 
-__all__ = ["DISABLE_ENV", "Conv2d", "Conv2dReluMaxPool2d", "covers"]
-
-#: environment variable: "0" keeps this module from registering its kernels
-DISABLE_ENV = "XPCONV_NUMBA"
+__all__ = ["Conv2d", "Conv2dReluMaxPool2d", "covers"]
 
 FB = 16  # output channels per register block (one accumulator each)
 PB = 16  # positions per register block (the vector lanes)
 FV = 16  # filters per dW block (the vector lanes)
 QB = 2048  # positions per dW sub-chunk (its dz transpose stays in L1/L2)
 
-_JIT = dict(fastmath=True, cache=True, error_model="numpy", boundscheck=False)
+# fastmath: contract to FMAs and reassociate; error_model="numpy": no division checks
+_jit = njit(fastmath=True, cache=True, error_model="numpy", boundscheck=False)
+_pjit = njit(parallel=True, fastmath=True, cache=True, error_model="numpy", boundscheck=False)
 
 
 @intrinsic
@@ -73,7 +71,7 @@ def _stack(typingctx, like, size):
     return types.CPointer(dt)(like, size), impl
 
 
-@njit(**_JIT)
+@_jit
 def _conv_sample(xf, base, cstride, C, Wp, wk, Lp, z):
     """z[:, :Lp] = the 3x3 correlation of one sample: z[f, p] = sum_{c,ky,kx}
     wk[f // FB, c, 3*ky + kx, f % FB] * xf[base + c*cstride + ky*Wp + kx + p]."""
@@ -144,7 +142,7 @@ def _conv_sample(xf, base, cstride, C, Wp, wk, Lp, z):
                 z[f + 15, p] = a15[j]
 
 
-@njit(parallel=True, **_JIT)
+@_pjit
 def _forward(xf, N, C, Hp, Wp, OH, OW, wk, b, relu, out):
     """out (FN, N, OH, OW) = conv(x) + b (ReLU'd if ``relu``) from the flat padded x."""
     FN = out.shape[0]
@@ -161,7 +159,7 @@ def _forward(xf, N, C, Hp, Wp, OH, OW, wk, b, relu, out):
                     out[f, n, oh, ow] = max(v, 0.0) if relu else v
 
 
-@njit(parallel=True, **_JIT)
+@_pjit
 def _forward_pool(xf, N, C, Hp, Wp, OH, OW, wk, b, out, idx, training):
     """out (FN, N, OH//2, OW//2) = relu(max-pool 2x2/2(conv(x) + b)); idx the first
     arg-max in the window (0..3, row-major) when ``training``."""
@@ -192,7 +190,7 @@ def _forward_pool(xf, N, C, Hp, Wp, OH, OW, wk, b, out, idx, training):
                         idx[f, n, qy, qx] = k
 
 
-@njit(parallel=True, **_JIT)
+@_pjit
 def _dz(d, out, idx, relu, pool, Hp, Wp, dzf, db):
     """dz, the gradient at the conv output (the ReLU mask and the pool's routing
     applied), into dzf: (FN, N, Hp, Wp) flat, dz[f, n, oh, ow] at [f, n, 1 + oh, 1 + ow],
@@ -222,7 +220,7 @@ def _dz(d, out, idx, relu, pool, Hp, Wp, dzf, db):
         db[f] = s
 
 
-@njit(parallel=True, **_JIT)
+@_pjit
 def _dx(dzf, N, FN, Hp, Wp, H, W, P, wd, dx):
     """dx (C, N, H, W) = the full correlation of dz (layout of :func:`_dz`) with the
     flipped filters wd (packed as :func:`_pack`), for pad P >= 1 on both sides."""
@@ -239,7 +237,7 @@ def _dx(dzf, N, FN, Hp, Wp, H, W, P, wd, dx):
                     dx[c, n, y, x] = z[c, y * Wp + x]
 
 
-@njit(parallel=True, **_JIT)
+@_pjit
 def _dw(dzf, xf, N, C, FN, Hp, Wp, part):
     """part[k] (FNp, C, 9) = chunk k's share of dW[f, c, t] = sum_q dz[f, q] x[c, q + tap t]
     over the flat positions q of the whole batch (junk positions have dz = 0)."""
@@ -341,7 +339,8 @@ def _threads() -> int:
 
 def covers(x, W, b, stride, pad) -> bool:
     """Whether these kernels compute this convolution themselves (else the NumPy
-    kernels do): float32/float64 4-D input, 3x3 filters, stride 1, pad >= 1 each side."""
+    kernels do): float32/float64 4-D NumPy arrays, 3x3 filters, stride 1, the same pad
+    >= 1 on every side (dx shifts rows and columns by it)."""
     if not all(isinstance(a, np.ndarray) for a in (x, W, b)):
         return False
     dt = np.result_type(x, W, b)
@@ -349,7 +348,8 @@ def covers(x, W, b, stride, pad) -> bool:
         return False
     if W.shape[2:] != (3, 3) or x.shape[1] != W.shape[1] or b.shape != (W.shape[0],):
         return False
-    return pair(stride, "stride") == (1, 1) and min(pair(pad, "pad")) >= 1
+    PH, PW = pair(pad, "pad")
+    return pair(stride, "stride") == (1, 1) and PH == PW >= 1
 
 
 class _State:
@@ -381,32 +381,26 @@ def _backward(dout, st: _State, need_dx: bool):
     dW = part.sum(0)[:FN].reshape(st.W4.shape)
     if not need_dx:
         return None, dW, db
-    if PH != PW:  # the flat dx kernel shifts rows and columns by the same pad
-        raise AssertionError("unreachable: covers() admits symmetric pads only")
     wd = _pack(np.ascontiguousarray(st.W4[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)), dt)
     dx = np.empty((C, N, H, W), dt)
     _dx(dzf, N, FN, Hp, Wp, H, W, PH, wd, dx)
     return dx.transpose(1, 0, 2, 3), dW, db
 
 
-def _covers(x, W, b, stride, pad) -> bool:
-    return covers(x, W, b, stride, pad) and len(set(pair(pad, "pad"))) == 1
-
-
-@register("numpy", "conv2d")
+@register("numpy", "conv2d", replaces=numpy_ops.Conv2d)
 class Conv2d:
     """3x3 stride-1 convolution (+ ReLU) as a register-blocked direct kernel; other
     cases go to :class:`.numpy_ops.Conv2d`.  Reference: :class:`xpconv.ops.Conv2d`."""
 
-    fallback = numpy_ops.Conv2d()
+    replaces: numpy_ops.Conv2d  # set by register(): the kernel for the cases not covered
 
     def accepts(self, *arrays) -> bool:
         return True
 
     def forward(self, x, W, b, stride=1, pad=0, *, relu=False):
         """ops.conv2d_forward: (N, FN, OH, OW) as a view of channel-major memory."""
-        if not _covers(x, W, b, stride, pad):
-            return self.fallback.forward(x, W, b, stride, pad, relu=relu)
+        if not covers(x, W, b, stride, pad):
+            return self.replaces.forward(x, W, b, stride, pad, relu=relu)
         dt = np.result_type(x, W, b)
         N, C, H, Wd = x.shape
         P = pair(pad, "pad")[0]
@@ -415,23 +409,23 @@ class Conv2d:
         FN = W.shape[0]
         out = np.empty((FN, N, OH, OW), dt)
         _forward(xf, N, C, H + 2 * P, Wd + 2 * P, OH, OW, _pack(np.asarray(W), dt), np.asarray(b, dt), relu, out)
-        st = _State(xf, (N, C, H, Wd), P, P, np.asarray(W, dt), out, None, relu, False, dt)
+        st = _State(xf, (N, C, H, Wd), P, P, np.array(W, dt), out, None, relu, False, dt)
         return out.transpose(1, 0, 2, 3), st
 
     def backward(self, dout, state, *, need_dx=True):
         """ops.conv2d_backward for a state of :meth:`forward`."""
         if not isinstance(state, _State):
-            return self.fallback.backward(dout, state, need_dx=need_dx)
+            return self.replaces.backward(dout, state, need_dx=need_dx)
         return _backward(dout, state, need_dx)
 
 
-@register("numpy", "conv2d_relu_max_pool2d")
+@register("numpy", "conv2d_relu_max_pool2d", replaces=numpy_ops.Conv2dReluMaxPool2d)
 class Conv2dReluMaxPool2d:
     """3x3 stride-1 convolution + bias + ReLU + 2x2/2 max-pool in one compiled pass;
     other cases go to :class:`.numpy_ops.Conv2dReluMaxPool2d`.  Reference:
     :class:`xpconv.ops.Conv2dReluMaxPool2d`."""
 
-    fallback = numpy_ops.Conv2dReluMaxPool2d()
+    replaces: numpy_ops.Conv2dReluMaxPool2d  # set by register()
 
     def accepts(self, *arrays) -> bool:
         return True
@@ -439,8 +433,8 @@ class Conv2dReluMaxPool2d:
     def forward(self, x, W, b, stride, pad, pool_h, pool_w, pool_stride, pool_pad=0, *, training=True):
         """ops.conv2d_relu_max_pool2d_forward."""
         pool_ok = (int(pool_h), int(pool_w)) == (2, 2) and pair(pool_stride, "Pooling stride") == (2, 2) and pair(pool_pad, "Pooling pad") == (0, 0)
-        if not (pool_ok and _covers(x, W, b, stride, pad)):
-            return self.fallback.forward(x, W, b, stride, pad, pool_h, pool_w, pool_stride, pool_pad, training=training)
+        if not (pool_ok and covers(x, W, b, stride, pad)):
+            return self.replaces.forward(x, W, b, stride, pad, pool_h, pool_w, pool_stride, pool_pad, training=training)
         dt = np.result_type(x, W, b)
         N, C, H, Wd = x.shape
         P = pair(pad, "pad")[0]
@@ -451,16 +445,11 @@ class Conv2dReluMaxPool2d:
         out = np.empty((FN, N, QH, QW), dt)
         idx = np.empty((FN, N, QH, QW), np.uint8) if training else np.empty((1, 1, 1, 1), np.uint8)
         _forward_pool(xf, N, C, H + 2 * P, Wd + 2 * P, OH, OW, _pack(np.asarray(W), dt), np.asarray(b, dt), out, idx, training)
-        st = _State(xf, (N, C, H, Wd), P, P, np.asarray(W, dt), out, idx, True, True, dt) if training else None
+        st = _State(xf, (N, C, H, Wd), P, P, np.array(W, dt), out, idx, True, True, dt) if training else None
         return out.transpose(1, 0, 2, 3), st
 
     def backward(self, dout, state, *, need_dx=True):
         """ops.conv2d_relu_max_pool2d_backward for a state of :meth:`forward`."""
         if not isinstance(state, _State):
-            return self.fallback.backward(dout, state, need_dx=need_dx)
+            return self.replaces.backward(dout, state, need_dx=need_dx)
         return _backward(dout, state, need_dx)
-
-
-def enabled() -> bool:
-    """Whether the environment allows these kernels (``XPCONV_NUMBA`` is not "0")."""
-    return os.environ.get(DISABLE_ENV, "1").strip() != "0"
