@@ -124,7 +124,8 @@ def report(device: str, threads: int | None) -> dict:
 
 @contextlib.contextmanager
 def thread_limit(n: int | None):
-    """BLAS threads of NumPy (threadpoolctl) and torch's intra-op threads set to n."""
+    """BLAS threads of NumPy (threadpoolctl), torch's intra-op threads and Numba's
+    threads (the optional kernels of xpconv[numba]) set to n."""
     if n is None:
         yield
         return
@@ -134,6 +135,12 @@ def thread_limit(n: int | None):
 
         old = torch.get_num_threads()
         torch.set_num_threads(n)
+    numba = None
+    if importlib.util.find_spec("numba") is not None:  # the optional compiled kernels' threads
+        import numba
+
+        old_numba = numba.get_num_threads()
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
@@ -147,3 +154,5 @@ def thread_limit(n: int | None):
     finally:
         if torch is not None:
             torch.set_num_threads(old)
+        if numba is not None:
+            numba.set_num_threads(old_numba)

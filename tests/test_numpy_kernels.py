@@ -47,6 +47,17 @@ FUSED_CASES = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def numpy_kernels_registered(monkeypatch):
+    """These tests are about numpy_ops: where an optional module (numba_ops, when numba
+    is installed) registered a kernel in a NumPy kernel's place, the NumPy kernel is put
+    back for the test (tests/test_numba_kernels.py tests the replacements)."""
+    kernels.find("numpy", "conv2d")  # loads the namespace's modules
+    for key, k in list(kernels.REGISTRY.items()):
+        if key[0] == "numpy" and hasattr(k, "replaces"):
+            monkeypatch.setitem(kernels.REGISTRY, key, k.replaces)
+
+
 @pytest.fixture(params=["one-slice", "slice-per-sample", "slices-on-3-threads"])
 def chunking(request, monkeypatch):
     """Run every kernel with its default batch slices, with one sample per GEMM, and

@@ -305,10 +305,16 @@ def test_geometry_is_a_leaf_that_ops_and_the_kernels_share():
     for path in sorted(kdir.glob("*.py")):
         xpconv_imports = {m for m in _imports(path) if m.startswith("xpconv")}
         assert "xpconv.ops" not in xpconv_imports, f"{path.name} imports xpconv.ops"
+        # an optional module (numba_ops) names the kernels it replaces, and runs them
+        replaced = {"xpconv.kernels.numpy_ops"} if path.name == "numba_ops.py" else set()
         assert xpconv_imports <= {"xpconv", "xpconv._geometry", "xpconv._geometry.pair", "xpconv._geometry.conv_output_size",
                                   "xpconv._geometry.window", "xpconv.kernels", "xpconv.kernels.register",
+<<<<<<< HEAD
                                   "xpconv.kernels.cuda_source", "xpconv.kernels.COL_BYTES",
                                   "xpconv.kernels.cuda_graph"}, (path.name, xpconv_imports)
+=======
+                                  "xpconv.kernels.cuda_source"} | replaced, (path.name, xpconv_imports)
+>>>>>>> h-numba
 
 
 def test_window_names_the_geometry():

@@ -22,6 +22,16 @@ col) and answers without side effects.  A namespace's kernels live in ``<namespa
 :mod:`.cuda_source`); the module is imported the first time :func:`find` is
 asked about its namespace.
 
+Optional modules (:data:`OPTIONAL`) load right after a namespace's own module when
+their library imports and their environment switch is not ``"0"``: NumPy's
+:mod:`.numba_ops` (the ``xpconv[numba]`` extra; ``XPCONV_NUMBA=0`` leaves it out).
+Their kernels take the place of the namespace's kernels for the same op, and say
+so: ``@register("numpy", "conv2d", replaces=numpy_ops.Conv2d)`` fails unless the
+kernel registered before it is of that class (a second registration without
+``replaces`` fails too), and the new instance keeps the old one as ``.replaces``,
+which it runs for every case it does not cover.  So :func:`find` has one kernel
+per (namespace, op), and which one is decided when the modules load.
+
 How an op runs: ``xpconv.ops.conv2d_forward(x, ...)`` asks :func:`find` for the
 kernel of x's namespace; if there is one and it ``accepts`` the inputs it runs,
 else the reference class in ``xpconv.ops`` does.  The forward's cache
@@ -65,7 +75,7 @@ def col_bytes_from_env() -> int:
 #: 18 samples); ``XPCONV_COL_MIB=64`` trades memory for fewer launches.
 COL_BYTES = col_bytes_from_env()
 
-__all__ = ["MODULES", "REGISTRY", "Kernel", "find", "register"]
+__all__ = ["MODULES", "OPTIONAL", "REGISTRY", "Kernel", "find", "register"]
 
 
 class Kernel(Protocol):
@@ -84,6 +94,10 @@ class Kernel(Protocol):
 #: the module holding each namespace's kernels (imported on first use)
 MODULES: dict[str, str] = {"numpy": "numpy_ops", "cupy": "cupy_ops"}
 
+#: namespace -> optional kernel modules loaded after MODULES' one, as (module, the
+#: library it needs, the environment variable whose value "0" leaves it out)
+OPTIONAL: dict[str, tuple[tuple[str, str, str], ...]] = {"numpy": (("numba_ops", "numba", "XPCONV_NUMBA"),)}
+
 #: (namespace name, op) -> the registered kernel instance
 REGISTRY: dict[tuple[str, str], Kernel] = {}
 
@@ -92,13 +106,26 @@ _loaded: set[str] = set()
 K = TypeVar("K", bound=type)
 
 
-def register(namespace: str, op: str) -> Callable[[K], K]:
+def register(namespace: str, op: str, *, replaces: type | None = None) -> Callable[[K], K]:
     """Class decorator: register an instance of the class as the ``op`` kernel of
-    ``namespace`` (``"numpy"``, ``"cupy"``); sets ``cls.namespace`` and ``cls.op``."""
+    ``namespace`` (``"numpy"``, ``"cupy"``); sets ``cls.namespace`` and ``cls.op``.
+
+    ``replaces``: the class of the kernel registered before for (namespace, op), which
+    this one takes the place of (the instance gets it as ``.replaces``); without it the
+    op must not have a kernel yet."""
 
     def deco(cls: K) -> K:
+        old = REGISTRY.get((namespace, op))
+        if type(old) is not (type(None) if replaces is None else replaces):
+            raise ValueError(
+                f"register({namespace!r}, {op!r}): expected the kernel registered before to be "
+                f"{'none' if replaces is None else replaces.__qualname__}, got {'none' if old is None else type(old).__qualname__}"
+            )
         cls.namespace, cls.op = namespace, op  # type: ignore[attr-defined]
-        REGISTRY[(namespace, op)] = cls()
+        kernel = cls()
+        if old is not None:
+            kernel.replaces = old
+        REGISTRY[(namespace, op)] = kernel
         return cls
 
     return deco
@@ -118,3 +145,11 @@ def _load(namespace: str) -> None:
     if mod is None:
         return
     importlib.import_module(f"{__name__}.{mod}")
+    for opt, library, env in OPTIONAL.get(namespace, ()):
+        if os.environ.get(env, "").strip() == "0":
+            continue
+        try:
+            importlib.import_module(library)
+        except ImportError:  # not installed, or not importable with this NumPy: the namespace's own kernels stay
+            continue
+        importlib.import_module(f"{__name__}.{opt}")

@@ -1,0 +1,232 @@
+"""The Numba kernels (xpconv/kernels/numba_ops.py, the optional ``xpconv[numba]`` extra)
+give the generic path's results, and take the NumPy kernels' place explicitly.
+
+Skipped only when numba is not installed (the ``test`` extra installs it).  Every
+DeepConvNet layer shape and odd ones (channel counts that fill no register block, H !=
+W, odd output sizes under a 2x2 pool, pads 1-3, one sample), float32 and float64,
+forward (training and inference) and backward with and without dL/dx, against the
+reference classes in xpconv.ops (``impl=ops.GENERIC``); the cases the kernels leave to
+the NumPy kernels (stride, no pad, other filters and pools) too; and whole models.
+Tolerances as tests/test_numpy_kernels.py: float32 rtol 2e-4 / atol 2e-5, float64
+rtol 1e-10 / atol 1e-12.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+from xpconv import kernels, layers, ops  # noqa: E402
+from xpconv.kernels import numba_ops, numpy_ops  # noqa: E402
+from xpconv.models import DeepConvNet  # noqa: E402
+
+DTYPES = ("float32", "float64")
+# (N, C, H, W, FN, stride, pad), 3x3 filters: DeepConvNet's layers (batch cut to 3), then odd ones
+DEEP = [
+    (3, 1, 28, 28, 16, 1, 1),
+    (3, 16, 28, 28, 16, 1, 1),
+    (3, 16, 14, 14, 32, 1, 1),
+    (3, 32, 14, 14, 32, 1, 2),
+    (3, 32, 8, 8, 64, 1, 1),
+    (3, 64, 8, 8, 64, 1, 1),
+]
+ODD = [
+    (2, 3, 7, 9, 5, 1, 1),  # 7x9 out: a 2x2 pool cuts the last row
+    (1, 5, 6, 11, 20, 1, 2),  # 20 filters: one full block of 16 and one of 4
+    (4, 17, 5, 5, 33, 1, 1),  # 17 channels (dx: a block of 16 and one of 1), 33 filters
+    (2, 2, 4, 10, 3, 1, 3),  # pad 3
+    (1, 1, 3, 3, 1, 1, 1),
+]
+# what numba_ops leaves to numpy_ops: (N, C, H, W, FN, FH, FW, stride, pad)
+NOT_COVERED = [
+    (2, 3, 9, 9, 4, 3, 3, 2, 1),
+    (2, 3, 8, 8, 4, 3, 3, 1, 0),
+    (2, 2, 9, 8, 3, 5, 5, 1, 2),
+    (2, 2, 8, 8, 3, 3, 3, 1, (1, 2)),
+    (2, 2, 8, 7, 3, 3, 2, 1, 1),
+]
+
+
+def tol(dtype):
+    return {"rtol": 2e-4, "atol": 2e-5} if dtype == "float32" else {"rtol": 1e-10, "atol": 1e-12}
+
+
+def close(got, want, dtype, what):
+    got = np.asarray(got)
+    assert got.dtype == np.dtype(dtype), f"{what}: dtype {got.dtype}, expected {dtype}"
+    assert got.shape == want.shape, f"{what}: shape {got.shape}, expected {want.shape}"
+    np.testing.assert_allclose(got, want, err_msg=what, **tol(dtype))
+
+
+def inputs(rng, case, dtype, F=(3, 3)):
+    N, C, H, W, FN = case[:5]
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    Wt = (rng.standard_normal((FN, C) + F) * 0.5).astype(dtype)
+    b = (rng.standard_normal(FN) * 0.1).astype(dtype)
+    return x, Wt, b
+
+
+def by_numba(cache):
+    return isinstance(cache.kernel, numba_ops.Conv2d | numba_ops.Conv2dReluMaxPool2d) and isinstance(cache.state, numba_ops._State)
+
+
+def test_numba_kernels_replace_the_numpy_ones():
+    """find() gives the Numba kernel for the two ops it covers, which keeps the NumPy
+    kernel it replaced; every other op keeps its NumPy kernel."""
+    for op, cls, old in (
+        ("conv2d", numba_ops.Conv2d, numpy_ops.Conv2d),
+        ("conv2d_relu_max_pool2d", numba_ops.Conv2dReluMaxPool2d, numpy_ops.Conv2dReluMaxPool2d),
+    ):
+        k = kernels.find("numpy", op)
+        assert type(k) is cls and type(k.replaces) is old and (k.namespace, k.op) == ("numpy", op)
+    for op in ("im2col", "max_pool2d", "avg_pool2d"):
+        assert type(kernels.find("numpy", op)).__module__ == numpy_ops.__name__
+
+
+def test_register_says_what_it_replaces(monkeypatch):
+    monkeypatch.setattr(kernels, "REGISTRY", dict(kernels.REGISTRY))
+    with pytest.raises(ValueError, match=r"expected the kernel registered before to be none, got Conv2d"):
+        kernels.register("numpy", "conv2d")(type("Other", (), {}))
+    with pytest.raises(ValueError, match=r"expected the kernel registered before to be MaxPool2d, got Conv2d"):
+        kernels.register("numpy", "conv2d", replaces=numpy_ops.MaxPool2d)(type("Other", (), {}))
+    kernels.register("numpy", "newop")(type("New", (), {}))
+    assert type(kernels.REGISTRY[("numpy", "newop")]).__name__ == "New"
+
+
+def test_environment_switch_leaves_the_numpy_kernels():
+    code = "from xpconv import kernels; print(type(kernels.find('numpy', 'conv2d')).__module__)"
+    env = dict(os.environ, XPCONV_NUMBA="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "xpconv.kernels.numpy_ops"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pooled", [False, True])
+@pytest.mark.parametrize("case", DEEP + ODD)
+def test_conv_equals_generic(rng, case, pooled, dtype):
+    x, Wt, b = inputs(rng, case, dtype)
+    stride, pad = case[5:]
+    if pooled and min(x.shape[2] + 2 * pad - 2, x.shape[3] + 2 * pad - 2) < 2:
+        pytest.skip("output smaller than the pool window")
+
+    def run(impl):
+        if pooled:
+            out, cache = ops.conv2d_relu_max_pool2d_forward(x, Wt, b, stride, pad, 2, 2, 2, impl=impl)
+            infer, _ = ops.conv2d_relu_max_pool2d_forward(x, Wt, b, stride, pad, 2, 2, 2, training=False, impl=impl)
+            back = ops.conv2d_relu_max_pool2d_backward
+        else:
+            out, cache = ops.conv2d_forward(x, Wt, b, stride, pad, relu=True, impl=impl)
+            infer = ops.conv2d_forward(x, Wt, b, stride, pad, relu=False, impl=impl)[0]
+            back = ops.conv2d_backward
+        dout = np.random.default_rng(3).standard_normal(out.shape).astype(dtype)
+        return out, infer, cache, back(dout, cache), back(dout, cache, need_dx=False)
+
+    (out, infer, cache, grads, nodx), (rout, rinfer, _, rgrads, rnodx) = run(None), run(ops.GENERIC)
+    assert by_numba(cache), "expected the Numba kernel to run"
+    close(out, rout, dtype, "out")
+    close(infer, rinfer, dtype, "out (inference / no ReLU)")
+    for got, want, name in zip(grads, rgrads, ("dx", "dW", "db")):
+        close(got, want, dtype, name)
+    assert nodx[0] is None and rnodx[0] is None
+    close(nodx[1], rgrads[1], dtype, "dW (need_dx=False)")
+    close(nodx[2], rgrads[2], dtype, "db (need_dx=False)")
+
+
+def test_conv_without_relu_passes_negative_values(rng):
+    x, Wt, b = inputs(rng, DEEP[2], "float64")
+    out, cache = ops.conv2d_forward(x, Wt, b, 1, 1)
+    assert by_numba(cache) and float(np.min(out)) < 0
+    d = np.random.default_rng(1).standard_normal(out.shape)
+    rout, rcache = ops.conv2d_forward(x, Wt, b, 1, 1, impl=ops.GENERIC)
+    close(out, rout, "float64", "out")
+    for got, want, name in zip(ops.conv2d_backward(d, cache), ops.conv2d_backward(d, rcache), ("dx", "dW", "db")):
+        close(got, want, "float64", name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pool_ties_route_the_gradient_to_the_first_maximum(rng, dtype):
+    """A window of equal values (here all inputs 0, so every output is the bias): the
+    gradient goes to its first member, as the reference's arg-max."""
+    x = np.zeros((2, 3, 6, 6), dtype)
+    Wt = (rng.standard_normal((4, 3, 3, 3))).astype(dtype)
+    b = np.array([0.5, -0.5, 1.0, 0.25], dtype)
+    out, cache = ops.conv2d_relu_max_pool2d_forward(x, Wt, b, 1, 1, 2, 2, 2)
+    rout, rcache = ops.conv2d_relu_max_pool2d_forward(x, Wt, b, 1, 1, 2, 2, 2, impl=ops.GENERIC)
+    assert by_numba(cache)
+    d = np.ones(out.shape, dtype)
+    for got, want, name in zip(ops.conv2d_relu_max_pool2d_backward(d, cache), ops.conv2d_relu_max_pool2d_backward(d, rcache), ("dx", "dW", "db")):
+        close(got, want, dtype, name)
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+@pytest.mark.parametrize("case", NOT_COVERED)
+def test_cases_not_covered_run_the_numpy_kernels(rng, case, pooled):
+    x, Wt, b = inputs(rng, case, "float32", F=case[5:7])
+    stride, pad = case[7:]
+    pool = (2, 2, 2) if case[0] != 2 or case[1] != 3 else (3, 3, 2)  # an overlapping pool on two of them
+
+    def run(impl):
+        if pooled:
+            out, cache = ops.conv2d_relu_max_pool2d_forward(x, Wt, b, stride, pad, *pool, impl=impl)
+            back = ops.conv2d_relu_max_pool2d_backward
+        else:
+            out, cache = ops.conv2d_forward(x, Wt, b, stride, pad, relu=True, impl=impl)
+            back = ops.conv2d_backward
+        return out, cache, back(np.ones(out.shape, "float32"), cache)
+
+    (out, cache, grads), (rout, _, rgrads) = run(None), run(ops.GENERIC)
+    assert type(cache.kernel).__module__ == numba_ops.__name__ and not isinstance(cache.state, numba_ops._State)
+    close(out, rout, "float32", "out")
+    for got, want, name in zip(grads, rgrads, ("dx", "dW", "db")):
+        close(got, want, "float32", name)
+
+
+def test_covers():
+    x, W, b = np.zeros((1, 2, 5, 5), np.float32), np.zeros((3, 2, 3, 3), np.float32), np.zeros(3, np.float32)
+    assert numba_ops.covers(x, W, b, 1, 1) and numba_ops.covers(x, W, b, (1, 1), 2)
+    assert not numba_ops.covers(x, W, b, 1, 0) and not numba_ops.covers(x, W, b, 2, 1) and not numba_ops.covers(x, W, b, 1, (1, 2))
+    assert not numba_ops.covers(x.astype(np.int64), W.astype(np.int64), b.astype(np.int64), 1, 1)
+    assert not numba_ops.covers(x, np.zeros((3, 2, 5, 5), np.float32), b, 1, 1)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_deepconvnet_equals_generic_layers(rng, dtype, threads):
+    """A DeepConvNet's loss and gradients with the Numba kernels (one and two Numba
+    threads) equal the unfused generic path's."""
+    import numba
+
+    net = DeepConvNet(input_dim=(1, 12, 12), hidden_size=9, dropout_ratio=0.0, dtype=dtype, seed=1)
+    x = rng.standard_normal((5, 1, 12, 12)).astype(dtype)
+    t = rng.integers(0, 10, 5)
+    convs = [layer for layer in net.layers if isinstance(layer, layers.Convolution | layers.Pooling)]
+    for layer in convs:
+        layer.impl = ops.GENERIC
+    h = x
+    for layer in net.layers:
+        h = layer.forward(h, True)
+    ref_loss = float(net.last_layer.forward(h, t))
+    d = net.last_layer.backward(1.0)
+    for layer in reversed(net.layers):
+        d = layer.backward(d)
+    ref = {k: np.array(getattr(layer, "d" + attr)) for k, (layer, attr) in net._slots.items()}
+    for layer in convs:
+        layer.impl = None
+    old = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        grads = net.gradient(x, t)
+        loss = float(net.loss(x, t))
+    finally:
+        numba.set_num_threads(old)
+    blocks = [s for s in net.steps if isinstance(s, layers.ConvBlock)]
+    assert all(by_numba(blk._cache) for blk in blocks), "the model should run the Numba kernels"
+    assert loss == pytest.approx(ref_loss, rel=1e-5 if dtype == "float32" else 1e-12)
+    for k in ref:
+        close(grads[k], ref[k], dtype, k)

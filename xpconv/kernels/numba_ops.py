@@ -1,0 +1,455 @@
+"""Compiled (Numba) kernels for 3x3 stride-1 convolutions on NumPy arrays: the optional
+``xpconv[numba]`` extra.
+
+Imported after :mod:`.numpy_ops` when ``numba`` is importable (``kernels.OPTIONAL``;
+``XPCONV_NUMBA=0`` in the environment leaves it out).  Its two classes register for the
+``"numpy"`` namespace with ``replaces=`` the NumPy kernels of the same ops, and run
+those (``self.replaces``) for every case they do not cover: another filter size, a
+stride, no pad or unequal pads, a pool that is not 2x2/2, a dtype other than
+float32/float64.
+
+How they are fast (benchmarks/README.md, candidate 12, has the measurements):
+
+* **The flat-row layout.**  The input is padded and stored channel-major, (C, N, Hp, Wp),
+  with some slack at the end.  Output position (oh, ow) of a sample is numbered
+  p = oh*Wp + ow, so filter tap (ky, kx) of channel c reads the *contiguous* run
+  x[c, n, ky*Wp + kx + p]; the Wp - OW positions per row with ow >= OW are junk, computed
+  and thrown away (7-36% extra work on DeepConvNet's layers, no index arithmetic).
+* **Register blocking.**  The micro-kernel keeps a block of FB = 16 output channels x
+  PB = 16 positions in 16 accumulators (one AVX-512 register each for float32: the
+  positions are the vector lanes) over the whole reduction (C x 3 x 3), broadcasting
+  one weight per FMA; the input run is loaded once per tap for all 16 channels.  The
+  accumulators are stack arrays indexed by constants only, so LLVM turns them into
+  registers; the 16 output channels are written out one line each (no loop over them,
+  which LLVM would vectorise the wrong way).
+* **Epilogues in the same pass.**  bias + ReLU, or bias + 2x2 max-pool (first arg-max,
+  as the reference) + ReLU, read the block's sample scratch while it is in L1.
+* **Backward.**  dz (the ReLU mask and pool routing applied) is laid out like the padded
+  input with a one-pixel border, so dx is the same micro-kernel over dz with the flipped,
+  transposed weights, and dW = sum_q dz[f, q] x[c, q + tap] is a blocked reduction over
+  the flat positions q of the whole batch (16 filters as the vector lanes, the 9 taps of
+  one channel in 9 accumulators).
+* **Threads.**  Samples (forward, dx) and position chunks (dW) run in ``prange``; Numba's
+  thread count (``numba.set_num_threads``, ``NUMBA_NUM_THREADS``) sets how many.
+
+Every result equals the reference class in :mod:`xpconv.ops` (tests/test_numba_kernels.py).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .._geometry import conv_output_size, pair
+from . import numpy_ops, register
+
+__all__ = ["Conv2d", "Conv2dReluMaxPool2d", "covers"]
+
+FB = 16  # output channels per register block (one accumulator each)
+PB = 16  # positions per register block (the vector lanes)
+FV = 16  # filters per dW block (the vector lanes)
+QB = 2048  # positions per dW sub-chunk (its dz transpose stays in L1/L2)
+
+# fastmath: contract to FMAs and reassociate; error_model="numpy": no division checks
+_jit = njit(fastmath=True, cache=True, error_model="numpy", boundscheck=False)
+_pjit = njit(parallel=True, fastmath=True, cache=True, error_model="numpy", boundscheck=False)
+
+
+@intrinsic
+def _stack(typingctx, like, size):
+    """A pointer to ``size`` (a literal) elements of ``like``'s dtype on the stack."""
+    if not isinstance(size, types.IntegerLiteral):
+        return None
+    n, dt = size.literal_value, like.dtype
+
+    def impl(context, builder, signature, args):
+        return cgutils.alloca_once(builder, context.get_value_type(dt), size=context.get_constant(types.intp, n))
+
+    return types.CPointer(dt)(like, size), impl
+
+
+@_jit
+def _conv_sample(xf, base, cstride, C, Wp, wk, Lp, z):
+    """z[:, :Lp] = the 3x3 correlation of one sample: z[f, p] = sum_{c,ky,kx}
+    wk[f // FB, c, 3*ky + kx, f % FB] * xf[base + c*cstride + ky*Wp + kx + p]."""
+    a0 = numba.carray(_stack(xf, 16), (PB,))
+    a1 = numba.carray(_stack(xf, 16), (PB,))
+    a2 = numba.carray(_stack(xf, 16), (PB,))
+    a3 = numba.carray(_stack(xf, 16), (PB,))
+    a4 = numba.carray(_stack(xf, 16), (PB,))
+    a5 = numba.carray(_stack(xf, 16), (PB,))
+    a6 = numba.carray(_stack(xf, 16), (PB,))
+    a7 = numba.carray(_stack(xf, 16), (PB,))
+    a8 = numba.carray(_stack(xf, 16), (PB,))
+    a9 = numba.carray(_stack(xf, 16), (PB,))
+    a10 = numba.carray(_stack(xf, 16), (PB,))
+    a11 = numba.carray(_stack(xf, 16), (PB,))
+    a12 = numba.carray(_stack(xf, 16), (PB,))
+    a13 = numba.carray(_stack(xf, 16), (PB,))
+    a14 = numba.carray(_stack(xf, 16), (PB,))
+    a15 = numba.carray(_stack(xf, 16), (PB,))
+    for fb in range(wk.shape[0]):
+        for p0 in range(0, Lp, PB):
+            for j in range(PB):
+                a0[j] = a1[j] = a2[j] = a3[j] = a4[j] = a5[j] = a6[j] = a7[j] = 0.0
+                a8[j] = a9[j] = a10[j] = a11[j] = a12[j] = a13[j] = a14[j] = a15[j] = 0.0
+            for c in range(C):
+                cb = base + c * cstride + p0
+                for t in range(9):
+                    off = np.uint64(cb + (t // 3) * Wp + t % 3)  # unsigned: no wraparound test per load
+                    w = wk[fb, c, t]
+                    w0, w1, w2, w3, w4, w5, w6, w7 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]
+                    w8, w9, w10, w11, w12, w13, w14, w15 = w[8], w[9], w[10], w[11], w[12], w[13], w[14], w[15]
+                    for j in range(PB):
+                        v = xf[off + np.uint64(j)]
+                        a0[j] += w0 * v
+                        a1[j] += w1 * v
+                        a2[j] += w2 * v
+                        a3[j] += w3 * v
+                        a4[j] += w4 * v
+                        a5[j] += w5 * v
+                        a6[j] += w6 * v
+                        a7[j] += w7 * v
+                        a8[j] += w8 * v
+                        a9[j] += w9 * v
+                        a10[j] += w10 * v
+                        a11[j] += w11 * v
+                        a12[j] += w12 * v
+                        a13[j] += w13 * v
+                        a14[j] += w14 * v
+                        a15[j] += w15 * v
+            f = fb * FB
+            for j in range(PB):
+                p = p0 + j
+                z[f, p] = a0[j]
+                z[f + 1, p] = a1[j]
+                z[f + 2, p] = a2[j]
+                z[f + 3, p] = a3[j]
+                z[f + 4, p] = a4[j]
+                z[f + 5, p] = a5[j]
+                z[f + 6, p] = a6[j]
+                z[f + 7, p] = a7[j]
+                z[f + 8, p] = a8[j]
+                z[f + 9, p] = a9[j]
+                z[f + 10, p] = a10[j]
+                z[f + 11, p] = a11[j]
+                z[f + 12, p] = a12[j]
+                z[f + 13, p] = a13[j]
+                z[f + 14, p] = a14[j]
+                z[f + 15, p] = a15[j]
+
+
+@_pjit
+def _forward(xf, N, C, Hp, Wp, OH, OW, wk, b, relu, out):
+    """out (FN, N, OH, OW) = conv(x) + b (ReLU'd if ``relu``) from the flat padded x."""
+    FN = out.shape[0]
+    L = (OH - 1) * Wp + OW
+    Lp = (L + PB - 1) // PB * PB
+    for n in prange(N):
+        z = np.empty((wk.shape[0] * FB, Lp), xf.dtype)
+        _conv_sample(xf, n * Hp * Wp, N * Hp * Wp, C, Wp, wk, Lp, z)
+        for f in range(FN):
+            bf = b[f]
+            for oh in range(OH):
+                for ow in range(OW):
+                    v = z[f, oh * Wp + ow] + bf
+                    out[f, n, oh, ow] = max(v, 0.0) if relu else v
+
+
+@_pjit
+def _forward_pool(xf, N, C, Hp, Wp, OH, OW, wk, b, out, idx, training):
+    """out (FN, N, OH//2, OW//2) = relu(max-pool 2x2/2(conv(x) + b)); idx the first
+    arg-max in the window (0..3, row-major) when ``training``."""
+    FN, QH, QW = out.shape[0], out.shape[2], out.shape[3]
+    L = (OH - 1) * Wp + OW
+    Lp = (L + PB - 1) // PB * PB
+    for n in prange(N):
+        z = np.empty((wk.shape[0] * FB, Lp), xf.dtype)
+        _conv_sample(xf, n * Hp * Wp, N * Hp * Wp, C, Wp, wk, Lp, z)
+        for f in range(FN):
+            bf = b[f]
+            for qy in range(QH):
+                for qx in range(QW):
+                    p = 2 * qy * Wp + 2 * qx
+                    m = z[f, p] + bf
+                    k = 0
+                    v = z[f, p + 1] + bf
+                    if v > m:
+                        m, k = v, 1
+                    v = z[f, p + Wp] + bf
+                    if v > m:
+                        m, k = v, 2
+                    v = z[f, p + Wp + 1] + bf
+                    if v > m:
+                        m, k = v, 3
+                    out[f, n, qy, qx] = max(m, 0.0)
+                    if training:
+                        idx[f, n, qy, qx] = k
+
+
+@_pjit
+def _dz(d, out, idx, relu, pool, Hp, Wp, dzf, db):
+    """dz, the gradient at the conv output (the ReLU mask and the pool's routing
+    applied), into dzf: (FN, N, Hp, Wp) flat, dz[f, n, oh, ow] at [f, n, 1 + oh, 1 + ow],
+    zero elsewhere (dzf comes in zeroed).  db[f] = the sum of dz[f]."""
+    FN, N = d.shape[0], d.shape[1]
+    cs = N * Hp * Wp
+    for f in prange(FN):
+        s = 0.0
+        for n in range(N):
+            o = f * cs + n * Hp * Wp + Wp + 1
+            if pool:
+                for qy in range(d.shape[2]):
+                    for qx in range(d.shape[3]):
+                        if out[f, n, qy, qx] > 0:
+                            g = d[f, n, qy, qx]
+                            k = idx[f, n, qy, qx]
+                            dzf[o + (2 * qy + k // 2) * Wp + 2 * qx + k % 2] = g
+                            s += g
+            else:
+                for oh in range(d.shape[2]):
+                    for ow in range(d.shape[3]):
+                        g = d[f, n, oh, ow]
+                        if relu and not out[f, n, oh, ow] > 0:
+                            g = 0.0
+                        dzf[o + oh * Wp + ow] = g
+                        s += g
+        db[f] = s
+
+
+@_pjit
+def _dx(dzf, N, FN, Hp, Wp, H, W, P, wd, dx):
+    """dx (C, N, H, W) = the full correlation of dz (layout of :func:`_dz`) with the
+    flipped filters wd (packed as :func:`_pack`), for pad P >= 1 on both sides."""
+    C = dx.shape[0]
+    L = (H - 1) * Wp + W
+    Lp = (L + PB - 1) // PB * PB
+    shift = (P - 1) * (Wp + 1)
+    for n in prange(N):
+        z = np.empty((wd.shape[0] * FB, Lp), dzf.dtype)
+        _conv_sample(dzf, n * Hp * Wp + shift, N * Hp * Wp, FN, Wp, wd, Lp, z)
+        for c in range(C):
+            for y in range(H):
+                for x in range(W):
+                    dx[c, n, y, x] = z[c, y * Wp + x]
+
+
+@_pjit
+def _dw(dzf, xf, N, C, FN, Hp, Wp, part):
+    """part[k] (FNp, C, 9) = chunk k's share of dW[f, c, t] = sum_q dz[f, q] x[c, q + tap t]
+    over the flat positions q of the whole batch (junk positions have dz = 0)."""
+    K = part.shape[0]
+    FNp = part.shape[1]
+    Q = N * Hp * Wp
+    step = (Q + K - 1) // K
+    for k in prange(K):
+        q0 = k * step
+        q1 = min(Q, q0 + step)
+        dT = np.zeros((QB, FNp), dzf.dtype)
+        a0 = numba.carray(_stack(dzf, 16), (FV,))
+        a1 = numba.carray(_stack(dzf, 16), (FV,))
+        a2 = numba.carray(_stack(dzf, 16), (FV,))
+        a3 = numba.carray(_stack(dzf, 16), (FV,))
+        a4 = numba.carray(_stack(dzf, 16), (FV,))
+        a5 = numba.carray(_stack(dzf, 16), (FV,))
+        a6 = numba.carray(_stack(dzf, 16), (FV,))
+        a7 = numba.carray(_stack(dzf, 16), (FV,))
+        a8 = numba.carray(_stack(dzf, 16), (FV,))
+        for s0 in range(q0, q1, QB):
+            s1 = min(q1, s0 + QB)
+            for f in range(FN):
+                src = f * Q + Wp + 1
+                for q in range(s0, s1):
+                    dT[q - s0, f] = dzf[src + q]
+            for fb in range(FNp // FV):
+                for c in range(C):
+                    for j in range(FV):
+                        a0[j] = a1[j] = a2[j] = a3[j] = a4[j] = a5[j] = a6[j] = a7[j] = a8[j] = 0.0
+                    xb = c * Q
+                    for q in range(s0, s1):
+                        dq = dT[q - s0, fb * FV : fb * FV + FV]
+                        o = np.uint64(xb + q)
+                        x0 = xf[o]
+                        x1 = xf[o + np.uint64(1)]
+                        x2 = xf[o + np.uint64(2)]
+                        x3 = xf[o + np.uint64(Wp)]
+                        x4 = xf[o + np.uint64(Wp + 1)]
+                        x5 = xf[o + np.uint64(Wp + 2)]
+                        x6 = xf[o + np.uint64(2 * Wp)]
+                        x7 = xf[o + np.uint64(2 * Wp + 1)]
+                        x8 = xf[o + np.uint64(2 * Wp + 2)]
+                        for j in range(FV):
+                            g = dq[j]
+                            a0[j] += x0 * g
+                            a1[j] += x1 * g
+                            a2[j] += x2 * g
+                            a3[j] += x3 * g
+                            a4[j] += x4 * g
+                            a5[j] += x5 * g
+                            a6[j] += x6 * g
+                            a7[j] += x7 * g
+                            a8[j] += x8 * g
+                    for j in range(FV):
+                        f = fb * FV + j
+                        part[k, f, c, 0] += a0[j]
+                        part[k, f, c, 1] += a1[j]
+                        part[k, f, c, 2] += a2[j]
+                        part[k, f, c, 3] += a3[j]
+                        part[k, f, c, 4] += a4[j]
+                        part[k, f, c, 5] += a5[j]
+                        part[k, f, c, 6] += a6[j]
+                        part[k, f, c, 7] += a7[j]
+                        part[k, f, c, 8] += a8[j]
+
+
+# --------------------------------------------------------------------------- host side
+
+
+def _pack(W: np.ndarray, dt) -> np.ndarray:
+    """(FN, C, 3, 3) filters -> (ceil(FN/FB), C, 9, FB): the FB filters of a block side
+    by side for each (channel, tap), zero filters filling the last block."""
+    FN, C = W.shape[:2]
+    nb = -(-FN // FB)
+    wk = np.zeros((nb * FB, C, 9), dt)
+    wk[:FN] = W.reshape(FN, C, 9)
+    return np.ascontiguousarray(wk.reshape(nb, FB, C, 9).transpose(0, 2, 3, 1))
+
+
+def _slack(Wp: int) -> int:
+    """Elements after a flat (A, N, Hp, Wp) buffer that the junk positions may read."""
+    return 3 * Wp + 2 * PB + 8
+
+
+def _flat(x: np.ndarray, PH: int, PW: int, dt) -> tuple[np.ndarray, np.ndarray]:
+    """(N, C, H, W) -> (flat zero-padded (C, N, Hp, Wp) + slack, its 4-D view)."""
+    N, C, H, W = x.shape
+    Hp, Wp = H + 2 * PH, W + 2 * PW
+    flat = np.zeros(C * N * Hp * Wp + _slack(Wp), dt)
+    view = flat[: C * N * Hp * Wp].reshape(C, N, Hp, Wp)
+    view[:, :, PH : PH + H, PW : PW + W] = np.asarray(x).transpose(1, 0, 2, 3)
+    return flat, view
+
+
+def _threads() -> int:
+    return numba.get_num_threads()
+
+
+def covers(x, W, b, stride, pad) -> bool:
+    """Whether these kernels compute this convolution themselves (else the NumPy
+    kernels do): float32/float64 4-D NumPy arrays, 3x3 filters, stride 1, the same pad
+    >= 1 on every side (dx shifts rows and columns by it)."""
+    if not all(isinstance(a, np.ndarray) for a in (x, W, b)):
+        return False
+    dt = np.result_type(x, W, b)
+    if dt not in (np.float32, np.float64) or x.ndim != 4 or W.ndim != 4:
+        return False
+    if W.shape[2:] != (3, 3) or x.shape[1] != W.shape[1] or b.shape != (W.shape[0],):
+        return False
+    PH, PW = pair(pad, "pad")
+    return pair(stride, "stride") == (1, 1) and PH == PW >= 1
+
+
+class _State:
+    """What the backward needs: the flat padded input, the filters, the forward's output
+    (ReLU mask), the pool arg-max."""
+
+    __slots__ = ("xf", "N", "C", "H", "W", "PH", "PW", "W4", "out", "idx", "relu", "pool", "dtype")
+
+    def __init__(self, xf, shape, PH, PW, W4, out, idx, relu, pool, dtype):
+        self.xf, (self.N, self.C, self.H, self.W) = xf, shape
+        self.PH, self.PW, self.W4, self.out, self.idx = PH, PW, W4, out, idx
+        self.relu, self.pool, self.dtype = relu, pool, dtype
+
+
+def _backward(dout, st: _State, need_dx: bool):
+    """(dx, dW, db) of a forward of this module."""
+    dt = np.result_type(dout, st.dtype)
+    N, C, H, W, PH, PW = st.N, st.C, st.H, st.W, st.PH, st.PW
+    Hp, Wp = H + 2 * PH, W + 2 * PW
+    FN = st.W4.shape[0]
+    d = np.asarray(dout, dt).transpose(1, 0, 2, 3)  # (FN, N, ., .): a view of channel-major memory
+    dzf = np.zeros(FN * N * Hp * Wp + _slack(Wp), dt)
+    db = np.empty(FN, dt)
+    idx = st.idx if st.pool else np.zeros((1, 1, 1, 1), np.uint8)
+    _dz(d, st.out, idx, st.relu, st.pool, Hp, Wp, dzf, db)
+    FNp = -(-FN // FV) * FV
+    part = np.zeros((max(1, min(_threads(), N)), FNp, C, 9), dt)
+    _dw(dzf, st.xf, N, C, FN, Hp, Wp, part)
+    dW = part.sum(0)[:FN].reshape(st.W4.shape)
+    if not need_dx:
+        return None, dW, db
+    wd = _pack(np.ascontiguousarray(st.W4[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)), dt)
+    dx = np.empty((C, N, H, W), dt)
+    _dx(dzf, N, FN, Hp, Wp, H, W, PH, wd, dx)
+    return dx.transpose(1, 0, 2, 3), dW, db
+
+
+@register("numpy", "conv2d", replaces=numpy_ops.Conv2d)
+class Conv2d:
+    """3x3 stride-1 convolution (+ ReLU) as a register-blocked direct kernel; other
+    cases go to :class:`.numpy_ops.Conv2d`.  Reference: :class:`xpconv.ops.Conv2d`."""
+
+    replaces: numpy_ops.Conv2d  # set by register(): the kernel for the cases not covered
+
+    def accepts(self, *arrays) -> bool:
+        return True
+
+    def forward(self, x, W, b, stride=1, pad=0, *, relu=False):
+        """ops.conv2d_forward: (N, FN, OH, OW) as a view of channel-major memory."""
+        if not covers(x, W, b, stride, pad):
+            return self.replaces.forward(x, W, b, stride, pad, relu=relu)
+        dt = np.result_type(x, W, b)
+        N, C, H, Wd = x.shape
+        P = pair(pad, "pad")[0]
+        OH, OW = conv_output_size(H, Wd, 3, 3, (1, 1), (P, P), where="Convolution")
+        xf, _ = _flat(x, P, P, dt)
+        FN = W.shape[0]
+        out = np.empty((FN, N, OH, OW), dt)
+        _forward(xf, N, C, H + 2 * P, Wd + 2 * P, OH, OW, _pack(np.asarray(W), dt), np.asarray(b, dt), relu, out)
+        st = _State(xf, (N, C, H, Wd), P, P, np.array(W, dt), out, None, relu, False, dt)
+        return out.transpose(1, 0, 2, 3), st
+
+    def backward(self, dout, state, *, need_dx=True):
+        """ops.conv2d_backward for a state of :meth:`forward`."""
+        if not isinstance(state, _State):
+            return self.replaces.backward(dout, state, need_dx=need_dx)
+        return _backward(dout, state, need_dx)
+
+
+@register("numpy", "conv2d_relu_max_pool2d", replaces=numpy_ops.Conv2dReluMaxPool2d)
+class Conv2dReluMaxPool2d:
+    """3x3 stride-1 convolution + bias + ReLU + 2x2/2 max-pool in one compiled pass;
+    other cases go to :class:`.numpy_ops.Conv2dReluMaxPool2d`.  Reference:
+    :class:`xpconv.ops.Conv2dReluMaxPool2d`."""
+
+    replaces: numpy_ops.Conv2dReluMaxPool2d  # set by register()
+
+    def accepts(self, *arrays) -> bool:
+        return True
+
+    def forward(self, x, W, b, stride, pad, pool_h, pool_w, pool_stride, pool_pad=0, *, training=True):
+        """ops.conv2d_relu_max_pool2d_forward."""
+        pool_ok = (int(pool_h), int(pool_w)) == (2, 2) and pair(pool_stride, "Pooling stride") == (2, 2) and pair(pool_pad, "Pooling pad") == (0, 0)
+        if not (pool_ok and covers(x, W, b, stride, pad)):
+            return self.replaces.forward(x, W, b, stride, pad, pool_h, pool_w, pool_stride, pool_pad, training=training)
+        dt = np.result_type(x, W, b)
+        N, C, H, Wd = x.shape
+        P = pair(pad, "pad")[0]
+        OH, OW = conv_output_size(H, Wd, 3, 3, (1, 1), (P, P), where="Convolution")
+        QH, QW = conv_output_size(OH, OW, 2, 2, (2, 2), (0, 0), where="Pooling")
+        xf, _ = _flat(x, P, P, dt)
+        FN = W.shape[0]
+        out = np.empty((FN, N, QH, QW), dt)
+        idx = np.empty((FN, N, QH, QW), np.uint8) if training else np.empty((1, 1, 1, 1), np.uint8)
+        _forward_pool(xf, N, C, H + 2 * P, Wd + 2 * P, OH, OW, _pack(np.asarray(W), dt), np.asarray(b, dt), out, idx, training)
+        st = _State(xf, (N, C, H, Wd), P, P, np.array(W, dt), out, idx, True, True, dt) if training else None
+        return out.transpose(1, 0, 2, 3), st
+
+    def backward(self, dout, state, *, need_dx=True):
+        """ops.conv2d_relu_max_pool2d_backward for a state of :meth:`forward`."""
+        if not isinstance(state, _State):
+            return self.replaces.backward(dout, state, need_dx=need_dx)
+        return _backward(dout, state, need_dx)
