@@ -129,18 +129,20 @@ def thread_limit(n: int | None):
     if n is None:
         yield
         return
-    torch = None
-    if importlib.util.find_spec("torch") is not None:
-        import torch
-
-        old = torch.get_num_threads()
-        torch.set_num_threads(n)
+    # Numba first: its OpenMP threading layer shares the process's libgomp with torch, and
+    # numba.set_num_threads sets that runtime's thread count, which torch then reads
     numba = None
     if importlib.util.find_spec("numba") is not None:  # the optional compiled kernels' threads
         import numba
 
         old_numba = numba.get_num_threads()
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    torch = None
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        old = torch.get_num_threads()
+        torch.set_num_threads(n)
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
@@ -152,7 +154,7 @@ def thread_limit(n: int | None):
             with threadpool_limits(limits=n, user_api="blas"):
                 yield
     finally:
-        if torch is not None:
-            torch.set_num_threads(old)
         if numba is not None:
             numba.set_num_threads(old_numba)
+        if torch is not None:
+            torch.set_num_threads(old)

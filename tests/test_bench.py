@@ -157,3 +157,14 @@ def test_baselines_compute_the_same_network(model):
             if isinstance(m, torch.nn.Dropout):
                 got = got * (1.0 - m.p)
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5)
+
+
+def test_thread_limit_pins_torch_and_numba_and_restores_them():
+    # numba's OpenMP layer shares libgomp with torch: setting numba's threads after
+    # torch's would silently undo torch's (the order in thread_limit matters)
+    torch = pytest.importorskip("torch")
+    numba = pytest.importorskip("numba")
+    before = (torch.get_num_threads(), numba.get_num_threads())
+    with machine.thread_limit(1):
+        assert (torch.get_num_threads(), numba.get_num_threads()) == (1, 1)
+    assert (torch.get_num_threads(), numba.get_num_threads()) == before
