@@ -230,3 +230,59 @@ def test_deepconvnet_equals_generic_layers(rng, dtype, threads):
     assert loss == pytest.approx(ref_loss, rel=1e-5 if dtype == "float32" else 1e-12)
     for k in ref:
         close(grads[k], ref[k], dtype, k)
+
+
+# ====================================================================== threads: BLAS yields to Numba
+
+
+def _blas_threads() -> int:
+    from threadpoolctl import threadpool_info
+
+    return min(lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas")
+
+
+def test_a_pass_after_one_that_ran_these_kernels_keeps_blas_on_one_thread(monkeypatch):
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    from xpconv.models import SimpleConvNet
+
+    monkeypatch.setattr(numba_ops.BlasYields, "_used_last", False)
+    seen = []
+    real = numba_ops.BlasYields.__enter__
+
+    def enter(self):
+        out = real(self)
+        if type(self)._depth == 1:  # the outermost pass (gradient() runs loss() inside)
+            seen.append(_blas_threads())
+        return out
+
+    monkeypatch.setattr(numba_ops.BlasYields, "__enter__", enter)
+    x = np.random.default_rng(0).random((4, 1, 28, 28)).astype("float32")
+    t = np.arange(4) % 10
+    with threadpool_limits(limits=2, user_api="blas"):
+        numba.set_num_threads(2)
+        try:
+            deep = DeepConvNet(seed=0)
+            deep.gradient(x, t)  # the first pass: nothing known yet, BLAS as it was
+            deep.gradient(x, t)  # the last pass ran the Numba kernels: BLAS on one thread
+            deep.predict(x)
+            assert seen == [2, 1, 1], seen
+            assert _blas_threads() == 2  # restored after each pass
+            simple = SimpleConvNet(seed=0)  # 5x5 convolutions: the NumPy kernels
+            simple.gradient(x, t)  # after a Numba pass: pinned once more
+            simple.gradient(x, t)  # the last pass ran no Numba kernel: BLAS keeps its threads
+            assert seen[-2:] == [1, 2], seen
+            numba.set_num_threads(1)  # one Numba thread: nothing to yield to
+            deep.gradient(x, t)
+            deep.gradient(x, t)
+            assert seen[-2:] == [2, 2], seen
+        finally:
+            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
+def test_step_scope_is_a_no_op_where_no_kernel_module_adds_one():
+    import contextlib
+
+    assert isinstance(kernels.step_scope("array_api_strict"), contextlib.nullcontext)
+    assert kernels.SCOPES["numpy"] == [numba_ops.BlasYields]

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from . import _fileformat, bookpickle
+from . import _fileformat, bookpickle, kernels
 from . import layers as L
 from ._geometry import conv_output_size
 from ._typing import Layer
@@ -243,10 +243,16 @@ class Sequential:
         chunks of ``eval_batch_size`` samples, so memory stays bounded."""
         x = self._array(x, "predict")
         n = int(x.shape[0])
-        if not train_flg and n > self.eval_batch_size:
-            outs = [self._forward(self._input(x[i : i + self.eval_batch_size]), False) for i in range(0, n, self.eval_batch_size)]
-            return self.xp.concat(outs, axis=0)
-        return self._forward(self._input(x), train_flg)
+        with self._scope():
+            if not train_flg and n > self.eval_batch_size:
+                outs = [self._forward(self._input(x[i : i + self.eval_batch_size]), False) for i in range(0, n, self.eval_batch_size)]
+                return self.xp.concat(outs, axis=0)
+            return self._forward(self._input(x), train_flg)
+
+    def _scope(self):
+        """What the kernels of the model's namespace want around a pass
+        (:func:`xpconv.kernels.step_scope`; e.g. the Numba kernels' thread setting)."""
+        return kernels.step_scope(namespace_name(self.xp))
 
     def _forward(self, x, train_flg: bool):
         for step in self.steps:
@@ -255,7 +261,8 @@ class Sequential:
 
     def loss(self, x, t, train_flg: bool = True):
         """Mean loss (a 0-d array; ``float()`` reads it)."""
-        y = self._forward(self._input(x), train_flg)
+        with self._scope():
+            y = self._forward(self._input(x), train_flg)
         # SoftmaxWithLoss moves labels itself, after checking host ones (no device read)
         return self.last_layer.forward(y, t if isinstance(self.last_layer, L.SoftmaxWithLoss) else self._labels(t))
 
@@ -271,7 +278,8 @@ class Sequential:
         correct = 0
         xp = self.xp
         for i in range(0, n, batch_size):
-            y = self._forward(self._input(x[i : i + batch_size]), False)
+            with self._scope():
+                y = self._forward(self._input(x[i : i + batch_size]), False)
             tt = L.label_indices(self._labels(t[i : i + batch_size]))
             if len(tt.shape) != 1:
                 tt = xp.argmax(tt, axis=1)
@@ -282,14 +290,15 @@ class Sequential:
 
     def gradient(self, x, t) -> dict:
         """Gradients of the loss by backpropagation: a dict with the keys of ``params``."""
-        self.loss(x, t, train_flg=True)
-        dout = self.last_layer.backward(1.0)
-        steps = self.steps
-        for i in range(len(steps) - 1, -1, -1):
-            if i == 0 and getattr(steps[0], "can_skip_dx", False):
-                steps[0].backward(dout, need_dx=False)  # type: ignore[call-arg]  # can_skip_dx: it takes need_dx; nobody needs dL/d(input)
-            else:
-                dout = steps[i].backward(dout)
+        with self._scope():
+            self.loss(x, t, train_flg=True)
+            dout = self.last_layer.backward(1.0)
+            steps = self.steps
+            for i in range(len(steps) - 1, -1, -1):
+                if i == 0 and getattr(steps[0], "can_skip_dx", False):
+                    steps[0].backward(dout, need_dx=False)  # type: ignore[call-arg]  # can_skip_dx: it takes need_dx; nobody needs dL/d(input)
+                else:
+                    dout = steps[i].backward(dout)
         grads = {}
         for key, (layer, attr) in self._slots.items():
             grads[key] = getattr(layer, "d" + attr)

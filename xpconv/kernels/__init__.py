@@ -48,6 +48,7 @@ geometry and its array library.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from collections.abc import Callable
@@ -75,7 +76,7 @@ def col_bytes_from_env() -> int:
 #: 18 samples); ``XPCONV_COL_MIB=64`` trades memory for fewer launches.
 COL_BYTES = col_bytes_from_env()
 
-__all__ = ["MODULES", "OPTIONAL", "REGISTRY", "Kernel", "find", "register"]
+__all__ = ["MODULES", "OPTIONAL", "REGISTRY", "SCOPES", "Kernel", "find", "register", "register_step_scope", "step_scope"]
 
 
 class Kernel(Protocol):
@@ -137,6 +138,38 @@ def find(namespace: str, op: str) -> Kernel | None:
     if namespace not in _loaded:
         _load(namespace)
     return REGISTRY.get((namespace, op))
+
+
+#: namespace name -> context-manager classes kernel modules add with
+#: :func:`register_step_scope`; :func:`step_scope` enters them around a model's pass
+SCOPES: dict[str, list[Callable[[], Any]]] = {}
+
+
+def register_step_scope(namespace: str) -> Callable[[K], K]:
+    """Class decorator: enter an instance of the class (a context manager) around every
+    forward/backward pass a model makes on ``namespace`` (:func:`step_scope`)."""
+
+    def deco(cls: K) -> K:
+        SCOPES.setdefault(namespace, []).append(cls)
+        return cls
+
+    return deco
+
+
+def step_scope(namespace: str) -> contextlib.AbstractContextManager:
+    """What the kernels of ``namespace`` want around a model's pass (e.g. thread
+    settings of the optional Numba kernels); a no-op for most namespaces."""
+    if namespace not in _loaded:
+        _load(namespace)
+    scopes = SCOPES.get(namespace)
+    if not scopes:
+        return contextlib.nullcontext()
+    if len(scopes) == 1:
+        return scopes[0]()
+    stack = contextlib.ExitStack()
+    for scope in scopes:
+        stack.enter_context(scope())
+    return stack
 
 
 def _load(namespace: str) -> None:

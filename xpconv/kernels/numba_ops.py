@@ -37,6 +37,8 @@ Every result equals the reference class in :mod:`xpconv.ops` (tests/test_numba_k
 
 from __future__ import annotations
 
+from typing import Any
+
 import numba
 import numpy as np
 from numba import njit, prange, types
@@ -44,9 +46,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .._geometry import conv_output_size, pair
-from . import numpy_ops, register
+from . import numpy_ops, register, register_step_scope
 
-__all__ = ["Conv2d", "Conv2dReluMaxPool2d", "covers"]
+__all__ = ["BlasYields", "Conv2d", "Conv2dReluMaxPool2d", "covers"]
 
 FB = 16  # output channels per register block (one accumulator each)
 PB = 16  # positions per register block (the vector lanes)
@@ -352,6 +354,49 @@ def covers(x, W, b, stride, pad) -> bool:
     return pair(stride, "stride") == (1, 1) and PH == PW >= 1
 
 
+@register_step_scope("numpy")
+class BlasYields:
+    """A model's pass (``kernels.step_scope``) during which BLAS keeps one thread, when
+    the previous pass ran these kernels and Numba has more than one thread.
+
+    Numba's threads (its OpenMP layer) and OpenBLAS's own threads are two pools on the
+    same cores: OpenBLAS's workers keep spinning after each matrix product, the small
+    affine products of a net whose convolutions run here, and take the cores from the
+    next compiled kernel.  Measured on DeepConvNet, batch 100, 2 cores
+    (benchmarks/README.md, candidate 12): a training step 2x faster with BLAS on one
+    thread during the pass than with both pools on two.  A pass that ran none of these
+    kernels (a net whose convolutions they do not cover) leaves BLAS alone the next time,
+    so SimpleConvNet's im2col products keep their threads.  Nested passes act once."""
+
+    ran = False  # set by the kernels when they compute a convolution themselves
+    _used_last = False
+    _depth = 0
+    _controller: Any = None
+
+    def __enter__(self):
+        cls = type(self)
+        cls._depth += 1
+        self._limiter = None
+        if cls._depth == 1:
+            cls.ran = False
+            if cls._used_last and numba.get_num_threads() > 1:
+                if cls._controller is None:
+                    from threadpoolctl import ThreadpoolController
+
+                    cls._controller = ThreadpoolController()
+                self._limiter = cls._controller.limit(limits=1, user_api="blas")
+        return self
+
+    def __exit__(self, *exc):
+        cls = type(self)
+        cls._depth -= 1
+        if self._limiter is not None:
+            self._limiter.restore_original_limits()
+        if cls._depth == 0:
+            cls._used_last = cls.ran
+        return False
+
+
 class _State:
     """What the backward needs: the flat padded input, the filters, the forward's output
     (ReLU mask), the pool arg-max."""
@@ -366,6 +411,7 @@ class _State:
 
 def _backward(dout, st: _State, need_dx: bool):
     """(dx, dW, db) of a forward of this module."""
+    BlasYields.ran = True
     dt = np.result_type(dout, st.dtype)
     N, C, H, W, PH, PW = st.N, st.C, st.H, st.W, st.PH, st.PW
     Hp, Wp = H + 2 * PH, W + 2 * PW
@@ -401,6 +447,7 @@ class Conv2d:
         """ops.conv2d_forward: (N, FN, OH, OW) as a view of channel-major memory."""
         if not covers(x, W, b, stride, pad):
             return self.replaces.forward(x, W, b, stride, pad, relu=relu)
+        BlasYields.ran = True
         dt = np.result_type(x, W, b)
         N, C, H, Wd = x.shape
         P = pair(pad, "pad")[0]
@@ -435,6 +482,7 @@ class Conv2dReluMaxPool2d:
         pool_ok = (int(pool_h), int(pool_w)) == (2, 2) and pair(pool_stride, "Pooling stride") == (2, 2) and pair(pool_pad, "Pooling pad") == (0, 0)
         if not (pool_ok and covers(x, W, b, stride, pad)):
             return self.replaces.forward(x, W, b, stride, pad, pool_h, pool_w, pool_stride, pool_pad, training=training)
+        BlasYields.ran = True
         dt = np.result_type(x, W, b)
         N, C, H, Wd = x.shape
         P = pair(pad, "pad")[0]
