@@ -3,7 +3,8 @@ option ends in one line on stderr naming the file or option, what was expected a
 came, with exit status 2 (1 for runtime failures), never a traceback unless --debug.
 
 Each hostile file is handed to ``python -m xpconv eval|predict`` in a child process whose
-peak resident memory (``ru_maxrss`` from ``os.wait4``) must stay under 700 MB; the child's
+peak resident memory (``RUSAGE_CHILDREN`` of a small wrapper process whose only child it is)
+must stay under 700 MB; the child's
 address space is capped at 4 GiB so that a regression fails here instead of exhausting the
 machine, and a FIFO case has a timeout (a hang is killed and fails).
 """
@@ -12,12 +13,9 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import struct
 import subprocess
 import sys
-import tempfile
-import threading
 import warnings
 import zipfile
 import zlib
@@ -44,27 +42,35 @@ RUN_CONFIG = {
 }
 
 
-def _limit_memory():
+# The case runs as the only child of a small wrapper interpreter, which reports the case's
+# peak resident memory (RUSAGE_CHILDREN). Measured from this process instead, a child's
+# ru_maxrss would start at this test process's own peak (Linux records the forked copy's
+# high-water mark at exec), so a test run that had grown past the limit would fail every
+# case. The case's address space is capped at 4 GiB, so a regression fails here instead of
+# exhausting the machine.
+_WRAPPER = r"""
+import json, resource, subprocess, sys
+def cap():
     resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+try:
+    p = subprocess.run(sys.argv[2:], capture_output=True, stdin=subprocess.DEVNULL, preexec_fn=cap, timeout=float(sys.argv[1]))
+    rc, out, err = p.returncode, p.stdout, p.stderr
+except subprocess.TimeoutExpired as exc:  # killed (SIGKILL) and reaped by subprocess.run
+    rc, out, err = -9, exc.stdout or b"", exc.stderr or b""
+rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+print(json.dumps({"rc": rc, "out": out.decode(errors="replace"), "err": err.decode(errors="replace"), "rss_mb": rss_mb}))
+"""
 
 
 def xpconv(*args, cwd, timeout: float = 120) -> tuple[int, str, str, float]:
     """Run ``python -m xpconv ARGS``: (exit status, stdout, stderr, peak RSS in MB). A
     child still running after ``timeout`` seconds is killed (status -9)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XPCONV_DATA_DIR": str(Path(cwd) / "no-data")}
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([sys.executable, "-m", "xpconv", *map(str, args)], stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                cwd=cwd, env=env, preexec_fn=_limit_memory)  # noqa: PLW1509 - the test runs no threads yet
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
-        out.seek(0)
-        err.seek(0)
-        return proc.returncode, out.read().decode(), err.read().decode(), usage.ru_maxrss / 1024
+    cmd = [sys.executable, "-c", _WRAPPER, str(timeout), sys.executable, "-m", "xpconv", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, stdin=subprocess.DEVNULL, timeout=timeout + 60)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    return res["rc"], res["out"], res["err"], res["rss_mb"]
 
 
 def fails(*args, cwd, code=2, timeout=120, expect=()):
