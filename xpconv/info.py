@@ -32,10 +32,10 @@ from ._version import __version__
 NAMESPACES = ("numpy", "array_api_strict", "torch", "cupy")
 
 #: distributions whose versions are reported (None when not installed)
-PACKAGES = ("numpy", "array-api-compat", "array-api-strict", "cupy", "torch", "threadpoolctl")
+PACKAGES = ("numpy", "array-api-compat", "array-api-strict", "cupy", "torch", "threadpoolctl", "numba")
 
 #: environment variables that set thread counts or kernel choices (they change speed numbers)
-THREAD_ENV = ("XPCONV_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE")
+THREAD_ENV = ("XPCONV_NUM_THREADS", "XPCONV_NUMBA", "XPCONV_COL_MIB", "NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE")
 
 #: what is reported of each BLAS library threadpoolctl finds
 BLAS_KEYS = ("internal_api", "version", "threading_layer", "num_threads", "architecture", "filepath")
