@@ -119,7 +119,7 @@ def test_slice_budget_comes_from_the_environment(monkeypatch):
     assert kernels.col_bytes_from_env() == 64 << 20
     for bad in ("0", "-3", "1.5", "lots"):
         monkeypatch.setenv("XPCONV_COL_MIB", bad)
-        with pytest.raises(ValueError, match=f"XPCONV_COL_MIB: expected a whole number of MiB >= 1, got '{re.escape(bad)}'"):
+        with pytest.raises(ValueError, match=f"XPCONV_COL_MIB: expected a whole number >= 1, got '{re.escape(bad)}'"):
             kernels.col_bytes_from_env()
 
 

@@ -72,7 +72,7 @@ def chunking(request, monkeypatch):
 
 def test_worker_threads_setting(monkeypatch):
     monkeypatch.setenv(numpy_ops.THREADS_ENV, "two")
-    with pytest.raises(ValueError, match="XPCONV_NUM_THREADS must be a positive integer"):
+    with pytest.raises(ValueError, match="XPCONV_NUM_THREADS: expected a whole number >= 1"):
         numpy_ops._workers()
     monkeypatch.setenv(numpy_ops.THREADS_ENV, "2")
     assert numpy_ops._workers() == 2

@@ -55,16 +55,24 @@ from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 
-def col_bytes_from_env() -> int:
-    """The im2col slice budget in bytes: ``XPCONV_COL_MIB`` (a whole number of MiB >= 1), default 8."""
-    raw = os.environ.get("XPCONV_COL_MIB", "8")
+def env_count(name: str, default: int) -> int:
+    """A whole number >= 1 from the environment variable ``name`` (``default`` when unset or
+    empty); anything else is a ValueError naming the variable."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
     try:
-        mib = int(raw)
+        n = int(raw)
     except ValueError:
-        mib = 0
-    if mib < 1:
-        raise ValueError(f"XPCONV_COL_MIB: expected a whole number of MiB >= 1, got {raw!r}")
-    return mib << 20
+        n = 0
+    if n < 1:
+        raise ValueError(f"{name}: expected a whole number >= 1, got {raw!r}")
+    return n
+
+
+def col_bytes_from_env() -> int:
+    """The im2col slice budget in bytes: ``XPCONV_COL_MIB`` (MiB, default 8)."""
+    return env_count("XPCONV_COL_MIB", 8) << 20
 
 
 #: most bytes of im2col matrix (and of its gradient dcol) a GPU convolution holds at
@@ -76,7 +84,7 @@ def col_bytes_from_env() -> int:
 #: 18 samples); ``XPCONV_COL_MIB=64`` trades memory for fewer launches.
 COL_BYTES = col_bytes_from_env()
 
-__all__ = ["MODULES", "OPTIONAL", "REGISTRY", "SCOPES", "Kernel", "find", "register", "register_step_scope", "step_scope"]
+__all__ = ["MODULES", "OPTIONAL", "REGISTRY", "SCOPES", "Kernel", "env_count", "find", "register", "register_step_scope", "step_scope"]
 
 
 class Kernel(Protocol):

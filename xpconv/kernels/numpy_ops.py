@@ -41,14 +41,13 @@ Everything stays in the input's floating dtype (float32 in, float32 out).
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import threading
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from .._geometry import conv_output_size, pair
-from . import register
+from . import env_count, register
 
 __all__ = ["AvgPool2d", "Conv2d", "Conv2dReluMaxPool2d", "Im2col", "MaxPool2d"]
 
@@ -68,16 +67,7 @@ _pools: dict = {}
 
 
 def _workers() -> int:
-    env = os.environ.get(THREADS_ENV)
-    if not env:
-        return 1
-    try:
-        n = int(env)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise ValueError(f"{THREADS_ENV} must be a positive integer, got {env!r}")
-    return n
+    return env_count(THREADS_ENV, 1)
 
 
 def _executor(n: int):
