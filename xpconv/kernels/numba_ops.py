@@ -1,14 +1,14 @@
-"""Compiled (Numba) kernels for 3x3 stride-1 convolutions on NumPy arrays: the optional
-``xpconv[numba]`` extra.
+"""Compiled (Numba) kernels for square KxK stride-1 convolutions (K in KERNEL_SIZES: 3
+and 5) on NumPy arrays: the optional ``xpconv[numba]`` extra.
 
 Imported after :mod:`.numpy_ops` when ``numba`` is importable (``kernels.OPTIONAL``;
 ``XPCONV_NUMBA=0`` in the environment leaves it out).  Its two classes register for the
 ``"numpy"`` namespace with ``replaces=`` the NumPy kernels of the same ops, and run
-those (``self.replaces``) for every case they do not cover: another filter size, a
-stride, no pad or unequal pads, a pool that is not 2x2/2, a dtype other than
-float32/float64.
+those (``self.replaces``) for every case they do not cover: another filter size or a
+non-square filter, a stride, unequal pads, a pool that is not 2x2/2, a dtype other than
+float32/float64.  Any equal pad >= 0 is covered, dx included.
 
-How they are fast (benchmarks/README.md, candidate 12, has the measurements):
+How they are fast (benchmarks/README.md, candidates 12 and 13, has the measurements):
 
 * **The flat-row layout.**  The input is padded and stored channel-major, (C, N, Hp, Wp),
   with some slack at the end.  Output position (oh, ow) of a sample is numbered
@@ -21,14 +21,19 @@ How they are fast (benchmarks/README.md, candidate 12, has the measurements):
   one weight per FMA; the input run is loaded once per tap for all 16 channels.  The
   accumulators are stack arrays indexed by constants only, so LLVM turns them into
   registers; the 16 output channels are written out one line each (no loop over them,
-  which LLVM would vectorise the wrong way).
+  which LLVM would vectorise the wrong way).  The K*K taps are a runtime loop around
+  the 16 FMAs.
 * **Epilogues in the same pass.**  bias + ReLU, or bias + 2x2 max-pool (first arg-max,
   as the reference) + ReLU, read the block's sample scratch while it is in L1.
 * **Backward.**  dz (the ReLU mask and pool routing applied) is laid out like the padded
-  input with a one-pixel border, so dx is the same micro-kernel over dz with the flipped,
-  transposed weights, and dW = sum_q dz[f, q] x[c, q + tap] is a blocked reduction over
-  the flat positions q of the whole batch (16 filters as the vector lanes, the 9 taps of
-  one channel in 9 accumulators).
+  input with a border of max(0, K-1-pad) rows and columns (:func:`_border`; pad 0 works
+  too), so dx is the same micro-kernel over dz with the flipped, transposed weights, and
+  dW = sum_q dz[f, q] x[c, q + tap] is a blocked reduction over the flat positions q of
+  the whole batch (16 filters as the vector lanes, a channel's taps in groups of 9
+  accumulators; float32 two blocks of 16 filters at a time).  A pooled layer whose dx is
+  not needed (a net's first) writes no full dz: dW's tiles (whole samples) are filled
+  straight from the pool's routing (:func:`_dw_pool`), which halves SimpleConvNet's
+  backward.
 * **Threads.**  Samples (forward, dx) and position chunks (dW) run in ``prange``; Numba's
   thread count (``numba.set_num_threads``, ``NUMBA_NUM_THREADS``) sets how many.
 
@@ -509,7 +514,7 @@ class BlasYields:
     (benchmarks/README.md, candidate 12): a training step 2x faster with BLAS on one
     thread during the pass than with both pools on two.  A pass that ran none of these
     kernels (a net whose convolutions they do not cover) leaves BLAS alone the next time,
-    so SimpleConvNet's im2col products keep their threads.  Nested passes act once."""
+    so a net of 7x7 convolutions keeps its im2col products' threads.  Nested passes act once."""
 
     ran = False  # set by the kernels when they compute a convolution themselves
     _used_last = False
@@ -586,7 +591,7 @@ def _backward(dout, st: _State, need_dx: bool):
 
 @register("numpy", "conv2d", replaces=numpy_ops.Conv2d)
 class Conv2d:
-    """3x3 stride-1 convolution (+ ReLU) as a register-blocked direct kernel; other
+    """KxK stride-1 convolution (+ ReLU) as a register-blocked direct kernel; other
     cases go to :class:`.numpy_ops.Conv2d`.  Reference: :class:`xpconv.ops.Conv2d`."""
 
     replaces: numpy_ops.Conv2d  # set by register(): the kernel for the cases not covered
@@ -620,7 +625,7 @@ class Conv2d:
 
 @register("numpy", "conv2d_relu_max_pool2d", replaces=numpy_ops.Conv2dReluMaxPool2d)
 class Conv2dReluMaxPool2d:
-    """3x3 stride-1 convolution + bias + ReLU + 2x2/2 max-pool in one compiled pass;
+    """KxK stride-1 convolution + bias + ReLU + 2x2/2 max-pool in one compiled pass;
     other cases go to :class:`.numpy_ops.Conv2dReluMaxPool2d`.  Reference:
     :class:`xpconv.ops.Conv2dReluMaxPool2d`."""
 
