@@ -3,7 +3,8 @@ give the generic path's results, and take the NumPy kernels' place explicitly.
 
 Skipped only when numba is not installed (the ``test`` extra installs it).  Every
 DeepConvNet layer shape and odd ones (channel counts that fill no register block, H !=
-W, odd output sizes under a 2x2 pool, pads 1-3, one sample), float32 and float64,
+W, odd output sizes under a 2x2 pool, pads 0-3, one sample), SimpleConvNet's 5x5 pad-0
+layer and odd 5x5 ones (pads 0-4), float32 and float64,
 forward (training and inference) and backward with and without dL/dx, against the
 reference classes in xpconv.ops (``impl=ops.GENERIC``); the cases the kernels leave to
 the NumPy kernels (stride, no pad, other filters and pools) too; and whole models.
@@ -42,12 +43,25 @@ ODD = [
     (4, 17, 5, 5, 33, 1, 1),  # 17 channels (dx: a block of 16 and one of 1), 33 filters
     (2, 2, 4, 10, 3, 1, 3),  # pad 3
     (1, 1, 3, 3, 1, 1, 1),
+    (2, 2, 8, 8, 3, 1, 0),  # no pad: dz's border is K - 1 = 2, dx reads from its corner
+    (2, 17, 6, 9, 33, 1, 0),
+]
+# (N, C, H, W, FN, stride, pad), 5x5 filters: SimpleConvNet's layer (batch cut to 3), then odd ones
+FIVE = [
+    (3, 1, 28, 28, 30, 1, 0),
+    (2, 3, 9, 11, 5, 1, 0),  # 5x7 out: a 2x2 pool cuts the last row
+    (2, 2, 10, 7, 17, 1, 1),  # 17 filters: a block of 16 and one of 1; dz's border 3
+    (1, 4, 7, 7, 40, 1, 2),  # 40 filters: a pair of blocks (float32 dW) and a single one
+    (2, 5, 6, 5, 3, 1, 4),  # pad 4 = K - 1: no border
+    (1, 17, 5, 5, 16, 1, 3),  # pad past K - 1; 17 channels
+    (1, 2, 50, 50, 3, 1, 0),  # more positions per sample than dW's tile (QB)
 ]
 # what numba_ops leaves to numpy_ops: (N, C, H, W, FN, FH, FW, stride, pad)
 NOT_COVERED = [
     (2, 3, 9, 9, 4, 3, 3, 2, 1),
-    (2, 3, 8, 8, 4, 3, 3, 1, 0),
-    (2, 2, 9, 8, 3, 5, 5, 1, 2),
+    (2, 3, 8, 8, 4, 7, 7, 1, 3),  # 7x7: not in KERNEL_SIZES
+    (2, 2, 9, 8, 3, 1, 1, 1, 0),
+    (2, 2, 9, 8, 3, 5, 5, 2, 0),
     (2, 2, 8, 8, 3, 3, 3, 1, (1, 2)),
     (2, 2, 8, 7, 3, 3, 2, 1, 1),
 ]
@@ -110,9 +124,22 @@ def test_environment_switch_leaves_the_numpy_kernels():
 @pytest.mark.parametrize("pooled", [False, True])
 @pytest.mark.parametrize("case", DEEP + ODD)
 def test_conv_equals_generic(rng, case, pooled, dtype):
-    x, Wt, b = inputs(rng, case, dtype)
+    check_equals_generic(rng, case, pooled, dtype, 3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pooled", [False, True])
+@pytest.mark.parametrize("case", FIVE)
+def test_conv_5x5_equals_generic(rng, case, pooled, dtype):
+    """5x5 filters; pooled without dx, dW comes straight from the pool's routing
+    (``_dw_pool``), with dx through the full dz buffer: both against the reference."""
+    check_equals_generic(rng, case, pooled, dtype, 5)
+
+
+def check_equals_generic(rng, case, pooled, dtype, K):
+    x, Wt, b = inputs(rng, case, dtype, F=(K, K))
     stride, pad = case[5:]
-    if pooled and min(x.shape[2] + 2 * pad - 2, x.shape[3] + 2 * pad - 2) < 2:
+    if pooled and min(x.shape[2] + 2 * pad - K + 1, x.shape[3] + 2 * pad - K + 1) < 2:
         pytest.skip("output smaller than the pool window")
 
     def run(impl):
@@ -189,20 +216,29 @@ def test_cases_not_covered_run_the_numpy_kernels(rng, case, pooled):
 
 def test_covers():
     x, W, b = np.zeros((1, 2, 5, 5), np.float32), np.zeros((3, 2, 3, 3), np.float32), np.zeros(3, np.float32)
-    assert numba_ops.covers(x, W, b, 1, 1) and numba_ops.covers(x, W, b, (1, 1), 2)
-    assert not numba_ops.covers(x, W, b, 1, 0) and not numba_ops.covers(x, W, b, 2, 1) and not numba_ops.covers(x, W, b, 1, (1, 2))
+    assert numba_ops.covers(x, W, b, 1, 1) and numba_ops.covers(x, W, b, (1, 1), 2) and numba_ops.covers(x, W, b, 1, 0)
+    assert not numba_ops.covers(x, W, b, 2, 1) and not numba_ops.covers(x, W, b, 1, (1, 2))
     assert not numba_ops.covers(x.astype(np.int64), W.astype(np.int64), b.astype(np.int64), 1, 1)
-    assert not numba_ops.covers(x, np.zeros((3, 2, 5, 5), np.float32), b, 1, 1)
+    assert numba_ops.covers(x, np.zeros((3, 2, 5, 5), np.float32), b, 1, 0)
+    for shape in ((3, 2, 7, 7), (3, 2, 1, 1), (3, 2, 5, 3), (3, 2, 4, 4)):
+        assert not numba_ops.covers(x, np.zeros(shape, np.float32), b, 1, 1), shape
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_deepconvnet_equals_generic_layers(rng, dtype, threads):
-    """A DeepConvNet's loss and gradients with the Numba kernels (one and two Numba
-    threads) equal the unfused generic path's."""
+@pytest.mark.parametrize("model", ["deep", "simple"])
+def test_models_equal_generic_layers(rng, model, dtype, threads):
+    """A DeepConvNet's and a SimpleConvNet's (5x5, pad 0, its block without dx) loss and
+    gradients with the Numba kernels (one and two Numba threads) equal the unfused
+    generic path's."""
     import numba
 
-    net = DeepConvNet(input_dim=(1, 12, 12), hidden_size=9, dropout_ratio=0.0, dtype=dtype, seed=1)
+    from xpconv.models import SimpleConvNet
+
+    if model == "deep":
+        net = DeepConvNet(input_dim=(1, 12, 12), hidden_size=9, dropout_ratio=0.0, dtype=dtype, seed=1)
+    else:
+        net = SimpleConvNet(input_dim=(1, 12, 12), conv_param={"filter_num": 20}, hidden_size=9, weight_init_std=0.3, dtype=dtype, seed=1)
     x = rng.standard_normal((5, 1, 12, 12)).astype(dtype)
     t = rng.integers(0, 10, 5)
     convs = [layer for layer in net.layers if isinstance(layer, layers.Convolution | layers.Pooling)]
@@ -226,7 +262,7 @@ def test_deepconvnet_equals_generic_layers(rng, dtype, threads):
     finally:
         numba.set_num_threads(old)
     blocks = [s for s in net.steps if isinstance(s, layers.ConvBlock)]
-    assert all(by_numba(blk._cache) for blk in blocks), "the model should run the Numba kernels"
+    assert blocks and all(by_numba(blk._cache) for blk in blocks), "the model should run the Numba kernels"
     assert loss == pytest.approx(ref_loss, rel=1e-5 if dtype == "float32" else 1e-12)
     for k in ref:
         close(grads[k], ref[k], dtype, k)
@@ -269,7 +305,7 @@ def test_a_pass_after_one_that_ran_these_kernels_keeps_blas_on_one_thread(monkey
             deep.predict(x)
             assert seen == [2, 1, 1], seen
             assert _blas_threads() == 2  # restored after each pass
-            simple = SimpleConvNet(seed=0)  # 5x5 convolutions: the NumPy kernels
+            simple = SimpleConvNet(conv_param={"filter_size": 7}, seed=0)  # 7x7 convolutions: the NumPy kernels
             simple.gradient(x, t)  # after a Numba pass: pinned once more
             simple.gradient(x, t)  # the last pass ran no Numba kernel: BLAS keeps its threads
             assert seen[-2:] == [1, 2], seen

@@ -1,14 +1,14 @@
-"""Compiled (Numba) kernels for 3x3 stride-1 convolutions on NumPy arrays: the optional
-``xpconv[numba]`` extra.
+"""Compiled (Numba) kernels for square KxK stride-1 convolutions (K in KERNEL_SIZES: 3
+and 5) on NumPy arrays: the optional ``xpconv[numba]`` extra.
 
 Imported after :mod:`.numpy_ops` when ``numba`` is importable (``kernels.OPTIONAL``;
 ``XPCONV_NUMBA=0`` in the environment leaves it out).  Its two classes register for the
 ``"numpy"`` namespace with ``replaces=`` the NumPy kernels of the same ops, and run
-those (``self.replaces``) for every case they do not cover: another filter size, a
-stride, no pad or unequal pads, a pool that is not 2x2/2, a dtype other than
-float32/float64.
+those (``self.replaces``) for every case they do not cover: another filter size or a
+non-square filter, a stride, unequal pads, a pool that is not 2x2/2, a dtype other than
+float32/float64.  Any equal pad >= 0 is covered, dx included.
 
-How they are fast (benchmarks/README.md, candidate 12, has the measurements):
+How they are fast (benchmarks/README.md, candidates 12 and 13, has the measurements):
 
 * **The flat-row layout.**  The input is padded and stored channel-major, (C, N, Hp, Wp),
   with some slack at the end.  Output position (oh, ow) of a sample is numbered
@@ -21,14 +21,19 @@ How they are fast (benchmarks/README.md, candidate 12, has the measurements):
   one weight per FMA; the input run is loaded once per tap for all 16 channels.  The
   accumulators are stack arrays indexed by constants only, so LLVM turns them into
   registers; the 16 output channels are written out one line each (no loop over them,
-  which LLVM would vectorise the wrong way).
+  which LLVM would vectorise the wrong way).  The K*K taps are a runtime loop around
+  the 16 FMAs.
 * **Epilogues in the same pass.**  bias + ReLU, or bias + 2x2 max-pool (first arg-max,
   as the reference) + ReLU, read the block's sample scratch while it is in L1.
 * **Backward.**  dz (the ReLU mask and pool routing applied) is laid out like the padded
-  input with a one-pixel border, so dx is the same micro-kernel over dz with the flipped,
-  transposed weights, and dW = sum_q dz[f, q] x[c, q + tap] is a blocked reduction over
-  the flat positions q of the whole batch (16 filters as the vector lanes, the 9 taps of
-  one channel in 9 accumulators).
+  input with a border of max(0, K-1-pad) rows and columns (:func:`_border`; pad 0 works
+  too), so dx is the same micro-kernel over dz with the flipped, transposed weights, and
+  dW = sum_q dz[f, q] x[c, q + tap] is a blocked reduction over the flat positions q of
+  the whole batch (16 filters as the vector lanes, a channel's taps in groups of 9
+  accumulators; float32 two blocks of 16 filters at a time).  A pooled layer whose dx is
+  not needed (a net's first) writes no full dz: dW's tiles (whole samples) are filled
+  straight from the pool's routing (:func:`_dw_pool`), which halves SimpleConvNet's
+  backward.
 * **Threads.**  Samples (forward, dx) and position chunks (dW) run in ``prange``; Numba's
   thread count (``numba.set_num_threads``, ``NUMBA_NUM_THREADS``) sets how many.
 
@@ -54,6 +59,9 @@ FB = 16  # output channels per register block (one accumulator each)
 PB = 16  # positions per register block (the vector lanes)
 FV = 16  # filters per dW block (the vector lanes)
 QB = 2048  # positions per dW sub-chunk (its dz transpose stays in L1/L2)
+PAIRS = True  # dW: two filter blocks at a time (float32)
+DIRECT_POOL = True  # pooled, no dx: dW's tiles straight from the pool's routing
+KERNEL_SIZES = (3, 5)  # the square filter sizes covered (any odd size works; these are tested)
 
 # fastmath: contract to FMAs and reassociate; error_model="numpy": no division checks
 _jit = njit(fastmath=True, cache=True, error_model="numpy", boundscheck=False)
@@ -74,9 +82,9 @@ def _stack(typingctx, like, size):
 
 
 @_jit
-def _conv_sample(xf, base, cstride, C, Wp, wk, Lp, z):
-    """z[:, :Lp] = the 3x3 correlation of one sample: z[f, p] = sum_{c,ky,kx}
-    wk[f // FB, c, 3*ky + kx, f % FB] * xf[base + c*cstride + ky*Wp + kx + p]."""
+def _conv_sample(xf, base, cstride, C, Wp, K, wk, Lp, z):
+    """z[:, :Lp] = the KxK correlation of one sample: z[f, p] = sum_{c,ky,kx}
+    wk[f // FB, c, K*ky + kx, f % FB] * xf[base + c*cstride + ky*Wp + kx + p]."""
     a0 = numba.carray(_stack(xf, 16), (PB,))
     a1 = numba.carray(_stack(xf, 16), (PB,))
     a2 = numba.carray(_stack(xf, 16), (PB,))
@@ -100,29 +108,30 @@ def _conv_sample(xf, base, cstride, C, Wp, wk, Lp, z):
                 a8[j] = a9[j] = a10[j] = a11[j] = a12[j] = a13[j] = a14[j] = a15[j] = 0.0
             for c in range(C):
                 cb = base + c * cstride + p0
-                for t in range(9):
-                    off = np.uint64(cb + (t // 3) * Wp + t % 3)  # unsigned: no wraparound test per load
-                    w = wk[fb, c, t]
-                    w0, w1, w2, w3, w4, w5, w6, w7 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]
-                    w8, w9, w10, w11, w12, w13, w14, w15 = w[8], w[9], w[10], w[11], w[12], w[13], w[14], w[15]
-                    for j in range(PB):
-                        v = xf[off + np.uint64(j)]
-                        a0[j] += w0 * v
-                        a1[j] += w1 * v
-                        a2[j] += w2 * v
-                        a3[j] += w3 * v
-                        a4[j] += w4 * v
-                        a5[j] += w5 * v
-                        a6[j] += w6 * v
-                        a7[j] += w7 * v
-                        a8[j] += w8 * v
-                        a9[j] += w9 * v
-                        a10[j] += w10 * v
-                        a11[j] += w11 * v
-                        a12[j] += w12 * v
-                        a13[j] += w13 * v
-                        a14[j] += w14 * v
-                        a15[j] += w15 * v
+                for ky in range(K):
+                    for kx in range(K):
+                        off = np.uint64(cb + ky * Wp + kx)  # unsigned: no wraparound test per load
+                        w = wk[fb, c, ky * K + kx]
+                        w0, w1, w2, w3, w4, w5, w6, w7 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]
+                        w8, w9, w10, w11, w12, w13, w14, w15 = w[8], w[9], w[10], w[11], w[12], w[13], w[14], w[15]
+                        for j in range(PB):
+                            v = xf[off + np.uint64(j)]
+                            a0[j] += w0 * v
+                            a1[j] += w1 * v
+                            a2[j] += w2 * v
+                            a3[j] += w3 * v
+                            a4[j] += w4 * v
+                            a5[j] += w5 * v
+                            a6[j] += w6 * v
+                            a7[j] += w7 * v
+                            a8[j] += w8 * v
+                            a9[j] += w9 * v
+                            a10[j] += w10 * v
+                            a11[j] += w11 * v
+                            a12[j] += w12 * v
+                            a13[j] += w13 * v
+                            a14[j] += w14 * v
+                            a15[j] += w15 * v
             f = fb * FB
             for j in range(PB):
                 p = p0 + j
@@ -145,14 +154,14 @@ def _conv_sample(xf, base, cstride, C, Wp, wk, Lp, z):
 
 
 @_pjit
-def _forward(xf, N, C, Hp, Wp, OH, OW, wk, b, relu, out):
+def _forward(xf, N, C, Hp, Wp, OH, OW, K, wk, b, relu, out):
     """out (FN, N, OH, OW) = conv(x) + b (ReLU'd if ``relu``) from the flat padded x."""
     FN = out.shape[0]
     L = (OH - 1) * Wp + OW
     Lp = (L + PB - 1) // PB * PB
     for n in prange(N):
         z = np.empty((wk.shape[0] * FB, Lp), xf.dtype)
-        _conv_sample(xf, n * Hp * Wp, N * Hp * Wp, C, Wp, wk, Lp, z)
+        _conv_sample(xf, n * Hp * Wp, N * Hp * Wp, C, Wp, K, wk, Lp, z)
         for f in range(FN):
             bf = b[f]
             for oh in range(OH):
@@ -162,7 +171,7 @@ def _forward(xf, N, C, Hp, Wp, OH, OW, wk, b, relu, out):
 
 
 @_pjit
-def _forward_pool(xf, N, C, Hp, Wp, OH, OW, wk, b, out, idx, training):
+def _forward_pool(xf, N, C, Hp, Wp, OH, OW, K, wk, b, out, idx, training):
     """out (FN, N, OH//2, OW//2) = relu(max-pool 2x2/2(conv(x) + b)); idx the first
     arg-max in the window (0..3, row-major) when ``training``."""
     FN, QH, QW = out.shape[0], out.shape[2], out.shape[3]
@@ -170,7 +179,7 @@ def _forward_pool(xf, N, C, Hp, Wp, OH, OW, wk, b, out, idx, training):
     Lp = (L + PB - 1) // PB * PB
     for n in prange(N):
         z = np.empty((wk.shape[0] * FB, Lp), xf.dtype)
-        _conv_sample(xf, n * Hp * Wp, N * Hp * Wp, C, Wp, wk, Lp, z)
+        _conv_sample(xf, n * Hp * Wp, N * Hp * Wp, C, Wp, K, wk, Lp, z)
         for f in range(FN):
             bf = b[f]
             for qy in range(QH):
@@ -193,16 +202,17 @@ def _forward_pool(xf, N, C, Hp, Wp, OH, OW, wk, b, out, idx, training):
 
 
 @_pjit
-def _dz(d, out, idx, relu, pool, Hp, Wp, dzf, db):
+def _dz(d, out, idx, relu, pool, Hp, Wp, B, dzf, db):
     """dz, the gradient at the conv output (the ReLU mask and the pool's routing
-    applied), into dzf: (FN, N, Hp, Wp) flat, dz[f, n, oh, ow] at [f, n, 1 + oh, 1 + ow],
-    zero elsewhere (dzf comes in zeroed).  db[f] = the sum of dz[f]."""
+    applied), into dzf: (FN, N, Hp, Wp) flat, dz[f, n, oh, ow] at [f, n, B + oh, B + ow]
+    (B, the border: :func:`_border`), zero elsewhere (dzf comes in zeroed).
+    db[f] = the sum of dz[f]."""
     FN, N = d.shape[0], d.shape[1]
     cs = N * Hp * Wp
     for f in prange(FN):
         s = 0.0
         for n in range(N):
-            o = f * cs + n * Hp * Wp + Wp + 1
+            o = f * cs + n * Hp * Wp + B * (Wp + 1)
             if pool:
                 for qy in range(d.shape[2]):
                     for qx in range(d.shape[3]):
@@ -223,26 +233,162 @@ def _dz(d, out, idx, relu, pool, Hp, Wp, dzf, db):
 
 
 @_pjit
-def _dx(dzf, N, FN, Hp, Wp, H, W, P, wd, dx):
-    """dx (C, N, H, W) = the full correlation of dz (layout of :func:`_dz`) with the
-    flipped filters wd (packed as :func:`_pack`), for pad P >= 1 on both sides."""
+def _dx(dzf, N, FN, Hp, Wp, H, W, P, K, B, wd, dx):
+    """dx (C, N, H, W) = the full correlation of dz (layout of :func:`_dz`, border B)
+    with the flipped KxK filters wd (packed as :func:`_pack`), for pad P on both sides:
+    dx[y, x] = sum_{ky,kx} dz[y + P - (K-1) + ky, x + P - (K-1) + kx] wflip[ky, kx],
+    which starts at flat offset (P - (K-1) + B) * (Wp + 1) >= 0."""
     C = dx.shape[0]
     L = (H - 1) * Wp + W
     Lp = (L + PB - 1) // PB * PB
-    shift = (P - 1) * (Wp + 1)
+    shift = (P - (K - 1) + B) * (Wp + 1)
     for n in prange(N):
         z = np.empty((wd.shape[0] * FB, Lp), dzf.dtype)
-        _conv_sample(dzf, n * Hp * Wp + shift, N * Hp * Wp, FN, Wp, wd, Lp, z)
+        _conv_sample(dzf, n * Hp * Wp + shift, N * Hp * Wp, FN, Wp, K, wd, Lp, z)
         for c in range(C):
             for y in range(H):
                 for x in range(W):
                     dx[c, n, y, x] = z[c, y * Wp + x]
 
 
+@_jit
+def _dw_tile(dT, s0, s1, xf, C, Q, offs, pairs, nfb, part, k):
+    """part[k, f, c, t] += sum_{s0 <= q < s1} dT[q - s0, f] x[c, q + offs[t]] for the nfb
+    blocks of FV filters (the first ``pairs`` pairs of them two blocks at a time)."""
+    a0 = numba.carray(_stack(dT, 16), (FV,))
+    a1 = numba.carray(_stack(dT, 16), (FV,))
+    a2 = numba.carray(_stack(dT, 16), (FV,))
+    a3 = numba.carray(_stack(dT, 16), (FV,))
+    a4 = numba.carray(_stack(dT, 16), (FV,))
+    a5 = numba.carray(_stack(dT, 16), (FV,))
+    a6 = numba.carray(_stack(dT, 16), (FV,))
+    a7 = numba.carray(_stack(dT, 16), (FV,))
+    a8 = numba.carray(_stack(dT, 16), (FV,))
+    b0 = numba.carray(_stack(dT, 16), (FV,))
+    b1 = numba.carray(_stack(dT, 16), (FV,))
+    b2 = numba.carray(_stack(dT, 16), (FV,))
+    b3 = numba.carray(_stack(dT, 16), (FV,))
+    b4 = numba.carray(_stack(dT, 16), (FV,))
+    b5 = numba.carray(_stack(dT, 16), (FV,))
+    b6 = numba.carray(_stack(dT, 16), (FV,))
+    b7 = numba.carray(_stack(dT, 16), (FV,))
+    b8 = numba.carray(_stack(dT, 16), (FV,))
+    for fp in range(pairs):
+        for c in range(C):
+            for t0 in range(0, offs.shape[0], 9):
+                for j in range(FV):
+                    a0[j] = a1[j] = a2[j] = a3[j] = a4[j] = a5[j] = a6[j] = a7[j] = a8[j] = 0.0
+                    b0[j] = b1[j] = b2[j] = b3[j] = b4[j] = b5[j] = b6[j] = b7[j] = b8[j] = 0.0
+                o0, o1, o2, o3, o4 = offs[t0], offs[t0 + 1], offs[t0 + 2], offs[t0 + 3], offs[t0 + 4]
+                o5, o6, o7, o8 = offs[t0 + 5], offs[t0 + 6], offs[t0 + 7], offs[t0 + 8]
+                xb = c * Q
+                for q in range(s0, s1):
+                    dq = dT[q - s0, 2 * fp * FV : 2 * fp * FV + FV]
+                    dr = dT[q - s0, 2 * fp * FV + FV : 2 * fp * FV + 2 * FV]
+                    o = np.uint64(xb + q)
+                    x0 = xf[o + o0]
+                    x1 = xf[o + o1]
+                    x2 = xf[o + o2]
+                    x3 = xf[o + o3]
+                    x4 = xf[o + o4]
+                    x5 = xf[o + o5]
+                    x6 = xf[o + o6]
+                    x7 = xf[o + o7]
+                    x8 = xf[o + o8]
+                    for j in range(FV):
+                        g = dq[j]
+                        h = dr[j]
+                        a0[j] += x0 * g
+                        a1[j] += x1 * g
+                        a2[j] += x2 * g
+                        a3[j] += x3 * g
+                        a4[j] += x4 * g
+                        a5[j] += x5 * g
+                        a6[j] += x6 * g
+                        a7[j] += x7 * g
+                        a8[j] += x8 * g
+                        b0[j] += x0 * h
+                        b1[j] += x1 * h
+                        b2[j] += x2 * h
+                        b3[j] += x3 * h
+                        b4[j] += x4 * h
+                        b5[j] += x5 * h
+                        b6[j] += x6 * h
+                        b7[j] += x7 * h
+                        b8[j] += x8 * h
+                for j in range(FV):
+                    f = 2 * fp * FV + j
+                    part[k, f, c, t0] += a0[j]
+                    part[k, f, c, t0 + 1] += a1[j]
+                    part[k, f, c, t0 + 2] += a2[j]
+                    part[k, f, c, t0 + 3] += a3[j]
+                    part[k, f, c, t0 + 4] += a4[j]
+                    part[k, f, c, t0 + 5] += a5[j]
+                    part[k, f, c, t0 + 6] += a6[j]
+                    part[k, f, c, t0 + 7] += a7[j]
+                    part[k, f, c, t0 + 8] += a8[j]
+                    f += FV
+                    part[k, f, c, t0] += b0[j]
+                    part[k, f, c, t0 + 1] += b1[j]
+                    part[k, f, c, t0 + 2] += b2[j]
+                    part[k, f, c, t0 + 3] += b3[j]
+                    part[k, f, c, t0 + 4] += b4[j]
+                    part[k, f, c, t0 + 5] += b5[j]
+                    part[k, f, c, t0 + 6] += b6[j]
+                    part[k, f, c, t0 + 7] += b7[j]
+                    part[k, f, c, t0 + 8] += b8[j]
+    for fb in range(2 * pairs, nfb):
+        for c in range(C):
+            for t0 in range(0, offs.shape[0], 9):
+                for j in range(FV):
+                    a0[j] = a1[j] = a2[j] = a3[j] = a4[j] = a5[j] = a6[j] = a7[j] = a8[j] = 0.0
+                o0, o1, o2, o3, o4 = offs[t0], offs[t0 + 1], offs[t0 + 2], offs[t0 + 3], offs[t0 + 4]
+                o5, o6, o7, o8 = offs[t0 + 5], offs[t0 + 6], offs[t0 + 7], offs[t0 + 8]
+                xb = c * Q
+                for q in range(s0, s1):
+                    dq = dT[q - s0, fb * FV : fb * FV + FV]
+                    o = np.uint64(xb + q)
+                    x0 = xf[o + o0]
+                    x1 = xf[o + o1]
+                    x2 = xf[o + o2]
+                    x3 = xf[o + o3]
+                    x4 = xf[o + o4]
+                    x5 = xf[o + o5]
+                    x6 = xf[o + o6]
+                    x7 = xf[o + o7]
+                    x8 = xf[o + o8]
+                    for j in range(FV):
+                        g = dq[j]
+                        a0[j] += x0 * g
+                        a1[j] += x1 * g
+                        a2[j] += x2 * g
+                        a3[j] += x3 * g
+                        a4[j] += x4 * g
+                        a5[j] += x5 * g
+                        a6[j] += x6 * g
+                        a7[j] += x7 * g
+                        a8[j] += x8 * g
+                for j in range(FV):
+                    f = fb * FV + j
+                    part[k, f, c, t0] += a0[j]
+                    part[k, f, c, t0 + 1] += a1[j]
+                    part[k, f, c, t0 + 2] += a2[j]
+                    part[k, f, c, t0 + 3] += a3[j]
+                    part[k, f, c, t0 + 4] += a4[j]
+                    part[k, f, c, t0 + 5] += a5[j]
+                    part[k, f, c, t0 + 6] += a6[j]
+                    part[k, f, c, t0 + 7] += a7[j]
+                    part[k, f, c, t0 + 8] += a8[j]
+
+
 @_pjit
-def _dw(dzf, xf, N, C, FN, Hp, Wp, part):
-    """part[k] (FNp, C, 9) = chunk k's share of dW[f, c, t] = sum_q dz[f, q] x[c, q + tap t]
-    over the flat positions q of the whole batch (junk positions have dz = 0)."""
+def _dw(dzf, xf, N, C, FN, Hp, Wp, B, offs, pairs, part):
+    """part[k] (FNp, C, T9) = chunk k's share of dW[f, c, t] = sum_q dz[f, q] x[c, q + offs[t]]
+    over the flat positions q of the whole batch (junk positions have dz = 0), the taps
+    in groups of 9 (T9 = 9 * groups; the offsets past the last tap are 0 and their sums
+    dropped by the caller).  The first ``pairs`` pairs of filter blocks run two blocks
+    at a time (18 accumulators: each tap's x broadcast serves 32 filters, 11 loads per 18
+    FMAs instead of 10 per 9; float32 only, float64's would not fit in the registers)."""
     K = part.shape[0]
     FNp = part.shape[1]
     Q = N * Hp * Wp
@@ -251,85 +397,87 @@ def _dw(dzf, xf, N, C, FN, Hp, Wp, part):
         q0 = k * step
         q1 = min(Q, q0 + step)
         dT = np.zeros((QB, FNp), dzf.dtype)
-        a0 = numba.carray(_stack(dzf, 16), (FV,))
-        a1 = numba.carray(_stack(dzf, 16), (FV,))
-        a2 = numba.carray(_stack(dzf, 16), (FV,))
-        a3 = numba.carray(_stack(dzf, 16), (FV,))
-        a4 = numba.carray(_stack(dzf, 16), (FV,))
-        a5 = numba.carray(_stack(dzf, 16), (FV,))
-        a6 = numba.carray(_stack(dzf, 16), (FV,))
-        a7 = numba.carray(_stack(dzf, 16), (FV,))
-        a8 = numba.carray(_stack(dzf, 16), (FV,))
         for s0 in range(q0, q1, QB):
             s1 = min(q1, s0 + QB)
             for f in range(FN):
-                src = f * Q + Wp + 1
+                src = f * Q + B * (Wp + 1)
                 for q in range(s0, s1):
                     dT[q - s0, f] = dzf[src + q]
-            for fb in range(FNp // FV):
-                for c in range(C):
-                    for j in range(FV):
-                        a0[j] = a1[j] = a2[j] = a3[j] = a4[j] = a5[j] = a6[j] = a7[j] = a8[j] = 0.0
-                    xb = c * Q
-                    for q in range(s0, s1):
-                        dq = dT[q - s0, fb * FV : fb * FV + FV]
-                        o = np.uint64(xb + q)
-                        x0 = xf[o]
-                        x1 = xf[o + np.uint64(1)]
-                        x2 = xf[o + np.uint64(2)]
-                        x3 = xf[o + np.uint64(Wp)]
-                        x4 = xf[o + np.uint64(Wp + 1)]
-                        x5 = xf[o + np.uint64(Wp + 2)]
-                        x6 = xf[o + np.uint64(2 * Wp)]
-                        x7 = xf[o + np.uint64(2 * Wp + 1)]
-                        x8 = xf[o + np.uint64(2 * Wp + 2)]
-                        for j in range(FV):
-                            g = dq[j]
-                            a0[j] += x0 * g
-                            a1[j] += x1 * g
-                            a2[j] += x2 * g
-                            a3[j] += x3 * g
-                            a4[j] += x4 * g
-                            a5[j] += x5 * g
-                            a6[j] += x6 * g
-                            a7[j] += x7 * g
-                            a8[j] += x8 * g
-                    for j in range(FV):
-                        f = fb * FV + j
-                        part[k, f, c, 0] += a0[j]
-                        part[k, f, c, 1] += a1[j]
-                        part[k, f, c, 2] += a2[j]
-                        part[k, f, c, 3] += a3[j]
-                        part[k, f, c, 4] += a4[j]
-                        part[k, f, c, 5] += a5[j]
-                        part[k, f, c, 6] += a6[j]
-                        part[k, f, c, 7] += a7[j]
-                        part[k, f, c, 8] += a8[j]
+            _dw_tile(dT, s0, s1, xf, C, Q, offs, pairs, FNp // FV, part, k)
+
+
+@_pjit
+def _dw_pool(d, out, idx, xf, N, C, Hp, Wp, offs, pairs, part, pdb):
+    """:func:`_dw` and db for a pooled ReLU conv without dx, dz built straight into each
+    chunk's transposed tile from the pool's gradient, routing and mask (no full dz
+    buffer): chunks of whole samples; pdb[k, f] chunk k's share of db."""
+    K = part.shape[0]
+    FNp = part.shape[1]
+    FN, QH, QW = d.shape[0], d.shape[2], d.shape[3]
+    S = Hp * Wp
+    Q = N * S
+    nc = max(1, QB // S)  # samples per tile
+    step = (N + K - 1) // K
+    for k in prange(K):
+        n0 = k * step
+        n1 = min(N, n0 + step)
+        dT = np.empty((nc * S, FNp), d.dtype)
+        for m0 in range(n0, n1, nc):
+            m1 = min(n1, m0 + nc)
+            dT[: (m1 - m0) * S] = 0.0
+            for f in range(FN):
+                s = 0.0
+                for n in range(m0, m1):
+                    o = (n - m0) * S
+                    for qy in range(QH):
+                        for qx in range(QW):
+                            if out[f, n, qy, qx] > 0:
+                                g = d[f, n, qy, qx]
+                                kk = idx[f, n, qy, qx]
+                                dT[o + (2 * qy + kk // 2) * Wp + 2 * qx + kk % 2, f] = g
+                                s += g
+                pdb[k, f] += s
+            _dw_tile(dT, m0 * S, m1 * S, xf, C, Q, offs, pairs, FNp // FV, part, k)
 
 
 # --------------------------------------------------------------------------- host side
 
 
 def _pack(W: np.ndarray, dt) -> np.ndarray:
-    """(FN, C, 3, 3) filters -> (ceil(FN/FB), C, 9, FB): the FB filters of a block side
+    """(FN, C, K, K) filters -> (ceil(FN/FB), C, K*K, FB): the FB filters of a block side
     by side for each (channel, tap), zero filters filling the last block."""
-    FN, C = W.shape[:2]
+    FN, C, K = W.shape[:3]
     nb = -(-FN // FB)
-    wk = np.zeros((nb * FB, C, 9), dt)
-    wk[:FN] = W.reshape(FN, C, 9)
-    return np.ascontiguousarray(wk.reshape(nb, FB, C, 9).transpose(0, 2, 3, 1))
+    wk = np.zeros((nb * FB, C, K * K), dt)
+    wk[:FN] = W.reshape(FN, C, K * K)
+    return np.ascontiguousarray(wk.reshape(nb, FB, C, K * K).transpose(0, 2, 3, 1))
 
 
-def _slack(Wp: int) -> int:
+def _slack(Wp: int, K: int) -> int:
     """Elements after a flat (A, N, Hp, Wp) buffer that the junk positions may read."""
-    return 3 * Wp + 2 * PB + 8
+    return (K + 1) * (Wp + 1) + 2 * PB + 8
 
 
-def _flat(x: np.ndarray, PH: int, PW: int, dt) -> tuple[np.ndarray, np.ndarray]:
+def _border(K: int, P: int) -> int:
+    """Where dz starts in its (Hp, Wp) grid (rows and columns): dx reads it from row
+    P - (K-1) + B >= 0, and OH + B <= Hp = OH + K - 1 leaves it in the grid; every read
+    outside dz's OH x OW window (past a row: the next row's border columns; past the
+    last row: the next sample's border rows) is a zero."""
+    return max(0, K - 1 - P)
+
+
+def _taps(K: int, Wp: int) -> np.ndarray:
+    """The flat offsets ky*Wp + kx of a KxK filter's taps, zeros to a multiple of 9."""
+    offs = np.zeros(-(-K * K // 9) * 9, np.uint64)
+    offs[: K * K] = (np.arange(K)[:, None] * Wp + np.arange(K)).ravel()
+    return offs
+
+
+def _flat(x: np.ndarray, PH: int, PW: int, K: int, dt) -> tuple[np.ndarray, np.ndarray]:
     """(N, C, H, W) -> (flat zero-padded (C, N, Hp, Wp) + slack, its 4-D view)."""
     N, C, H, W = x.shape
     Hp, Wp = H + 2 * PH, W + 2 * PW
-    flat = np.zeros(C * N * Hp * Wp + _slack(Wp), dt)
+    flat = np.zeros(C * N * Hp * Wp + _slack(Wp, K), dt)
     view = flat[: C * N * Hp * Wp].reshape(C, N, Hp, Wp)
     view[:, :, PH : PH + H, PW : PW + W] = np.asarray(x).transpose(1, 0, 2, 3)
     return flat, view
@@ -341,17 +489,17 @@ def _threads() -> int:
 
 def covers(x, W, b, stride, pad) -> bool:
     """Whether these kernels compute this convolution themselves (else the NumPy
-    kernels do): float32/float64 4-D NumPy arrays, 3x3 filters, stride 1, the same pad
-    >= 1 on every side (dx shifts rows and columns by it)."""
+    kernels do): float32/float64 4-D NumPy arrays, square filters of a size in
+    KERNEL_SIZES, stride 1, the same pad >= 0 on every side."""
     if not all(isinstance(a, np.ndarray) for a in (x, W, b)):
         return False
     dt = np.result_type(x, W, b)
     if dt not in (np.float32, np.float64) or x.ndim != 4 or W.ndim != 4:
         return False
-    if W.shape[2:] != (3, 3) or x.shape[1] != W.shape[1] or b.shape != (W.shape[0],):
+    if W.shape[2] != W.shape[3] or W.shape[2] not in KERNEL_SIZES or x.shape[1] != W.shape[1] or b.shape != (W.shape[0],):
         return False
     PH, PW = pair(pad, "pad")
-    return pair(stride, "stride") == (1, 1) and PH == PW >= 1
+    return pair(stride, "stride") == (1, 1) and PH == PW >= 0
 
 
 @register_step_scope("numpy")
@@ -366,7 +514,7 @@ class BlasYields:
     (benchmarks/README.md, candidate 12): a training step 2x faster with BLAS on one
     thread during the pass than with both pools on two.  A pass that ran none of these
     kernels (a net whose convolutions they do not cover) leaves BLAS alone the next time,
-    so SimpleConvNet's im2col products keep their threads.  Nested passes act once."""
+    so a net of 7x7 convolutions keeps its im2col products' threads.  Nested passes act once."""
 
     ran = False  # set by the kernels when they compute a convolution themselves
     _used_last = False
@@ -417,25 +565,33 @@ def _backward(dout, st: _State, need_dx: bool):
     Hp, Wp = H + 2 * PH, W + 2 * PW
     FN = st.W4.shape[0]
     d = np.asarray(dout, dt).transpose(1, 0, 2, 3)  # (FN, N, ., .): a view of channel-major memory
-    dzf = np.zeros(FN * N * Hp * Wp + _slack(Wp), dt)
+    K = st.W4.shape[2]
+    B = _border(K, PH)
+    FNp = -(-FN // FV) * FV
+    offs = _taps(K, Wp)
+    pairs = FNp // (2 * FV) if dt == np.float32 and PAIRS else 0
+    part = np.zeros((max(1, min(_threads(), N)), FNp, C, offs.shape[0]), dt)
+    if st.pool and not need_dx and DIRECT_POOL:  # no full dz: straight from the pool's routing
+        pdb = np.zeros((part.shape[0], FN), dt)
+        _dw_pool(d, st.out, st.idx, st.xf, N, C, Hp, Wp, offs, pairs, part, pdb)
+        return None, np.ascontiguousarray(part.sum(0)[:FN, :, : K * K]).reshape(st.W4.shape), pdb.sum(0)
+    dzf = np.zeros(FN * N * Hp * Wp + _slack(Wp, K), dt)
     db = np.empty(FN, dt)
     idx = st.idx if st.pool else np.zeros((1, 1, 1, 1), np.uint8)
-    _dz(d, st.out, idx, st.relu, st.pool, Hp, Wp, dzf, db)
-    FNp = -(-FN // FV) * FV
-    part = np.zeros((max(1, min(_threads(), N)), FNp, C, 9), dt)
-    _dw(dzf, st.xf, N, C, FN, Hp, Wp, part)
-    dW = part.sum(0)[:FN].reshape(st.W4.shape)
+    _dz(d, st.out, idx, st.relu, st.pool, Hp, Wp, B, dzf, db)
+    _dw(dzf, st.xf, N, C, FN, Hp, Wp, B, offs, pairs, part)
+    dW = np.ascontiguousarray(part.sum(0)[:FN, :, : K * K]).reshape(st.W4.shape)
     if not need_dx:
         return None, dW, db
     wd = _pack(np.ascontiguousarray(st.W4[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)), dt)
     dx = np.empty((C, N, H, W), dt)
-    _dx(dzf, N, FN, Hp, Wp, H, W, PH, wd, dx)
+    _dx(dzf, N, FN, Hp, Wp, H, W, PH, K, B, wd, dx)
     return dx.transpose(1, 0, 2, 3), dW, db
 
 
 @register("numpy", "conv2d", replaces=numpy_ops.Conv2d)
 class Conv2d:
-    """3x3 stride-1 convolution (+ ReLU) as a register-blocked direct kernel; other
+    """KxK stride-1 convolution (+ ReLU) as a register-blocked direct kernel; other
     cases go to :class:`.numpy_ops.Conv2d`.  Reference: :class:`xpconv.ops.Conv2d`."""
 
     replaces: numpy_ops.Conv2d  # set by register(): the kernel for the cases not covered
@@ -451,11 +607,12 @@ class Conv2d:
         dt = np.result_type(x, W, b)
         N, C, H, Wd = x.shape
         P = pair(pad, "pad")[0]
-        OH, OW = conv_output_size(H, Wd, 3, 3, (1, 1), (P, P), where="Convolution")
-        xf, _ = _flat(x, P, P, dt)
+        K = W.shape[2]
+        OH, OW = conv_output_size(H, Wd, K, K, (1, 1), (P, P), where="Convolution")
+        xf, _ = _flat(x, P, P, K, dt)
         FN = W.shape[0]
         out = np.empty((FN, N, OH, OW), dt)
-        _forward(xf, N, C, H + 2 * P, Wd + 2 * P, OH, OW, _pack(np.asarray(W), dt), np.asarray(b, dt), relu, out)
+        _forward(xf, N, C, H + 2 * P, Wd + 2 * P, OH, OW, K, _pack(np.asarray(W), dt), np.asarray(b, dt), relu, out)
         st = _State(xf, (N, C, H, Wd), P, P, np.array(W, dt), out, None, relu, False, dt)
         return out.transpose(1, 0, 2, 3), st
 
@@ -468,7 +625,7 @@ class Conv2d:
 
 @register("numpy", "conv2d_relu_max_pool2d", replaces=numpy_ops.Conv2dReluMaxPool2d)
 class Conv2dReluMaxPool2d:
-    """3x3 stride-1 convolution + bias + ReLU + 2x2/2 max-pool in one compiled pass;
+    """KxK stride-1 convolution + bias + ReLU + 2x2/2 max-pool in one compiled pass;
     other cases go to :class:`.numpy_ops.Conv2dReluMaxPool2d`.  Reference:
     :class:`xpconv.ops.Conv2dReluMaxPool2d`."""
 
@@ -486,13 +643,14 @@ class Conv2dReluMaxPool2d:
         dt = np.result_type(x, W, b)
         N, C, H, Wd = x.shape
         P = pair(pad, "pad")[0]
-        OH, OW = conv_output_size(H, Wd, 3, 3, (1, 1), (P, P), where="Convolution")
+        K = W.shape[2]
+        OH, OW = conv_output_size(H, Wd, K, K, (1, 1), (P, P), where="Convolution")
         QH, QW = conv_output_size(OH, OW, 2, 2, (2, 2), (0, 0), where="Pooling")
-        xf, _ = _flat(x, P, P, dt)
+        xf, _ = _flat(x, P, P, K, dt)
         FN = W.shape[0]
         out = np.empty((FN, N, QH, QW), dt)
         idx = np.empty((FN, N, QH, QW), np.uint8) if training else np.empty((1, 1, 1, 1), np.uint8)
-        _forward_pool(xf, N, C, H + 2 * P, Wd + 2 * P, OH, OW, _pack(np.asarray(W), dt), np.asarray(b, dt), out, idx, training)
+        _forward_pool(xf, N, C, H + 2 * P, Wd + 2 * P, OH, OW, K, _pack(np.asarray(W), dt), np.asarray(b, dt), out, idx, training)
         st = _State(xf, (N, C, H, Wd), P, P, np.array(W, dt), out, idx, True, True, dt) if training else None
         return out.transpose(1, 0, 2, 3), st
 
