@@ -127,12 +127,14 @@ def test_conv_equals_generic(rng, case, pooled, dtype):
     check_equals_generic(rng, case, pooled, dtype, 3)
 
 
+@pytest.mark.parametrize("direct_pool", [False, True], ids=["full-dz", "direct-pool"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("pooled", [False, True])
 @pytest.mark.parametrize("case", FIVE)
-def test_conv_5x5_equals_generic(rng, case, pooled, dtype):
-    """5x5 filters; pooled without dx, dW comes straight from the pool's routing
-    (``_dw_pool``), with dx through the full dz buffer: both against the reference."""
+def test_conv_5x5_equals_generic(rng, case, pooled, dtype, direct_pool, monkeypatch):
+    """5x5 filters; pooled without dx, dW through the full dz buffer or (``DIRECT_POOL``,
+    off by default) straight from the pool's routing (``_dw_pool``): both against the reference."""
+    monkeypatch.setattr(numba_ops, "DIRECT_POOL", direct_pool)
     check_equals_generic(rng, case, pooled, dtype, 5)
 
 
