@@ -61,10 +61,11 @@ FV = 16  # filters per dW block (the vector lanes)
 QB = 2048  # positions per dW sub-chunk (its dz transpose stays in L1/L2)
 PAIRS = True  # dW: two filter blocks at a time (float32)
 #: pooled, no dx: dW's tiles straight from the pool's routing (SimpleConvNet's backward
-#: 4.96 -> 2.78 ms at batch 100).  Off: equal to the reference at 1 and 2 threads, but in
-#: float32 a 2-epoch training run then differs by 5e-2 between 1 and 2 Numba threads where
-#: the full-dz path differs by 1e-5 (float64: 1e-14 either way); on once that is explained.
-DIRECT_POOL = False
+#: 4.96 -> 2.78 ms at batch 100).  Equal to the reference; its db and dW sums are chunked by
+#: samples instead of positions, so a float32 run rounds differently from the full-dz path,
+#: which moves a float32 training run as much as a thread count does (both tip a ReLU or
+#: pool choice in ~1 of 10 seeds: benchmarks/prototypes/float32_tipping.py).
+DIRECT_POOL = True
 KERNEL_SIZES = (3, 5)  # the square filter sizes covered (any odd size works; these are tested)
 
 # fastmath: contract to FMAs and reassociate; error_model="numpy": no division checks
