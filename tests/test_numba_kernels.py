@@ -133,7 +133,7 @@ def test_conv_equals_generic(rng, case, pooled, dtype):
 @pytest.mark.parametrize("case", FIVE)
 def test_conv_5x5_equals_generic(rng, case, pooled, dtype, direct_pool, monkeypatch):
     """5x5 filters; pooled without dx, dW through the full dz buffer or (``DIRECT_POOL``,
-    off by default) straight from the pool's routing (``_dw_pool``): both against the reference."""
+    the default) straight from the pool's routing (``_dw_pool``): both against the reference."""
     monkeypatch.setattr(numba_ops, "DIRECT_POOL", direct_pool)
     check_equals_generic(rng, case, pooled, dtype, 5)
 
