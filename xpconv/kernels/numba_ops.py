@@ -59,7 +59,6 @@ FB = 16  # output channels per register block (one accumulator each)
 PB = 16  # positions per register block (the vector lanes)
 FV = 16  # filters per dW block (the vector lanes)
 QB = 2048  # positions per dW sub-chunk (its dz transpose stays in L1/L2)
-PAIRS = True  # dW: two filter blocks at a time (float32)
 #: pooled, no dx: dW's tiles straight from the pool's routing (SimpleConvNet's backward
 #: 4.96 -> 2.78 ms at batch 100).  Equal to the reference; its db and dW sums are chunked by
 #: samples instead of positions, so a float32 run rounds differently from the full-dz path,
@@ -574,7 +573,7 @@ def _backward(dout, st: _State, need_dx: bool):
     B = _border(K, PH)
     FNp = -(-FN // FV) * FV
     offs = _taps(K, Wp)
-    pairs = FNp // (2 * FV) if dt == np.float32 and PAIRS else 0
+    pairs = FNp // (2 * FV) if dt == np.float32 else 0  # dW: two filter blocks at a time
     part = np.zeros((max(1, min(_threads(), N)), FNp, C, offs.shape[0]), dt)
     if st.pool and not need_dx and DIRECT_POOL:  # no full dz: straight from the pool's routing
         pdb = np.zeros((part.shape[0], FN), dt)
