@@ -13,6 +13,8 @@ from xpconv.backend import to_numpy
 from xpconv.interop import TO_TORCH, book_dropout, from_torch, to_torch
 from xpconv.models import DeepConvNet, MultiLayerNetExtend, Sequential, SimpleConvNet, TwoLayerNet
 
+from .tolerance import assert_close
+
 
 def _scores(module, x):
     with torch.no_grad():
@@ -37,7 +39,7 @@ def test_eval_scores_match_the_model(make, shape):
     x = _images(4, shape)
     module = to_torch(net).eval()
     assert not module.training and isinstance(module, torch.nn.Sequential)
-    np.testing.assert_allclose(_scores(module, x), to_numpy(net.predict(x)), rtol=1e-5, atol=1e-5)
+    assert_close(_scores(module, x), to_numpy(net.predict(x)), rtol=1e-5)
 
 
 def test_float64_models_give_float64_modules_that_agree_to_rounding():
@@ -63,7 +65,7 @@ def test_a_model_on_another_namespace_converts():
     xps = pytest.importorskip("array_api_strict")
     net = TwoLayerNet(12, 5, 3, weight_init_std=0.5, xp=xps, seed=0)
     x = _images(2, (12,))
-    np.testing.assert_allclose(_scores(to_torch(net).eval(), x), to_numpy(net.predict(xps.asarray(x))), rtol=1e-5, atol=1e-6)
+    assert_close(_scores(to_torch(net).eval(), x), to_numpy(net.predict(xps.asarray(x))), rtol=1e-5)
 
 
 def test_book_dropout_masks_without_scaling_and_scales_in_eval():
@@ -79,7 +81,7 @@ def test_inverted_dropout_differs_by_the_keep_ratio_per_dropout_layer():
     net = DeepConvNet(seed=0)
     x = _images(2)
     got = _scores(to_torch(net, dropout="inverted").eval(), x)
-    np.testing.assert_allclose(got * 0.5 * 0.5, to_numpy(net.predict(x)), rtol=1e-5, atol=1e-5)
+    assert_close(got * 0.5 * 0.5, to_numpy(net.predict(x)), rtol=1e-5)
 
 
 def test_batchnorm_sigmoid_and_avg_pooling():
@@ -98,7 +100,7 @@ def test_batchnorm_sigmoid_and_avg_pooling():
     net.predict(x, train_flg=True)  # running statistics away from their start
     module = to_torch(net).eval()
     assert any(isinstance(m, torch.nn.BatchNorm1d) for m in module)
-    np.testing.assert_allclose(_scores(module, x), to_numpy(net.predict(x)), rtol=1e-5, atol=1e-5)
+    assert_close(_scores(module, x), to_numpy(net.predict(x)), rtol=1e-5)
 
 
 def test_unknown_layers_and_options_are_refused_by_name():
@@ -142,8 +144,8 @@ def test_from_torch_brings_the_weights_back(make, shape, via):
     module = to_torch(src).eval()
     got = from_torch(module if via == "module" else module.state_dict(), dst)
     assert got is dst
-    np.testing.assert_allclose(to_numpy(dst.predict(x)), _scores(module, x), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(to_numpy(dst.predict(x)), to_numpy(src.predict(x)), rtol=1e-5, atol=1e-5)
+    assert_close(to_numpy(dst.predict(x)), _scores(module, x), rtol=1e-5)
+    assert_close(to_numpy(dst.predict(x)), to_numpy(src.predict(x)), rtol=1e-5)
 
 
 def test_from_torch_changes_a_torch_trained_weight_and_keeps_dtypes():

@@ -12,6 +12,7 @@ from xpconv.models import DeepConvNet, Sequential, SimpleConvNet, TwoLayerNet
 from xpconv.optim import Adam
 
 from .gradcheck import check
+from .tolerance import assert_close
 
 
 def _sample(n_per_key, arr, r):
@@ -165,9 +166,9 @@ def test_to_moves_parameters_between_namespaces(xp):
     before = to_numpy(net.predict(x))
     assert net.to(xp) is net
     assert all(namespace_name(namespace_of(p)) == namespace_name(xp) for p in net.params.values())
-    np.testing.assert_allclose(to_numpy(net.predict(x)), before, rtol=1e-5, atol=1e-6)
+    assert_close(to_numpy(net.predict(x)), before, rtol=1e-5)
     net.to("numpy")
-    np.testing.assert_allclose(to_numpy(net.predict(x)), before, rtol=1e-5, atol=1e-6)
+    assert_close(to_numpy(net.predict(x)), before, rtol=1e-5)
 
 
 def test_chunked_predict_and_accuracy_equal_unchunked(xp):
@@ -176,7 +177,7 @@ def test_chunked_predict_and_accuracy_equal_unchunked(xp):
     t = np.random.default_rng(4).integers(0, 10, 37)
     whole = to_numpy(net.predict(x))
     net.eval_batch_size = 5
-    np.testing.assert_allclose(to_numpy(net.predict(x)), whole, rtol=1e-5, atol=1e-6)
+    assert_close(to_numpy(net.predict(x)), whole, rtol=1e-5)
     y = whole.argmax(axis=1)
     expected = float(np.mean(y == t))
     assert net.accuracy(x, t, batch_size=7) == pytest.approx(expected)
