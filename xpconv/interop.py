@@ -328,11 +328,11 @@ def _leaves(module: Any) -> list[tuple[str, Any]]:
 
 
 def _weighted(module: Any) -> list[tuple[str, Any]]:
-    """The (name, module) pairs of ``module``'s leaves that hold weights (parameters or
-    buffers, or a type that does: a BatchNorm1d(affine=False) keeps only buffers), in order."""
+    """The (name, module) pairs of ``module``'s leaves that hold parameters, or are of a
+    type that holds weights (a BatchNorm1d(affine=False) has none: it is refused by name),
+    in order."""
     return [(n, m) for n, m in _leaves(module)
-            if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))
-            or type(m).__name__ in _FROM_NAMES.values()]
+            if any(True for _ in m.parameters(recurse=False)) or type(m).__name__ in _FROM_NAMES.values()]
 
 
 def _pooling(module: Any) -> list[tuple[str, Any]]:
