@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import inspect
 import os
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -47,6 +49,13 @@ MODULES = {
     "mnist": ("dataset.mnist", "xpconv.datasets"),
 }
 BOOK_DIRS = ("", "ch05", "ch07", "ch08")
+# a chapter's module whose name another chapter's module takes (ch04/two_layer_net.py and
+# ch05/two_layer_net.py): the book's file is loaded by its path, and xpconv's side is
+# the README's import for that chapter, ``from xpconv.models import SigmoidTwoLayerNet as
+# TwoLayerNet`` (Side attribute -> (book file, xpconv module, {book name: xpconv name}))
+RENAMED_MODULES = {
+    "two_layer_net_ch04": ("ch04/two_layer_net.py", "xpconv.models", {"TwoLayerNet": "SigmoidTwoLayerNet"}),
+}
 
 # every public name the book's modules define, and where it is checked
 BOOK_NAMES = {
@@ -59,6 +68,7 @@ BOOK_NAMES = {
     "multi_layer_net": ["MultiLayerNet"],
     "multi_layer_net_extend": ["MultiLayerNetExtend"],
     "two_layer_net": ["TwoLayerNet"],
+    "two_layer_net_ch04": ["TwoLayerNet"],
     "simple_convnet": ["SimpleConvNet"],
     "deep_convnet": ["DeepConvNet"],
     "mnist": ["load_mnist"],
@@ -134,13 +144,31 @@ def _book_path():
         sys.path[:] = old
 
 
+def _book_file_module(key: str, relative: str):
+    """The book's module in ``relative`` (a chapter's file), loaded by its path under the
+    name ``book_<key>`` (its imports of ``common.*`` resolve through the book's path)."""
+    name = f"book_{key}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REFERENCE / relative)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
 def book_side() -> Side:
     with _book_path():
-        return Side(True, {k: importlib.import_module(b) for k, (b, _) in MODULES.items()})
+        modules = {k: importlib.import_module(b) for k, (b, _) in MODULES.items()}
+        modules.update({k: _book_file_module(k, f) for k, (f, _, _) in RENAMED_MODULES.items()})
+        return Side(True, modules)
 
 
 def xpconv_side() -> Side:
-    return Side(False, {k: importlib.import_module(x) for k, (_, x) in MODULES.items()})
+    modules = {k: importlib.import_module(x) for k, (_, x) in MODULES.items()}
+    for key, (_, module, names) in RENAMED_MODULES.items():
+        mod = importlib.import_module(module)
+        modules[key] = types.SimpleNamespace(**{book: getattr(mod, ours) for book, ours in names.items()})
+    return Side(False, modules)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -380,6 +408,36 @@ def case_two_layer_net(m):
     x = _rng(36).standard_normal((6, 4))
     out = _net_outputs(net, x, np.eye(3)[[0, 1, 2, 2, 1, 0]])
     out["last"] = net.lastLayer.forward(net.predict(x), np.array([1, 1, 0, 2, 0, 1]))
+    return out
+
+
+def case_two_layer_net_ch04(m):
+    """Chapter 4's net: predict (probabilities), loss, accuracy, both gradients on the same
+    weights, then 25 steps of the SGD loop of ch04/train_neuralnet.py (lr 0.1, batches
+    drawn by one seeded generator on both sides): the same loss after every step."""
+    net = m.two_layer_net_ch04.TwoLayerNet(4, 5, 3, **m.kw)
+    _set_params(net, _random_weights(net, 46, scale=0.5))
+    x = _rng(47).standard_normal((6, 4))
+    t = np.eye(3)[[0, 1, 2, 2, 1, 0]]
+    out = {"predict": net.predict(x.copy()), "loss": net.loss(x.copy(), t),
+           "accuracy": np.float64(net.accuracy(x.copy(), t))}
+    out.update(_grads("grad", net.gradient(x.copy(), t)))
+    out.update(_grads("num", net.numerical_gradient(x.copy(), t)))
+    out["param_keys"] = sorted(net.params)
+    net = m.two_layer_net_ch04.TwoLayerNet(8, 6, 3, **m.kw)
+    _set_params(net, _random_weights(net, 48, scale=0.1))
+    xs = _rng(49).standard_normal((40, 8))
+    ts = np.eye(3)[(xs[:, 0] > 0).astype(int) + (xs[:, 1] > 0.5)]
+    picks, losses = _rng(50), []
+    for _ in range(25):
+        mask = picks.choice(40, 10)
+        grad = net.gradient(xs[mask], ts[mask])
+        for key in ("W1", "b1", "W2", "b2"):
+            net.params[key] -= 0.1 * grad[key]
+        losses.append(float(net.loss(xs[mask], ts[mask])))
+    out["train.losses"] = np.array(losses)
+    out["train.W1"] = net.params["W1"]
+    out["train.accuracy"] = np.float64(net.accuracy(xs, ts))
     return out
 
 

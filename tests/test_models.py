@@ -8,7 +8,7 @@ import pytest
 
 from xpconv import layers as L
 from xpconv.backend import Generator, asarray_in, get_namespace, namespace_name, namespace_of, to_numpy
-from xpconv.models import DeepConvNet, Sequential, SimpleConvNet, TwoLayerNet
+from xpconv.models import DeepConvNet, Sequential, SigmoidTwoLayerNet, SimpleConvNet, TwoLayerNet
 from xpconv.optim import Adam
 
 from .gradcheck import check
@@ -97,6 +97,41 @@ def test_book_parameter_keys_and_shapes():
     # He initialization: std of W1 close to sqrt(2 / (1*3*3))
     assert np.std(to_numpy(deep.params["W6"])) == pytest.approx(np.sqrt(2 / (64 * 9)), rel=0.05)
     assert net.params["W1"].dtype == np.float32
+
+
+def test_sigmoid_two_layer_net_on_every_namespace(xp, rng):
+    """Chapter 4's net: the model's namespace follows from xp, and predict (probabilities),
+    loss, accuracy and gradient equal the NumPy float64 net's; ch04/train_neuralnet.py's
+    update ``params[key] -= lr * grad[key]`` works on each namespace (JAX's included)."""
+    ref = SigmoidTwoLayerNet(7, 5, 3, weight_init_std=0.5, dtype="float64", seed=3)
+    net = SigmoidTwoLayerNet(7, 5, 3, weight_init_std=0.5, xp=xp, dtype="float64", seed=3)
+    assert namespace_name(net.xp) == namespace_name(xp)
+    assert all(namespace_name(namespace_of(v)) == namespace_name(xp) for v in net.params.values())
+    x, t = rng.standard_normal((4, 7)), np.eye(3)[[0, 2, 1, 2]]
+    y = net.predict(x)
+    assert namespace_name(namespace_of(y)) == namespace_name(xp)
+    assert_close(to_numpy(y), to_numpy(ref.predict(x)), rtol=1e-12)
+    np.testing.assert_allclose(to_numpy(y).sum(axis=1), 1.0, rtol=1e-12)
+    assert float(net.loss(x, t)) == pytest.approx(float(ref.loss(x, t)), rel=1e-12)
+    assert float(net.loss(x, np.array([0, 2, 1, 2]))) == pytest.approx(float(ref.loss(x, t)), rel=1e-12)  # indices too
+    assert net.accuracy(x, t) == ref.accuracy(x, t)
+    grads, ref_grads = net.gradient(x, t), ref.gradient(x, t)
+    for key in ("W1", "b1", "W2", "b2"):
+        assert_close(to_numpy(grads[key]), to_numpy(ref_grads[key]), rtol=1e-12)
+        net.params[key] -= 0.1 * grads[key]
+        ref.params[key] -= 0.1 * ref_grads[key]
+    assert float(net.loss(x, t)) == pytest.approx(float(ref.loss(x, t)), rel=1e-12)
+    assert float(net.loss(x, t)) < float(SigmoidTwoLayerNet(7, 5, 3, weight_init_std=0.5, dtype="float64", seed=3).loss(x, t))
+
+
+def test_sigmoid_two_layer_net_gradient(rng):
+    # the loss carries the book's 1e-7 inside the log, the analytic gradient is the exact
+    # cross-entropy's: they agree to about 1e-7 / y, hence rtol 1e-5
+    net = SigmoidTwoLayerNet(7, 5, 3, weight_init_std=0.5, dtype="float64", seed=2)
+    x, t = rng.standard_normal((4, 7)), np.eye(3)[[0, 2, 1, 2]]
+    grads = net.gradient(x, t)
+    for key in net.params:
+        check(lambda: float(net.loss(x, t)), net.params[key], grads[key], key, rtol=1e-5)
 
 
 def test_same_seed_same_weights_on_every_namespace(xp):

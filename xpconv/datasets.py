@@ -169,6 +169,10 @@ def load_digits(normalize=True, flatten=False, one_hot_label=False, test_size=0.
     (359 for the default 0.2); the test set is rows ``p[:k]`` and the train set rows ``p[k:]``,
     in that order. The same ``seed`` always gives the same split on every machine.
     """
+    if isinstance(test_size, bool) or not isinstance(test_size, (int, float, np.integer, np.floating)):
+        raise TypeError(f"load_digits: test_size must be a number between 0 and 1, got {type(test_size).__name__}")
+    if not 0.0 < float(test_size) < 1.0:  # also refuses nan and inf
+        raise ValueError(f"load_digits: test_size must be a fraction strictly between 0 and 1, got {float(test_size)!r}")
     pixels, labels = _read_digits_file()
     train, test = _split_indices(pixels.shape[0], test_size, seed)
     scale = 16.0 if normalize else None

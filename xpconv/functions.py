@@ -85,7 +85,9 @@ def _same_namespace(xp, t, like):
 
 def cross_entropy_error(y, t):
     """Mean of -log(y[t] + 1e-7) over the batch.  y: probabilities (N, K) or (K,);
-    t: class indices (N,) / (N, 1), or one-hot of y's shape."""
+    t: class indices (N,) / (N, 1), or one-hot of y's shape.  An empty batch, index
+    labels that are not integers or not in 0..K-1 (the book's indexing would wrap a
+    negative one and fail on K) raise ValueError/TypeError."""
     xp = namespace_of(y)
     t = _same_namespace(xp, t, y)
     if len(y.shape) == 1:
@@ -97,6 +99,14 @@ def cross_entropy_error(y, t):
     N, K = int(y.shape[0]), int(y.shape[1])
     if tuple(t.shape) != (N,):
         raise ValueError(f"cross_entropy_error: expected {N} labels of shape ({N},), ({N}, 1) or ({N}, {K}), got {tuple(t.shape)}")
+    if N == 0:
+        raise ValueError(f"cross_entropy_error: got no samples (y of shape {tuple(y.shape)}); the mean over a batch needs one")
+    if not xp.isdtype(t.dtype, "integral"):
+        raise TypeError(f"cross_entropy_error: expected integer class indices or one-hot labels of shape {tuple(y.shape)}, "
+                        f"got {t.dtype} labels of shape {tuple(t.shape)}")
+    low, high = int(xp.min(t)), int(xp.max(t))
+    if low < 0 or high >= K:
+        raise ValueError(f"cross_entropy_error: expected class indices 0 <= t < {K} (y has {K} classes), got min {low}, max {high}")
     picked = xp.sum(ops.one_hot(t, K, y.dtype) * xp.log(y + 1e-7), axis=1)
     return -xp.sum(picked) / N
 

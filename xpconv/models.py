@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _fileformat, bookpickle, kernels
+from . import functions as _functions
 from . import layers as L
 from ._geometry import conv_output_size
 from ._typing import Layer
@@ -44,6 +45,7 @@ __all__ = [
     "MultiLayerNet",
     "MultiLayerNetExtend",
     "Sequential",
+    "SigmoidTwoLayerNet",
     "SimpleConvNet",
     "TwoLayerNet",
     "build_model",
@@ -291,7 +293,7 @@ class Sequential:
     def gradient(self, x, t) -> dict:
         """Gradients of the loss by backpropagation: a dict with the keys of ``params``."""
         with self._scope():
-            self.loss(x, t, train_flg=True)
+            self._backprop_loss(x, t)
             dout = self.last_layer.backward(1.0)
             steps = self.steps
             for i in range(len(steps) - 1, -1, -1):
@@ -303,6 +305,11 @@ class Sequential:
         for key, (layer, attr) in self._slots.items():
             grads[key] = getattr(layer, "d" + attr)
         return grads
+
+    def _backprop_loss(self, x, t):
+        """The forward pass that ``gradient`` differentiates: ``loss`` in training mode,
+        through ``last_layer`` (whose ``backward`` starts backpropagation)."""
+        return self.loss(x, t, train_flg=True)
 
     @property
     def lastLayer(self):  # the book's TwoLayerNet spells it so
@@ -614,6 +621,51 @@ class TwoLayerNet(Sequential):
             "output_size": int(output_size),
             "weight_init_std": std,
         }
+
+
+class SigmoidTwoLayerNet(Sequential):
+    """The book's chapter 4 ``TwoLayerNet``: affine - sigmoid - affine - softmax, for
+    ``from two_layer_net import TwoLayerNet`` in ``ch04`` (chapter 5's ReLU net of the
+    same name is :class:`TwoLayerNet`).  As in chapter 4, ``predict`` returns the softmax
+    probabilities (not scores) and ``loss`` is ``cross_entropy_error(predict(x), t)``
+    with the book's ``-log(y + 1e-7)`` (:func:`xpconv.functions.cross_entropy_error`);
+    ``numerical_gradient`` differentiates that loss by central differences and
+    ``gradient`` backpropagates ``(y - t) / N`` through the sigmoid, chapter 4's analytic
+    formula.  Labels may be one-hot (the book's) or class indices.  Keyword-only, xpconv
+    adds ``xp``, ``device``, ``dtype`` (float32 unless asked) and ``seed``; weights are
+    ``weight_init_std`` times standard normal draws, biases zero."""
+
+    name = "sigmoid_two_layer"
+
+    def __init__(self, input_size, hidden_size, output_size, weight_init_std=0.01, *, xp=None, device=None, dtype="float32", seed=None):
+        ns, _, dn, rng, device = _setup(xp, device, dtype, seed)
+        std = float(weight_init_std)
+        layers = [
+            L.Affine(rng.normal((input_size, hidden_size), xp=ns, dtype=dn, device=device, scale=std),
+                     zeros((hidden_size,), xp=ns, dtype=dn, device=device)),
+            L.Sigmoid(),
+            L.Affine(rng.normal((hidden_size, output_size), xp=ns, dtype=dn, device=device, scale=std),
+                     zeros((output_size,), xp=ns, dtype=dn, device=device)),
+        ]
+        super().__init__(layers)
+        self.config = {
+            "input_size": int(input_size),
+            "hidden_size": int(hidden_size),
+            "output_size": int(output_size),
+            "weight_init_std": std,
+        }
+
+    def predict(self, x, train_flg: bool = False):
+        """Softmax probabilities (N, K) for inputs x (chapter 4's predict)."""
+        return _functions.softmax(super().predict(x, train_flg))
+
+    def loss(self, x, t, train_flg: bool = False):
+        """``cross_entropy_error(predict(x), t)``, the book's formula (a 0-d array)."""
+        return _functions.cross_entropy_error(self.predict(x, train_flg), self._labels(t))
+
+    def _backprop_loss(self, x, t):
+        # the scores go through SoftmaxWithLoss, whose backward is chapter 4's (y - t) / N
+        return Sequential.loss(self, x, t, train_flg=True)
 
 
 def _init_scale(weight_init_std, fan_in: int) -> float:

@@ -20,11 +20,20 @@ _WINDOW = 11  # taps of the Kaiser window (beta 2) that smooth_curve averages wi
 def smooth_curve(x):
     """A loss curve (sequence or 1-D array of any namespace) smoothed by a normalised
     11-tap Kaiser window (beta 2), its ends mirrored so the result keeps len(x)
-    samples; a host float64 NumPy array."""
-    v = np.asarray(to_numpy(x) if not isinstance(x, (list, tuple)) else x, dtype=np.float64).ravel()
+    samples; a host float64 NumPy array.  The curve needs at least 11 values (the
+    window's length): the book's formula returns fewer values than it was given for a
+    shorter one (none for 1-8, 6 for 9, 9 for 10), which cannot be plotted against the
+    curve's own x-axis, so a shorter curve raises ValueError."""
+    try:
+        v = np.asarray(to_numpy(x) if not isinstance(x, (list, tuple)) else x, dtype=np.float64).ravel()
+    except (TypeError, ValueError):
+        raise TypeError(f"smooth_curve: expected a sequence or 1-D array of numbers, got {type(x).__name__}") from None
+    if len(v) < _WINDOW:
+        raise ValueError(f"smooth_curve: expected a curve of at least {_WINDOW} values (the smoothing window's length), "
+                         f"got {len(v)}")
     half = _WINDOW - 1
     left = v[1:_WINDOW][::-1]  # mirror without the first sample
-    right = v[len(v) - half:][::-1] if len(v) >= half else v[::-1]  # mirror with the last one
+    right = v[len(v) - half:][::-1]  # mirror with the last one
     padded = np.concatenate([left, v, right])
     taps = np.kaiser(_WINDOW, 2)
     y = np.convolve(taps / taps.sum(), padded, mode="valid")
@@ -34,9 +43,19 @@ def smooth_curve(x):
 def shuffle_dataset(x, t, *, seed=None):
     """(x, t) with their samples (axis 0) in one random order, in their own namespace.
 
+    ``x`` and ``t`` are arrays (NumPy or any Array-API library) with a sample axis, as in
+    the book; anything else (a list, a 0-d array) raises TypeError/ValueError.
     Without ``seed`` the order comes from NumPy's global random state, as in the book
     (``np.random.seed`` makes it repeatable); ``seed`` (an int or an
     :class:`xpconv.backend.Generator`) draws it from xpconv's own generator instead."""
+    for name, a in (("x", x), ("t", t)):
+        try:
+            namespace_of(a)
+        except TypeError:
+            raise TypeError(f"shuffle_dataset: expected {name} to be an array (NumPy or an Array-API library) with "
+                            f"samples along axis 0, got {type(a).__name__}") from None
+        if len(a.shape) == 0:
+            raise ValueError(f"shuffle_dataset: expected {name} to have a sample axis, got a 0-d array")
     n = int(x.shape[0])
     if int(t.shape[0]) != n:
         raise ValueError(f"shuffle_dataset: expected as many labels as samples ({n}), got {int(t.shape[0])}")
@@ -45,11 +64,7 @@ def shuffle_dataset(x, t, *, seed=None):
 
 
 def _take(a, order):
-    try:
-        xp = namespace_of(a)
-    except TypeError:
-        a = np.asarray(a)
-        xp = namespace_of(a)
+    xp = namespace_of(a)
     return xp.take(a, asarray_in(order, xp, device=device_of(a)), axis=0)
 
 
