@@ -486,7 +486,7 @@ class Generator:
 
     def dropout_keys(self) -> tuple[int, int]:
         """The two 32-bit keys of the next Dropout mask, drawn from the host stream (what
-        :meth:`dropout_mask` draws; a replayed CUDA graph draws them alone)."""
+        :meth:`dropout_mask` draws)."""
         k1, k2 = (int(k) for k in self._np.integers(0, 2**32, size=2, dtype=np.uint64))
         return k1, k2
 
