@@ -98,6 +98,8 @@ class HostModule:
     """A host build of one CUDA source: ``get_function(name)`` like cupy.RawModule."""
 
     launches: list = []  # (kernel name, grid, block) of every launch, all modules
+    #: True: launches are checked and recorded but not run (counting launches of large batches)
+    count_only = False
 
     def __init__(self, code: str, options=()):
         cxx = compiler()
@@ -172,6 +174,8 @@ class HostKernel:
                     )
                 cargs.append(c_type(arg.item()))
         HostModule.launches.append((self.name, grid, block))
+        if HostModule.count_only:  # checked and counted; the results are not needed
+            return
         blocks, threads = grid[0], block[0]
         if blocks * threads > EXACT_THREADS:
             blocks, threads = 2, 3
@@ -221,9 +225,39 @@ def fake_cupy() -> types.ModuleType:
         float32=np.float32,
         float64=np.float64,
         RawModule=HostModule,
+        get_default_memory_pool=lambda: _POOL,
+        cuda=types.SimpleNamespace(runtime=FakeRuntime),
         __xpconv_fake__=True,
     )
     return m
+
+
+class FakeRuntime:
+    """``cupy.cuda.runtime``'s device queries: ``getDevice() -> int`` and
+    ``memGetInfo() -> (free, total)`` in bytes, of an 80 GB device with :attr:`free` free
+    (tests set ``device``/``free``)."""
+
+    device = 0
+    total = 80 << 30
+    free = 79 << 30
+
+    @staticmethod
+    def getDevice() -> int:
+        return FakeRuntime.device
+
+    @staticmethod
+    def memGetInfo() -> tuple[int, int]:
+        return FakeRuntime.free, FakeRuntime.total
+
+
+class FakeMemoryPool:
+    """``cupy.get_default_memory_pool()``: the stand-in's arrays are NumPy's, so it holds nothing."""
+
+    def free_bytes(self) -> int:
+        return 0
+
+
+_POOL = FakeMemoryPool()
 
 
 # ====================================================================== counting launches

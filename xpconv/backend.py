@@ -260,6 +260,7 @@ def cuda_status() -> tuple[bool, str]:
 def _cuda_status_of(device: int, n: int) -> tuple[bool, str]:
     """:func:`cuda_status` of CUDA device ``device`` (the current one), probed once."""
     cupy, _ = _import_cupy()
+    assert cupy is not None  # cuda_status asks only once CuPy imported
     why = _probe_cuda(cupy)
     if why:
         return False, why

@@ -16,7 +16,7 @@ How the work is split:
 * Convolution is the im2col kernel + one cuBLAS product ``col @ W.T`` giving NHWC
   rows (col is freed at once: the backward keeps the input and rebuilds it, so no
   im2col matrix lives from forward to backward; a batch whose col would exceed
-  ``COL_BYTES`` is convolved slice by slice, so the transient is bounded too) + one kernel that adds the bias (and applies the ReLU, ``relu=True``) while
+  the slice budget (``_col_budget``: 1/64 of the device's free memory, 8-128 MiB) is convolved slice by slice, so the transient is bounded too) + one kernel that adds the bias (and applies the ReLU, ``relu=True``) while
   moving them to NCHW.  Backward moves dout to NHWC rows in one kernel (applying
   the ReLU's mask), then cuBLAS for dW and dcol, a column sum for db and the
   col2im kernel; ``need_dx=False`` skips dcol and col2im.
@@ -40,7 +40,7 @@ from __future__ import annotations
 import cupy
 
 from .._geometry import window
-from . import COL_BYTES, cuda_source, register
+from . import col_bytes_for, cuda_source, register
 
 _THREADS = 256
 _MAX_BLOCKS = 1 << 16  # grid-stride loops cover larger launches
@@ -189,16 +189,31 @@ def _convolvable(x, W, b) -> str | None:
     return sfx
 
 
+#: the im2col slice budget of each device (by id), chosen at its first convolution
+_COL_BUDGETS: dict[int, int] = {}
+
+
+def _col_budget() -> int:
+    """The current device's im2col slice budget (``xpconv.kernels.col_bytes_for``): from its
+    free memory, counting the blocks CuPy's pool holds free, when it first convolves."""
+    device = int(cupy.cuda.runtime.getDevice())
+    budget = _COL_BUDGETS.get(device)
+    if budget is None:
+        free, _total = cupy.cuda.runtime.memGetInfo()
+        budget = _COL_BUDGETS[device] = col_bytes_for(int(free) + int(cupy.get_default_memory_pool().free_bytes()))
+    return budget
+
+
 def _chunks(N: int, bytes_per_sample: int):
-    """(n0, n1) slices of the batch whose im2col matrix fits ``COL_BYTES`` (at least one sample each)."""
-    step = max(1, COL_BYTES // max(1, bytes_per_sample))
+    """(n0, n1) slices of the batch whose im2col matrix fits the slice budget (at least one sample each)."""
+    step = max(1, _col_budget() // max(1, bytes_per_sample))
     return [(n0, min(N, n0 + step)) for n0 in range(0, N, step)]
 
 
 def _conv_rows(x, W, stride, pad, sfx):
     """im2col + cuBLAS: y (N*OH*OW, FN), the convolution without bias in NHWC rows,
     and the cache the backward needs.  The im2col matrix is built per slice of the
-    batch (``_chunks``) and freed after its product, so at most ``COL_BYTES`` of it
+    batch (``_chunks``) and freed after its product, so at most the slice budget of it
     exist at once."""
     N, C, H, Wd = (int(s) for s in x.shape)
     FN, _, FH, FW = (int(s) for s in W.shape)
