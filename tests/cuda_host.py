@@ -98,6 +98,8 @@ class HostModule:
     """A host build of one CUDA source: ``get_function(name)`` like cupy.RawModule."""
 
     launches: list = []  # (kernel name, grid, block) of every launch, all modules
+    #: True: launches are checked and recorded but not run (counting launches of large batches)
+    count_only = False
 
     def __init__(self, code: str, options=()):
         cxx = compiler()
@@ -172,13 +174,11 @@ class HostKernel:
                     )
                 cargs.append(c_type(arg.item()))
         HostModule.launches.append((self.name, grid, block))
+        if HostModule.count_only:  # checked and counted; the results are not needed
+            return
         blocks, threads = grid[0], block[0]
         if blocks * threads > EXACT_THREADS:
             blocks, threads = 2, 3
-        if Capture.active is not None:
-            # captured: the pointers and scalars as they are now, kept by value; runs at launch
-            Capture.active.add(self.name, lambda: self._run(cargs, blocks, threads), args)
-            return
         self._run(cargs, blocks, threads)
 
     def _run(self, cargs, blocks, threads):
@@ -225,9 +225,39 @@ def fake_cupy() -> types.ModuleType:
         float32=np.float32,
         float64=np.float64,
         RawModule=HostModule,
+        get_default_memory_pool=lambda: _POOL,
+        cuda=types.SimpleNamespace(runtime=FakeRuntime),
         __xpconv_fake__=True,
     )
     return m
+
+
+class FakeRuntime:
+    """``cupy.cuda.runtime``'s device queries: ``getDevice() -> int`` and
+    ``memGetInfo() -> (free, total)`` in bytes, of an 80 GB device with :attr:`free` free
+    (tests set ``device``/``free``)."""
+
+    device = 0
+    total = 80 << 30
+    free = 79 << 30
+
+    @staticmethod
+    def getDevice() -> int:
+        return FakeRuntime.device
+
+    @staticmethod
+    def memGetInfo() -> tuple[int, int]:
+        return FakeRuntime.free, FakeRuntime.total
+
+
+class FakeMemoryPool:
+    """``cupy.get_default_memory_pool()``: the stand-in's arrays are NumPy's, so it holds nothing."""
+
+    def free_bytes(self) -> int:
+        return 0
+
+
+_POOL = FakeMemoryPool()
 
 
 # ====================================================================== counting launches
@@ -316,8 +346,6 @@ class Counted(np.ndarray):
 
     def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
         _count(f"{ufunc.__name__}.{method}" if method != "__call__" else ufunc.__name__)
-        if Capture.active is not None:
-            return Capture.active.ufunc(ufunc, method, inputs, out, kwargs)
         if out is not None:
             kwargs["out"] = _plain(out)
         result = getattr(ufunc, method)(*_plain(inputs), **kwargs)
@@ -328,8 +356,6 @@ class Counted(np.ndarray):
     def __array_function__(self, func, types, args, kwargs):
         if func.__name__ not in NO_LAUNCH:
             _count(func.__name__)
-        if Capture.active is not None:
-            return Capture.active.function(func, args, kwargs)
         return _wrap(func(*_plain(args), **_plain(kwargs)))
 
     def astype(self, dtype, *args, **kwargs):
@@ -337,15 +363,11 @@ class Counted(np.ndarray):
         if converts:
             _count("astype")
         plain = self.view(np.ndarray)
-        if converts and Capture.active is not None:
-            return Capture.active.computed("astype", lambda: plain.astype(dtype, *args, **kwargs), plain.astype(dtype, *args, **kwargs))
         return _wrap(plain.astype(dtype, *args, **kwargs))
 
     def copy(self, *args, **kwargs):
         _count("copy")
         plain = self.view(np.ndarray)
-        if Capture.active is not None:
-            return Capture.active.computed("copy", lambda: plain.copy(*args, **kwargs), plain.copy(*args, **kwargs))
         return _wrap(plain.copy(*args, **kwargs))
 
     def _maybe_copy(self, name, fn):
@@ -354,8 +376,6 @@ class Counted(np.ndarray):
         if np.may_share_memory(r, self):
             return _wrap(r)
         _count(name)
-        if Capture.active is not None:
-            return Capture.active.computed(name, fn, r)
         return _wrap(r)
 
     def reshape(self, *shape, **kwargs):
@@ -375,61 +395,18 @@ class Counted(np.ndarray):
         plain, pkey = self.view(np.ndarray), _plain(key)
         if any(isinstance(k, (np.ndarray, list)) for k in keys):
             _count("take")
-            if Capture.active is not None:
-                return Capture.active.computed("take", lambda: plain[pkey], plain[pkey])
-        r = plain[pkey]
-        if isinstance(r, np.generic) and Capture.active is not None:  # CuPy: a 0-d view, not a host scalar
-            return _wrap(plain[(*keys, Ellipsis)])
-        return _wrap(r)
+        return _wrap(plain[pkey])
 
     def __setitem__(self, key, value):
         if isinstance(value, np.ndarray):
             _count("copy_into")
         plain, pkey, pvalue = self.view(np.ndarray), _plain(key), _plain(value)
-        if Capture.active is not None:
-            Capture.active.add("copy_into", lambda: plain.__setitem__(pkey, pvalue), (self, value))
-            return
         plain[pkey] = pvalue
 
     def fill(self, value):
         _count("fill")
         plain = self.view(np.ndarray)
-        if Capture.active is not None:
-            Capture.active.add("fill", lambda: plain.fill(value), (self,))
-            return
         plain.fill(value)
-
-    def set(self, arr, stream=None):
-        """CuPy's host-to-device copy into this array."""
-        if Capture.active is not None:
-            raise RuntimeError("stream capture: a copy from pageable host memory cannot be captured")
-        HostToDevice.copies += 1
-        self.view(np.ndarray)[...] = np.asarray(arr)
-
-    # reading a value on the host waits for the device: CUDA refuses that while capturing
-    def _host_read(self, what):
-        if Capture.active is not None:
-            raise RuntimeError(f"stream capture: {what} reads an array on the host (a device sync), which CUDA refuses while capturing")
-
-    def __float__(self):
-        self._host_read("float()")
-        return float(self.view(np.ndarray))
-
-    def __int__(self):
-        self._host_read("int()")
-        return int(self.view(np.ndarray))
-
-    def __bool__(self):
-        self._host_read("bool()")
-        return bool(self.view(np.ndarray))
-
-    def item(self, *args):
-        self._host_read("item()")
-        return self.view(np.ndarray).item(*args)
-
-    def tolist(self):
-        self._host_read("tolist()")
-        return self.view(np.ndarray).tolist()
 
 
 def counted(a) -> Counted:
@@ -450,246 +427,8 @@ def counting_cupy() -> types.ModuleType:
             return a if isinstance(a, Counted) else a.view(Counted)
         _count("ascontiguousarray")
         plain = _plain(a)
-        if Capture.active is not None:
-            return Capture.active.computed("ascontiguousarray", lambda: np.ascontiguousarray(plain), np.ascontiguousarray(plain))
         return np.ascontiguousarray(plain).view(Counted)
 
     m.empty = empty
     m.ascontiguousarray = ascontiguousarray
-    return m
-
-
-# ====================================================================== a fake CUDA graph capture
-
-
-class HostToDevice:
-    """How many host-to-device copies (``ndarray.set``) the stand-in made."""
-
-    copies = 0
-
-
-def _poisoned_like(r) -> np.ndarray:
-    a = np.empty(np.shape(r), dtype=np.asarray(r).dtype)
-    a.fill(_poison(a.dtype))
-    return a
-
-
-def _arrays_in(obj):
-    if isinstance(obj, np.ndarray):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for o in obj:
-            yield from _arrays_in(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from _arrays_in(o)
-
-
-class Capture:
-    """A stream capture, faithful where it matters for a CUDA graph of a training step.
-
-    While one is :attr:`active`, nothing that would run on the device runs: every
-    host-built kernel launch (:class:`HostKernel`) and every array operation on
-    :class:`Counted` arrays -- ufunc calls (elementwise, ``matmul``, ``reduce``/
-    ``accumulate``/``at``), NumPy functions through ``__array_function__`` (``copyto``,
-    ``zeros_like``, ``concatenate``, ``where``, ...), ``astype``, ``copy``, fancy-index
-    reads, writes into slices, ``fill`` and the copies ``reshape``/``ravel`` make -- is
-    recorded with the array objects it reads and writes and every Python or NumPy
-    scalar by value.  An operation making a new array gets a result array now (its
-    "device address"), filled with :data:`POISON` so that nothing can use values
-    computed at capture time; :meth:`replay` (``Graph.launch()``) runs the recording in
-    order, writing into those same arrays (``out=``/``copyto``).  Views (reshape,
-    transpose, basic slices) share memory as device views do and are not recorded.
-    Reading an array on the host (``float()``, ``item()``, ``bool()``, ``tolist()``) and
-    host-to-device copies raise, as CUDA's capture does.
-
-    What it does not see: NumPy work on plain ``ndarray``s that never meets a Counted
-    one (the stand-in's arrays are Counted, the model's are made so by the tests),
-    ndarray methods implemented in C that are not ufuncs (``argmax``, ``sort``; they
-    would run at capture on poisoned inputs and leave poison, so a step using them
-    fails the comparisons rather than passing), and streams: all recorded work is one
-    sequence, as on the single side stream the graph is captured on."""
-
-    active: Capture | None = None
-
-    def __init__(self):
-        self.nodes: list[tuple[str, object, tuple]] = []
-
-    def add(self, name: str, fn, refs) -> None:
-        self.nodes.append((name, fn, tuple(_arrays_in(refs))))
-
-    def replay(self) -> None:
-        for _, fn, _ in self.nodes:
-            fn()
-
-    @property
-    def names(self) -> list[str]:
-        return [name for name, _, _ in self.nodes]
-
-    def computed(self, name: str, fn, trial):
-        """A new array ``fn()`` would make: a poisoned result now, filled at each replay."""
-        res = _poisoned_like(trial)
-        self.add(name, lambda: np.copyto(res, fn(), casting="no"), (res,))
-        return _wrap(res)
-
-    def ufunc(self, ufunc, method, inputs, out, kwargs):
-        fn = getattr(ufunc, method)
-        name = f"{ufunc.__name__}.{method}" if method != "__call__" else ufunc.__name__
-        pin = _plain(inputs)
-        if method == "at":  # in place into inputs[0]
-            self.add(name, lambda: fn(*pin, **kwargs), inputs)
-            return None
-        if out is not None:
-            pout = _plain(out)
-            self.add(name, lambda: fn(*pin, out=pout, **kwargs), (inputs, out))
-            return out[0] if len(out) == 1 else out
-        with np.errstate(all="ignore"):
-            trial = fn(*pin, **kwargs)  # only for the results' shapes and dtypes
-        several = isinstance(trial, tuple)
-        results = tuple(_poisoned_like(r) for r in (trial if several else (trial,)))
-        target = results if several else results[0]
-
-        def run():
-            with np.errstate(all="ignore"):
-                fn(*pin, out=target, **kwargs)
-
-        self.add(name, run, (inputs, results))
-        return tuple(_wrap(r) for r in results) if several else _wrap(results[0])
-
-    def function(self, func, args, kwargs):
-        pa, pk = _plain(args), _plain(kwargs)
-        if func is np.copyto or kwargs.get("out") is not None:
-            self.add(func.__name__, lambda: func(*pa, **pk), (args, kwargs))
-            return kwargs.get("out")
-        with np.errstate(all="ignore"):
-            trial = func(*pa, **pk)
-        inputs = list(_arrays_in((pa, pk)))
-        if isinstance(trial, np.generic):
-            trial = np.asarray(trial)
-        if not isinstance(trial, np.ndarray):
-            if isinstance(trial, tuple) and all(isinstance(r, np.ndarray) for r in trial):
-                if all(any(np.may_share_memory(r, a) for a in inputs) for r in trial):
-                    return _wrap(trial)
-                raise NotImplementedError(f"the fake capture does not record {func.__name__}, which makes several arrays")
-            return trial  # metadata: shapes, dtypes, Python values
-        if any(np.may_share_memory(trial, a) for a in inputs):
-            return _wrap(trial)  # a view: no launch on a GPU either
-        return self.computed(func.__name__, lambda: func(*pa, **pk), trial)
-
-
-class FakeEvent:
-    pass
-
-
-class FakeGraph:
-    """What ``Stream.end_capture()`` returns: ``launch()`` replays the recording."""
-
-    def __init__(self, capture: Capture):
-        self.capture = capture
-        self.launches = 0
-
-    def launch(self, stream=None):
-        self.launches += 1
-        self.capture.replay()
-
-
-class FakeStream:
-    """``cupy.cuda.Stream``: a context that makes it current, events, capture."""
-
-    current: list = []
-
-    def __init__(self, null=False, non_blocking=False, ptds=False):
-        self.null = bool(null)
-        self.capture: Capture | None = None
-
-    def __enter__(self):
-        FakeStream.current.append(self)
-        return self
-
-    def __exit__(self, *exc):
-        FakeStream.current.pop()
-
-    def record(self, event=None):
-        return event if event is not None else FakeEvent()
-
-    def wait_event(self, event):
-        pass
-
-    def synchronize(self):
-        if self.capture is not None:
-            raise RuntimeError("stream capture: synchronizing a capturing stream")
-
-    def begin_capture(self, mode=None):
-        if self.null:
-            raise RuntimeError("cannot capture on the default (legacy) stream")
-        if Capture.active is not None:
-            raise RuntimeError("stream capture: already capturing")
-        if FakeStream.current[-1:] != [self]:
-            raise RuntimeError("stream capture: the capturing stream is not the current one, so the step's work would not be captured")
-        if not FakeAllocator.stack:
-            raise RuntimeError("stream capture with CuPy's default memory pool: freed arrays would be reused while the graph writes them")
-        self.capture = Capture.active = Capture()
-
-    def is_capturing(self):
-        return self.capture is not None
-
-    def end_capture(self):
-        if self.capture is None:
-            raise RuntimeError("stream capture: the stream is not capturing")
-        capture, self.capture = self.capture, None
-        Capture.active = None
-        return FakeGraph(capture)
-
-
-FakeStream.null_stream = FakeStream(null=True)  # type: ignore[attr-defined]
-
-
-class FakeMemoryPool:
-    """``cupy.cuda.MemoryPool``: ``malloc`` is what ``using_allocator`` is given."""
-
-    def malloc(self, size):  # pragma: no cover - the stand-in's arrays are NumPy's
-        raise NotImplementedError
-
-
-class FakeAllocator:
-    stack: list = []
-
-
-class _UsingAllocator:
-    def __init__(self, malloc):
-        self.malloc = malloc
-
-    def __enter__(self):
-        FakeAllocator.stack.append(self.malloc)
-        return self
-
-    def __exit__(self, *exc):
-        FakeAllocator.stack.pop()
-
-
-def _get_current_stream():
-    return FakeStream.current[-1] if FakeStream.current else FakeStream.null_stream  # type: ignore[attr-defined]
-
-
-def _copyto(dst, src):
-    if Capture.active is not None:
-        pd, ps = _plain(dst), _plain(src)
-        Capture.active.add("copyto", lambda: np.copyto(pd, ps), (dst, src))
-        return
-    np.copyto(_plain(dst), _plain(src))
-
-
-def graph_cupy() -> types.ModuleType:
-    """:func:`counting_cupy` with ``cupy.cuda``'s graph surface faked: ``Stream``
-    (``begin_capture``/``end_capture``/``record``/``wait_event``), ``Graph.launch``,
-    ``MemoryPool``, ``using_allocator``, ``get_current_stream``, and ``copyto``.  See
-    :class:`Capture` for what a capture records."""
-    m = counting_cupy()
-    m.cuda = types.SimpleNamespace(  # type: ignore[attr-defined]
-        Stream=FakeStream,
-        MemoryPool=FakeMemoryPool,
-        using_allocator=_UsingAllocator,
-        get_current_stream=_get_current_stream,
-    )
-    m.copyto = _copyto  # type: ignore[attr-defined]
     return m

@@ -143,7 +143,7 @@ def _fake_cupy(*, compile_error: str = "", matmul_error: str = "", im2col=None):
             raise CUBLASError(matmul_error)
         return np.matmul(a, b)
 
-    rt = types.SimpleNamespace(getDeviceCount=lambda: 1, driverGetVersion=lambda: 12040, runtimeGetVersion=lambda: 12040)
+    rt = types.SimpleNamespace(getDeviceCount=lambda: 1, getDevice=lambda: 0, driverGetVersion=lambda: 12040, runtimeGetVersion=lambda: 12040)
     cupy = types.SimpleNamespace(
         float32=np.float32, arange=np.arange, zeros=np.zeros, matmul=matmul, asnumpy=np.asarray,
         RawModule=RawModule, cuda=types.SimpleNamespace(runtime=rt),
@@ -182,6 +182,25 @@ def test_the_probe_compiles_and_launches_xpconvs_own_kernels_and_a_cublas_produc
 
     assert cuda_source.module("conv").code == cuda_source.read_source("conv")  # xpconv's own source ...
     assert cuda_source.module("conv").options == cuda_source.OPTIONS  # ... with its own options
+
+
+def test_the_probe_answers_for_the_current_device_not_the_first_one_asked_about(fake_cupy):
+    """A rank may ask (xpconv info, a model built early) before it selects its own GPU:
+    the answer is cached per device, so selecting another device probes that one."""
+    launches = fake_cupy()
+    cupy = sys.modules["cupy"]
+    current = {"device": 0}
+    cupy.cuda.runtime.getDeviceCount = lambda: 2
+    cupy.cuda.runtime.getDevice = lambda: current["device"]
+    assert backend.cuda_status() == (True, "2 CUDA device(s)")
+    assert backend.cuda_status() == (True, "2 CUDA device(s)")
+    assert len(launches) == 1  # device 0 probed once
+    current["device"] = 1
+    assert backend.cuda_status() == (True, "2 CUDA device(s)")
+    assert len(launches) == 2  # device 1 probed on its own
+    current["device"] = 0
+    backend.cuda_status()
+    assert len(launches) == 2
 
 
 @pytest.mark.parametrize(

@@ -593,7 +593,7 @@ def test_launches_split_over_the_batch_give_the_same_result(impl, seeded, monkey
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_convolutions_in_batch_slices_equal_the_whole_batch(impl, seeded, monkeypatch, dtype):
-    # a COL_BYTES below one sample's im2col matrix makes every sample its own slice;
+    # a slice budget below one sample's im2col matrix makes every sample its own slice;
     # three samples' worth makes slices of 3, 3 and 1 (N = 7)
     rng, seed = seeded
     N, C, H, W, FN = 7, 3, 9, 8, 4
@@ -603,7 +603,7 @@ def test_convolutions_in_batch_slices_equal_the_whole_batch(impl, seeded, monkey
     per_sample = 9 * 8 * C * 9 * np.dtype(dtype).itemsize  # P * K * itemsize, stride 1, pad 1
     for budget in (1, 3 * per_sample):
         assert len(impl.module._chunks(N, per_sample)) == 1  # the default budget: one piece
-        monkeypatch.setattr(impl.module, "COL_BYTES", budget)
+        monkeypatch.setattr(impl.module, "_col_budget", lambda: budget)
         pieces = len(impl.module._chunks(N, per_sample))
         assert pieces == (7 if budget == 1 else 3)
         what = f"{pieces} slices {dtype}"

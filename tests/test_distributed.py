@@ -102,21 +102,55 @@ class NodeWorld(FakeWorld):
 class FakeNccl:
     """The part of cupy.cuda.nccl that the NCCL transport uses, over host memory:
     allReduce reads and writes the buffer through its address (so a wrong pointer
-    or count shows), as if every rank held the same data."""
+    or count shows), as if every rank held the same data.
+
+    It follows the real module of the CuPy it models (tests/test_cupy_api.py checks these
+    signatures against the wheels): CuPy 14's ``get_unique_id()`` returns 128 ``bytes`` and
+    ``NcclCommunicator(int ndev, bytes commId, int rank, NcclConfig config=None)`` takes
+    only bytes; CuPy 13's returns a tuple of 128 C ``char`` values and
+    ``NcclCommunicator(int ndev, tuple commId, int rank)`` converts each back to a
+    ``char`` (Cython: OverflowError outside its range; signed on x86-64, unsigned on aarch64)."""
 
     NCCL_SUM, NCCL_FLOAT16, NCCL_FLOAT32, NCCL_FLOAT64 = 0, 6, 7, 8
     _ctypes = {7: ctypes.c_float, 8: ctypes.c_double}
+    #: the signatures the stand-in models, as CuPy's docstrings give them
+    SIGNATURES = {
+        14: "NcclCommunicator(int ndev, bytes commId, int rank, NcclConfig config=None)",
+        13: "NcclCommunicator(int ndev, tuple commId, int rank)",
+    }
 
     class NcclError(RuntimeError):  # named like cupy.cuda.nccl's
         pass
 
-    def __init__(self, refuse: str = ""):
+    def __init__(self, refuse: str = "", cupy: int = 14, unsigned_char: bool = False):
         self.calls = []
+        self.available = True
+        self.cupy, self.unsigned_char = cupy, unsigned_char
         fake = self
+        lo, hi = (0, 255) if unsigned_char else (-128, 127)
 
         class NcclCommunicator:
-            def __init__(self, ndev, uid, rank):
-                assert len(uid) == 128
+            if cupy >= 14:
+                def __init__(self, ndev, commId, rank, config=None):
+                    if type(ndev) is not int or type(rank) is not int:
+                        raise TypeError("an integer is required")
+                    if not isinstance(commId, bytes):
+                        raise TypeError(f"Argument 'commId' has incorrect type (expected bytes, got {type(commId).__name__})")
+                    self._init(ndev, commId, rank)
+            else:
+                def __init__(self, ndev, commId, rank):
+                    if type(ndev) is not int or type(rank) is not int:
+                        raise TypeError("an integer is required")
+                    if not isinstance(commId, tuple):
+                        raise TypeError(f"Argument 'commId' has incorrect type (expected tuple, got {type(commId).__name__})")
+                    for v in commId:
+                        if not lo <= int(v) <= hi:
+                            raise OverflowError(f"value too large to convert to char: {v}")
+                    self._init(ndev, commId, rank)
+
+            def _init(self, ndev, uid, rank):
+                if len(uid) != 128:
+                    raise ValueError(f"commId: 128 values expected, got {len(uid)}")
                 if refuse:
                     raise FakeNccl.NcclError(refuse)
                 fake.calls.append(("init", ndev, uid, rank))
@@ -136,9 +170,11 @@ class FakeNccl:
 
         self.NcclCommunicator = NcclCommunicator
 
-    @staticmethod
-    def get_unique_id():
-        return tuple((i * 7) % 256 - 128 for i in range(128))
+    def get_unique_id(self):
+        raw = bytes((i * 7 + 200) % 256 for i in range(128))  # bytes on both sides of 127
+        if self.cupy >= 14:
+            return raw
+        return tuple(b if self.unsigned_char or b < 128 else b - 256 for b in raw)
 
 
 def tiny_simple(seed=0, dtype="float32", xp="numpy"):
@@ -305,7 +341,7 @@ def test_nccl_transport_wiring_without_a_gpu(monkeypatch):
     comm = distributed.Communicator(world)
     comm._nccl = distributed._NCCLTransport(world, nccl=nccl)
     comm._device_namespace = "numpy"  # route host arrays through the stand-in
-    assert comm.backend == "nccl" and nccl.calls[0][0] == "init" and nccl.calls[0][1:] == (2, FakeNccl.get_unique_id(), 0)
+    assert comm.backend == "nccl" and nccl.calls[0][0] == "init" and nccl.calls[0][1:] == (2, nccl.get_unique_id(), 0)
     grads = {"W1": np.full((4, 3), 2.0, np.float32), "b1": np.ones(3, np.float32), "W2": np.ones(5)}
     comm.allreduce_mean(grads)
     reduces = [c for c in nccl.calls if c[0] == "allReduce"]
@@ -317,6 +353,63 @@ def test_nccl_transport_wiring_without_a_gpu(monkeypatch):
     assert [c[0] for c in nccl.calls].count("bcast") == 1
     with pytest.raises(TypeError, match="unsupported dtype int32"):
         comm._nccl.allreduce_sum_(np.zeros(2, np.int32))
+
+
+class WireWorld(FakeWorld):
+    """A rank of a 2-rank world whose Bcast delivers what rank 0 sent (``wire``: rank 0's
+    buffer is recorded there, a later rank reads it), as MPI would."""
+
+    def __init__(self, rank, size, wire):
+        super().__init__(rank, size)
+        self.wire = wire
+
+    def Bcast(self, buf, root=0):
+        if self.rank == root:
+            self.wire.append(np.array(buf, copy=True))
+        else:
+            buf[...] = self.wire[-1]
+
+
+@pytest.mark.parametrize("cupy, unsigned_char", [(14, False), (13, False), (13, True)],
+                         ids=["cupy14-bytes", "cupy13-x86-signed-char", "cupy13-aarch64-unsigned-char"])
+def test_every_rank_builds_the_nccl_id_in_the_form_its_cupy_takes(cupy, unsigned_char):
+    """The id rank 0's NCCL made reaches every rank's NcclCommunicator unchanged: bytes on
+    CuPy 14, CuPy 13's tuple of C chars (values above 127 where char is unsigned)."""
+    wire = []
+    made = []
+    for rank in (0, 1):
+        nccl = FakeNccl(cupy=cupy, unsigned_char=unsigned_char)
+        distributed._NCCLTransport(WireWorld(rank, 2, wire), nccl=nccl)
+        made.append(nccl.calls[0])
+    uid = FakeNccl(cupy=cupy, unsigned_char=unsigned_char).get_unique_id()
+    assert type(uid) is (bytes if cupy >= 14 else tuple)
+    assert made == [("init", 2, uid, 0), ("init", 2, uid, 1)]
+    assert type(made[1][2]) is type(uid)
+
+
+def test_the_nccl_stand_in_refuses_what_cupy_refuses():
+    """The stand-in is only worth its tests if it refuses the old mistakes: a tuple passed
+    to CuPy 14, 0..255 values where char is signed."""
+    with pytest.raises(TypeError, match="expected bytes, got tuple"):
+        FakeNccl(cupy=14).NcclCommunicator(2, tuple(range(128)), 0)
+    with pytest.raises(OverflowError):
+        FakeNccl(cupy=13).NcclCommunicator(2, tuple(range(128, 256)), 0)
+    with pytest.raises(ValueError, match="expected 128 bytes, got 5"):
+        distributed._nccl_id_to_wire(b"12345")
+    with pytest.raises(ValueError, match="C char values"):
+        distributed._nccl_id_to_wire(tuple([300] * 128))
+
+
+def test_cupy_without_the_nccl_library_says_what_to_install():
+    """``from cupy.cuda import nccl`` succeeds without libnccl (``nccl.available`` is False,
+    and the module has no get_unique_id): every rank says so instead of an AttributeError."""
+    import types
+
+    no_lib = types.SimpleNamespace(available=False)
+    with pytest.raises(backend.BackendUnavailable,
+                       match=r"NCCL is not available through CuPy on 1 of 1 ranks \(here: CuPy found no NCCL library "
+                             r"\(cupy.cuda.nccl.available is False; pip install nvidia-nccl-cu12 or nvidia-nccl-cu13"):
+        distributed._NCCLTransport(FakeWorld(0, 1), nccl=no_lib)
 
 
 def test_without_cupy_the_module_imports_and_setup_falls_back_to_mpi_on_the_cpu(monkeypatch):
@@ -365,8 +458,7 @@ def test_a_gpu_job_without_nccl_reduces_over_mpi_with_a_warning_or_fails_when_nc
         distributed.setup(device="cuda", backend="nccl", excepthook=False)
 
     class BrokenNccl(FakeNccl):
-        @staticmethod
-        def get_unique_id():
+        def get_unique_id(self):
             raise RuntimeError("libnccl.so.2: cannot open shared object file")
 
     with pytest.raises(backend.BackendUnavailable, match="rank 0 could not create an NCCL communicator id .RuntimeError: libnccl"):

@@ -310,7 +310,7 @@ def test_geometry_is_a_leaf_that_ops_and_the_kernels_share():
         assert xpconv_imports <= {"xpconv", "xpconv._geometry", "xpconv._geometry.pair", "xpconv._geometry.conv_output_size",
                                   "xpconv._geometry.window", "xpconv.kernels", "xpconv.kernels.register",
                                   "xpconv.kernels.cuda_source", "xpconv.kernels.COL_BYTES",
-                                  "xpconv.kernels.cuda_graph", "xpconv.kernels.register_step_scope",
+                                  "xpconv.kernels.col_bytes_for", "xpconv.kernels.register_step_scope",
                                   "xpconv.kernels.env_count"} | replaced, (path.name, xpconv_imports)
 
 

@@ -219,31 +219,60 @@ def get_namespace(xp: str | ModuleType | None = None) -> ModuleType:
 # --------------------------------------------------------------------------- CUDA probing
 
 
-@functools.lru_cache(maxsize=1)
-def cuda_status() -> tuple[bool, str]:
-    """(usable, reason). Usable means CuPy imports *and* the current device does what a
-    training step needs (:func:`_probe_cuda`): an allocation, an elementwise kernel, a
-    cuBLAS product, a compile and launch of xpconv's own CUDA sources, and copies back.
-    CuPy imports fine on machines with no usable driver, and a missing NVRTC, cuBLAS or
-    CUDA header folder only shows at first use: the probe makes each a reason here
-    rather than a crash in the first step."""
+@functools.cache
+def _import_cupy() -> tuple[ModuleType | None, str]:
+    """(cupy, '') or (None, why it cannot be imported); once per process."""
     try:
         import cupy
     except ImportError:
-        return False, f"CuPy is not installed; to use a GPU: {_EXTRAS['cupy']}"
+        return None, f"CuPy is not installed; to use a GPU: {_EXTRAS['cupy']}"
     except Exception as exc:  # broken installs raise odd things at import
-        return False, f"CuPy failed to import: {exc}"
+        return None, f"CuPy failed to import: {exc}"
+    return cupy, ""
+
+
+def cuda_status() -> tuple[bool, str]:
+    """(usable, reason) for the *current* CUDA device. Usable means CuPy imports *and*
+    that device does what a training step needs (:func:`_probe_cuda`): an allocation, an
+    elementwise kernel, a cuBLAS product, a compile and launch of xpconv's own CUDA
+    sources, and copies back. CuPy imports fine on machines with no usable driver, and a
+    missing NVRTC, cuBLAS or CUDA header folder only shows at first use: the probe makes
+    each a reason here rather than a crash in the first step.
+
+    The probe's answer is cached per device, so a rank that selects its GPU after
+    something asked about device 0 is told about its own device.
+    ``cuda_status.cache_clear()`` forgets every answer."""
+    cupy, why = _import_cupy()
+    if cupy is None:
+        return False, why
     try:
         n = cupy.cuda.runtime.getDeviceCount()
         if n < 1:
             return False, "no CUDA device found"
+        device = int(cupy.cuda.runtime.getDevice())
     except Exception as exc:
         hint = _cuda_hint(cupy)
         return False, f"{type(exc).__name__}: {exc}" + (f" ({hint})" if hint else "")
+    return _cuda_status_of(device, n)
+
+
+@functools.cache
+def _cuda_status_of(device: int, n: int) -> tuple[bool, str]:
+    """:func:`cuda_status` of CUDA device ``device`` (the current one), probed once."""
+    cupy, _ = _import_cupy()
+    assert cupy is not None  # cuda_status asks only once CuPy imported
     why = _probe_cuda(cupy)
     if why:
         return False, why
     return True, f"{n} CUDA device(s)"
+
+
+def _cuda_status_cache_clear() -> None:
+    _import_cupy.cache_clear()
+    _cuda_status_of.cache_clear()
+
+
+cuda_status.cache_clear = _cuda_status_cache_clear  # type: ignore[attr-defined]
 
 
 def _probe_cuda(cupy: ModuleType) -> str:
@@ -486,7 +515,7 @@ class Generator:
 
     def dropout_keys(self) -> tuple[int, int]:
         """The two 32-bit keys of the next Dropout mask, drawn from the host stream (what
-        :meth:`dropout_mask` draws; a replayed CUDA graph draws them alone)."""
+        :meth:`dropout_mask` draws)."""
         k1, k2 = (int(k) for k in self._np.integers(0, 2**32, size=2, dtype=np.uint64))
         return k1, k2
 

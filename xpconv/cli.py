@@ -179,9 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
     # also after the command (default SUPPRESS: an absent flag keeps the top-level value)
     t.add_argument("--quiet", "-q", action="count", default=argparse.SUPPRESS, help="no progress bar and no per-epoch lines; only the result")
     t.add_argument("--verbose", "-v", action="count", default=argparse.SUPPRESS, help="more messages (checkpoint writes, data placement)")
-    t.add_argument("--cuda-graph", action="store_true",
-                   help="EXPERIMENTAL, CuPy only: capture each training step as a CUDA graph and replay it "
-                        "(not yet proven on a GPU; see benchmarks/gpu/README.md)")
     t.add_argument("--distributed", action="store_true",
                    help="data-parallel training over MPI/NCCL (launch with mpiexec -n K); needs xpconv.distributed and mpi4py")
 
@@ -490,7 +487,7 @@ def _train(args, cleanup: contextlib.ExitStack) -> int:
         trainer = Trainer(
             net, x_train, t_train, x_test, t_test,
             epochs=cfg["epochs"], mini_batch_size=cfg["batch_size"], optimizer=optimizer, verbose=False,
-            seed=cfg["seed"], comm=comm, cuda_graph=bool(getattr(args, "cuda_graph", False)),
+            seed=cfg["seed"], comm=comm,
             run=Run(out_dir=out if is_root else None, config=cfg, start_epoch=start_epoch, history=history),
             callbacks=[ProgressBar(None if log.isEnabledFor(logging.INFO) else False), EpochLine(summary=False)],
         )

@@ -184,6 +184,42 @@ class _MPITransport:
         self._comm.Bcast(buf, root=root)
 
 
+#: NCCL_UNIQUE_ID_BYTES: the size of ``ncclUniqueId``
+_NCCL_ID_BYTES = 128
+#: how the id travels: CuPy >= 14's ``bytes``, or CuPy 13's tuple of C ``char`` values
+#: (signed -128..127 where ``char`` is signed, as on x86-64; 0..255 where it is unsigned, as on aarch64)
+_ID_BYTES, _ID_TUPLE_SIGNED, _ID_TUPLE_UNSIGNED = 0, 1, 2
+
+
+def _nccl_id_to_wire(uid) -> tuple[bytes, int]:
+    """``nccl.get_unique_id()``'s value as its 128 raw bytes and its form.
+
+    CuPy 14 returns ``bytes`` ("Fetch the NCCL unique ID as a Python bytes object") and
+    ``NcclCommunicator(int ndev, bytes commId, int rank, ...)`` takes them; CuPy 13 returns
+    and takes ``tuple`` of 128 ints, each a C ``char``."""
+    if isinstance(uid, (bytes, bytearray)):
+        if len(uid) != _NCCL_ID_BYTES:
+            raise ValueError(f"nccl.get_unique_id(): expected {_NCCL_ID_BYTES} bytes, got {len(uid)}")
+        return bytes(uid), _ID_BYTES
+    values = [int(v) for v in uid]
+    if len(values) != _NCCL_ID_BYTES or not all(-128 <= v <= 255 for v in values):
+        raise ValueError(f"nccl.get_unique_id(): expected bytes or {_NCCL_ID_BYTES} C char values, got {len(values)} values "
+                         f"from {min(values, default=0)} to {max(values, default=0)}")
+    form = _ID_TUPLE_UNSIGNED if any(v > 127 for v in values) else _ID_TUPLE_SIGNED
+    return bytes(v & 0xFF for v in values), form
+
+
+def _nccl_id_from_wire(raw: bytes, form: int):
+    """The id in the form ``nccl.NcclCommunicator`` takes (the form rank 0's CuPy gave)."""
+    if form == _ID_BYTES:
+        return bytes(raw)
+    if form == _ID_TUPLE_UNSIGNED:
+        return tuple(raw)
+    if form == _ID_TUPLE_SIGNED:
+        return tuple(b - 256 if b > 127 else b for b in raw)
+    raise ValueError(f"NCCL id form: expected 0, 1 or 2, got {form}")
+
+
 class _NCCLTransport:
     """Sum and broadcast of contiguous CuPy buffers with NCCL on the current stream.
     The communicator id is made on rank 0 and broadcast over MPI.
@@ -203,6 +239,10 @@ class _NCCLTransport:
                 from cupy.cuda import nccl
             except ImportError as exc:
                 why = f"cupy.cuda.nccl cannot be imported ({exc})"
+        if not why and not getattr(nccl, "available", True):
+            # CuPy imports its NCCL module without the library and says so only here
+            why = ("CuPy found no NCCL library (cupy.cuda.nccl.available is False; "
+                   "pip install nvidia-nccl-cu12 or nvidia-nccl-cu13, matching cupy-cuda12x/13x)")
         failed = np.asarray([1 if why else 0], dtype=np.int32)
         mpi_comm.Allreduce(_mpi().IN_PLACE, failed, op=_mpi().SUM)
         if int(failed[0]):
@@ -213,22 +253,25 @@ class _NCCLTransport:
             )
         self._nccl = nccl
         nccl_error = getattr(nccl, "NcclError", RuntimeError)
-        # 128 id bytes (NCCL_UNIQUE_ID_BYTES, sent as bytes: no pickle) + 1 status byte from rank 0
-        uid = np.zeros(129, dtype=np.int8)
+        # the id's 128 bytes (NCCL_UNIQUE_ID_BYTES, sent as bytes: no pickle), its form, a status byte
+        msg = np.zeros(_NCCL_ID_BYTES + 2, dtype=np.uint8)
         if rank == 0:
             try:
-                uid[:128] = nccl.get_unique_id()
+                raw, form = _nccl_id_to_wire(nccl.get_unique_id())
+                msg[:_NCCL_ID_BYTES] = np.frombuffer(raw, dtype=np.uint8)
+                msg[_NCCL_ID_BYTES] = form
             except Exception as exc:  # NCCL library missing or broken behind the Python module
-                uid[128] = 1
+                msg[-1] = 1
                 why = f"{type(exc).__name__}: {exc}"
-        mpi_comm.Bcast(uid, root=0)
-        if int(uid[128]):
+        mpi_comm.Bcast(msg, root=0)
+        if int(msg[-1]):
             raise BackendUnavailable(f"rank {rank}: rank 0 could not create an NCCL communicator id" + (f" ({why})" if why else ""))
+        uid = _nccl_id_from_wire(msg[:_NCCL_ID_BYTES].tobytes(), int(msg[_NCCL_ID_BYTES]))
         # NCCL's own set-up can refuse (two ranks on one GPU: "duplicate GPU", a broken
         # network plugin...): every rank learns whether any failed, so all fall back together
         comm, why = None, ""
         try:
-            comm = nccl.NcclCommunicator(size, tuple(int(v) for v in uid[:128]), rank)
+            comm = nccl.NcclCommunicator(size, uid, rank)
         except nccl_error as exc:
             why = f"{type(exc).__name__}: {exc}"
         failed = np.asarray([0 if comm is not None else 1], dtype=np.int32)

@@ -105,15 +105,6 @@ class Optimizer:
         """The host half of an update: count it (Adam also sets this update's step size)."""
         self.iter += 1
 
-    def host_step(self) -> dict[str, float]:
-        """Count one update on the host only and return the scalars its update kernel takes
-        for it (``weight_decay`` and the keyword arguments of the kernel's ``step``).
-
-        A captured CUDA graph (:mod:`xpconv.kernels.cuda_graph`) replays the device half
-        of :meth:`update`; this is the other half, run before each replay."""
-        self._begin_update()
-        return {"weight_decay": self.weight_decay, **self._kernel_scalars()}
-
     #: op of the fused update kernel registered per namespace in :mod:`xpconv.kernels`
     #: (e.g. "adam_update" on CuPy: one launch per parameter); only the class that
     #: names it uses it -- a subclass with its own ``_step`` runs its ``_step``

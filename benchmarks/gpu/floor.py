@@ -330,9 +330,13 @@ def main(argv=None) -> int:
     for m in models:
         print(report(m, args.batch, args.tflops, args.tbps, args.epoch))
         print()
-    from xpconv.kernels import COL_BYTES
+    from xpconv.kernels import COL_BYTES, COL_BYTES_MAX
 
-    print(memory_table(models, [int(b) for b in args.memory_batches.split(",")], COL_BYTES))
+    batches = [int(b) for b in args.memory_batches.split(",")]
+    print(f"im2col slices of {COL_BYTES >> 20} MiB (the floor: a device with less than {COL_BYTES >> 14} MiB free):\n")
+    print(memory_table(models, batches, COL_BYTES))
+    print(f"\nim2col slices of {COL_BYTES_MAX >> 20} MiB (any device with 8 GiB free or more, e.g. an H100):\n")
+    print(memory_table(models, batches, COL_BYTES_MAX))
     return 0
 
 

@@ -1,11 +1,13 @@
 """Read pytest's JUnit XML: counts, and the tests that skipped, for run.sh's verdicts.
 
-    python benchmarks/gpu/junit.py [--no-skips] [--merge OUT.xml] FILE.xml...
+    python benchmarks/gpu/junit.py [--no-skips] [--expect N] [--merge OUT.xml] FILE.xml...
 
 Prints one line ``N passed, F failed, E errors, S skipped`` (then each skipped test with
-its reason) and exits 1 when a test failed or errored, when no test ran, or, with
-``--no-skips``, when any test skipped (a GPU stage that skips proves nothing).  A missing
-or unreadable file counts as a failure (the run was killed before pytest wrote it).
+its reason) and exits 1 when a test failed or errored, when no test ran, with
+``--expect N`` when fewer than N tests are in the files (pytest collected N: the rest never
+ran), or, with ``--no-skips``, when any test skipped (a GPU stage that skips proves
+nothing).  A missing, empty or unreadable file counts as a failure (the run was killed
+before pytest wrote it).
 ``--merge`` writes all the files' test cases into one XML file.
 """
 
@@ -27,7 +29,7 @@ def read(paths: list[str]):
     return cases, problems
 
 
-def verdict(paths: list[str], no_skips: bool) -> tuple[int, list[str]]:
+def verdict(paths: list[str], no_skips: bool, expect: int | None = None) -> tuple[int, list[str]]:
     cases, problems = read(paths)
     failed = [c for c in cases if c.find("failure") is not None]
     errors = [c for c in cases if c.find("error") is not None]
@@ -40,7 +42,10 @@ def verdict(paths: list[str], no_skips: bool) -> tuple[int, list[str]]:
     for c in failed + errors:
         lines.append(f"  FAILED {name(c)}")
     lines += [f"  {p}" for p in problems]
-    bad = bool(failed or errors or problems or not cases or (no_skips and skipped))
+    short = expect is not None and len(cases) < expect
+    if short:
+        lines.append(f"  FAILED: {expect} tests collected but {len(cases)} in the JUnit XML (the rest never ran)")
+    bad = bool(failed or errors or problems or not cases or short or (no_skips and skipped))
     if no_skips and skipped:
         lines.append(f"  FAILED: {len(skipped)} GPU test(s) skipped; a GPU stage must run every test")
     if not cases and not problems:
@@ -61,14 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     no_skips = "--no-skips" in args
     args = [a for a in args if a != "--no-skips"]
-    out = None
+    out, expect = None, None
+    if "--expect" in args:
+        i = args.index("--expect")
+        expect = int(args[i + 1])
+        del args[i : i + 2]
     if "--merge" in args:
         i = args.index("--merge")
         out = args[i + 1]
         del args[i : i + 2]
     if out:
         merge(args, out)
-    rc, lines = verdict(args, no_skips)
+    rc, lines = verdict(args, no_skips, expect)
     print("\n".join(lines))
     return rc
 

@@ -71,18 +71,34 @@ def env_count(name: str, default: int) -> int:
 
 
 def col_bytes_from_env() -> int:
-    """The im2col slice budget in bytes: ``XPCONV_COL_MIB`` (MiB, default 8)."""
+    """The im2col slice budget floor in bytes: ``XPCONV_COL_MIB`` (MiB, default 8)."""
     return env_count("XPCONV_COL_MIB", 8) << 20
 
 
-#: most bytes of im2col matrix (and of its gradient dcol) a GPU convolution holds at
-#: once (cupy_ops): larger batches are convolved slice by slice, one im2col launch and
-#: one product per slice.  The default 8 MiB keeps DeepConvNet's peak activation
-#: memory within 1.4x of what PyTorch's autograd saves, at batch 100 and 1000
-#: (``python benchmarks/gpu/floor.py``), for ~70 more launches per DeepConvNet step
-#: at batch 100 (its largest layer, 0.45 MB of columns per sample, runs in slices of
-#: 18 samples); ``XPCONV_COL_MIB=64`` trades memory for fewer launches.
+#: the least bytes of im2col matrix (and of its gradient dcol) a GPU convolution may hold
+#: at once (cupy_ops), and the budget where the device's free memory is unknown; set
+#: ``XPCONV_COL_MIB`` to fix the budget at that many MiB whatever the device has.  Larger
+#: batches are convolved slice by slice, one im2col launch and one product per slice.
 COL_BYTES = col_bytes_from_env()
+#: True when ``XPCONV_COL_MIB`` fixes the budget
+COL_BYTES_FIXED = bool(os.environ.get("XPCONV_COL_MIB", "").strip())
+#: the most a budget chosen from free memory may be: at 128 MiB DeepConvNet's peak
+#: activation memory stays within 1.25x of what PyTorch's autograd saves at batch 1000
+#: (``python benchmarks/gpu/floor.py``; 1.66x at 256 MiB) while its largest layer (0.45 MB
+#: of columns per sample) runs in 4 slices instead of 54 at 8 MiB
+COL_BYTES_MAX = 128 << 20
+#: a budget chosen from free memory is at most this fraction of it (1/64)
+COL_FREE_SHARE = 64
+
+
+def col_bytes_for(free_bytes: int | None) -> int:
+    """The im2col slice budget for a device with ``free_bytes`` free (None: unknown):
+    ``XPCONV_COL_MIB`` when set, else 1/64 of the free memory, between :data:`COL_BYTES`
+    and :data:`COL_BYTES_MAX` (any GPU with 8 GiB free gets the largest)."""
+    if COL_BYTES_FIXED or free_bytes is None:
+        return COL_BYTES
+    return max(COL_BYTES, min(COL_BYTES_MAX, int(free_bytes) // COL_FREE_SHARE))
+
 
 __all__ = ["MODULES", "OPTIONAL", "REGISTRY", "SCOPES", "Kernel", "env_count", "find", "register", "register_step_scope", "step_scope"]
 

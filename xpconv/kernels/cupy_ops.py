@@ -16,7 +16,7 @@ How the work is split:
 * Convolution is the im2col kernel + one cuBLAS product ``col @ W.T`` giving NHWC
   rows (col is freed at once: the backward keeps the input and rebuilds it, so no
   im2col matrix lives from forward to backward; a batch whose col would exceed
-  ``COL_BYTES`` is convolved slice by slice, so the transient is bounded too) + one kernel that adds the bias (and applies the ReLU, ``relu=True``) while
+  the slice budget (``_col_budget``: 1/64 of the device's free memory, 8-128 MiB) is convolved slice by slice, so the transient is bounded too) + one kernel that adds the bias (and applies the ReLU, ``relu=True``) while
   moving them to NCHW.  Backward moves dout to NHWC rows in one kernel (applying
   the ReLU's mask), then cuBLAS for dW and dcol, a column sum for db and the
   col2im kernel; ``need_dx=False`` skips dcol and col2im.
@@ -40,7 +40,7 @@ from __future__ import annotations
 import cupy
 
 from .._geometry import window
-from . import COL_BYTES, cuda_graph, cuda_source, register
+from . import col_bytes_for, cuda_source, register
 
 _THREADS = 256
 _MAX_BLOCKS = 1 << 16  # grid-stride loops cover larger launches
@@ -189,16 +189,31 @@ def _convolvable(x, W, b) -> str | None:
     return sfx
 
 
+#: the im2col slice budget of each device (by id), chosen at its first convolution
+_COL_BUDGETS: dict[int, int] = {}
+
+
+def _col_budget() -> int:
+    """The current device's im2col slice budget (``xpconv.kernels.col_bytes_for``): from its
+    free memory, counting the blocks CuPy's pool holds free, when it first convolves."""
+    device = int(cupy.cuda.runtime.getDevice())
+    budget = _COL_BUDGETS.get(device)
+    if budget is None:
+        free, _total = cupy.cuda.runtime.memGetInfo()
+        budget = _COL_BUDGETS[device] = col_bytes_for(int(free) + int(cupy.get_default_memory_pool().free_bytes()))
+    return budget
+
+
 def _chunks(N: int, bytes_per_sample: int):
-    """(n0, n1) slices of the batch whose im2col matrix fits ``COL_BYTES`` (at least one sample each)."""
-    step = max(1, COL_BYTES // max(1, bytes_per_sample))
+    """(n0, n1) slices of the batch whose im2col matrix fits the slice budget (at least one sample each)."""
+    step = max(1, _col_budget() // max(1, bytes_per_sample))
     return [(n0, min(N, n0 + step)) for n0 in range(0, N, step)]
 
 
 def _conv_rows(x, W, stride, pad, sfx):
     """im2col + cuBLAS: y (N*OH*OW, FN), the convolution without bias in NHWC rows,
     and the cache the backward needs.  The im2col matrix is built per slice of the
-    batch (``_chunks``) and freed after its product, so at most ``COL_BYTES`` of it
+    batch (``_chunks``) and freed after its product, so at most the slice budget of it
     exist at once."""
     N, C, H, Wd = (int(s) for s in x.shape)
     FN, _, FH, FW = (int(s) for s in W.shape)
@@ -501,12 +516,8 @@ class DropoutMask:
         if mask.size >= _INDEX_LIMIT:
             raise ValueError(f"Dropout: a mask of {mask.size} elements is more than one launch's {_INDEX_LIMIT}")
         sfx = _SUFFIX[mask.dtype.name]
-        tape = cuda_graph.recording()
-        if tape is None:
-            ints = (_as_int32(k1), _as_int32(k2), int(threshold))
-            _launch("step", "dropout_mask", sfx, 1, mask.size, (mask,), (), ints)
-        else:  # under capture: the keys come from the graph's scalar buffer, refreshed each replay
-            _launch("step", "dropout_mask_dev", sfx, 1, mask.size, (mask,), (tape.keys(k1, k2),), (int(threshold),))
+        ints = (_as_int32(k1), _as_int32(k2), int(threshold))
+        _launch("step", "dropout_mask", sfx, 1, mask.size, (mask,), (), ints)
         return mask
 
 
@@ -543,15 +554,8 @@ class _Update:
         raise NotImplementedError
 
     def tail(self, dtype, weight_decay=0.0, **hyper) -> tuple:  # pragma: no cover - each subclass has its own
-        """The kernel's trailing scalars (of ``dtype``'s type) for these hyper-parameters:
-        what ``step`` passes, and what a captured graph's scalar buffer is refreshed with."""
+        """The kernel's trailing scalars (of ``dtype``'s type) for these hyper-parameters."""
         raise NotImplementedError
-
-    def _graph_scalars(self, p, tail):
-        """None when eager; under graph capture the device array the ``_dev`` twin of the
-        kernel reads ``tail`` from (the graph's scalar buffer, refreshed before each replay)."""
-        tape = cuda_graph.recording()
-        return None if tape is None else tape.scalars(self, p.dtype, tail)
 
 
 def _tail(dtype, *values):
@@ -568,11 +572,7 @@ class SgdUpdate(_Update):
 
     def step(self, p, g, slots, weight_decay=0.0, *, lr):
         tail, sfx = self.tail(p.dtype, weight_decay, lr=lr), _SUFFIX[p.dtype.name]
-        scal = self._graph_scalars(p, tail)
-        if scal is None:
-            _launch("step", "sgd", sfx, 1, p.size, (p, g), (), (), tail)
-        else:
-            _launch("step", "sgd_dev", sfx, 1, p.size, (p, g), (scal,))
+        _launch("step", "sgd", sfx, 1, p.size, (p, g), (), (), tail)
 
 
 @register("cupy", "momentum_update")
@@ -586,11 +586,7 @@ class MomentumUpdate(_Update):
 
     def step(self, p, g, slots, weight_decay=0.0, *, lr, momentum):
         tail, sfx, arrays = self.tail(p.dtype, weight_decay, lr=lr, momentum=momentum), _SUFFIX[p.dtype.name], (p, g, slots["v"])
-        scal = self._graph_scalars(p, tail)
-        if scal is None:
-            _launch("step", "momentum", sfx, 1, p.size, arrays, (), (), tail)
-        else:
-            _launch("step", "momentum_dev", sfx, 1, p.size, arrays, (scal,))
+        _launch("step", "momentum", sfx, 1, p.size, arrays, (), (), tail)
 
 
 @register("cupy", "nesterov_update")
@@ -604,11 +600,7 @@ class NesterovUpdate(_Update):
 
     def step(self, p, g, slots, weight_decay=0.0, *, lr, momentum):
         tail, sfx, arrays = self.tail(p.dtype, weight_decay, lr=lr, momentum=momentum), _SUFFIX[p.dtype.name], (p, g, slots["v"])
-        scal = self._graph_scalars(p, tail)
-        if scal is None:
-            _launch("step", "nesterov", sfx, 1, p.size, arrays, (), (), tail)
-        else:
-            _launch("step", "nesterov_dev", sfx, 1, p.size, arrays, (scal,))
+        _launch("step", "nesterov", sfx, 1, p.size, arrays, (), (), tail)
 
 
 @register("cupy", "adagrad_update")
@@ -622,11 +614,7 @@ class AdagradUpdate(_Update):
 
     def step(self, p, g, slots, weight_decay=0.0, *, lr):
         tail, sfx, arrays = self.tail(p.dtype, weight_decay, lr=lr), _SUFFIX[p.dtype.name], (p, g, slots["h"])
-        scal = self._graph_scalars(p, tail)
-        if scal is None:
-            _launch("step", "adagrad", sfx, 1, p.size, arrays, (), (0,), tail)
-        else:
-            _launch("step", "adagrad_dev", sfx, 1, p.size, arrays, (scal,), (0,))
+        _launch("step", "adagrad", sfx, 1, p.size, arrays, (), (0,), tail)
 
 
 @register("cupy", "rmsprop_update")
@@ -640,11 +628,7 @@ class RmspropUpdate(_Update):
 
     def step(self, p, g, slots, weight_decay=0.0, *, lr, decay_rate):
         tail, sfx, arrays = self.tail(p.dtype, weight_decay, lr=lr, decay_rate=decay_rate), _SUFFIX[p.dtype.name], (p, g, slots["h"])
-        scal = self._graph_scalars(p, tail)
-        if scal is None:
-            _launch("step", "adagrad", sfx, 1, p.size, arrays, (), (1,), tail)
-        else:
-            _launch("step", "adagrad_dev", sfx, 1, p.size, arrays, (scal,), (1,))
+        _launch("step", "adagrad", sfx, 1, p.size, arrays, (), (1,), tail)
 
 
 @register("cupy", "adam_update")
@@ -659,11 +643,7 @@ class AdamUpdate(_Update):
     def step(self, p, g, slots, weight_decay=0.0, *, lr_t, beta1, beta2):
         tail = self.tail(p.dtype, weight_decay, lr_t=lr_t, beta1=beta1, beta2=beta2)
         sfx, arrays = _SUFFIX[p.dtype.name], (p, g, slots["m"], slots["v"])
-        scal = self._graph_scalars(p, tail)
-        if scal is None:
-            _launch("step", "adam", sfx, 1, p.size, arrays, (), (), tail)
-        else:  # lr_t changes every step: under capture it is read from the graph's scalar buffer
-            _launch("step", "adam_dev", sfx, 1, p.size, arrays, (scal,))
+        _launch("step", "adam", sfx, 1, p.size, arrays, (), (), tail)
 
 __all__ = [
     "AdagradUpdate", "AdamUpdate", "AvgPool2d", "Conv2d", "Conv2dReluMaxPool2d", "DropoutMask", "Im2col", "MaxPool2d",

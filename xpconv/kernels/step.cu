@@ -224,49 +224,5 @@ __device__ __forceinline__ void adam_impl(T* p, const T* __restrict__ g, T* __re
         adam_impl<T>(p, g, m, v, total, wd, lr_t, omb1, omb2);                                                   \
     }
 
-// ---------------------------------------------------------------- graph variants (xpconv/kernels/cuda_graph.py)
-//
-// A captured CUDA graph keeps every kernel argument by value, so the scalars that change
-// from step to step (Adam's bias-corrected lr_t, a Dropout mask's two keys) cannot be
-// arguments there.  These entry points read their scalars from device memory instead: a
-// small buffer the host rewrites with one host-to-device copy before each replay.  Each
-// calls the same _impl with the same values as its eager twin, so results are bit-identical.
-// scal holds the eager kernel's trailing T scalars in their order (wd first).
-
-#define XPC_STEP_GRAPH_ENTRY_POINTS(SUFFIX, T)                                                                  \
-    extern "C" __global__ void xpc_dropout_mask_dev_##SUFFIX(T* __restrict__ mask,                             \
-                                                             const unsigned int* __restrict__ keys, int total,  \
-                                                             int threshold)                                     \
-    {                                                                                                            \
-        dropout_mask_impl<T>(mask, total, (int)keys[0], (int)keys[1], threshold);                               \
-    }                                                                                                            \
-    extern "C" __global__ void xpc_sgd_dev_##SUFFIX(T* p, const T* __restrict__ g, const T* __restrict__ scal,  \
-                                                    int total)                                                  \
-    {                                                                                                            \
-        sgd_impl<T>(p, g, total, scal[0], scal[1]);                                                              \
-    }                                                                                                            \
-    extern "C" __global__ void xpc_momentum_dev_##SUFFIX(T* p, const T* __restrict__ g, T* __restrict__ v,     \
-                                                         const T* __restrict__ scal, int total)                 \
-    {                                                                                                            \
-        momentum_impl<T>(p, g, v, total, scal[0], scal[1], scal[2]);                                             \
-    }                                                                                                            \
-    extern "C" __global__ void xpc_nesterov_dev_##SUFFIX(T* p, const T* __restrict__ g, T* __restrict__ v,     \
-                                                         const T* __restrict__ scal, int total)                 \
-    {                                                                                                            \
-        nesterov_impl<T>(p, g, v, total, scal[0], scal[1], scal[2], scal[3], scal[4]);                           \
-    }                                                                                                            \
-    extern "C" __global__ void xpc_adagrad_dev_##SUFFIX(T* p, const T* __restrict__ g, T* __restrict__ h,      \
-                                                        const T* __restrict__ scal, int total, int scaled)      \
-    {                                                                                                            \
-        adagrad_impl<T>(p, g, h, total, scal[0], scal[1], scal[2], scal[3], scaled);                             \
-    }                                                                                                            \
-    extern "C" __global__ void xpc_adam_dev_##SUFFIX(T* p, const T* __restrict__ g, T* __restrict__ m,         \
-                                                     T* __restrict__ v, const T* __restrict__ scal, int total)  \
-    {                                                                                                            \
-        adam_impl<T>(p, g, m, v, total, scal[0], scal[1], scal[2], scal[3]);                                     \
-    }
-
 XPC_STEP_ENTRY_POINTS(f32, float)
 XPC_STEP_ENTRY_POINTS(f64, double)
-XPC_STEP_GRAPH_ENTRY_POINTS(f32, float)
-XPC_STEP_GRAPH_ENTRY_POINTS(f64, double)

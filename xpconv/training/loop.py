@@ -34,7 +34,6 @@ from typing import Any
 from .. import backend
 from .._io import remove_stale_temp_files
 from ..backend import asarray_in, namespace_of, to_numpy
-from ..layers import BatchNormalization, Dropout
 from ..ops import check_label_range
 from ..optim import get_optimizer
 from .callbacks import Checkpoints, EpochLine, Metrics, OnEpochEnd, ProgressBar
@@ -43,13 +42,10 @@ from .console import LOGGER
 from .runs import RunLock, metrics_document, stop_signals
 from .schedule import Schedule
 
-__all__ = ["GRAPH_NAMESPACES", "RESIDENT_FRACTION", "Run", "Trainer", "TrainingDiverged"]
+__all__ = ["RESIDENT_FRACTION", "Run", "Trainer", "TrainingDiverged"]
 
 #: the data set is kept on the accelerator when it needs at most this fraction of free memory
 RESIDENT_FRACTION = 0.25
-
-#: the namespaces ``cuda_graph=True`` runs on
-GRAPH_NAMESPACES = ("cupy",)
 
 log = logging.getLogger(LOGGER + ".training")
 
@@ -133,10 +129,7 @@ class Trainer:
       over ranks, and only rank 0 shows and writes anything;
     * ``eval_batch_size``: chunk size of the accuracy passes;
     * ``log_every``: read the losses every this many steps (callbacks, NaN check);
-    * ``resident``: True/False forces keeping the data on the model's device or not;
-    * ``cuda_graph``: EXPERIMENTAL, off by default, CuPy only, one process: capture the
-      training step as a CUDA graph and replay it each step
-      (:class:`xpconv.kernels.cuda_graph.CudaGraphStep`; not yet proven on a GPU).
+    * ``resident``: True/False forces keeping the data on the model's device or not.
     """
 
     def __init__(
@@ -160,7 +153,6 @@ class Trainer:
         eval_batch_size: int = 500,
         log_every: int = 10,
         resident: bool | None = None,
-        cuda_graph: bool = False,
         **deprecated: Any,
     ):
         run, callbacks, progress, summary = _upgrade(run, callbacks, deprecated)
@@ -225,8 +217,6 @@ class Trainer:
         _check_labels(network, t_test, "Trainer t_test")
         self._place_data(x_train, t_train, x_test, t_test, resident)
         self.comm.broadcast_params(network.params)
-        self.cuda_graph = bool(cuda_graph)
-        self._graph = self._make_graph() if self.cuda_graph else None
         log.debug(
             f"{self.schedule.steps_per_epoch} steps per epoch of {self.batch_size} samples "
             f"({self.schedule.local_batch_size} on each of {self.comm.size} rank{'s' if self.comm.size != 1 else ''}), "
@@ -285,31 +275,9 @@ class Trainer:
         """Host indices of the global batches of ``epoch`` (1-based), seeded by (seed, epoch)."""
         return self.schedule.batches(epoch)
 
-    def _make_graph(self):
-        """The step as a CUDA graph (``cuda_graph=True``), or a one-line refusal."""
-        name = backend.namespace_name(self._xp)
-        if name not in GRAPH_NAMESPACES:
-            raise ValueError(f"Trainer: cuda_graph=True needs a model on CuPy, got one on {name}")
-        if self.comm.size != 1:
-            raise ValueError(f"Trainer: cuda_graph=True runs in one process, got {self.comm.size} ranks")
-        layers = list(getattr(self.network, "layers", ()))
-        if any(isinstance(layer, BatchNormalization) for layer in layers):
-            # its running statistics are new arrays each step: a graph would keep the first ones
-            raise ValueError("Trainer: cuda_graph=True needs a model without BatchNormalization, got one with it")
-        from ..kernels.cuda_graph import CudaGraphStep
-
-        log.info("cuda_graph: the training step runs as a CUDA graph (experimental: not yet proven on a GPU)")
-        dropouts = [layer for layer in layers if isinstance(layer, Dropout)]
-        return CudaGraphStep(self._eager_step, optimizer=self.optimizer, dropouts=dropouts, n_params=len(self.network.params))
-
     def train_step(self, x_batch, t_batch):
         """One optimizer step (gradients averaged over the ranks); returns the batch loss
-        as an array (no host sync).  With ``cuda_graph=True`` a replay of the captured step."""
-        if self._graph is not None:
-            return self._graph(x_batch, t_batch)
-        return self._eager_step(x_batch, t_batch)
-
-    def _eager_step(self, x_batch, t_batch):
+        as an array (no host sync)."""
         net = self.network
         grads = self.comm.allreduce_mean(net.gradient(x_batch, t_batch))
         self.optimizer.update(net.params, grads)
