@@ -41,6 +41,7 @@ from ._version import __version__
 from .recipes import (
     DATASET_NAMES,
     DEFAULT_LR,
+    LR_SCHEDULES,
     MODELS,
     OPTIMIZER_NAMES,
     merged,
@@ -106,6 +107,11 @@ positive_float = _number_type(float, lambda v: v > 0 and math.isfinite(v), "a po
                               "argparse type: a finite number > 0.", echo_text=True)
 nonnegative_int = _number_type(int, lambda v: v >= 0, "an integer >= 0", "nonnegative_int",
                                "argparse type: an integer >= 0 (e.g. a seed).")
+_fraction = _number_type(float, lambda v: 0 <= v < 1, "a fraction from 0 up to (not including) 1", "fraction",
+                         "argparse type: a number in [0, 1).", echo_text=True)
+_nonnegative_float = _number_type(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0", "nonnegative_float",
+                                  "argparse type: a finite number >= 0.", echo_text=True)
+_shift = _number_type(int, lambda v: v >= 0, "a number of pixels >= 0", "shift", "argparse type: pixels >= 0.")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -184,6 +190,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "(not yet proven on a GPU; see benchmarks/gpu/README.md)")
     t.add_argument("--distributed", action="store_true",
                    help="data-parallel training over MPI/NCCL (launch with mpiexec -n K); needs xpconv.distributed and mpi4py")
+    # model selection, schedules, augmentation, stopping (see README: "Training options")
+    t.add_argument("--val-split", type=_fraction, default=None, metavar="F",
+                   help="hold out this fraction of the training set, drawn by --seed, for validation: best.safetensors "
+                        "is the best validation epoch and its test accuracy is reported (default: 0.1; 0 = the book's "
+                        "way, the best test epoch)")
+    t.add_argument("--lr-schedule", choices=LR_SCHEDULES, type=str.lower, default=None,
+                   help="learning rate per epoch: constant, step (x0.1 every third of the epochs) or cosine (down "
+                        "towards 0) (default: the recipe's, constant)")
+    t.add_argument("--warmup-epochs", type=nonnegative_int, default=None, metavar="N",
+                   help="raise the learning rate linearly over the first N epochs before the schedule (default: 0)")
+    t.add_argument("--augment", type=_shift, nargs="?", const=True, default=None, metavar="K",
+                   help="translate each training image by up to K pixels (random, seeded by --seed); without K: "
+                        "2 for 28x28 images, 1 for 8x8; 0 = off (default: the recipe's, off)")
+    t.add_argument("--early-stop", type=positive_int, default=None, metavar="N",
+                   help="stop after N epochs without a better validation accuracy (needs --val-split > 0)")
+    t.add_argument("--weight-decay", type=_nonnegative_float, default=None, metavar="W",
+                   help="the optimizer's weight decay: W * parameter added to every gradient (default: 0)")
 
     e = sub.add_parser("eval", help="accuracy of a checkpoint on a dataset's test set",
                        description="Evaluate a checkpoint on the test set of the dataset it was trained on (or --dataset).")
@@ -375,6 +398,7 @@ def _train_settings(args) -> tuple[dict, Any]:
                 f"{args.resume} already has {ckpt.epoch} of {cfg['epochs']} epochs; pass --epochs N with N > {ckpt.epoch} to train further"
             )
         cfg["resumed_from"] = str(args.resume)
+        _resume_training_options(cfg, args, ckpt)
         return cfg, ckpt
 
     dataset = args.dataset or "digits"
@@ -400,9 +424,103 @@ def _train_settings(args) -> tuple[dict, Any]:
         "dtype": args.dtype or "float32",
         "xpconv_version": __version__,
     }
+    cfg.update(_training_options(args, r, info))
     if args.config:
         cfg["config_file"] = str(args.config)
     return cfg, None
+
+
+_TRAINING_OPTIONS = ("val_split", "lr_schedule", "warmup_epochs", "augment", "early_stop", "weight_decay")
+
+
+def _augment_pixels(value, info) -> int:
+    """--augment's pixels: True (the flag alone) is the default for the dataset's image size."""
+    if value is True:
+        from .augment import default_max_shift
+
+        return default_max_shift(int(info["input_dim"][1]), int(info["input_dim"][2]))
+    return int(value or 0)
+
+
+def _training_options(args, r, info) -> dict:
+    """The validation split, schedule, augmentation, early stopping and weight decay of a
+    new run: the options given, else the recipe's."""
+    def given(key, default):
+        value = getattr(args, key, None)
+        return default if value is None else value
+
+    return {
+        "val_split": float(given("val_split", r.val_split)),
+        "lr_schedule": given("lr_schedule", r.lr_schedule),
+        "warmup_epochs": int(given("warmup_epochs", r.warmup_epochs)),
+        "augment": _augment_pixels(given("augment", r.augment), info),
+        "early_stop": getattr(args, "early_stop", None),
+        "weight_decay": float(given("weight_decay", r.weight_decay)),
+    }
+
+
+def _resume_training_options(cfg: dict, args, ckpt) -> None:
+    """A resumed run keeps the checkpoint's training options (a checkpoint written before
+    they existed had none of them: no validation split, a constant rate, no augmentation);
+    an option given that differs replaces it, with a note when the run will then not repeat
+    an uninterrupted one."""
+    old = {"val_split": 0.0, "lr_schedule": "constant", "warmup_epochs": 0, "augment": 0, "early_stop": None, "weight_decay": 0.0}
+    for key in _TRAINING_OPTIONS:
+        if key in cfg:
+            old[key] = cfg[key]
+    _check_training_options(old, args.resume)
+    cfg.update(old)
+    for key in _TRAINING_OPTIONS:
+        value = getattr(args, key, None)
+        if key == "augment" and value is not None:
+            value = _augment_pixels(value, {"input_dim": cfg.get("input_dim") or [1, 28, 28]})
+        if value is None or value == cfg[key]:
+            continue
+        if key != "early_stop":
+            _note(f"--{key.replace('_', '-')} {value} differs from the checkpoint's {cfg[key]}: the run will not repeat an uninterrupted one")
+        cfg[key] = value
+        if key == "weight_decay":
+            ckpt.optimizer.weight_decay = float(value)
+
+
+def _check_training_options(cfg: dict, path) -> None:
+    """The training options a checkpoint stores, checked for type and range."""
+    from ._fileformat import short
+
+    def number(v, below_one=False):
+        return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                and (v < 1 or not below_one))
+
+    checks = {
+        "val_split": (lambda v: number(v, below_one=True), "a number in [0, 1)"),
+        "lr_schedule": (lambda v: v in LR_SCHEDULES, "one of " + ", ".join(LR_SCHEDULES)),
+        "warmup_epochs": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 10**9, "an integer >= 0"),
+        "augment": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 1 << 20, "a number of pixels >= 0"),
+        "early_stop": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 10**9), "null or an integer >= 1"),
+        "weight_decay": (lambda v: number(v), "a number >= 0"),
+    }
+    for key, (ok, expected) in checks.items():
+        if not ok(cfg[key]):
+            raise UserError(f"{path}: bad run configuration: config.{key} should be {expected}, got {short(cfg[key])}")
+
+
+def _training_options_line(cfg: dict, n_val: int) -> str:
+    """The set-up line of the validation split, schedule, augmentation and stopping."""
+    if n_val:
+        parts = [f"validation: {n_val:,} of the {cfg['train_samples']:,} training samples (--val-split {cfg['val_split']:g})"]
+    else:
+        parts = ["no validation split (--val-split 0): best.safetensors is the best test epoch, as in the book, so its "
+                 "test accuracy is an optimistic estimate"]
+    schedule = cfg["lr_schedule"] + (f" after {cfg['warmup_epochs']} warm-up epoch{'s' if cfg['warmup_epochs'] != 1 else ''}"
+                                     if cfg["warmup_epochs"] else "")
+    parts.append(f"lr schedule {schedule}")
+    if cfg["augment"]:
+        parts.append(f"random translation by up to {cfg['augment']} pixel{'s' if cfg['augment'] != 1 else ''}")
+    if cfg["early_stop"]:
+        parts.append(f"early stop after {cfg['early_stop']} epochs without a better validation accuracy")
+    if cfg["weight_decay"]:
+        parts.append(f"weight decay {cfg['weight_decay']:g}")
+    return "; ".join(parts)
 
 
 def _setup_distributed(args):
@@ -430,6 +548,7 @@ def _train(args, cleanup: contextlib.ExitStack) -> int:
     from . import backend
     from .models import build_model
     from .optim import get_optimizer
+    from .schedules import make_schedule
     from .training import (
         EpochLine,
         ProgressBar,
@@ -462,7 +581,7 @@ def _train(args, cleanup: contextlib.ExitStack) -> int:
             net.to(device)
     else:
         net = build_model(cfg["model"], cfg["model_config"], device=device, dtype=cfg["dtype"], seed=cfg["seed"])
-        optimizer = get_optimizer(cfg["optimizer"], lr=cfg["lr"])
+        optimizer = get_optimizer(cfg["optimizer"], lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         start_epoch, history = 0, []
     cfg["backend"] = backend.namespace_name(net.xp)
     old_ranks = cfg.get("ranks", 1)
@@ -473,13 +592,15 @@ def _train(args, cleanup: contextlib.ExitStack) -> int:
 
     if is_root:
         out.mkdir(parents=True, exist_ok=True)
-    n_batches = cfg["train_samples"] // cfg["batch_size"]
+    n_val = int(round(cfg["val_split"] * cfg["train_samples"]))
+    n_batches = (cfg["train_samples"] - n_val) // cfg["batch_size"]
     tell(
         f"{PROG} {__version__}: {type(net).__name__} on {cfg['dataset']} ({cfg['train_samples']:,} train / "
         f"{cfg['test_samples']:,} test), {cfg['backend']} {cfg['dtype']}, {type(optimizer).__name__} lr {cfg['lr']:g}, "
         f"{cfg['epochs']} epoch{'s' if cfg['epochs'] != 1 else ''} x {n_batches} batches of {cfg['batch_size']}, seed {cfg['seed']}"
         + (f"; {comm.size} ranks" if comm is not None else "")
     )
+    tell(_training_options_line(cfg, n_val))
     if ckpt is not None:
         tell(f"resuming from {args.resume} after epoch {start_epoch}")
     tell(f"writing to {out}")
@@ -491,6 +612,8 @@ def _train(args, cleanup: contextlib.ExitStack) -> int:
             net, x_train, t_train, x_test, t_test,
             epochs=cfg["epochs"], mini_batch_size=cfg["batch_size"], optimizer=optimizer, verbose=False,
             seed=cfg["seed"], comm=comm, cuda_graph=bool(getattr(args, "cuda_graph", False)),
+            val_split=cfg["val_split"], augment=cfg["augment"], early_stop=cfg["early_stop"],
+            lr_schedule=make_schedule(cfg["lr_schedule"], optimizer, cfg["epochs"], warmup_epochs=cfg["warmup_epochs"], base_lr=cfg["lr"]),
             run=Run(out_dir=out if is_root else None, config=cfg, start_epoch=start_epoch, history=history),
             callbacks=[ProgressBar(None if log.isEnabledFor(logging.INFO) else False), EpochLine(summary=False)],
         )
@@ -536,8 +659,16 @@ def _train(args, cleanup: contextlib.ExitStack) -> int:
                 _note(f"{name} {note}")
             else:
                 files.append(name)
-    m = trainer.metrics()["final"]
-    if m:
+    doc = trainer.metrics()
+    m = doc["final"]
+    if doc.get("stopped"):
+        say(doc["stopped"]["message"])
+    if m and "test_acc_of_best" in m:
+        say(
+            f"test accuracy of best.safetensors {m['test_acc_of_best']:.4f} (epoch {m['best_epoch']}, chosen by its validation "
+            f"accuracy {m['best_val_acc']:.4f}) after {m['epoch']} epoch{'s' if m['epoch'] != 1 else ''}, {format_seconds(seconds)}"
+        )
+    elif m:
         say(
             f"test accuracy {m['test_acc']:.4f} (best {m['best_test_acc']:.4f} at epoch {m['best_epoch']}) "
             f"after {m['epoch']} epoch{'s' if m['epoch'] != 1 else ''}, {format_seconds(seconds)}"

@@ -197,7 +197,11 @@ class EpochLine(Callback):
         rate = r.get("samples_per_s")
         return (
             f"epoch {r['epoch']:>{width}}/{trainer.epochs}  train loss {r['train_loss']:.4f}  "
-            f"train acc {r['train_acc']:.4f}  test acc {r['test_acc']:.4f}  {format_seconds(r['seconds'])}"
+            f"train acc {r['train_acc']:.4f}  "
+            + (f"val loss {r['val_loss']:.4f}  val acc {r['val_acc']:.4f}  " if r.get("val_acc") is not None else "")
+            + f"test acc {r['test_acc']:.4f}  "
+            + (f"lr {r['lr']:.3g}  " if getattr(trainer, "lr_schedule", None) is not None else "")
+            + f"{format_seconds(r['seconds'])}"
             + (f"  ({rate:,.0f} samples/s)" if rate else "")
         )
 
@@ -215,6 +219,12 @@ class EpochLine(Callback):
         try:
             if error is None and self.summary and trainer.comm.is_root and trainer.test_acc_list:
                 n = trainer.current_epoch
+                final = trainer.metrics()["final"]
+                if "test_acc_of_best" in final:  # a validation split chose the model
+                    log.info(f"test acc {final['test_acc_of_best']:.4f} of the best validation epoch {final['best_epoch']} "
+                             f"(val acc {final['best_val_acc']:.4f}) after {n} epoch{'s' if n != 1 else ''} "
+                             f"({format_seconds(trainer.seconds)})")
+                    return
                 log.info(f"test acc {trainer.test_acc_list[-1]:.4f} after {n} epoch{'s' if n != 1 else ''} "
                          f"({format_seconds(trainer.seconds)})")
         finally:
@@ -256,9 +266,10 @@ def append_jsonl(path, record: Mapping[str, Any]) -> Path:
 
 
 class Checkpoints(Callback):
-    """``last.safetensors`` after every epoch, ``best.safetensors`` when the test accuracy
-    is the best so far, ``interrupted.safetensors`` from ``trainer.save_interrupted()``;
-    all in ``out_dir``, written atomically, on rank 0."""
+    """``last.safetensors`` after every epoch, ``best.safetensors`` when the validation
+    accuracy (with a validation split; else the test accuracy) is the best so far,
+    ``interrupted.safetensors`` from ``trainer.save_interrupted()``; all in ``out_dir``,
+    written atomically, on rank 0."""
 
     def __init__(self, out_dir):
         self.out_dir = Path(out_dir)
@@ -269,6 +280,8 @@ class Checkpoints(Callback):
         if self.saved_epoch is None:
             self.saved_epoch = trainer.start_epoch
             self.best_test_acc = max(trainer.test_acc_list, default=-1.0)
+            if getattr(trainer, "x_val", None) is not None:  # chosen by validation accuracy
+                self.best_test_acc = max((r["val_acc"] for r in trainer.history if r.get("val_acc") is not None), default=-1.0)
 
     def on_train_begin(self, trainer):
         self._start(trainer)
@@ -289,9 +302,10 @@ class Checkpoints(Callback):
             trainer.last_checkpoint = trainer.checkpoint(self.out_dir / "last.safetensors")
             self.saved_epoch = trainer.current_epoch
             log.debug(f"wrote {trainer.last_checkpoint} (epoch {trainer.current_epoch})")
-        if record["test_acc"] > self.best_test_acc:
-            log.debug(f"wrote {trainer.checkpoint(self.out_dir / 'best.safetensors')} (best test acc {record['test_acc']:.4f})")
-            self.best_test_acc = record["test_acc"]
+        key = "val_acc" if record.get("val_acc") is not None else "test_acc"
+        if record[key] > self.best_test_acc:
+            log.debug(f"wrote {trainer.checkpoint(self.out_dir / 'best.safetensors')} (best {key.replace('_', ' ')} {record[key]:.4f})")
+            self.best_test_acc = record[key]
 
     def on_interrupt(self, trainer):
         """``interrupted.safetensors``: the weights as they are, mid-epoch; its ``epoch``
