@@ -507,7 +507,7 @@ def _check_training_options(cfg: dict, path) -> None:
 def _training_options_line(cfg: dict, n_val: int) -> str:
     """The set-up line of the validation split, schedule, augmentation and stopping."""
     if n_val:
-        parts = [f"validation: {n_val:,} of the {cfg['train_samples']:,} training samples (--val-split {cfg['val_split']:g})"]
+        parts = [f"best.safetensors: the best validation epoch (--val-split {cfg['val_split']:g}, drawn by the seed)"]
     else:
         parts = ["no validation split (--val-split 0): best.safetensors is the best test epoch, as in the book, so its "
                  "test accuracy is an optimistic estimate"]
@@ -595,8 +595,8 @@ def _train(args, cleanup: contextlib.ExitStack) -> int:
     n_val = int(round(cfg["val_split"] * cfg["train_samples"]))
     n_batches = (cfg["train_samples"] - n_val) // cfg["batch_size"]
     tell(
-        f"{PROG} {__version__}: {type(net).__name__} on {cfg['dataset']} ({cfg['train_samples']:,} train / "
-        f"{cfg['test_samples']:,} test), {cfg['backend']} {cfg['dtype']}, {type(optimizer).__name__} lr {cfg['lr']:g}, "
+        f"{PROG} {__version__}: {type(net).__name__} on {cfg['dataset']} ({cfg['train_samples'] - n_val:,} train / "
+        + (f"{n_val:,} validation / " if n_val else "") + f"{cfg['test_samples']:,} test), {cfg['backend']} {cfg['dtype']}, {type(optimizer).__name__} lr {cfg['lr']:g}, "
         f"{cfg['epochs']} epoch{'s' if cfg['epochs'] != 1 else ''} x {n_batches} batches of {cfg['batch_size']}, seed {cfg['seed']}"
         + (f"; {comm.size} ranks" if comm is not None else "")
     )
