@@ -108,7 +108,7 @@ def test_metrics_json(run4):
     final = m["final"]
     assert final["test_acc"] == m["epochs"][-1]["test_acc"]
     assert final["test_acc"] >= 0.95
-    best = max(m["epochs"], key=lambda r: r["val_acc"])  # the first of the best validation epochs
+    best = max(m["epochs"], key=lambda r: (r["val_acc"], -r["val_loss"]))  # the best validation epoch (first of equals)
     assert (final["best_epoch"], final["best_val_acc"], final["test_acc_of_best"]) == (best["epoch"], best["val_acc"], best["test_acc"])
     assert "best_test_acc" not in final  # the test set chose nothing
     cfg = m["config"]

@@ -99,10 +99,12 @@ def test_without_a_split_the_records_and_the_book_trainer_are_as_before(digits):
     assert "best_test_acc" in tr.metrics()["final"]
 
 
-def _scripted(monkeypatch, val_accs, test_accs):
-    """Make epoch e's validation accuracy val_accs[e-1] and its test accuracy test_accs[e-1]."""
+def _scripted(monkeypatch, val_accs, test_accs, val_losses=None):
+    """Make epoch e's validation accuracy val_accs[e-1] (loss val_losses[e-1], default 1.0)
+    and its test accuracy test_accs[e-1]."""
     def val_scores(self):
-        return 1.0, val_accs[self.position["epoch"] - 1]
+        e = self.position["epoch"]
+        return (1.0 if val_losses is None else val_losses[e - 1]), val_accs[e - 1]
 
     real = Trainer.train_epoch
 
@@ -128,11 +130,22 @@ def test_best_checkpoint_is_the_argmax_of_validation_accuracy(digits, tmp_path, 
     assert "best_test_acc" not in final and final["test_acc"] == 0.8  # the last epoch's, as before
 
 
+def test_equal_validation_accuracies_are_told_apart_by_the_validation_loss(digits, tmp_path, monkeypatch):
+    _scripted(monkeypatch, [0.8, 0.9, 0.9, 0.9], [0.5, 0.6, 0.7, 0.8], val_losses=[0.5, 0.4, 0.3, 0.35])
+    tr = _trainer(digits, epochs=4, val_split=0.2, run=Run(out_dir=tmp_path), early_stop=1)
+    tr.train()
+    assert load_checkpoint(tmp_path / "best.safetensors").epoch == 3
+    final = json.loads((tmp_path / "metrics.json").read_text())["final"]
+    assert (final["best_epoch"], final["test_acc_of_best"]) == (3, 0.7)
+    assert tr.history[-1]["epoch"] == 4 and tr.stop_reason is None  # epoch 3 counted as better: patience 1 not yet spent
+
+
 def test_best_checkpoint_of_a_real_run_is_the_argmax_of_validation_accuracy(digits, tmp_path):
     tr = _trainer(digits, epochs=4, val_split=0.2, run=Run(out_dir=tmp_path))
     tr.train()
-    val = [r["val_acc"] for r in tr.history]
-    assert load_checkpoint(tmp_path / "best.safetensors").epoch == 1 + int(np.argmax(val))
+    best = max(tr.history, key=lambda r: (r["val_acc"], -r["val_loss"]))  # max keeps the first of equals
+    assert load_checkpoint(tmp_path / "best.safetensors").epoch == best["epoch"]
+    assert best["val_acc"] == max(r["val_acc"] for r in tr.history)
     b = load_checkpoint(tmp_path / "best.safetensors")
     assert b.model.accuracy(digits[2], digits[3]) == tr.metrics()["final"]["test_acc_of_best"]  # measured on that checkpoint
     assert to_numpy(b.model.params["W1"]).shape == (4, 1, 3, 3)
@@ -151,7 +164,7 @@ def test_early_stopping_stops_where_it_should(digits, tmp_path, monkeypatch, pat
     if stop_at < 6:
         assert doc["stopped"] == {"reason": "early_stop", "patience": patience, "epoch": stop_at, "best_epoch": 2,
                                   "best_val_acc": 0.7, "message": f"stopped early after epoch {stop_at}: no better validation "
-                                  f"accuracy in {stop_at - 2} epochs (best 0.7000 at epoch 2)"}
+                                  f"epoch in {stop_at - 2} epochs (best 0.7000 at epoch 2)"}
     else:
         assert "stopped" not in doc and tr.stop_reason is None
     assert load_checkpoint(tmp_path / "last.safetensors").epoch == stop_at

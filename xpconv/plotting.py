@@ -118,7 +118,7 @@ def plot_curves(
         ax2.plot(epochs, [r.get("val_acc") for r in history], "^-", label="validation")
     ax2.plot(epochs, [r["test_acc"] for r in history], "s-", label="test")
     if history and validated:  # the model is chosen by validation accuracy
-        best = max((r for r in history if r.get("val_acc") is not None), key=lambda r: r["val_acc"])
+        best = max((r for r in history if r.get("val_acc") is not None), key=lambda r: (r["val_acc"], -(r.get("val_loss") or 0.0)))
         ax2.plot([best["epoch"]], [best["val_acc"]], "*", color="tab:red", markersize=12, zorder=3,
                  label=f"best validation {best['val_acc']:.4f} (epoch {best['epoch']}; test {best['test_acc']:.4f})")
     elif history:

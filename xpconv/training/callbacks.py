@@ -50,6 +50,7 @@ __all__ = [
     "append_jsonl",
     "format_seconds",
     "in_notebook",
+    "selection_value",
     "write_metrics",
 ]
 
@@ -265,9 +266,26 @@ def append_jsonl(path, record: Mapping[str, Any]) -> Path:
     return path
 
 
+def selection_value(record: Mapping[str, Any]) -> tuple[float, ...] | None:
+    """How good an epoch's model is, for choosing the best one (greater is better): with a
+    validation split (``val_acc`` in the record) the validation accuracy, ties broken by the
+    lower validation loss; else the test accuracy, as the book does.  None when the record
+    holds no finite number to compare."""
+    def finite(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if record.get("val_acc") is not None:
+        if not finite(record["val_acc"]):
+            return None
+        loss = record.get("val_loss")
+        return (float(record["val_acc"]), -float(loss) if finite(loss) else -math.inf)
+    return (float(record["test_acc"]),) if finite(record.get("test_acc")) else None
+
+
 class Checkpoints(Callback):
-    """``last.safetensors`` after every epoch, ``best.safetensors`` when the validation
-    accuracy (with a validation split; else the test accuracy) is the best so far,
+    """``last.safetensors`` after every epoch, ``best.safetensors`` when the epoch is the best
+    so far by :func:`selection_value` (validation accuracy, then loss; without a validation
+    split the test accuracy),
     ``interrupted.safetensors`` from ``trainer.save_interrupted()``; all in ``out_dir``,
     written atomically, on rank 0."""
 
@@ -275,13 +293,13 @@ class Checkpoints(Callback):
         self.out_dir = Path(out_dir)
         self.saved_epoch: int | None = None  # the epoch last.safetensors holds
         self.best_test_acc: float | None = None
+        self.best_value: tuple[float, ...] | None = None  # selection_value of the epoch best.safetensors holds
 
     def _start(self, trainer) -> None:
         if self.saved_epoch is None:
             self.saved_epoch = trainer.start_epoch
             self.best_test_acc = max(trainer.test_acc_list, default=-1.0)
-            if getattr(trainer, "x_val", None) is not None:  # chosen by validation accuracy
-                self.best_test_acc = max((r["val_acc"] for r in trainer.history if r.get("val_acc") is not None), default=-1.0)
+            self.best_value = max((v for v in map(selection_value, trainer.history) if v is not None), default=None)
 
     def on_train_begin(self, trainer):
         self._start(trainer)
@@ -302,10 +320,12 @@ class Checkpoints(Callback):
             trainer.last_checkpoint = trainer.checkpoint(self.out_dir / "last.safetensors")
             self.saved_epoch = trainer.current_epoch
             log.debug(f"wrote {trainer.last_checkpoint} (epoch {trainer.current_epoch})")
-        key = "val_acc" if record.get("val_acc") is not None else "test_acc"
-        if record[key] > self.best_test_acc:
+        value = selection_value(record)
+        if value is not None and (self.best_value is None or value > self.best_value):
+            key = "val_acc" if record.get("val_acc") is not None else "test_acc"
             log.debug(f"wrote {trainer.checkpoint(self.out_dir / 'best.safetensors')} (best {key.replace('_', ' ')} {record[key]:.4f})")
-            self.best_test_acc = record[key]
+            self.best_value = value
+            self.best_test_acc = record["test_acc"]  # the test accuracy of the model best.safetensors holds
 
     def on_interrupt(self, trainer):
         """``interrupted.safetensors``: the weights as they are, mid-epoch; its ``epoch``

@@ -37,7 +37,7 @@ from .._io import atomic_write, pid_alive, remove_stale_temp_files
 from ..checkpoint import read_checkpoint
 from .callbacks import append_jsonl, write_metrics
 from .console import LOGGER
-from .stopping import best_record
+from .stopping import best_validation_record
 
 __all__ = [
     "LOCK_NAME",
@@ -299,11 +299,11 @@ def _same_folder(a: Path, b: Path) -> bool:
 
 
 def _best_record(history: list[dict]) -> dict | None:
-    """The first record with the highest validation accuracy when the records hold one
-    (a run with a validation split), else with the highest test accuracy: the one
-    best.safetensors holds."""
+    """The first record of the best validation epoch when the records hold one (a run
+    with a validation split: highest validation accuracy, then lowest validation loss),
+    else with the highest test accuracy: the one best.safetensors holds."""
     if any(r.get("val_acc") is not None for r in history):
-        return best_record(history, "val_acc")
+        return best_validation_record(history)
     best = None
     for r in history:
         acc = r.get("test_acc")

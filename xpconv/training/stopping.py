@@ -8,29 +8,30 @@ reason: ``trainer.stop_reason`` goes into ``metrics.json`` as ``"stopped"``.
 from __future__ import annotations
 
 import logging
-import math
 
-from .callbacks import Callback
+from .callbacks import Callback, selection_value
 from .console import LOGGER
 
-__all__ = ["EarlyStopping", "best_record"]
+__all__ = ["EarlyStopping", "best_validation_record"]
 
 log = logging.getLogger(LOGGER + ".training")
 
 
-def best_record(history: list[dict], key: str) -> dict | None:
-    """The first record with the highest finite ``key`` (None when there is none)."""
-    best = None
+def best_validation_record(history: list[dict]) -> dict | None:
+    """The first record of the best validation epoch: highest ``val_acc``, ties broken by
+    the lower ``val_loss`` (:func:`~xpconv.training.callbacks.selection_value`)."""
+    best, best_value = None, None
     for r in history:
-        v = r.get(key)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) and (best is None or v > best[key]):
-            best = r
+        v = selection_value(r) if r.get("val_acc") is not None else None
+        if v is not None and (best_value is None or v > best_value):
+            best, best_value = r, v
     return best
 
 
 class EarlyStopping(Callback):
-    """Stop after ``patience`` epochs in a row without a validation accuracy above the
-    best so far (epochs of a resumed run's history count).  The epoch records must hold
+    """Stop after ``patience`` epochs in a row without a better validation epoch than the
+    best so far -- a higher validation accuracy, or the same with a lower validation loss,
+    as best.safetensors is chosen -- (epochs of a resumed run's history count).  The epoch records must hold
     ``val_acc`` (a trainer with ``val_split > 0``).  Sets ``trainer.stop_training`` and
     ``trainer.stop_reason`` = {"reason": "early_stop", "patience", "epoch", "best_epoch",
     "best_val_acc", "message"}."""
@@ -43,12 +44,12 @@ class EarlyStopping(Callback):
     def on_epoch_end(self, trainer, record):
         if record.get("val_acc") is None:
             raise ValueError("EarlyStopping: the epoch records hold no val_acc; train with val_split > 0")
-        best = best_record(trainer.history, "val_acc")
+        best = best_validation_record(trainer.history)
         if best is None:
             return
         waited = int(record["epoch"]) - int(best["epoch"])
         if waited >= self.patience and int(record["epoch"]) < trainer.epochs:
-            message = (f"stopped early after epoch {record['epoch']}: no better validation accuracy in {waited} epochs "
+            message = (f"stopped early after epoch {record['epoch']}: no better validation epoch in {waited} epochs "
                        f"(best {best['val_acc']:.4f} at epoch {best['epoch']})")
             trainer.stop_training = True
             trainer.stop_reason = {"reason": "early_stop", "patience": self.patience, "epoch": int(record["epoch"]),
