@@ -278,7 +278,7 @@ def selection_value(record: Mapping[str, Any]) -> tuple[float, ...] | None:
         if not finite(record["val_acc"]):
             return None
         loss = record.get("val_loss")
-        return (float(record["val_acc"]), -float(loss) if finite(loss) else -math.inf)
+        return (float(record["val_acc"]), -float(loss) if loss is not None and finite(loss) else -math.inf)
     return (float(record["test_acc"]),) if finite(record.get("test_acc")) else None
 
 
