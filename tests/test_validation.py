@@ -199,3 +199,20 @@ def test_cli_options_and_messages(tmp_path, monkeypatch, capsys):
     (tmp_path / "bad.toml").write_text('lr_schedule = "linear"\n')
     assert main(["train", "--config", "bad.toml", "--out", "e"]) == 2
     assert "lr_schedule must be one of constant, step, cosine, got 'linear'" in capsys.readouterr().err
+
+
+def test_a_checkpoints_bad_training_options_are_refused_on_resume(tmp_path, monkeypatch, capsys):
+    from xpconv.checkpoint import save_checkpoint
+    from xpconv.optim import AdaGrad
+
+    monkeypatch.chdir(tmp_path)
+    config = {"model": "simple", "dataset": "digits", "epochs": 3, "batch_size": 50, "optimizer": "adagrad", "lr": 0.05,
+              "seed": 0, "input_dim": [1, 8, 8]}
+    for key, value, want in [("lr_schedule", "linear", "config.lr_schedule should be one of constant, step, cosine"),
+                             ("val_split", 1.5, "config.val_split should be a number in [0, 1)"),
+                             ("augment", -2, "config.augment should be a number of pixels >= 0")]:
+        path = tmp_path / f"{key}.safetensors"
+        save_checkpoint(path, _net(), AdaGrad(lr=0.05), epoch=1, metrics=[], extra={"config": {**config, key: value}})
+        assert main(["train", "--resume", str(path), "--out", str(tmp_path / key)]) == 2
+        err = capsys.readouterr().err
+        assert f"{path}: bad run configuration: {want}" in err, err
