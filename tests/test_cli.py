@@ -28,7 +28,7 @@ from .conftest import shared_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 PNGS = ("curves.png", "misclassified.png", "filters.png")
-RECORD_KEYS = {"epoch", "train_loss", "train_acc", "test_acc", "seconds"}
+RECORD_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_acc", "lr", "seconds"}
 
 
 def _env():
@@ -76,12 +76,16 @@ def run4(tmp_path_factory):
 def test_train_output_and_files(run4):
     out, proc = run4
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith(f"xpconv {cli.__version__}: SimpleConvNet on digits (1,438 train / 359 test), numpy float32, AdaGrad lr 0.05, 4 epochs x 28 batches of 50, seed 0")
-    assert lines[1] == f"writing to {out}"
+    assert lines[0].startswith(f"xpconv {cli.__version__}: SimpleConvNet on digits (1,294 train / 144 validation / 359 test), "
+                               "numpy float32, AdaGrad lr 0.05, 4 epochs x 25 batches of 50, seed 0")
+    assert lines[1] == "best.safetensors: the best validation epoch (--val-split 0.1, drawn by the seed); lr schedule constant"
+    assert lines[2] == f"writing to {out}"
     for k in range(1, 5):
-        assert re.match(rf"epoch {k}/4  train loss \d\.\d{{4}}  train acc \d\.\d{{4}}  test acc \d\.\d{{4}}  ", lines[1 + k]), lines[1 + k]
-    assert re.fullmatch(r"test accuracy \d\.\d{4} \(best \d\.\d{4} at epoch \d\) after 4 epochs, .+", lines[6])
-    assert lines[7] == f"results in {out}: metrics.json, last.safetensors, best.safetensors, curves.png, misclassified.png, filters.png"
+        assert re.match(rf"epoch {k}/4  train loss \d\.\d{{4}}  train acc \d\.\d{{4}}  val loss \d\.\d{{4}}  val acc \d\.\d{{4}}  "
+                        rf"test acc \d\.\d{{4}}  lr 0\.05  ", lines[2 + k]), lines[2 + k]
+    assert re.fullmatch(r"test accuracy of best.safetensors \d\.\d{4} \(epoch \d, chosen by its validation accuracy \d\.\d{4}\) "
+                        r"after 4 epochs, .+", lines[7])
+    assert lines[8] == f"results in {out}: metrics.json, last.safetensors, best.safetensors, curves.png, misclassified.png, filters.png"
     assert "Traceback" not in proc.stderr
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["metrics.json", "metrics.jsonl", "last.safetensors", "best.safetensors", *PNGS])
@@ -104,7 +108,9 @@ def test_metrics_json(run4):
     final = m["final"]
     assert final["test_acc"] == m["epochs"][-1]["test_acc"]
     assert final["test_acc"] >= 0.95
-    assert final["best_test_acc"] == max(r["test_acc"] for r in m["epochs"])
+    best = max(m["epochs"], key=lambda r: (r["val_acc"], -r["val_loss"]))  # the best validation epoch (first of equals)
+    assert (final["best_epoch"], final["best_val_acc"], final["test_acc_of_best"]) == (best["epoch"], best["val_acc"], best["test_acc"])
+    assert "best_test_acc" not in final  # the test set chose nothing
     cfg = m["config"]
     assert {k: cfg[k] for k in ("model", "dataset", "epochs", "batch_size", "optimizer", "lr", "seed", "dtype", "ranks")} == {
         "model": "simple", "dataset": "digits", "epochs": 4, "batch_size": 50, "optimizer": "adagrad", "lr": 0.05,
@@ -113,7 +119,7 @@ def test_metrics_json(run4):
     assert (cfg["train_samples"], cfg["test_samples"]) == (1438, 359)
     assert cfg["backend"] == "numpy" and cfg["input_dim"] == [1, 8, 8]
     # the per-epoch line shows the numbers that were written
-    assert f"test acc {m['epochs'][0]['test_acc']:.4f}" in proc.stdout.splitlines()[2]
+    assert f"test acc {m['epochs'][0]['test_acc']:.4f}" in proc.stdout.splitlines()[3]
 
     c = load_checkpoint(out / "last.safetensors")
     assert c.epoch == 4 and c.metrics == m["epochs"] and c.extra["config"] == cfg
@@ -151,10 +157,10 @@ def test_other_model_dtype_and_optimizer(tmp_path, capsys):
     code, text, err = _main(capsys, "train", "--model", "mlp", "--dtype", "float64", "--optimizer", "Nesterov",
                             "--epochs", 2, "--batch-size", 100, "--seed", 3, "--out", out)
     assert code == 0, err
-    assert "TwoLayerNet on digits" in text and "numpy float64, Nesterov lr 0.01, 2 epochs x 14 batches of 100, seed 3" in text
+    assert "TwoLayerNet on digits" in text and "numpy float64, Nesterov lr 0.01, 2 epochs x 12 batches of 100, seed 3" in text
     c = load_checkpoint(out / "last.safetensors")
     assert type(c.model).__name__ == "TwoLayerNet" and c.metadata["model"]["dtype"] == "float64"
-    assert type(c.optimizer).__name__ == "Nesterov" and c.optimizer.lr == 0.01 and c.optimizer.iter == 28
+    assert type(c.optimizer).__name__ == "Nesterov" and c.optimizer.lr == 0.01 and c.optimizer.iter == 24
     assert load_params(out / "last.safetensors")["W1"].dtype == np.float64
     cfg = json.loads((out / "metrics.json").read_text())["config"]
     assert (cfg["model"], cfg["optimizer"], cfg["dtype"], cfg["seed"], cfg["batch_size"]) == ("mlp", "nesterov", "float64", 3, 100)
@@ -195,7 +201,7 @@ def test_eval(run4, capsys):
     acc = m["final"]["test_acc"]
     assert f"{out / 'last.safetensors'} (SimpleConvNet, epoch 4) on digits test set: accuracy {acc:.4f} ({round(acc * 359)} of 359)" in text
     code, text, _ = _main(capsys, "eval", out / "best.safetensors", "--batch-size", 7)
-    assert code == 0 and f"accuracy {m['final']['best_test_acc']:.4f}" in text
+    assert code == 0 and f"accuracy {m['final']['test_acc_of_best']:.4f}" in text
 
 
 @pytest.fixture(scope="module")
@@ -375,7 +381,7 @@ def test_nan_loss_stops_with_epoch_and_iteration(monkeypatch, tmp_path, capsys):
     out = tmp_path / "nan"
     err = _fails(capsys, "train", "--epochs", 3, "--out", out)
     assert err.strip() == (
-        f"xpconv: error: training diverged: the loss is nan at epoch 2, iteration 5 of 28; "
+        f"xpconv: error: training diverged: the loss is nan at epoch 2, iteration 5 of 25; "
         f"the last good checkpoint is {out / 'last.safetensors'} (try a smaller --lr)"
     )
     c = load_checkpoint(out / "last.safetensors")

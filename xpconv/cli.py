@@ -37,10 +37,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._training_options import new_run_options, options_line, resume_options
 from ._version import __version__
 from .recipes import (
     DATASET_NAMES,
     DEFAULT_LR,
+    LR_SCHEDULES,
     MODELS,
     OPTIMIZER_NAMES,
     merged,
@@ -106,6 +108,11 @@ positive_float = _number_type(float, lambda v: v > 0 and math.isfinite(v), "a po
                               "argparse type: a finite number > 0.", echo_text=True)
 nonnegative_int = _number_type(int, lambda v: v >= 0, "an integer >= 0", "nonnegative_int",
                                "argparse type: an integer >= 0 (e.g. a seed).")
+_fraction = _number_type(float, lambda v: 0 <= v < 1, "a fraction from 0 up to (not including) 1", "fraction",
+                         "argparse type: a number in [0, 1).", echo_text=True)
+_nonnegative_float = _number_type(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0", "nonnegative_float",
+                                  "argparse type: a finite number >= 0.", echo_text=True)
+_shift = _number_type(int, lambda v: v >= 0, "a number of pixels >= 0", "shift", "argparse type: pixels >= 0.")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -181,6 +188,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--verbose", "-v", action="count", default=argparse.SUPPRESS, help="more messages (checkpoint writes, data placement)")
     t.add_argument("--distributed", action="store_true",
                    help="data-parallel training over MPI/NCCL (launch with mpiexec -n K); needs xpconv.distributed and mpi4py")
+    # model selection, schedules, augmentation, stopping (see README: "Training options")
+    t.add_argument("--val-split", type=_fraction, default=None, metavar="F",
+                   help="hold out this fraction of the training set, drawn by --seed, for validation: best.safetensors "
+                        "is the best validation epoch and its test accuracy is reported (default: 0.1; 0 = the book's "
+                        "way, the best test epoch)")
+    t.add_argument("--lr-schedule", choices=LR_SCHEDULES, type=str.lower, default=None,
+                   help="learning rate per epoch: constant, step (x0.1 every third of the epochs) or cosine (down "
+                        "towards 0) (default: the recipe's, constant)")
+    t.add_argument("--warmup-epochs", type=nonnegative_int, default=None, metavar="N",
+                   help="raise the learning rate linearly over the first N epochs before the schedule (default: 0)")
+    t.add_argument("--augment", type=_shift, nargs="?", const=True, default=None, metavar="K",
+                   help="translate each training image by up to K pixels (random, seeded by --seed); without K: "
+                        "2 for 28x28 images, 1 for 8x8; 0 = off (default: the recipe's, off)")
+    t.add_argument("--early-stop", type=positive_int, default=None, metavar="N",
+                   help="stop after N epochs without a better validation accuracy (needs --val-split > 0)")
+    t.add_argument("--weight-decay", type=_nonnegative_float, default=None, metavar="W",
+                   help="the optimizer's weight decay: W * parameter added to every gradient (default: 0)")
 
     e = sub.add_parser("eval", help="accuracy of a checkpoint on a dataset's test set",
                        description="Evaluate a checkpoint on the test set of the dataset it was trained on (or --dataset).")
@@ -372,6 +396,7 @@ def _train_settings(args) -> tuple[dict, Any]:
                 f"{args.resume} already has {ckpt.epoch} of {cfg['epochs']} epochs; pass --epochs N with N > {ckpt.epoch} to train further"
             )
         cfg["resumed_from"] = str(args.resume)
+        resume_options(cfg, args, ckpt, note=_note)
         return cfg, ckpt
 
     dataset = args.dataset or "digits"
@@ -397,6 +422,7 @@ def _train_settings(args) -> tuple[dict, Any]:
         "dtype": args.dtype or "float32",
         "xpconv_version": __version__,
     }
+    cfg.update(new_run_options(args, r, info))
     if args.config:
         cfg["config_file"] = str(args.config)
     return cfg, None
@@ -427,6 +453,7 @@ def _train(args, cleanup: contextlib.ExitStack) -> int:
     from . import backend
     from .models import build_model
     from .optim import get_optimizer
+    from .schedules import make_schedule
     from .training import (
         EpochLine,
         ProgressBar,
@@ -459,7 +486,7 @@ def _train(args, cleanup: contextlib.ExitStack) -> int:
             net.to(device)
     else:
         net = build_model(cfg["model"], cfg["model_config"], device=device, dtype=cfg["dtype"], seed=cfg["seed"])
-        optimizer = get_optimizer(cfg["optimizer"], lr=cfg["lr"])
+        optimizer = get_optimizer(cfg["optimizer"], lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         start_epoch, history = 0, []
     cfg["backend"] = backend.namespace_name(net.xp)
     old_ranks = cfg.get("ranks", 1)
@@ -470,13 +497,15 @@ def _train(args, cleanup: contextlib.ExitStack) -> int:
 
     if is_root:
         out.mkdir(parents=True, exist_ok=True)
-    n_batches = cfg["train_samples"] // cfg["batch_size"]
+    n_val = int(round(cfg["val_split"] * cfg["train_samples"]))
+    n_batches = (cfg["train_samples"] - n_val) // cfg["batch_size"]
     tell(
-        f"{PROG} {__version__}: {type(net).__name__} on {cfg['dataset']} ({cfg['train_samples']:,} train / "
-        f"{cfg['test_samples']:,} test), {cfg['backend']} {cfg['dtype']}, {type(optimizer).__name__} lr {cfg['lr']:g}, "
+        f"{PROG} {__version__}: {type(net).__name__} on {cfg['dataset']} ({cfg['train_samples'] - n_val:,} train / "
+        + (f"{n_val:,} validation / " if n_val else "") + f"{cfg['test_samples']:,} test), {cfg['backend']} {cfg['dtype']}, {type(optimizer).__name__} lr {cfg['lr']:g}, "
         f"{cfg['epochs']} epoch{'s' if cfg['epochs'] != 1 else ''} x {n_batches} batches of {cfg['batch_size']}, seed {cfg['seed']}"
         + (f"; {comm.size} ranks" if comm is not None else "")
     )
+    tell(options_line(cfg, n_val))
     if ckpt is not None:
         tell(f"resuming from {args.resume} after epoch {start_epoch}")
     tell(f"writing to {out}")
@@ -488,6 +517,8 @@ def _train(args, cleanup: contextlib.ExitStack) -> int:
             net, x_train, t_train, x_test, t_test,
             epochs=cfg["epochs"], mini_batch_size=cfg["batch_size"], optimizer=optimizer, verbose=False,
             seed=cfg["seed"], comm=comm,
+            val_split=cfg["val_split"], augment=cfg["augment"], early_stop=cfg["early_stop"],
+            lr_schedule=make_schedule(cfg["lr_schedule"], optimizer, cfg["epochs"], warmup_epochs=cfg["warmup_epochs"], base_lr=cfg["lr"]),
             run=Run(out_dir=out if is_root else None, config=cfg, start_epoch=start_epoch, history=history),
             callbacks=[ProgressBar(None if log.isEnabledFor(logging.INFO) else False), EpochLine(summary=False)],
         )
@@ -533,8 +564,16 @@ def _train(args, cleanup: contextlib.ExitStack) -> int:
                 _note(f"{name} {note}")
             else:
                 files.append(name)
-    m = trainer.metrics()["final"]
-    if m:
+    doc = trainer.metrics()
+    m = doc["final"]
+    if doc.get("stopped"):
+        say(doc["stopped"]["message"])
+    if m and "test_acc_of_best" in m:
+        say(
+            f"test accuracy of best.safetensors {m['test_acc_of_best']:.4f} (epoch {m['best_epoch']}, chosen by its validation "
+            f"accuracy {m['best_val_acc']:.4f}) after {m['epoch']} epoch{'s' if m['epoch'] != 1 else ''}, {format_seconds(seconds)}"
+        )
+    elif m:
         say(
             f"test accuracy {m['test_acc']:.4f} (best {m['best_test_acc']:.4f} at epoch {m['best_epoch']}) "
             f"after {m['epoch']} epoch{'s' if m['epoch'] != 1 else ''}, {format_seconds(seconds)}"

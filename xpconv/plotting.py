@@ -88,7 +88,9 @@ def plot_curves(
     title: str | None = None,
 ):
     """Loss (left) and accuracy (right) by epoch. ``history``: the per-epoch records
-    (``epoch``, ``train_loss``, ``train_acc``, ``test_acc``); ``train_loss_list``: the
+    (``epoch``, ``train_loss``, ``train_acc``, ``test_acc``, and when present ``val_acc``
+    -- the best validation epoch is starred -- and ``lr``, drawn dashed on its own axis
+    beside the loss); ``train_loss_list``: the
     per-iteration losses of epochs ``first_epoch + 1`` to the last one (all epochs by
     default; a resumed run has only its own), drawn faintly behind the epoch means."""
     from matplotlib.ticker import FuncFormatter, MaxNLocator
@@ -111,11 +113,26 @@ def plot_curves(
     ax1.set_title("training loss")
     ax1.grid(True, alpha=0.3)
     ax2.plot(epochs, [r["train_acc"] for r in history], "o-", label="train")
+    validated = any(r.get("val_acc") is not None for r in history)
+    if validated:
+        ax2.plot(epochs, [r.get("val_acc") for r in history], "^-", label="validation")
     ax2.plot(epochs, [r["test_acc"] for r in history], "s-", label="test")
-    if history:
+    if history and validated:  # the model is chosen by validation accuracy
+        best = max((r for r in history if r.get("val_acc") is not None), key=lambda r: (r["val_acc"], -(r.get("val_loss") or 0.0)))
+        ax2.plot([best["epoch"]], [best["val_acc"]], "*", color="tab:red", markersize=12, zorder=3,
+                 label=f"best validation {best['val_acc']:.4f} (epoch {best['epoch']}; test {best['test_acc']:.4f})")
+    elif history:
         best = max(history, key=lambda r: r["test_acc"])
         ax2.plot([best["epoch"]], [best["test_acc"]], "*", color="tab:red", markersize=12, zorder=3,
                  label=f"best test {best['test_acc']:.4f} (epoch {best['epoch']})")
+    extra_handles: tuple[list, list] = ([], [])
+    if any(r.get("lr") is not None for r in history):  # the learning rate of each epoch, on its own scale
+        ax_lr = ax1.twinx()
+        ax_lr.plot(epochs, [r.get("lr") for r in history], "--", color="tab:grey", linewidth=1, label="learning rate")
+        ax_lr.set_ylabel("learning rate", color="tab:grey")
+        ax_lr.tick_params(axis="y", colors="tab:grey")
+        ax_lr.set_ylim(bottom=0)
+        extra_handles = ax_lr.get_legend_handles_labels()
     resumed = first_epoch is not None and epochs and epochs[0] <= int(first_epoch) < epochs[-1]
     for ax in (ax1, ax2):
         if resumed and first_epoch is not None:  # this run continued a checkpoint after epoch first_epoch
@@ -123,12 +140,13 @@ def plot_curves(
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if len(epochs) == 1:
             ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
-    accs = [r[k] for r in history for k in ("train_acc", "test_acc") if r[k] is not None and math.isfinite(r[k])]
+    accs = [r[k] for r in history for k in ("train_acc", "test_acc", "val_acc") if r.get(k) is not None and math.isfinite(r[k])]
     if accs:  # at least 0.05 of range, so one epoch or a flat curve is not magnified
         lo, hi = min(accs), max(accs)
         pad = max(0.01, (0.05 - (hi - lo)) / 2)
         ax2.set_ylim(max(0.0, lo - pad), min(1.0, hi + pad) + 0.002)
-    ax1.legend()
+    handles, labels = ax1.get_legend_handles_labels()
+    ax1.legend(handles + extra_handles[0], labels + extra_handles[1])
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("accuracy")
     ax2.set_title("accuracy")

@@ -5,7 +5,9 @@ A recipe is a :class:`Recipe` (model constructor settings, optimizer, learning r
 epochs, batch size).  ``xpconv train`` starts from ``RECIPES[(dataset, model)]``; a
 ``--config`` file replaces any of its fields, and command-line options replace the file's.
 A config file holds the same keys as the command line (``model``, ``dataset``,
-``epochs``, ``batch_size``, ``optimizer``, ``lr``, ``seed``, ``dtype``, ``data_dir``) and a
+``epochs``, ``batch_size``, ``optimizer``, ``lr``, ``seed``, ``dtype``, ``data_dir``,
+``val_split``, ``lr_schedule``, ``warmup_epochs``, ``augment``, ``early_stop``,
+``weight_decay``) and a
 ``[model_config]`` table merged over the recipe's constructor settings (key by key, nested
 tables too: see :func:`merged`)::
 
@@ -53,6 +55,7 @@ MODELS = ("simple", "deep", "mlp")
 DATASET_NAMES = ("digits", "mnist", "fashion-mnist")
 OPTIMIZER_NAMES = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam")
 DTYPES = ("float32", "float64")
+LR_SCHEDULES = ("constant", "step", "cosine")
 
 #: learning rate used with an optimizer that is not the recipe's own
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.01, "nesterov": 0.01, "adagrad": 0.05, "rmsprop": 0.001, "adam": 0.001}
@@ -68,6 +71,15 @@ class Recipe:
     batch_size: int
     #: constructor settings of the model (beyond the input shape and the number of classes)
     model_config: Mapping[str, Any] = field(default_factory=dict)
+    #: fraction of the training set held out for validation (model selection, early stopping)
+    val_split: float = 0.1
+    #: learning-rate schedule (xpconv.schedules): constant, step or cosine, after warmup_epochs
+    lr_schedule: str = "constant"
+    warmup_epochs: int = 0
+    #: largest random translation of the training images in pixels (0: none)
+    augment: int = 0
+    #: the optimizer's weight decay (L2 on every parameter)
+    weight_decay: float = 0.0
 
 
 _BOOK_SIMPLE = Recipe(
@@ -154,6 +166,10 @@ def _is_string(v):
     return isinstance(v, str), "a string"
 
 
+def _is_fraction(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1
+
+
 def _is_table(v):
     return isinstance(v, dict), "a table"
 
@@ -170,6 +186,12 @@ CONFIG_KEYS = {
     "dtype": _choice(DTYPES),
     "data_dir": _is_string,
     "model_config": _is_table,
+    "val_split": lambda v: (_is_fraction(v), "a number from 0 up to (not including) 1"),
+    "lr_schedule": _choice(LR_SCHEDULES),
+    "warmup_epochs": lambda v: (_is_integer(v)[0] and v >= 0, "an integer >= 0"),
+    "augment": lambda v: (isinstance(v, bool) or (_is_integer(v)[0] and v >= 0), "true, false or a number of pixels >= 0"),
+    "early_stop": _is_positive_int,
+    "weight_decay": lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf, "a number >= 0"),
 }
 
 

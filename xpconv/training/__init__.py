@@ -6,7 +6,8 @@
 * :mod:`~xpconv.training.callbacks` -- progress bar, per-epoch line, checkpoints, metrics;
 * :mod:`~xpconv.training.comm` -- the communicator interface and :class:`LocalCommunicator`;
 * :mod:`~xpconv.training.console` -- the console handler of the ``xpconv`` logger;
-* :mod:`~xpconv.training.runs` -- the run folder: its lock, stop signals, repair after a kill.
+* :mod:`~xpconv.training.runs` -- the run folder: its lock, stop signals, repair after a kill;
+* :mod:`~xpconv.training.stopping` -- early stopping by validation accuracy.
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ from .runs import (
     reconcile_run,
     stop_signals,
 )
-from .schedule import Schedule, global_batches, seed_dropout
+from .schedule import Schedule, global_batches, seed_dropout, validation_split
+from .stopping import EarlyStopping
 
 __all__ = [
     "Callback",
     "Checkpoints",
     "Communicator",
+    "EarlyStopping",
     "EpochLine",
     "LocalCommunicator",
     "Metrics",
@@ -55,5 +58,6 @@ __all__ = [
     "reconcile_run",
     "seed_dropout",
     "stop_signals",
+    "validation_split",
     "write_metrics",
 ]

@@ -50,6 +50,7 @@ __all__ = [
     "append_jsonl",
     "format_seconds",
     "in_notebook",
+    "selection_value",
     "write_metrics",
 ]
 
@@ -197,7 +198,11 @@ class EpochLine(Callback):
         rate = r.get("samples_per_s")
         return (
             f"epoch {r['epoch']:>{width}}/{trainer.epochs}  train loss {r['train_loss']:.4f}  "
-            f"train acc {r['train_acc']:.4f}  test acc {r['test_acc']:.4f}  {format_seconds(r['seconds'])}"
+            f"train acc {r['train_acc']:.4f}  "
+            + (f"val loss {r['val_loss']:.4f}  val acc {r['val_acc']:.4f}  " if r.get("val_acc") is not None else "")
+            + f"test acc {r['test_acc']:.4f}  "
+            + (f"lr {r['lr']:.3g}  " if getattr(trainer, "lr_schedule", None) is not None else "")
+            + f"{format_seconds(r['seconds'])}"
             + (f"  ({rate:,.0f} samples/s)" if rate else "")
         )
 
@@ -215,6 +220,12 @@ class EpochLine(Callback):
         try:
             if error is None and self.summary and trainer.comm.is_root and trainer.test_acc_list:
                 n = trainer.current_epoch
+                final = trainer.metrics()["final"]
+                if "test_acc_of_best" in final:  # a validation split chose the model
+                    log.info(f"test acc {final['test_acc_of_best']:.4f} of the best validation epoch {final['best_epoch']} "
+                             f"(val acc {final['best_val_acc']:.4f}) after {n} epoch{'s' if n != 1 else ''} "
+                             f"({format_seconds(trainer.seconds)})")
+                    return
                 log.info(f"test acc {trainer.test_acc_list[-1]:.4f} after {n} epoch{'s' if n != 1 else ''} "
                          f"({format_seconds(trainer.seconds)})")
         finally:
@@ -255,20 +266,40 @@ def append_jsonl(path, record: Mapping[str, Any]) -> Path:
     return path
 
 
+def selection_value(record: Mapping[str, Any]) -> tuple[float, ...] | None:
+    """How good an epoch's model is, for choosing the best one (greater is better): with a
+    validation split (``val_acc`` in the record) the validation accuracy, ties broken by the
+    lower validation loss; else the test accuracy, as the book does.  None when the record
+    holds no finite number to compare."""
+    def finite(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if record.get("val_acc") is not None:
+        if not finite(record["val_acc"]):
+            return None
+        loss = record.get("val_loss")
+        return (float(record["val_acc"]), -float(loss) if loss is not None and finite(loss) else -math.inf)
+    return (float(record["test_acc"]),) if finite(record.get("test_acc")) else None
+
+
 class Checkpoints(Callback):
-    """``last.safetensors`` after every epoch, ``best.safetensors`` when the test accuracy
-    is the best so far, ``interrupted.safetensors`` from ``trainer.save_interrupted()``;
-    all in ``out_dir``, written atomically, on rank 0."""
+    """``last.safetensors`` after every epoch, ``best.safetensors`` when the epoch is the best
+    so far by :func:`selection_value` (validation accuracy, then loss; without a validation
+    split the test accuracy),
+    ``interrupted.safetensors`` from ``trainer.save_interrupted()``; all in ``out_dir``,
+    written atomically, on rank 0."""
 
     def __init__(self, out_dir):
         self.out_dir = Path(out_dir)
         self.saved_epoch: int | None = None  # the epoch last.safetensors holds
         self.best_test_acc: float | None = None
+        self.best_value: tuple[float, ...] | None = None  # selection_value of the epoch best.safetensors holds
 
     def _start(self, trainer) -> None:
         if self.saved_epoch is None:
             self.saved_epoch = trainer.start_epoch
             self.best_test_acc = max(trainer.test_acc_list, default=-1.0)
+            self.best_value = max((v for v in map(selection_value, trainer.history) if v is not None), default=None)
 
     def on_train_begin(self, trainer):
         self._start(trainer)
@@ -289,9 +320,12 @@ class Checkpoints(Callback):
             trainer.last_checkpoint = trainer.checkpoint(self.out_dir / "last.safetensors")
             self.saved_epoch = trainer.current_epoch
             log.debug(f"wrote {trainer.last_checkpoint} (epoch {trainer.current_epoch})")
-        if record["test_acc"] > self.best_test_acc:
-            log.debug(f"wrote {trainer.checkpoint(self.out_dir / 'best.safetensors')} (best test acc {record['test_acc']:.4f})")
-            self.best_test_acc = record["test_acc"]
+        value = selection_value(record)
+        if value is not None and (self.best_value is None or value > self.best_value):
+            key = "val_acc" if record.get("val_acc") is not None else "test_acc"
+            log.debug(f"wrote {trainer.checkpoint(self.out_dir / 'best.safetensors')} (best {key.replace('_', ' ')} {record[key]:.4f})")
+            self.best_value = value
+            self.best_test_acc = record["test_acc"]  # the test accuracy of the model best.safetensors holds
 
     def on_interrupt(self, trainer):
         """``interrupted.safetensors``: the weights as they are, mid-epoch; its ``epoch``

@@ -33,14 +33,17 @@ from typing import Any
 
 from .. import backend
 from .._io import remove_stale_temp_files
+from ..augment import default_max_shift, translate
 from ..backend import asarray_in, namespace_of, to_numpy
 from ..ops import check_label_range
 from ..optim import get_optimizer
+from ..schedules import LRSchedule, make_schedule, schedule_from_state
 from .callbacks import Checkpoints, EpochLine, Metrics, OnEpochEnd, ProgressBar
 from .comm import LocalCommunicator
 from .console import LOGGER
 from .runs import RunLock, metrics_document, stop_signals
-from .schedule import Schedule
+from .schedule import Schedule, validation_split
+from .stopping import EarlyStopping
 
 __all__ = ["RESIDENT_FRACTION", "Run", "Trainer", "TrainingDiverged"]
 
@@ -70,7 +73,9 @@ class Run:
     * ``config``: a JSON-able dict of the run's settings (kept in metrics.json and checkpoints);
     * resuming: ``start_epoch`` (epochs already done), ``history`` (their per-epoch
       records), ``optimizer_state`` (a ``state_dict()``; or pass the restored optimizer
-      itself as the trainer's ``optimizer``).  :meth:`resume` fills them from a checkpoint.
+      itself as the trainer's ``optimizer``), ``lr_schedule`` (the learning-rate
+      schedule's ``state_dict()``, so it goes on where it stopped).  :meth:`resume`
+      fills them from a checkpoint.
     """
 
     out_dir: str | Path | None = None
@@ -78,6 +83,7 @@ class Run:
     start_epoch: int = 0
     history: list = field(default_factory=list)
     optimizer_state: Mapping[str, Any] | None = None
+    lr_schedule: Mapping[str, Any] | None = None
 
     @classmethod
     def resume(cls, checkpoint, *, out_dir=None, config: Mapping[str, Any] | None = None) -> Run:
@@ -90,6 +96,7 @@ class Run:
             config=dict(config if config is not None else extra.get("config") or {}),
             start_epoch=int(checkpoint.epoch or 0),
             history=list(checkpoint.metrics or []),
+            lr_schedule=extra.get("lr_schedule") if isinstance(extra.get("lr_schedule"), Mapping) else None,
         )
 
 
@@ -129,7 +136,23 @@ class Trainer:
       over ranks, and only rank 0 shows and writes anything;
     * ``eval_batch_size``: chunk size of the accuracy passes;
     * ``log_every``: read the losses every this many steps (callbacks, NaN check);
-    * ``resident``: True/False forces keeping the data on the model's device or not.
+    * ``resident``: True/False forces keeping the data on the model's device or not;
+    * ``val_split``: hold out this fraction of the training set (drawn by ``seed``, the
+      same on every rank; :func:`~xpconv.training.schedule.validation_split`) for
+      validation: each epoch's record gains ``val_loss`` and ``val_acc``, and
+      ``best.safetensors`` and ``metrics()["final"]`` follow the best validation accuracy.
+      0 (the default) trains on the whole set, as the book does;
+    * ``lr_schedule``: None (the optimizer's ``lr`` is left alone), a name of
+      :data:`xpconv.schedules.SCHEDULES` (``constant``, ``step``, ``cosine``; built for
+      ``epochs`` with the optimizer's ``lr`` as its peak) or an
+      :class:`xpconv.schedules.LRSchedule`; it sets ``lr`` at each epoch's start, and each
+      record holds the epoch's ``lr``.  ``warmup_epochs``: linear warm-up epochs of a named
+      schedule;
+    * ``augment``: translate each training batch by up to this many pixels (True: the
+      default for the image size, :func:`xpconv.augment.default_max_shift`), on the
+      model's namespace, with offsets seeded by (``seed``, global step);
+    * ``early_stop``: stop after this many epochs without a better validation accuracy
+      (needs ``val_split``; :class:`~xpconv.training.stopping.EarlyStopping`).
     """
 
     def __init__(
@@ -153,6 +176,11 @@ class Trainer:
         eval_batch_size: int = 500,
         log_every: int = 10,
         resident: bool | None = None,
+        val_split: float = 0.0,
+        lr_schedule: str | LRSchedule | None = None,
+        warmup_epochs: int = 0,
+        augment: int | bool | None = None,
+        early_stop: int | None = None,
         **deprecated: Any,
     ):
         run, callbacks, progress, summary = _upgrade(run, callbacks, deprecated)
@@ -169,8 +197,21 @@ class Trainer:
             raise ValueError(f"Trainer: {n} training samples but {nt} labels")
         if int(x_test.shape[0]) != int(t_test.shape[0]):
             raise ValueError(f"Trainer: {int(x_test.shape[0])} test samples but {int(t_test.shape[0])} labels")
+        self.val_split = float(val_split)
+        x_val = t_val = None
+        if self.val_split:
+            train_rows, val_rows = validation_split(n, self.val_split, seed=int(seed))
+            x_val, t_val = _rows(x_train, val_rows), _rows(t_train, val_rows)
+            x_train, t_train = _rows(x_train, train_rows), _rows(t_train, train_rows)
+            n = int(train_rows.shape[0])
         if n < self.batch_size:
-            raise ValueError(f"Trainer: mini_batch_size {self.batch_size} is larger than the {n} training samples")
+            held = f" (after holding out {int(x_val.shape[0])} for validation)" if x_val is not None else ""
+            raise ValueError(f"Trainer: mini_batch_size {self.batch_size} is larger than the {n} training samples{held}")
+        self.augment = self._augment_shift(augment, x_train)
+        if early_stop is not None and (isinstance(early_stop, bool) or not isinstance(early_stop, int) or early_stop < 1):
+            raise ValueError(f"Trainer: early_stop must be a positive number of epochs, got {early_stop!r}")
+        if early_stop is not None and x_val is None:
+            raise ValueError("Trainer: early_stop needs a validation set to watch; pass val_split > 0")
         self.train_size = n
         self.evaluate_sample_num_per_epoch = evaluate_sample_num_per_epoch
         self.verbose = bool(verbose)
@@ -189,6 +230,10 @@ class Trainer:
             self.callbacks += [ProgressBar(progress), EpochLine(summary)]
         elif progress:
             self.callbacks.append(ProgressBar(True))
+        self.early_stop = early_stop
+        self.stop_reason: dict | None = None  # set by a callback that ends training early (EarlyStopping)
+        if early_stop is not None:  # before the files: they record why the run stopped
+            self.callbacks.append(EarlyStopping(early_stop))
         if self.out_dir is not None:
             self.callbacks += [Checkpoints(self.out_dir), Metrics(self.out_dir)]
         self.callbacks += [OnEpochEnd(cb) if _is_plain_function(cb) else cb for cb in callbacks]
@@ -197,6 +242,7 @@ class Trainer:
             if isinstance(optimizer, str) else get_optimizer(optimizer)
         if run.optimizer_state is not None:
             self.optimizer.load_state_dict(run.optimizer_state)
+        self.lr_schedule = self._make_lr_schedule(lr_schedule, warmup_epochs, run.lr_schedule)
         self.start_epoch = int(run.start_epoch)
         self.current_epoch = self.start_epoch
         self.history: list[dict] = [dict(r) for r in (run.history or [])][: self.start_epoch]
@@ -215,7 +261,9 @@ class Trainer:
         self._dtype = getattr(network, "dtype", None)
         _check_labels(network, t_train, "Trainer t_train")
         _check_labels(network, t_test, "Trainer t_test")
-        self._place_data(x_train, t_train, x_test, t_test, resident)
+        if t_val is not None:
+            _check_labels(network, t_val, "Trainer validation labels")
+        self._place_data(x_train, t_train, x_test, t_test, resident, x_val, t_val)
         self.comm.broadcast_params(network.params)
         log.debug(
             f"{self.schedule.steps_per_epoch} steps per epoch of {self.batch_size} samples "
@@ -225,10 +273,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ data placement
 
-    def _place_data(self, x_train, t_train, x_test, t_test, resident):
+    def _place_data(self, x_train, t_train, x_test, t_test, resident, x_val=None, t_val=None):
         """Keep each array on the host (NumPy) or resident in the model's namespace."""
         xp = self._xp
-        arrays = (x_train, t_train, x_test, t_test)
+        arrays = (x_train, t_train, x_test, t_test) + ((x_val, t_val) if x_val is not None else ())
         on_model = [self._in_model_namespace(a) for a in arrays]
         if resident is None:
             resident = False
@@ -244,10 +292,14 @@ class Trainer:
             self.t_train = self._to_model(t_train)
             self.x_test = self._to_model(x_test, self._dtype)
             self.t_test = self._to_model(t_test)
+            self.x_val = self._to_model(x_val, self._dtype) if x_val is not None else None
+            self.t_val = self._to_model(t_val) if t_val is not None else None
         else:
             # host NumPy arrays, indexed with host index arrays (data of the model's own
             # namespace when it is NumPy stays as it is)
-            self.x_train, self.t_train, self.x_test, self.t_test = (to_numpy(a) for a in arrays)
+            self.x_train, self.t_train, self.x_test, self.t_test = (to_numpy(a) for a in arrays[:4])
+            self.x_val = to_numpy(x_val) if x_val is not None else None
+            self.t_val = to_numpy(t_val) if t_val is not None else None
 
     def _in_model_namespace(self, a) -> bool:
         try:
@@ -268,6 +320,57 @@ class Trainer:
         if backend.is_numpy_namespace(self._xp):
             return xb, tb
         return self._to_model(xb, self._dtype), self._to_model(tb)
+
+    # ------------------------------------------------------------------ schedule, augmentation, validation
+
+    def _make_lr_schedule(self, lr_schedule, warmup_epochs, state) -> LRSchedule | None:
+        """The learning-rate schedule: an object as given, a name built for this run (a
+        resumed run's saved state, when it is of that type, keeps its base rate), or a
+        resumed run's saved schedule when none is named."""
+        opt = getattr(self.optimizer, "optimizer", self.optimizer)
+        if isinstance(lr_schedule, LRSchedule):
+            return lr_schedule
+        if lr_schedule is None:
+            return schedule_from_state(self.optimizer, state) if state is not None else None
+        base_lr = None
+        if state is not None and state.get("type") == str(lr_schedule).lower():
+            base_lr = state.get("base_lr")
+        return make_schedule(str(lr_schedule), self.optimizer, max(1, self.epochs), warmup_epochs=warmup_epochs,
+                             base_lr=float(opt.lr) if base_lr is None else base_lr)
+
+    def _augment_shift(self, augment, x_train) -> int:
+        """The largest translation of the training batches, 0 for none."""
+        if augment is None or augment is False or augment == 0:
+            return 0
+        if len(x_train.shape) != 4:
+            raise ValueError(f"Trainer: augment needs image data (N, C, H, W), got training data of shape {tuple(x_train.shape)}")
+        if augment is True:
+            return default_max_shift(int(x_train.shape[2]), int(x_train.shape[3]))
+        if not isinstance(augment, int) or augment < 0:
+            raise ValueError(f"Trainer: augment must be True, False or a number of pixels >= 0, got {augment!r}")
+        return int(augment)
+
+    def _augmented(self, xb, step: int):
+        """The training batch translated by the offsets of global ``step`` (this rank's rows)."""
+        dy, dx = self.schedule.translation_offsets(step, self.augment)
+        if backend.is_numpy_namespace(self._xp) or self._in_model_namespace(xb):
+            return translate(xb, dy, dx, self.augment)
+        return translate(self._to_model(xb, self._dtype), dy, dx, self.augment)
+
+    def _val_scores(self) -> tuple[float, float]:
+        """(mean loss, accuracy) on the validation set, in chunks, each rank scoring its part."""
+        x, t = self.x_val, self.t_val
+        n = int(x.shape[0])
+        start, stop = self.comm.shard_range(n) if hasattr(self.comm, "shard_range") else (0, n)
+        total = 0.0
+        for i in range(start, stop, self.eval_batch_size):
+            j = min(stop, i + self.eval_batch_size)
+            xc, tc = x[i:j], t[i:j]
+            if not self.resident and not backend.is_numpy_namespace(self._xp):
+                xc, tc = self._to_model(xc, self._dtype), self._to_model(tc)
+            total += float(self.network.loss(xc, tc, train_flg=False)) * (j - i)
+        loss_sum, count = self.comm.allreduce_sum([total, stop - start])
+        return (loss_sum / count if count else float("nan")), self._accuracy(x, t)
 
     # ------------------------------------------------------------------ training
 
@@ -294,6 +397,9 @@ class Trainer:
         # resident data: the epoch's order goes to the device in one copy and each step
         # slices it there, so a step makes no host-to-device transfer of its own
         order_dev = asarray_in(order, self._xp, device=self._device) if self.resident else None
+        if self.lr_schedule is not None:
+            self.lr_schedule.set_epoch(epoch)
+        lr = float(self.optimizer.lr)
         pending: list = []  # loss arrays not read yet
         losses: list[float] = []
         for it in range(1, n_iter + 1):
@@ -301,6 +407,8 @@ class Trainer:
             sched.seed_dropout(net, sched.global_step(epoch, it))
             lo, hi = (it - 1) * b, it * b
             xb, tb = self._batch(order[lo:hi], order_dev[lo:hi] if order_dev is not None else None)
+            if self.augment:
+                xb = self._augmented(xb, sched.global_step(epoch, it))
             pending.append(self.train_step(xb, tb))
             if len(pending) >= self.log_every or it == n_iter:
                 read = self._read_losses(pending, epoch, it, n_iter)
@@ -318,13 +426,19 @@ class Trainer:
             x_tr, t_tr, x_te, t_te = x_tr[:n_eval], t_tr[:n_eval], x_te[:n_eval], t_te[:n_eval]
         train_acc = self._accuracy(x_tr, t_tr)
         test_acc = self._accuracy(x_te, t_te)
+        val = {}
+        if self.x_val is not None:
+            val_loss, val_acc = self._val_scores()
+            val = {"val_loss": val_loss, "val_acc": val_acc}
         seconds = time.perf_counter() - t0
         samples = n_iter * self.batch_size
         return {
             "epoch": epoch,
             "train_loss": train_loss,
             "train_acc": train_acc,
+            **val,
             "test_acc": test_acc,
+            "lr": lr,
             "seconds": round(seconds, 4),
             "samples_per_s": round(samples / seconds, 1) if seconds > 0 else None,
         }
@@ -412,7 +526,7 @@ class Trainer:
 
     def metrics(self) -> dict:
         """The metrics.json document (the completed epochs)."""
-        return metrics_document(self._done(), self.config)
+        return metrics_document(self._done(), self.config, stopped=self.stop_reason)
 
     def _done(self) -> list[dict]:
         """The records of the completed epochs (a signal can land between an epoch's
@@ -430,7 +544,9 @@ class Trainer:
             opt,
             epoch=self.current_epoch,
             metrics=self._done(),
-            extra={"config": self.config, "seed": self.seed, **dict(extra or {})},
+            extra={"config": self.config, "seed": self.seed,
+                   **({"lr_schedule": self.lr_schedule.state_dict()} if self.lr_schedule is not None else {}),
+                   **dict(extra or {})},
         )
 
     def save_interrupted(self) -> Path | None:
@@ -466,6 +582,17 @@ def _upgrade(run: Run | None, callbacks, old: dict) -> tuple[Run | None, list, b
     fns = old.get("on_epoch_end")
     before = [] if fns is None else [fns] if callable(fns) else list(fns)
     return run, before + callbacks, old.get("progress"), bool(old.get("summary", True))
+
+
+def _rows(a, rows):
+    """Rows ``rows`` (a host index array) of ``a``, an array of any namespace."""
+    try:
+        xp = namespace_of(a)
+    except TypeError:
+        return a[rows]
+    if backend.is_numpy_namespace(xp):
+        return a[rows]
+    return xp.take(a, asarray_in(rows, xp, device=backend.device_of(a)), axis=0)
 
 
 def _nbytes(a) -> int:

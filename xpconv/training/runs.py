@@ -37,6 +37,7 @@ from .._io import atomic_write, pid_alive, remove_stale_temp_files
 from ..checkpoint import read_checkpoint
 from .callbacks import append_jsonl, write_metrics
 from .console import LOGGER
+from .stopping import best_validation_record
 
 __all__ = [
     "LOCK_NAME",
@@ -298,7 +299,11 @@ def _same_folder(a: Path, b: Path) -> bool:
 
 
 def _best_record(history: list[dict]) -> dict | None:
-    """The first record with the highest test accuracy (the one best.safetensors holds)."""
+    """The first record of the best validation epoch when the records hold one (a run
+    with a validation split: highest validation accuracy, then lowest validation loss),
+    else with the highest test accuracy: the one best.safetensors holds."""
+    if any(r.get("val_acc") is not None for r in history):
+        return best_validation_record(history)
     best = None
     for r in history:
         acc = r.get("test_acc")
@@ -366,8 +371,13 @@ def reconcile_run(folder: str | os.PathLike[str]) -> dict[str, Any]:
     return done
 
 
-def metrics_document(history: list[dict], config: dict) -> dict[str, Any]:
-    """The metrics.json document of these per-epoch records (as ``Trainer.metrics()``)."""
+def metrics_document(history: list[dict], config: dict, *, stopped: dict | None = None) -> dict[str, Any]:
+    """The metrics.json document of these per-epoch records (as ``Trainer.metrics()``).
+
+    With validation records the best epoch is chosen by ``val_acc``, and ``final`` holds
+    ``best_val_acc`` and ``test_acc_of_best`` -- the test accuracy of that epoch's
+    weights (best.safetensors), which played no part in choosing it -- instead of
+    ``best_test_acc``.  ``stopped``: why training ended before its last epoch."""
     final: dict[str, Any] = {}
     if history:
         last = history[-1]
@@ -380,4 +390,10 @@ def metrics_document(history: list[dict], config: dict) -> dict[str, Any]:
             "best_test_acc": best.get("test_acc"),
             "best_epoch": best["epoch"],
         }
-    return {"epochs": list(history), "final": final, "config": dict(config)}
+        if best.get("val_acc") is not None:
+            del final["best_test_acc"]
+            final.update({"val_acc": last.get("val_acc"), "best_val_acc": best["val_acc"], "test_acc_of_best": best.get("test_acc")})
+    doc = {"epochs": list(history), "final": final, "config": dict(config)}
+    if stopped is not None:
+        doc["stopped"] = dict(stopped)
+    return doc

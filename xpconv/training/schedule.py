@@ -8,7 +8,13 @@ the number of ranks or on where a run was resumed:
 * rank ``r`` of ``K`` takes rows ``[r*B/K, (r+1)*B/K)`` of every global batch;
 * the Dropout mask of layer ``i`` at global step ``s`` comes from
   ``backend.Generator([seed, s, i])``, drawn for the whole global batch; each rank keeps
-  the rows of its shard.
+  the rows of its shard;
+* with a validation split of fraction F, the validation rows are the first round(F*n)
+  of ``backend.Generator([seed, 0, VALIDATION_STREAM]).permutation(n)`` (in increasing
+  order) and the training rows the rest; the epochs then permute the training rows;
+* with augmentation, the translation offsets of global step ``s`` come from
+  ``backend.Generator([seed, s, AUGMENT_STREAM])``, drawn for the whole global batch;
+  each rank keeps the rows of its shard.
 
 So one process draws exactly what K ranks draw together (a data-parallel run differs from
 one process only by floating-point summation order), and a run resumed after epoch k draws
@@ -23,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ..augment import translation_offsets
 from ..backend import Generator
 from ..layers import Dropout
 
@@ -34,7 +41,14 @@ __all__ = [
     "seed_dropout",
     "shard",
     "shard_range",
+    "translation_offsets_of_step",
+    "validation_split",
 ]
+
+#: the third seed word of the validation split's stream ("val"; Dropout's layer numbers stay far below)
+VALIDATION_STREAM = 0x76616C
+#: the third seed word of the augmentation offsets' stream ("aug")
+AUGMENT_STREAM = 0x617567
 
 
 def epoch_permutation(n_samples: int, *, seed: int, epoch: int):
@@ -51,6 +65,34 @@ def global_batches(n_samples: int, global_batch_size: int, *, seed: int, epoch: 
     stop = len(order) - len(order) % B if drop_last else len(order)
     for i in range(0, stop, B):
         yield order[i : i + B]
+
+
+def validation_split(n_samples: int, fraction: float, *, seed: int):
+    """Host index arrays (train_rows, val_rows) of a split of ``n_samples`` rows: ``val_rows``
+    holds round(fraction * n) rows drawn by ``seed``, ``train_rows`` the others, both in
+    increasing order.  They depend on (n, fraction, seed) only: every rank draws the same."""
+    n, f = int(n_samples), float(fraction)
+    if not 0.0 <= f < 1.0:
+        raise ValueError(f"validation split: expected a fraction in [0, 1), got {fraction!r}")
+    n_val = int(round(f * n))
+    if f > 0 and n_val == 0:
+        raise ValueError(f"validation split: a fraction of {f:g} of {n} samples leaves no validation sample")
+    order = Generator([int(seed), 0, VALIDATION_STREAM]).permutation(n)
+    return _sorted(order[n_val:]), _sorted(order[:n_val])
+
+
+def _sorted(rows):
+    rows = rows.copy()
+    rows.sort()
+    return rows
+
+
+def translation_offsets_of_step(seed: int, step: int, global_batch_size: int, max_shift: int, *, rank: int = 0, size: int = 1):
+    """Host integer arrays (dy, dx) of this rank's samples at global step ``step``: drawn
+    for the whole global batch from ``Generator([seed, step, AUGMENT_STREAM])`` (see
+    :func:`xpconv.augment.translation_offsets`), rows [rank*B/K, (rank+1)*B/K) kept."""
+    dy, dx = translation_offsets(Generator([int(seed), int(step), AUGMENT_STREAM]), int(global_batch_size), max_shift)
+    return shard(dy, rank, size), shard(dx, rank, size)
 
 
 def local_batch_size(global_batch_size: int, size: int) -> int:
@@ -163,3 +205,7 @@ class Schedule:
     def seed_dropout(self, model, step: int) -> None:
         """:func:`seed_dropout` for this rank at global step ``step``."""
         seed_dropout(model, self.seed, step, rank=self.rank, size=self.size)
+
+    def translation_offsets(self, step: int, max_shift: int):
+        """:func:`translation_offsets_of_step` for this rank at global step ``step``."""
+        return translation_offsets_of_step(self.seed, step, self.batch_size, max_shift, rank=self.rank, size=self.size)
