@@ -349,7 +349,7 @@ def test_predict_refuses_hostile_inputs(tmp_path, good):
     huge = tmp_path / "huge.npy"
     with open(huge, "wb") as f:
         np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (100_000, 1, 64, 64)})
-    fails("predict", good, huge, cwd=tmp_path, expect=(str(huge), "409,600,000 values); expected at most 64,000,000"))
+    fails("predict", good, huge, cwd=tmp_path, expect=(str(huge), "409,600,000 values); expected at most 16,000,000 values"))
     fails("predict", good, tmp_path, cwd=tmp_path, expect=(f"{tmp_path}: is a folder, not a regular image file",))
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
