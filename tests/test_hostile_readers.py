@@ -21,7 +21,7 @@ from xpconv.bookpickle import UnsafePickleError
 from xpconv.images import ImageError, read_images
 
 from .test_hostile import RSS_LIMIT_MB, run_case
-from .test_hostile_checkpoints import fails, good  # noqa: F401 - good is a fixture
+from .test_hostile_checkpoints import fails, good  # noqa: F401, F811 - good is a fixture
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -222,13 +222,13 @@ def test_the_books_format_still_loads_at_the_size_limit_within_budget(tmp_path):
 # ----------------------------------------------------------------------------- predict's images
 
 
-def test_an_ico_whose_entry_is_a_huge_png_is_refused_before_decoding(tmp_path, good):
+def test_an_ico_whose_entry_is_a_huge_png_is_refused_before_decoding(tmp_path, good):  # noqa: F811
     ico = tmp_path / "bomb.ico"
     ico.write_bytes(ico_of(big_png(30_000)))  # 16x16 in the directory, 30000x30000 inside (900 MB)
     fails("predict", good, ico, cwd=tmp_path, expect=(str(ico), "an image or frame larger than 16,000,000 pixels; decoding refused"))
 
 
-def test_a_png_whose_data_ends_early_is_refused(tmp_path, good):
+def test_a_png_whose_data_ends_early_is_refused(tmp_path, good):  # noqa: F811
     short_png = tmp_path / "short.png"
     short_png.write_bytes(png(8, 8, rows=2))  # a complete zlib stream of 2 rows out of 8
     fails("predict", good, short_png, cwd=tmp_path, expect=(str(short_png), "the image data ends early (2 of 8 rows)"))

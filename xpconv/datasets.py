@@ -260,6 +260,8 @@ class _IdxFile:
                 f"(expected 0x000008NN with NN the number of dimensions)"
             )
         ndim = head[3]
+        if ndim > 32:
+            raise DatasetError(f"{path}: magic number 0x{magic:08x} gives {ndim} dimensions; expected at most 32")
         dims_raw = f.read(4 * ndim)
         if len(dims_raw) < 4 * ndim:
             raise DatasetError(
@@ -274,7 +276,9 @@ class _IdxFile:
         return dims
 
     def check_size(self, max_bytes: int = MAX_IDX_BYTES) -> None:
-        if self.size > max_bytes:
+        # the dimensions other than 0 are bounded too: (0, 2**32-1, 2**32-1) holds nothing,
+        # but no array of that shape can be made
+        if self.size > max_bytes or math.prod(d for d in self.dims if d) > max_bytes:
             raise DatasetError(
                 f"{self.path}: header promises {' x '.join(map(str, self.dims))} = {self.size:,} bytes; "
                 f"expected at most {max_bytes:,} (max_bytes)"
