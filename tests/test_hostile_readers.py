@@ -306,3 +306,29 @@ def test_npy_arrays_read_through_the_opened_file(tmp_path):
     with pytest.raises(ImageError, match=r"neg\.npy: an array of shape \(-1, -1\); expected sizes of 0 or more"):
         read_images([neg], (1, 8, 8))
     assert images.MAX_NPY_VALUES * 8 <= images.MAX_NPY_BYTES
+
+
+# ----------------------------------------------------------------------------- what the fuzzer found
+
+
+def test_idx_headers_numpy_cannot_shape_are_refused(tmp_path):
+    from xpconv.datasets import DatasetError, read_idx
+
+    empty_but_huge = tmp_path / "empty-but-huge-idx"
+    empty_but_huge.write_bytes(b"\x00\x00\x08\x05" + struct.pack(">5I", 11, 15, 0x06BBF82A, 0x1D7D77E9, 0))
+    with pytest.raises(DatasetError, match=r"empty-but-huge-idx: header promises 11 x 15 x 112982058 x 494761961 x 0 = 0 bytes; expected at most"):
+        read_idx(empty_but_huge)
+    many = tmp_path / "many-dims-idx"
+    many.write_bytes(b"\x00\x00\x08\x41" + bytes(4 * 65))
+    with pytest.raises(DatasetError, match=r"many-dims-idx: magic number 0x00000841 gives 65 dimensions; expected at most 32"):
+        read_idx(many)
+    empty = tmp_path / "empty-idx"
+    empty.write_bytes(b"\x00\x00\x08\x03" + struct.pack(">3I", 0, 28, 28))
+    assert read_idx(empty).shape == (0, 28, 28)
+
+
+def test_an_npy_header_numpy_cannot_tokenize_is_damaged(tmp_path):
+    p = tmp_path / "open-brace.npy"
+    p.write_bytes(b"\x93NUMPY\x01\x006\x00{" + b" " * 52 + b"\n")
+    with pytest.raises(ImageError, match=r"open-brace\.npy: a damaged \.npy header \(TokenError"):
+        read_images([p], (1, 8, 8))
