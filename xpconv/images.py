@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import struct
 import threading
 import warnings
@@ -236,9 +237,9 @@ def _read_picture(path: Path, f, C: int, H: int, W: int) -> tuple[list[tuple[str
             f"{path}: not an image xpconv reads (expected {', '.join(FORMATS)} or a .npy file named *.npy)"
         ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(
-            f"{path}: an image or frame larger than {MAX_PIXELS:,} pixels; decoding refused ({short(str(exc), 120)})"
-        ) from None
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        what = f"an image or frame of {int(found.group(1)):,} pixels" if found else "an image or frame"
+        raise ImageError(f"{path}: {what}; expected at most {MAX_PIXELS:,} pixels (decoding refused)") from None
     except ImageError:
         raise
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
