@@ -54,14 +54,14 @@ def receive():
 
 
 def same(a, b) -> bool:
-    """Deep equality: arrays by dtype, shape and bytes (NaN equal to NaN)."""
+    """Deep equality: arrays and scalars by dtype (byte order aside), shape and values
+    (NaN equal to NaN)."""
     import numpy as np
 
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape
+    if isinstance(a, (np.ndarray, np.generic)) or isinstance(b, (np.ndarray, np.generic)):
+        # bookpickle hands out arrays and scalars in native byte order: compare the values
+        return (type(a) is type(b) and a.dtype.newbyteorder("=") == b.dtype.newbyteorder("=") and a.shape == b.shape
                 and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
-    if isinstance(a, np.generic) or isinstance(b, np.generic):
-        return type(a) is type(b) and np.array_equal(np.asarray(a), np.asarray(b), equal_nan=np.asarray(a).dtype.kind in "fc")
     if isinstance(a, np.dtype) or isinstance(b, np.dtype):
         return isinstance(a, np.dtype) and isinstance(b, np.dtype) and a == b
     if type(a) is not type(b):
