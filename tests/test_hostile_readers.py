@@ -332,3 +332,20 @@ def test_an_npy_header_numpy_cannot_tokenize_is_damaged(tmp_path):
     p.write_bytes(b"\x93NUMPY\x01\x006\x00{" + b" " * 52 + b"\n")
     with pytest.raises(ImageError, match=r"open-brace\.npy: a damaged \.npy header \(TokenError"):
         read_images([p], (1, 8, 8))
+
+
+def test_idx_files_are_checked_again_on_the_open_descriptor(tmp_path, monkeypatch):
+    """A dataset file swapped for a FIFO between its stat and its open is refused, and the
+    open does not block."""
+    from xpconv import datasets
+    from xpconv.datasets import DatasetError, read_idx
+
+    regular = tmp_path / "regular-idx"
+    regular.write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x01\x07")
+    fifo = tmp_path / "t10k-labels-idx1-ubyte"
+    os.mkfifo(fifo)
+    real_stat = _io.stat_regular
+    monkeypatch.setattr(datasets, "_regular_file", lambda path, what="file": os.stat(regular))
+    monkeypatch.setattr(_io, "stat_regular", lambda path, what: real_stat(regular, what))
+    with pytest.raises(DatasetError, match=r"t10k-labels-idx1-ubyte: is a FIFO \(named pipe\), not a regular IDX file"):
+        read_idx(fifo)
