@@ -350,9 +350,8 @@ def pictures(draw) -> tuple[str, bytes]:
     if kind == "pillow":
         fmt, ext = draw(st.sampled_from([("PNG", "png"), ("JPEG", "jpg"), ("BMP", "bmp"), ("GIF", "gif"), ("TIFF", "tif"),
                                          ("WEBP", "webp"), ("PPM", "ppm"), ("ICO", "ico")]))
-        mode = draw(st.sampled_from(["L", "RGB", "RGBA", "1", "P", "I", "F"] if fmt in ("TIFF", "PNG") else ["L", "RGB"]))
-        if fmt == "PNG" and mode == "F":
-            mode = "I"
+        modes = {"TIFF": ["L", "RGB", "RGBA", "1", "P", "I", "F", "I;16"], "PNG": ["L", "RGB", "RGBA", "1", "P", "I;16", "LA"]}
+        mode = draw(st.sampled_from(modes.get(fmt, ["L", "RGB"])))
         w, h = draw(st.integers(1, 40)), draw(st.integers(1, 40))
         im = Image.fromarray(np.random.default_rng(draw(st.integers(0, 99))).integers(0, 255, (h, w), dtype=np.uint8)).convert(mode)
         buf = io.BytesIO()
