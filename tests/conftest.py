@@ -13,8 +13,12 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from xpconv import backend
+
+# the long profile of tests/test_fuzz.py: python -m pytest -m fuzz --hypothesis-profile=long
+settings.register_profile("long", max_examples=6000, deadline=None)
 
 
 def _torch_cuda() -> bool:

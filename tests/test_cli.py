@@ -293,7 +293,7 @@ def test_bad_predict_inputs(run4, tmp_path, capsys):
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     assert f"{tmp_path / 'objects.npy'}: not a plain .npy array" in _fails(capsys, "predict", ckpt, tmp_path / "objects.npy")
     (tmp_path / "fake.png").write_text("not really a picture")
-    assert f"{tmp_path / 'fake.png'}: not an image Pillow can read" in _fails(capsys, "predict", ckpt, tmp_path / "fake.png")
+    assert f"{tmp_path / 'fake.png'}: not an image xpconv reads" in _fails(capsys, "predict", ckpt, tmp_path / "fake.png")
     assert f"{tmp_path / 'missing.png'}: no such file" in _fails(capsys, "predict", ckpt, tmp_path / "missing.png")
 
 

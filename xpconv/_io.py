@@ -1,4 +1,5 @@
-"""Atomic file writes, and the one reader of ``/proc/self/status``.
+"""Atomic file writes, files opened for reading only when they are regular files, and the
+one reader of ``/proc/self/status``.
 
 A leaf: it imports nothing from xpconv, so every module (checkpoints, metrics, plots)
 can write files through it.
@@ -12,6 +13,10 @@ write is held back until the file is in place, so no temp file is left behind.
 The temp file is named ``.<name>.<pid>.<random>.tmp`` after the writing process, so
 :func:`remove_stale_temp_files` can tell a temp file a dead writer left (``kill -9``)
 from one being written now.
+
+Readers open files through :func:`open_regular` / :func:`read_regular`: ``stat`` first (a
+folder, FIFO, device or socket is named and never opened), then a non-blocking open and an
+``fstat`` of the descriptor, so a path swapped between the two is refused as well.
 """
 
 from __future__ import annotations
@@ -26,9 +31,9 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-__all__ = ["atomic_write", "pid_alive", "proc_status", "remove_stale_temp_files"]
+__all__ = ["atomic_write", "file_kind", "open_regular", "pid_alive", "proc_status", "read_regular", "remove_stale_temp_files", "stat_regular"]
 
 #: the signals held back while a file is written (those that end a run the way Ctrl-C does)
 DEFERRED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -232,3 +237,60 @@ def stat_regular(path: Path, what: str) -> os.stat_result:
     if kind is not None:
         raise ValueError(f"{path}: is {kind}, not a regular {what}")
     return st
+
+
+#: how a file that :func:`open_regular` checked is opened: never blocking (a path that became
+#: a FIFO since the ``stat`` does not hang the open), never becoming the controlling terminal,
+#: not inherited by child processes
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+
+
+def open_regular(path: str | os.PathLike[str], what: str, *, max_bytes: int | None = None) -> tuple[BinaryIO, os.stat_result]:
+    """Open a regular file for reading, checked twice: :func:`stat_regular` before the
+    open (a folder, FIFO, device or socket is named and never opened) and ``fstat`` of the
+    opened descriptor after it (a path swapped for another file, a FIFO or a device between
+    the two is refused too). Links are followed. Returns the binary file object (blocking
+    again) and its ``fstat``.
+
+    Raises FileNotFoundError (missing) or ValueError (not a regular file, changed, larger
+    than ``max_bytes``, unreadable), each with one line naming ``path`` and ``what``."""
+    path = Path(path)
+    before = stat_regular(path, what)
+    if max_bytes is not None and before.st_size > max_bytes:
+        raise ValueError(f"{path}: a file of {before.st_size:,} bytes; expected a {what} of at most {max_bytes:,} bytes")
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such {what}") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        kind = file_kind(st.st_mode)
+        if kind is not None:
+            raise ValueError(f"{path}: is {kind}, not a regular {what}")
+        if (st.st_dev, st.st_ino) != (before.st_dev, before.st_ino):
+            raise ValueError(f"{path}: the {what} was replaced while being opened; try again")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise ValueError(f"{path}: a file of {st.st_size:,} bytes; expected a {what} of at most {max_bytes:,} bytes")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb"), st
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: str | os.PathLike[str], what: str, *, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes`` (see :func:`open_regular`):
+    no more than the size ``fstat`` gave is read, and a file that grows or shrinks while
+    being read is refused. Raises FileNotFoundError or ValueError with one line naming it."""
+    f, st = open_regular(path, what, max_bytes=max_bytes)
+    with f:
+        try:
+            data = f.read(st.st_size + 1)
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
+    if len(data) != st.st_size:
+        raise ValueError(f"{path}: the {what} changed while being read ({st.st_size:,} bytes, then {len(data):,})")
+    return data

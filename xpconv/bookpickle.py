@@ -36,15 +36,17 @@ and a final ``.``) is ``'pickle'`` whatever it is called.
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import os
 import pickle
 import pickletools
-import reprlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ._io import open_regular, read_regular
 
 __all__ = [
     "ALLOWED_GLOBALS",
@@ -57,18 +59,25 @@ __all__ = [
 ]
 
 #: files larger than this are refused before they are read (the book's are 1-4 MB)
-MAX_FILE_BYTES = 256 * 2**20
+MAX_FILE_BYTES = 128 * 2**20
 #: containers nested deeper than this are refused
 MAX_DEPTH = 100
+#: the most opcodes one pickle may hold (the book's files hold about a hundred)
+MAX_OPCODES = 1_000_000
+#: the most containers (dicts, lists, tuples, sets) and called globals one pickle may build
+MAX_CONTAINERS = 100_000
+#: the most items all its containers may be given together
+MAX_ELEMENTS = 500_000
 _MAX_NDIM = 32
 
 #: the type codes a pickled dtype may name: bool, signed and unsigned ints, floats, complex
 _DTYPE_CODES = frozenset(["b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16"])
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
     """A pickle was refused (a global off the allow-list, a size that does not fit the file,
-    a malformed stream); the one-line message names the file and what was refused."""
+    a malformed stream, a path that is not a regular file); the one-line message names the
+    file and what was refused. A ValueError too: the file's content is what is wrong."""
 
 
 # ----------------------------------------------------------------------------- sniffing
@@ -98,20 +107,21 @@ def file_kind(source) -> str:
     """What a file is, from its bytes alone (its name is never looked at):
     ``'safetensors'``, ``'pickle'``, ``'zip'`` (.npz, torch .pt), ``'npy'`` or ``'unknown'``.
 
-    ``source`` is a path or the file's bytes. A missing or unreadable path is ``'unknown'``
-    (the loader that is then called says what is wrong with it)."""
+    ``source`` is a path or the file's bytes. A missing or unreadable path, and one that is
+    not a regular file (a folder, FIFO or device: ``stat``-ed, never opened), is
+    ``'unknown'`` (the loader that is then called says what is wrong with it)."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source[:16]), bytes(source[-1:]), len(source)
         return _kind_of(*data)
     try:
-        with open(source, "rb") as f:
+        f, st = open_regular(source, "file")
+        with f:
             head = f.read(16)
-            size = os.fstat(f.fileno()).st_size
-            f.seek(max(size - 1, 0))
+            f.seek(max(st.st_size - 1, 0))
             last = f.read(1)
-    except OSError:
+    except (OSError, ValueError):
         return "unknown"
-    return _kind_of(head, last, size)
+    return _kind_of(head, last, st.st_size)
 
 
 # ----------------------------------------------------------------------------- static scan
@@ -135,34 +145,111 @@ _STRING_OPS = frozenset(
 _MEMO_PUT = frozenset(["PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"])
 _MEMO_GET = frozenset(["GET", "BINGET", "LONG_BINGET"])
 _NO_STACK_EFFECT = frozenset(["FRAME", "PROTO"]) | _MEMO_PUT
+# opcodes that build a container (or call a global, which builds an object)
+_BUILDS = frozenset(
+    ["EMPTY_DICT", "EMPTY_LIST", "EMPTY_TUPLE", "EMPTY_SET", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "LIST", "DICT",
+     "FROZENSET", "REDUCE"]
+)
+# opcodes that put a fixed number of items into a container (those after a MARK count the slice)
+_ITEMS = {"APPEND": 1, "SETITEM": 1, "TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
+# memo entries kept by the scan: names of globals (a longer string is never one)
+_MAX_NAME = 512
 
 
-def _scan(data: bytes) -> None:
+class _Scan:
+    """What the scan counts against the budget: opcodes, containers built, items put in them."""
+
+    def __init__(self) -> None:
+        self.opcodes = self.containers = self.elements = 0
+
+    def add(self, opcodes: int = 0, containers: int = 0, elements: int = 0) -> None:
+        self.opcodes += opcodes
+        self.containers += containers
+        self.elements += elements
+        if self.opcodes > MAX_OPCODES:
+            raise UnsafePickleError(f"more than {MAX_OPCODES:,} opcodes (the budget of a parameter file)")
+        if self.containers > MAX_CONTAINERS:
+            raise UnsafePickleError(f"more than {MAX_CONTAINERS:,} containers and calls (the budget of a parameter file)")
+        if self.elements > MAX_ELEMENTS:
+            raise UnsafePickleError(f"more than {MAX_ELEMENTS:,} items in containers (the budget of a parameter file)")
+
+
+def _scan(data: bytes) -> int:
     """Read the opcode stream without executing it; raise UnsafePickleError (message
-    without the file name) for anything refused."""
-    memo: dict[int, Any] = {}
+    without the file name) for anything refused. The stack is followed by its depth alone
+    (MARKs included), so that the items each container receives are counted against the
+    budget. Returns the pickle's length (up to and including STOP)."""
+    memo: dict[int, str] = {}  # the memo entries that hold short strings (global names)
+    memo_set = bytearray()  # one bit per memo index in use (MEMOIZE takes the count of them)
+    memo_len = 0
     last: list[tuple[str, Any]] = []  # the latest stack pushes: ("str", value) or ("other", None)
-    count = 0
+    budget = _Scan()
+    depth = 0  # objects on the stack (marks excluded)
+    marks: list[int] = []  # the depth at each MARK
+    markobject, stackslice = pickletools.markobject, pickletools.stackslice
     try:
-        for op, op_arg, _pos in pickletools.genops(io.BytesIO(data)):
+        for op, op_arg, pos in pickletools.genops(io.BytesIO(data)):
             arg: Any = op_arg
-            count += 1
+            budget.add(opcodes=1)
             name = op.name
             if name in _REFUSED_OPCODES:
                 what = _REFUSED_OPCODES[name]
                 if name == "INST":
-                    what += f" of {arg.replace(' ', '.')}"
+                    what += f" of {_short(str(arg).replace(' ', '.'))}"
                 raise UnsafePickleError(f"{what} is not allowed")
             if name == "GLOBAL":
                 module, _, gname = str(arg).partition(" ")
                 _check_global(module, gname)
+            # the stack's depth, as the unpickler will see it
+            before, after = op.stack_before, op.stack_after
+            if name == "MARK":
+                marks.append(depth)
+            elif name == "POP" and marks and marks[-1] == depth:
+                marks.pop()  # POP of a MARK drops the mark
+            elif markobject in before:
+                if not marks:
+                    raise UnsafePickleError(f"{name} at byte {pos} without a MARK")
+                below = before.index(markobject)
+                taken = depth - marks.pop()
+                if name != "POP_MARK":
+                    budget.add(elements=taken)
+                depth -= taken + below
+                if depth < (marks[-1] if marks else 0):
+                    raise UnsafePickleError(f"{name} at byte {pos} takes more from the stack than it holds")
+                depth += len(after)
+            else:
+                if stackslice in before or stackslice in after:  # pragma: no cover - every such opcode has a MARK
+                    raise UnsafePickleError(f"opcode {name} is not understood")
+                depth -= len(before)
+                if depth < (marks[-1] if marks else 0):
+                    raise UnsafePickleError(f"{name} at byte {pos} takes more from the stack than it holds")
+                depth += len(after)
+            if name in _BUILDS:
+                budget.add(containers=1)
+            if name in _ITEMS:
+                budget.add(elements=_ITEMS[name])
+            if name == "STOP":
+                if depth or marks:
+                    raise UnsafePickleError(f"{depth + len(marks):,} objects or marks left on the stack at STOP (byte {pos})")
+                return (pos or 0) + 1
             if name in _MEMO_PUT:
-                index = len(memo) if name == "MEMOIZE" else int(arg)
-                if index > count:
+                index = memo_len if name == "MEMOIZE" else int(arg)
+                if index > budget.opcodes:
                     raise UnsafePickleError(
-                        f"memo index {index} at opcode {count} (a legitimate pickle numbers them in order)"
+                        f"memo index {index} at opcode {budget.opcodes} (a legitimate pickle numbers them in order)"
                     )
-                memo[index] = last[-1][1] if last and last[-1][0] == "str" else None
+                if depth <= (marks[-1] if marks else 0):
+                    raise UnsafePickleError(f"{name} at byte {pos} with nothing on the stack to remember")
+                byte, bit = divmod(index, 8)
+                if byte >= len(memo_set):
+                    memo_set.extend(bytes(byte + 1 - len(memo_set)))
+                if not memo_set[byte] >> bit & 1:
+                    memo_set[byte] |= 1 << bit
+                    memo_len += 1
+                if last and last[-1][0] == "str":
+                    memo[index] = last[-1][1]
+                else:
+                    memo.pop(index, None)
                 continue
             if name == "STACK_GLOBAL":
                 if len(last) < 2 or last[-1][0] != "str" or last[-2][0] != "str":
@@ -170,9 +257,9 @@ def _scan(data: bytes) -> None:
                 _check_global(last[-2][1], last[-1][1])
             if name in _NO_STACK_EFFECT:
                 continue
-            if name in _STRING_OPS:
+            if name in _STRING_OPS and isinstance(arg, str) and len(arg) <= _MAX_NAME:
                 last.append(("str", arg))
-            elif name in _MEMO_GET and isinstance(memo.get(int(arg)), str):
+            elif name in _MEMO_GET and int(arg) in memo:
                 last.append(("str", memo[int(arg)]))
             else:
                 last.append(("other", None))
@@ -181,6 +268,7 @@ def _scan(data: bytes) -> None:
         raise
     except (ValueError, EOFError, OverflowError) as exc:  # truncated stream, bad opcode, lengths past the end
         raise UnsafePickleError(f"not a valid pickle ({_one_line(exc)})") from None
+    raise UnsafePickleError("not a valid pickle (no STOP opcode)")  # pragma: no cover - genops raises first
 
 
 def _check_global(module: str, name: str) -> None:
@@ -195,11 +283,14 @@ def _check_global(module: str, name: str) -> None:
 
 class _Budget:
     """Bytes that arrays built from the file may hold in all: at most the file's size (each
-    array's bytes are in the file once), so a file cannot make xpconv allocate more."""
+    array's bytes are in the file once), so a file cannot make xpconv allocate more.
+    ``encoded`` is a second such budget, for the bytes ``_codecs.encode`` makes from strings
+    (protocols 0-2 write an array's bytes as a string, which is in the file once too)."""
 
     def __init__(self, file_size: int):
         self.file_size = file_size
         self.left = file_size
+        self.encoded = file_size
 
     def take(self, nbytes: int, what: str) -> None:
         if nbytes > self.file_size:
@@ -223,10 +314,22 @@ def _take_exact(budget: _Budget, nbytes: int, got: int, what: str) -> None:
     budget.take(nbytes, what)
 
 
-class _ClassName:
-    """What ``numpy.ndarray`` resolves to: a name that ``_reconstruct`` accepts, never callable."""
+class _NoState:
+    """A stand-in whose state a pickle cannot set: BUILD on it is refused (no attribute
+    dict either), so nothing a file does outlives its load."""
 
+    __slots__ = ()
     __hash__ = None  # type: ignore[assignment]
+
+    def __setstate__(self, state) -> None:
+        raise UnsafePickleError(f"a state (BUILD) given to {self!r}, which takes none")
+
+
+class _ClassName(_NoState):
+    """What ``numpy.ndarray`` resolves to (one per load): a name that ``_reconstruct``
+    accepts, never callable."""
+
+    __slots__ = ()
 
     def __repr__(self) -> str:
         return "numpy.ndarray"
@@ -235,7 +338,31 @@ class _ClassName:
         raise UnsafePickleError("numpy.ndarray may only be named as the class of _reconstruct; calling it is refused")
 
 
-_NDARRAY = _ClassName()
+class _StandIn(_NoState):
+    """A global the allow-list hands out: calls the checking function bound to one load."""
+
+    __slots__ = ("_func", "_name")
+
+    def __init__(self, name: str, func):
+        self._name, self._func = name, func
+
+    def __repr__(self) -> str:
+        return self._name
+
+    def __call__(self, *args, **kwargs):
+        return self._func(*args, **kwargs)
+
+
+class _Made(_NoState):
+    """An array or scalar a stand-in made while unpickling; :func:`_finish` unwraps it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "ndarray(...)" if isinstance(self.value, np.ndarray) else "scalar(...)"
 
 
 def _flag(value, what: str) -> bool:
@@ -253,6 +380,7 @@ def _shape(value, what: str) -> tuple[int, ...]:
 class _DtypeStub:
     """A dtype named in the file: a numeric type code and, after BUILD, its byte order."""
 
+    __slots__ = ("built", "code", "order")
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
@@ -305,6 +433,7 @@ class _ArrayStub:
     """What ``_reconstruct`` returns: an array that gets its shape, dtype and bytes from
     BUILD, all checked before one byte is copied."""
 
+    __slots__ = ("array", "budget")
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
@@ -338,10 +467,12 @@ class _ArrayStub:
 
 
 def _allowed(budget: _Budget) -> dict[tuple[str, str], Any]:
-    """The stand-ins ``find_class`` hands out, bound to one file's byte budget."""
+    """The stand-ins ``find_class`` hands out, made afresh for each load and bound to its
+    file's byte budget."""
+    ndarray = _ClassName()
 
     def _reconstruct(cls, shape, typecode):
-        if cls is not _NDARRAY or type(shape) is not tuple or shape != (0,) or type(shape[0]) is not int:
+        if cls is not ndarray or type(shape) is not tuple or shape != (0,) or type(shape[0]) is not int:
             raise UnsafePickleError(
                 f"_reconstruct{_short((cls, shape, typecode))} refused; only _reconstruct(numpy.ndarray, (0,), b'b') rebuilds an array"
             )
@@ -361,7 +492,7 @@ def _allowed(budget: _Budget) -> dict[tuple[str, str], Any]:
         if type(data) is not bytes or len(data) != dt.itemsize:
             raise UnsafePickleError(f"a {dt.name} scalar needs {dt.itemsize} bytes, got {_short(data)}")
         budget.take(dt.itemsize, f"a {dt.name} scalar")
-        return np.frombuffer(data, dtype=dt)[0].astype(dt.newbyteorder("="))
+        return _Made(np.frombuffer(data, dtype=dt)[0].astype(dt.newbyteorder("=")))
 
     def _frombuffer(buf, dtype, shape, order, axis_order=None):
         dt = _dtype_of(dtype, "an array's dtype")
@@ -377,10 +508,10 @@ def _allowed(budget: _Budget) -> dict[tuple[str, str], Any]:
             if any(type(a) is not int for a in axis_order):
                 raise UnsafePickleError(f"{what}: axis order {_short(axis_order)} is not a permutation of its axes")
         _take_exact(budget, math.prod(shape) * dt.itemsize, len(buf), what)
-        flat = np.frombuffer(bytes(buf), dtype=dt)
+        flat = np.frombuffer(buf, dtype=dt)
         if order == "K" and axis_order is not None:
-            return _native(flat.reshape(shape, order="C").transpose(axis_order))
-        return _native(flat.reshape(shape, order="C" if order == "K" else order))
+            return _Made(_native(flat.reshape(shape, order="C").transpose(axis_order)))
+        return _Made(_native(flat.reshape(shape, order="C" if order == "K" else order)))
 
     def _encode(obj, encoding="latin1"):
         # protocols 0-2 write bytes as _codecs.encode(text, 'latin1')
@@ -388,6 +519,11 @@ def _allowed(budget: _Budget) -> dict[tuple[str, str], Any]:
             raise UnsafePickleError(
                 f"_codecs.encode{_short((obj, encoding))} refused; only (str, 'latin1') makes bytes"
             )
+        if len(obj) > budget.encoded:
+            raise UnsafePickleError(
+                f"_codecs.encode of {len(obj):,} characters; the strings encoded would hold more bytes than the file ({budget.file_size:,})"
+            )
+        budget.encoded -= len(obj)
         return obj.encode("latin-1")
 
     def _bytes(*args):
@@ -396,14 +532,14 @@ def _allowed(budget: _Budget) -> dict[tuple[str, str], Any]:
             raise UnsafePickleError(f"bytes{_short(args)} refused; only bytes() makes the empty bytes")
         return b""
 
-    table: dict[tuple[str, str], Any] = {("numpy", "ndarray"): _NDARRAY, ("numpy", "dtype"): _dtype}
+    table: dict[tuple[str, str], Any] = {("numpy", "ndarray"): ndarray, ("numpy", "dtype"): _StandIn("numpy.dtype", _dtype)}
     for core in ("numpy.core", "numpy._core"):
-        table[(f"{core}.multiarray", "_reconstruct")] = _reconstruct
-        table[(f"{core}.multiarray", "scalar")] = _scalar
-        table[(f"{core}.numeric", "_frombuffer")] = _frombuffer
-    table[("_codecs", "encode")] = _encode
-    table[("builtins", "bytes")] = _bytes
-    table[("__builtin__", "bytes")] = _bytes
+        table[(f"{core}.multiarray", "_reconstruct")] = _StandIn(f"{core}.multiarray._reconstruct", _reconstruct)
+        table[(f"{core}.multiarray", "scalar")] = _StandIn(f"{core}.multiarray.scalar", _scalar)
+        table[(f"{core}.numeric", "_frombuffer")] = _StandIn(f"{core}.numeric._frombuffer", _frombuffer)
+    table[("_codecs", "encode")] = _StandIn("_codecs.encode", _encode)
+    table[("builtins", "bytes")] = _StandIn("builtins.bytes", _bytes)
+    table[("__builtin__", "bytes")] = _StandIn("__builtin__.bytes", _bytes)
     return table
 
 
@@ -432,33 +568,46 @@ class _Unpickler(pickle.Unpickler):
 
 
 def _finish(obj, depth: int, seen: dict[int, Any]):
-    """Replace the stand-ins by NumPy arrays and dtypes throughout dicts, lists and tuples."""
+    """Replace the stand-ins by NumPy arrays and dtypes throughout dicts, lists and tuples
+    (each container once: ``seen`` maps the id of each container and stand-in visited to
+    its result; scalars, strings and bytes are returned as they are, unrecorded)."""
+    if depth > MAX_DEPTH:
+        raise UnsafePickleError(f"containers nested deeper than {MAX_DEPTH} levels")
+    kind = type(obj)
+    if kind in (str, bytes, int, float, bool, complex, type(None), bytearray):
+        return obj
     key = id(obj)
     if key in seen:
         return seen[key]
-    if depth > MAX_DEPTH:
-        raise UnsafePickleError(f"containers nested deeper than {MAX_DEPTH} levels")
-    if isinstance(obj, _ArrayStub):
+    if kind is _ArrayStub:
         if obj.array is None:
             raise UnsafePickleError("an array without its shape, dtype and data")
         out: Any = obj.array
-    elif isinstance(obj, _DtypeStub):
+    elif kind is _Made:
+        out = obj.value
+    elif kind is _DtypeStub:
         out = obj.resolve()
-    elif obj is _NDARRAY:
+    elif kind is _ClassName:
         raise UnsafePickleError("the class numpy.ndarray itself appears in the data")
-    elif type(obj) is dict:
+    elif kind is _StandIn:
+        raise UnsafePickleError(f"the function {obj!r} itself appears in the data")
+    elif kind is dict:
         seen[key] = obj
         for k in list(obj):
             obj[k] = _finish(obj[k], depth + 1, seen)
         return obj
-    elif type(obj) is list:
+    elif kind is list:
         seen[key] = obj
         obj[:] = [_finish(v, depth + 1, seen) for v in obj]
         return obj
-    elif type(obj) is tuple:
+    elif kind is tuple:
         out = tuple(_finish(v, depth + 1, seen) for v in obj)
-    else:  # str, bytes, numbers, None, sets of those: opcodes alone made them
+    elif kind in (set, frozenset):  # opcodes alone made them; their items are hashable, so no stand-ins
+        for v in obj:
+            _finish(v, depth + 1, seen)
         out = obj
+    else:  # pragma: no cover - every object a pickle can make here is handled above
+        raise UnsafePickleError(f"an object of type {kind.__name__} in the data")
     seen[key] = out
     return out
 
@@ -483,8 +632,8 @@ def loads(data: bytes, *, source: str = "<bytes>") -> Any:
     it in errors. Returns the object with NumPy arrays in place of the pickled ones."""
     data = bytes(data)
     try:
-        _scan(data)
-        budget = _Budget(len(data))
+        end = _scan(data)
+        budget = _Budget(end)
         obj = _Unpickler(io.BytesIO(data), budget).load()
         return _finish(obj, 0, {})
     except UnsafePickleError as exc:
@@ -496,19 +645,22 @@ def loads(data: bytes, *, source: str = "<bytes>") -> Any:
 
 
 def load(path, *, max_bytes: int = MAX_FILE_BYTES) -> Any:
-    """:func:`loads` of the file at ``path``; files over ``max_bytes`` are refused unread."""
+    """:func:`loads` of the file at ``path``. The path is ``stat``-ed first: a folder, FIFO,
+    device or socket is refused without being read (a link is followed to what it names),
+    and so is a file over ``max_bytes``."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise UnsafePickleError(f"{path}: refusing to load: {size:,} bytes, more than the limit of {max_bytes:,}")
-        data = path.read_bytes()
+        size = os.stat(path).st_size
+    except OSError:
+        size = 0  # read_regular says what is wrong
+    if size > max_bytes:
+        raise UnsafePickleError(f"{path}: refusing to load: {size:,} bytes, more than the limit of {max_bytes:,}")
+    try:
+        data = read_regular(path, "parameter file", max_bytes=max_bytes)
     except FileNotFoundError:
         raise UnsafePickleError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UnsafePickleError(f"{path}: is a folder, not a parameter file") from None
-    except OSError as exc:
-        raise UnsafePickleError(f"{path}: cannot read: {_one_line(exc)}") from None
+    except ValueError as exc:
+        raise UnsafePickleError(str(exc)) from None
     return loads(data, source=str(path))
 
 
@@ -531,11 +683,40 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else "(no message)"
 
 
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 40, 40, 40
-
-
 def _short(value, limit: int = 80) -> str:
-    """A short one-line repr of a value from the file (never the repr of a huge object)."""
-    text = " ".join(_REPR.repr(value).split())
+    """A short one-line repr of a value from the file, built from its first items and
+    characters only: a huge string, bytes object, number or container is never turned
+    into text in full."""
+    text = " ".join(_brief(value, 3).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _brief(value, level: int) -> str:
+    kind = type(value)
+    if kind in (str, bytes, bytearray):
+        if len(value) <= 40:
+            return repr(value)
+        return f"<{len(value):,} {'characters' if kind is str else 'bytes'}: {repr(value[:8])}...>"
+    if kind is int:
+        return repr(value) if value.bit_length() <= 128 else f"<an int of {value.bit_length():,} bits>"
+    if kind in (float, complex, bool, type(None)) or isinstance(value, (_NoState, _ArrayStub, _DtypeStub)):
+        return repr(value)
+    if kind in (tuple, list, set, frozenset, dict):
+        if level <= 0:
+            return "(...)" if kind is tuple else "[...]" if kind is list else "{...}"
+        items = list(itertools.islice(value.items() if kind is dict else value, 6))
+        if kind is dict:
+            parts = [f"{_brief(k, level - 1)}: {_brief(v, level - 1)}" for k, v in items]
+        else:
+            parts = [_brief(v, level - 1) for v in items]
+        if len(value) > len(items):
+            parts.append(f"... ({len(value):,} items)")
+        inner = ", ".join(parts)
+        if kind is tuple:
+            return f"({inner}{',' if len(value) == 1 else ''})"
+        if kind is list:
+            return f"[{inner}]"
+        if kind is dict:
+            return "{" + inner + "}"
+        return f"{kind.__name__}({{{inner}}})" if value else f"{kind.__name__}()"
+    return f"<{kind.__name__}>"

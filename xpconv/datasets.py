@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._io import open_regular
+
 __all__ = [
     "DATASETS",
     "IDX_FILES",
@@ -209,6 +211,16 @@ def _regular_file(path: Path, what: str = "file") -> os.stat_result:
     return st
 
 
+def _open_regular(path: Path, what: str):
+    """``path`` opened for reading, checked again on the open descriptor (a path swapped for
+    a FIFO or device after :func:`_regular_file` is refused, and opening does not block)."""
+    try:
+        f, _ = open_regular(path, what)
+    except (FileNotFoundError, ValueError) as exc:
+        raise DatasetError(str(exc)) from None
+    return f
+
+
 class _IdxFile:
     """One IDX file opened and its header parsed (``dims``); ``read()`` streams the payload
     (gunzipping on the fly) into one uint8 array. Nothing of the size the header promises is
@@ -219,7 +231,7 @@ class _IdxFile:
         _regular_file(self.path, "IDX file")
         if kind is not None and kind not in _IDX_MAGIC:
             raise ValueError(f"read_idx: kind must be 'images', 'labels' or None, got {kind!r}")
-        self._raw = open(self.path, "rb")  # noqa: SIM115 (closed by __exit__ or on error below)
+        self._raw = _open_regular(self.path, "IDX file")
         try:
             gz = self._raw.read(2) == b"\x1f\x8b"
             self._raw.seek(0)
@@ -264,6 +276,8 @@ class _IdxFile:
                 f"(expected 0x000008NN with NN the number of dimensions)"
             )
         ndim = head[3]
+        if ndim > 32:
+            raise DatasetError(f"{path}: magic number 0x{magic:08x} gives {ndim} dimensions; expected at most 32")
         dims_raw = f.read(4 * ndim)
         if len(dims_raw) < 4 * ndim:
             raise DatasetError(
@@ -278,7 +292,9 @@ class _IdxFile:
         return dims
 
     def check_size(self, max_bytes: int = MAX_IDX_BYTES) -> None:
-        if self.size > max_bytes:
+        # the dimensions other than 0 are bounded too: (0, 2**32-1, 2**32-1) holds nothing,
+        # but no array of that shape can be made
+        if self.size > max_bytes or math.prod(d for d in self.dims if d) > max_bytes:
             raise DatasetError(
                 f"{self.path}: header promises {' x '.join(map(str, self.dims))} = {self.size:,} bytes; "
                 f"expected at most {max_bytes:,} (max_bytes)"
@@ -468,7 +484,7 @@ def _what_it_is(size: int, digest: str | None) -> str | None:
 
 def _sha256_of(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with _open_regular(path, "dataset file") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
