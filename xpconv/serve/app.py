@@ -208,9 +208,9 @@ class Server:
         if self._first_conv is None:
             return None
         idx, relu = self._first_conv
-        layers = list(self.loaded.model.layers)
+        layers = self.loaded.model.layers
         out = x
-        for layer in layers[: idx + 1 + int(relu)]:
+        for layer in list(layers)[: idx + 1 + int(relu)]:
             out = layer.forward(out, False)
         maps = to_numpy(out)[0].astype(np.float64)  # (K, h, w)
         if not relu:
@@ -218,7 +218,7 @@ class Server:
         peak = maps.reshape(maps.shape[0], -1).max(axis=1)
         scaled = np.where(peak[:, None, None] > 0, maps / np.maximum(peak, 1e-30)[:, None, None], 0.0)
         q = np.clip(np.rint(scaled * 255), 0, 255).astype(np.uint8)
-        names = list(getattr(layers, "names", None) or [])
+        names = list(layers.keys()) if hasattr(layers, "keys") else []
         name = names[idx] if idx < len(names) else f"layer {idx}"
         return {
             "layer": name + (" + ReLU" if relu else " (absolute values)"),
