@@ -50,7 +50,7 @@
   function segment(a, b) {
     ctx.strokeStyle = "#fff";
     ctx.fillStyle = "#fff";
-    ctx.lineWidth = pad.width / 14;  // about two MNIST pixels once scaled to a 20-pixel box
+    ctx.lineWidth = pad.width / 11;  // about 2.5 pixels once a tall digit is scaled to a 20-pixel box, as in MNIST
     ctx.lineCap = "round";
     ctx.lineJoin = "round";
     ctx.beginPath();
