@@ -64,18 +64,17 @@
     }
     svg.append(el("line", { x1: L, x2: W - R, y1: H - B, y2: H - B, class: "axis" }));
     svg.append(el("line", { x1: L, x2: L, y1: T, y2: H - B, class: "axis" }));
-    const ticks = Math.min(6, x1 - x0);
-    for (let i = 0; i <= ticks; i++) {
-      const v = Math.round(x0 + ((x1 - x0) * i) / ticks);
+    const step = Math.max(1, Math.ceil((x1 - x0) / 6));
+    for (let v = Math.ceil(x0); v <= x1; v += step) {
       svg.append(el("text", { x: X(v), y: H - B + 14, "text-anchor": "middle" }, String(v)));
     }
     svg.append(el("text", { x: W - R, y: H - 2, "text-anchor": "end" }, "epoch"));
-    let lx = L + 70;
+    let lx = L + spec.title.length * 7.5 + 14;  // the legend after the title
     for (const [key, pts] of series) {
       const color = COLORS[key] || "#333";
       svg.append(el("polyline", { points: pts.map(([a, b]) => `${X(a)},${Y(b)}`).join(" "), stroke: color, "data-key": key }));
       for (const [a, b] of pts) svg.append(el("circle", { cx: X(a), cy: Y(b), r: 2.5, fill: color }));
-      svg.append(el("text", { x: lx, y: 14, fill: color }, key));
+      svg.append(el("text", { x: lx, y: 14, fill: color, class: "legend" }, key));
       lx += 8 + key.length * 6.5;
     }
   }
