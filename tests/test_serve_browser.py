@@ -124,6 +124,20 @@ def _draw(driver, strokes, kind) -> tuple[int, str]:
     return int(out.get_attribute("data-class")), out.text
 
 
+# the model's input as the page sent it: (bounding box height, width, centre of mass row, column)
+INPUT_GEOMETRY = """
+const c = document.getElementById('input'), W = c.width, H = c.height;
+const d = c.getContext('2d').getImageData(0, 0, W, H).data;
+let x0 = W, x1 = -1, y0 = H, y1 = -1, m = 0, mx = 0, my = 0;
+for (let y = 0; y < H; y++) for (let x = 0; x < W; x++) {
+  const v = d[(y * W + x) * 4] / 255;
+  if (v > 0) { x0 = Math.min(x0, x); x1 = Math.max(x1, x); y0 = Math.min(y0, y); y1 = Math.max(y1, y); }
+  m += v; mx += v * (x + 0.5); my += v * (y + 0.5);
+}
+return [y1 - y0 + 1, x1 - x0 + 1, my / m, mx / m];
+"""
+
+
 def _open_drawing_page(driver, url):
     driver.get(url + "/")
     WebDriverWait(driver, 20).until(lambda d: d.execute_script("return document.body.dataset.ready") == "1")
@@ -142,6 +156,8 @@ def test_draw_digits_with_mouse_and_finger_on_the_digits_model(browser, tmp_path
                 assert (got, text) == (expected, str(expected)), (kind, expected)
         # the model's view: an 8x8 picture; the first layer's 30 maps are drawn
         assert browser.execute_script("const c = document.getElementById('input'); return [c.width, c.height]") == [8, 8]
+        h, w, _, _ = browser.execute_script(INPUT_GEOMETRY)  # the 4: its box fills the 8x8 image, as the UCI digits do
+        assert h == 8 and w >= 5
         assert len(browser.find_elements(By.CSS_SELECTOR, "#maps canvas")) == loaded.model.layers[0].W.shape[0]
         assert "probability" in browser.find_element(By.ID, "confidence").text
         bars = browser.execute_script(
@@ -160,6 +176,9 @@ def test_draw_digits_on_an_mnist_model(browser, tmp_path):
         for expected, strokes in ((1, ONE), (0, ZERO), (7, SEVEN)):
             got, _ = _draw(browser, strokes, interaction.POINTER_MOUSE)
             assert got == expected
+            # MNIST's geometry: the longer side of the box is 20 pixels, the centre of mass at (14, 14)
+            h, w, cy, cx = browser.execute_script(INPUT_GEOMETRY)
+            assert max(h, w) in (20, 21) and abs(cy - 14) <= 0.5 and abs(cx - 14) <= 0.5, (expected, h, w, cy, cx)
         assert browser.execute_script("const c = document.getElementById('input'); return [c.width, c.height]") == [28, 28]
 
 
