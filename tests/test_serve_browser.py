@@ -18,8 +18,10 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import uvicorn
+from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.actions import interaction
@@ -29,6 +31,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from xpconv import cli
+from xpconv.backend import to_numpy
+from xpconv.datasets import load_digits
 from xpconv.serve.app import Loaded, create_app, warm_up
 
 from .conftest import shared_dataset
@@ -160,6 +164,15 @@ def test_draw_digits_with_mouse_and_finger_on_the_digits_model(browser, tmp_path
         assert h == 8 and w >= 5
         assert len(browser.find_elements(By.CSS_SELECTOR, "#maps canvas")) == loaded.model.layers[0].W.shape[0]
         assert "probability" in browser.find_element(By.ID, "confidence").text
+        # a file picked in the drop zone goes to /api/predict as it is (here a test image as PNG)
+        x, _ = load_digits()[1]
+        png = tmp_path / "digit.png"
+        Image.fromarray(np.round(x[5, 0] * 255).astype(np.uint8)).save(png)
+        expected = int(np.argmax(to_numpy(loaded.model.predict(x[5:6]))))
+        browser.find_element(By.ID, "file").send_keys(str(png))
+        WebDriverWait(browser, 20).until(lambda d: d.find_element(By.ID, "status").text.startswith("digit.png: read as"))
+        assert browser.find_element(By.ID, "predicted").get_attribute("data-class") == str(expected)
+        _draw(browser, FOUR, interaction.POINTER_MOUSE)
         bars = browser.execute_script(
             "return [...document.querySelectorAll('#bars rect')].map(r => [Number(r.dataset.p), r.classList.contains('top')])")
         assert abs(sum(p for p, _ in bars) - 1) < 1e-4 and [k for k, (_, top) in enumerate(bars) if top] == [4]

@@ -69,6 +69,8 @@ SUFFIXES = {
 STATIC = resources.files(__package__) / "static"
 PAGES = {"/": "index.html", "/runs": "runs.html"}
 ASSETS = {"draw.js": "text/javascript", "runs.js": "text/javascript", "style.css": "text/css"}
+# read_image swaps Pillow's process-wide pixel limit while it opens a file: one at a time
+_READ_LOCK = threading.Lock()
 CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'"
 
 
@@ -191,7 +193,8 @@ class Server:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            items, notes = read_image(path, self.loaded.input_dim)
+            with _READ_LOCK:
+                items, notes = read_image(path, self.loaded.input_dim)
         except ImageError as exc:
             # the reader names the file: the temporary path means nothing to the client
             raise HTTPException(400, str(exc).replace(str(path), "upload")) from None
