@@ -1,10 +1,11 @@
-"""The ``xpconv`` command (also ``python -m xpconv``): train, eval, predict, info, bench.
+"""The ``xpconv`` command (also ``python -m xpconv``): train, eval, predict, serve, info, bench.
 
     xpconv train                         # SimpleConvNet on the bundled digits, >= 97% in seconds
     xpconv train --dataset mnist --data-dir ~/mnist --device cuda
     xpconv train --config my-recipe.toml # a recipe file (xpconv.recipes); options still win
     xpconv eval runs/20250101-120000/last.safetensors
     xpconv predict runs/.../best.safetensors digit.png more.npy
+    xpconv serve runs/.../best.safetensors  # draw a digit at http://127.0.0.1:8000/, curves at /runs
     xpconv info [--json]
     xpconv bench ...                     # from a source checkout: python -m benchmarks ...
 
@@ -239,7 +240,24 @@ def build_parser() -> argparse.ArgumentParser:
                                    "NumPy's BLAS and what --device auto picks. Exits with 0 either way.")
     i.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
-    for sp in (t, e, pr):  # --debug also after the command
+    sv = sub.add_parser(
+        "serve",
+        help="a local web page: draw a digit for a checkpoint, watch runs' curves (needs xpconv[serve])",
+        description=(
+            "Serve http://HOST:PORT/: a canvas to draw a digit on, with the checkpoint's class\n"
+            "probabilities and first-layer feature maps, and /runs: the learning curves of the runs\n"
+            "under --runs, updating while they train; and a JSON API (/api/predict, /api/runs).\n"
+            "Binds 127.0.0.1 unless --host names another address. Needs: pip install 'xpconv[serve]'."
+        ),
+        formatter_class=fmt,
+    )
+    sv.add_argument("checkpoint", metavar="CKPT", nargs="?", default=None,
+                    help="a .safetensors checkpoint for the drawing page and /api/predict (without it only /runs works)")
+    sv.add_argument("--runs", metavar="DIR", default="runs", help="folder holding the runs shown on /runs (default: runs)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    sv.add_argument("--port", type=positive_int, default=8000, help="port to listen on (default: 8000)")
+
+    for sp in (t, e, pr, sv):  # --debug also after the command
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the Python traceback of an error")
     sub.add_parser(
         "bench", add_help=False,
@@ -698,6 +716,37 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    missing = []
+    for name in ("starlette", "uvicorn", "python_multipart"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise UserError(f"'xpconv serve' needs {', '.join(missing)}: pip install 'xpconv[serve]'")
+    from .serve.app import Loaded, create_app, run, warm_up
+
+    loaded = None
+    if args.checkpoint is not None:
+        ckpt, cfg, input_dim = _load_for_inference(args.checkpoint, "cpu")
+        if input_dim is None or len(input_dim) != 3:
+            raise UserError(f"{args.checkpoint}: cannot tell the model's input image size")
+        C, H, W = (int(v) for v in input_dim)
+        loaded = Loaded(str(args.checkpoint), ckpt.model, (C, H, W), cfg.get("class_names") or None, cfg.get("dataset"))
+    if args.port > 65535:
+        raise UserError(f"--port: expected a port number 1..65535, got {args.port}")
+    app = create_app(loaded, args.runs)
+    warm_up(app)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        sys.stderr.write(f"{PROG}: warning: listening on {printable(args.host)}: anyone who can reach it there can use "
+                         "the model and read the runs' metrics (no login, no TLS)\n")
+    print(f"xpconv serve: http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}/ "
+          f"(runs from {printable(args.runs)}; Ctrl-C stops)", flush=True)
+    run(app, args.host, args.port)
+    return 0
+
+
 # --------------------------------------------------------------------------- info / bench
 
 
@@ -737,7 +786,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "info":
         return cmd_info(args)
-    handler = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict}[args.command]
+    handler = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "serve": cmd_serve}[args.command]
     with _one_line_warnings(), _console_logging(args):
         try:
             return handler(args)
