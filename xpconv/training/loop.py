@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 from .. import backend
-from .._io import remove_stale_temp_files
 from ..backend import asarray_in, namespace_of, to_numpy
 from ..layers import BatchNormalization, Dropout
 from ..ops import check_label_range
@@ -40,7 +39,7 @@ from ..optim import get_optimizer
 from .callbacks import Checkpoints, EpochLine, Metrics, OnEpochEnd, ProgressBar
 from .comm import LocalCommunicator
 from .console import LOGGER
-from .runs import RunLock, metrics_document, stop_signals
+from .runs import RunLock, metrics_document, remove_stale_temps, stop_signals
 from .schedule import Schedule
 
 __all__ = ["GRAPH_NAMESPACES", "RESIDENT_FRACTION", "Run", "Trainer", "TrainingDiverged"]
@@ -405,7 +404,7 @@ class Trainer:
         lock = None
         if self.out_dir is not None and self.is_root:
             lock = RunLock(self.out_dir).acquire()
-            for path in remove_stale_temp_files(self.out_dir):
+            for path in remove_stale_temps(self.out_dir):
                 log.info(f"removed {path.name}, left by a write that was killed")
         try:
             with stop_signals():
