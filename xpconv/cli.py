@@ -120,7 +120,7 @@ def _setting_type(key: str, convert=int):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {short(text)}") from None
         if not test(v):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {short(text, 40)}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text if len(text) <= 40 else text[:37] + '...'}")
         return v
 
     parse.__name__ = parse.__qualname__ = f"{key}_setting"

@@ -956,7 +956,7 @@ def sample_work(name: str, config: Mapping[str, Any]) -> tuple[int, int, str]:
     for key, (shape, _) in shapes.items():
         if key.startswith("W") and len(shape) == 2:
             macs += shape[0] * shape[1]
-            see(max(shape), f"affine {key}")
+            see(max(shape), f"affine {key}'s input or output")
     return int(best["values"]), macs, str(best["where"])
 
 

@@ -218,13 +218,13 @@ def check_model_config(name: str, config: Mapping[str, Any], *, itemsize: int = 
         shapes = models.param_shapes(name, config)
     except ValueError as exc:
         raise SettingError(str(exc)) from None
-    check_work(name, config)
     n = sum(math.prod(shape) for shape, _ in shapes.values())
     if 3 * n * itemsize > MAX_FILE_BYTES:
         raise SettingError(
             f"config: the model has {n:,} parameters; with an optimizer's state its checkpoint would take "
             f"{3 * n * itemsize:,} bytes, expected at most {MAX_FILE_BYTES:,} (set XPCONV_MAX_CHECKPOINT_BYTES to allow more)"
         )
+    check_work(name, config)
     return shapes
 
 

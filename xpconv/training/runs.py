@@ -473,11 +473,11 @@ def reconcile_run(folder: str | os.PathLike[str]) -> dict[str, Any]:
         raise RunFolderError(f"{exc}; expected the records of at most {MAX_EPOCH:,} epochs: remove it or choose another --out") from None
     ignored = 0
     for line in text.splitlines():
-        epoch = _record_epoch(line)
-        if epoch is None:
+        line_epoch = _record_epoch(line)
+        if line_epoch is None:
             ignored += bool(line.strip())
         else:
-            seen = max(seen, epoch)
+            seen = max(seen, line_epoch)
     if ignored:
         log.warning(f"{jsonl}: {ignored} line(s) that are not an epoch's record ignored")
     missing = [r for r in history if r["epoch"] > seen]
