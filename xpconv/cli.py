@@ -671,7 +671,7 @@ def _load_for_inference(path: str, device: str, batch_size: int = 500):
         raise UserError(f"{path}: bad run configuration: config.input_dim {tuple(stated)} does not match the model's "
                         f"input shape {tuple(input_dim)}")
     if mmeta.get("name") in MODELS and ckpt.model is not None:
-        ckpt.model.eval_batch_size = eval_chunk(mmeta["name"], model_cfg, min(batch_size, ckpt.model.eval_batch_size))
+        ckpt.model.eval_batch_size = eval_chunk(mmeta["name"], model_cfg, batch_size)
     return ckpt, cfg, input_dim
 
 
