@@ -37,6 +37,7 @@ __all__ = [
     "RULES",
     "SettingError",
     "check_model_config",
+    "check_recipe_model_config",
     "check_setting",
     "check_work",
     "eval_chunk",
