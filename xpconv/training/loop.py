@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import backend
+from .._io import remove_stale_temp_files
 from ..augment import default_max_shift, translate
 from ..backend import asarray_in, namespace_of, to_numpy
 from ..ops import check_label_range
@@ -40,7 +41,7 @@ from ..schedules import LRSchedule, make_schedule, schedule_from_state
 from .callbacks import Checkpoints, EpochLine, Metrics, OnEpochEnd, ProgressBar
 from .comm import LocalCommunicator
 from .console import LOGGER
-from .runs import RunLock, metrics_document, remove_stale_temps, stop_signals
+from .runs import RunLock, metrics_document, stop_signals
 from .schedule import Schedule, validation_split
 from .stopping import EarlyStopping
 
@@ -486,7 +487,7 @@ class Trainer:
         lock = None
         if self.out_dir is not None and self.is_root:
             lock = RunLock(self.out_dir).acquire()
-            for path in remove_stale_temps(self.out_dir):
+            for path in remove_stale_temp_files(self.out_dir):
                 log.info(f"removed {path.name}, left by a write that was killed")
         try:
             with stop_signals():

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .._io import _TEMP_NAME, atomic_write, file_kind, pid_alive, remove_stale_temp_files
+from .._io import atomic_write, file_kind, pid_alive, remove_stale_temp_files
 from ..checkpoint import read_checkpoint
 from .callbacks import append_jsonl, write_metrics
 from .console import LOGGER
@@ -52,7 +52,6 @@ __all__ = [
     "read_run_file",
     "reconcile_run",
     "remove_run_files",
-    "remove_stale_temps",
     "stop_signals",
 ]
 
@@ -69,9 +68,6 @@ RUN_FILES = ("last.safetensors", "best.safetensors", "interrupted.safetensors", 
 #: million epochs writes some 200 MB of metrics; a lock file is one short line)
 LOCK_BYTES = 4096
 METRICS_BYTES = 256 << 20
-#: the largest pid a process can have (pid_t is a 32-bit int); a larger one in a lock
-#: file or a temp file's name names no process
-MAX_PID = 2**31 - 1
 #: the most epochs a run counts (as the checkpoint schema)
 MAX_EPOCH = 10**9
 
@@ -182,7 +178,7 @@ class RunLock:
             return True
         if owner["host"] != socket.gethostname():
             return False  # another machine's process: its state cannot be told from here
-        if not 1 <= pid <= MAX_PID or not pid_alive(pid):  # a pid out of range names no process
+        if not pid_alive(pid):  # a pid out of range names no process
             return True
         start = owner.get("start")
         now = process_start(pid)
@@ -300,27 +296,6 @@ def _refuse_odd(path: Path, mode: int, what: str) -> None:
         )
 
 
-def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
-    """:func:`xpconv._io.remove_stale_temp_files`, with the pid in a temp file's name
-    read as untrusted text: a name whose pid no process can have (``.x.<20 digits>.<8>.tmp``)
-    is a temp file no live writer holds, removed when it is a regular file."""
-    removed: list[Path] = []
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return removed
-    for entry in entries:
-        m = _TEMP_NAME.match(entry.name)
-        pid = m.group("pid") if m else None
-        if pid is None or (len(pid) <= 10 and 1 <= int(pid) <= MAX_PID):
-            continue
-        if entry.is_file(follow_symlinks=False):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
-                removed.append(Path(entry.path))
-    return removed + remove_stale_temp_files(folder)
-
-
 def _check_run_files(folder: Path, names: list[str], *, overwrite: bool) -> None:
     """Refuse, by name, a run file that is not a regular file of this folder: one a run
     would write through (a symbolic link, or a ``metrics.jsonl`` with other hard links:
@@ -392,7 +367,7 @@ def claim_run_folder(folder: str | os.PathLike[str], *, resume: str | os.PathLik
         raise RunFolderError(f"{folder}: expected a folder for the run's files, found a file")
     lock = RunLock(folder).acquire()
     try:
-        for path in remove_stale_temps(folder):
+        for path in remove_stale_temp_files(folder):
             log.info(f"removed {path.name}, left by a write that was killed")
         names = _contents(folder)
         same = resume is not None and _same_folder(Path(resume).parent, folder)
