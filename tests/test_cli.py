@@ -530,7 +530,7 @@ def test_python_dash_m_xpconv_prints_the_version():
 def test_one_parser_serves_every_subcommand():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"train", "eval", "predict", "info"}  # the benchmarks are `python -m benchmarks`, outside the package
+    assert set(sub.choices) == {"train", "eval", "predict", "serve", "info"}  # the benchmarks are `python -m benchmarks`, outside the package
     assert parser.parse_args(["info", "--json"]).json is True
 
 
@@ -567,10 +567,10 @@ def test_config_file_sets_the_recipe_and_options_win(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("text, message", [
-    ('epochs = 0\n', "epochs must be a positive integer, got 0"),
+    ('epochs = 0\n', "epochs must be an integer from 1 to 1,000,000,000, got 0"),
     ('optimizer = "adamw"\n', "optimizer must be one of sgd, momentum"),
     ('learning_rate = 0.1\n', "unknown key 'learning_rate'"),
-    ('lr = "fast"\n', "lr must be a positive number, got 'fast'"),
+    ('lr = "fast"\n', "lr must be a finite number > 0, got 'fast'"),
     ('epochs = [\n', "not a valid TOML file"),
 ])
 def test_bad_config_files_are_one_line_errors(tmp_path, capsys, text, message):

@@ -72,9 +72,9 @@ def test_docs_example_runs(page, n, code, tmp_path):
 
 
 def _commands() -> list[tuple[str, str]]:
-    """(page, command line) for every ``xpconv ...`` command in a ```bash block."""
+    """(page, command line) for every ``xpconv ...`` command in a ```bash or ```sh block."""
     found = []
-    for page, _, code in _blocks("bash"):
+    for page, _, code in _blocks("(?:bash|sh)"):
         text = code.replace("\\\n", " ")
         for line in text.splitlines():
             line = re.sub(r"\s+#.*$", "", line).strip()

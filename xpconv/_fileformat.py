@@ -325,7 +325,8 @@ def _tensor_index(path: Path, header: Mapping[str, Any], data_bytes: int) -> dic
         where = f"{path}: tensor {short(name)}"
         if not isinstance(entry, dict):
             raise CheckpointError(f"{where}: expected an object with dtype, shape and data_offsets, got {short(entry)}")
-        dtype = _ST_DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+        stored = entry.get("dtype")
+        dtype = _ST_DTYPES.get(stored) if isinstance(stored, str) else None
         if dtype is None:
             raise CheckpointError(f"{where}: dtype {short(entry.get('dtype'))}; expected one of {', '.join(_ST_DTYPES)}")
         shape, offsets = entry.get("shape"), entry.get("data_offsets")

@@ -105,9 +105,15 @@ def _signals_deferred() -> Iterator[None]:
             handler(sig, None)
 
 
+#: the largest process id: pid_t is a signed 32-bit integer on every platform xpconv runs on
+PID_MAX = 2**31 - 1
+
+
 def pid_alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists on this machine (one of another user counts)."""
-    if pid <= 0:
+    """Whether a process ``pid`` exists on this machine (one of another user counts).
+    A number no process id can be (<= 0, or past the C ``pid_t`` range that ``kill``
+    takes: it came from a file name or a file, untrusted text) names no process."""
+    if not 0 < pid <= PID_MAX:
         return False
     try:
         os.kill(pid, 0)
@@ -134,8 +140,9 @@ def remove_stale_temp_files(folder: str | os.PathLike[str], *, max_age: float = 
         m = _TEMP_NAME.match(entry.name)
         if m is None or not entry.is_file(follow_symlinks=False):
             continue
-        pid = m.group("pid")
-        stale = pid is not None and int(pid) != os.getpid() and not pid_alive(int(pid))
+        pid = m.group("pid")  # untrusted text: more digits than any pid has names no process
+        number = int(pid) if pid is not None and len(pid) <= 10 else 0
+        stale = pid is not None and number != os.getpid() and not pid_alive(number)
         if not stale:
             try:
                 stale = now - entry.stat(follow_symlinks=False).st_mtime > max_age

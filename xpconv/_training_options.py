@@ -8,12 +8,10 @@ note.  :mod:`xpconv.cli` calls these; errors are ValueErrors (one line, exit sta
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
-from ._fileformat import short
 from .augment import default_max_shift
-from .recipes import LR_SCHEDULES
+from .settings import SettingError, check_setting
 
 __all__ = ["TRAINING_OPTIONS", "check_options", "new_run_options", "options_line", "resume_options"]
 
@@ -69,22 +67,13 @@ def resume_options(cfg: dict, args, ckpt, *, note: Callable[[str], None]) -> Non
 
 
 def check_options(cfg: dict, path) -> None:
-    """The training options a checkpoint stores, checked for type and range."""
-    def number(v, below_one=False):
-        return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-                and (v < 1 or not below_one))
-
-    checks = {
-        "val_split": (lambda v: number(v, below_one=True), "a number in [0, 1)"),
-        "lr_schedule": (lambda v: v in LR_SCHEDULES, "one of " + ", ".join(LR_SCHEDULES)),
-        "warmup_epochs": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 10**9, "an integer >= 0"),
-        "augment": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 1 << 20, "a number of pixels >= 0"),
-        "early_stop": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 10**9), "null or an integer >= 1"),
-        "weight_decay": (lambda v: number(v), "a number >= 0"),
-    }
-    for key, (ok, expected) in checks.items():
-        if not ok(cfg[key]):
-            raise ValueError(f"{path}: bad run configuration: config.{key} should be {expected}, got {short(cfg[key])}")
+    """The training options a checkpoint stores, checked by the rules every setting obeys
+    (:data:`xpconv.settings.RULES`)."""
+    for key in TRAINING_OPTIONS:
+        try:
+            check_setting(key, cfg[key])
+        except SettingError as exc:
+            raise ValueError(f"{path}: bad run configuration: config.{exc}") from None
 
 
 def options_line(cfg: dict, n_val: int) -> str:

@@ -41,6 +41,7 @@ from ._fileformat import (
     write_file,
 )
 from ._io import atomic_write as atomic_write  # alias kept for modules that import it from here
+from .settings import check_work
 
 __all__ = [
     "FORMAT",
@@ -142,9 +143,10 @@ def load_checkpoint(
     and slots.
 
     Nothing is allocated before the file is checked: the header (bounded), the
-    metadata's schema, and the shapes the stored config implies against the stored
+    metadata's schema, the shapes the stored config implies against the stored
     tensors' shapes and dtypes (computed by arithmetic, see
-    :func:`xpconv.models.param_shapes`). Tensors are then read memory-mapped.
+    :func:`xpconv.models.param_shapes`), and the work per sample that config asks for
+    (:func:`xpconv.settings.check_work`: a huge input size or pad is refused). Tensors are then read memory-mapped.
     ``require_finite``: refuse weights holding NaN or inf, naming the tensor. Raises
     :class:`CheckpointError` naming the file, what was expected and what came.
     """
@@ -164,6 +166,8 @@ def load_checkpoint(
                 )
             try:
                 expected = models.param_shapes(mmeta["name"], mmeta.get("config") or {})
+                # the work the stored settings ask for (input size, pad, stride), before any allocation
+                check_work(mmeta["name"], mmeta.get("config") or {})
             except ValueError as exc:
                 raise ValueError(f"bad stored config of model {mmeta['name']!r}: {exc}") from None
         else:

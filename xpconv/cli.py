@@ -1,10 +1,11 @@
-"""The ``xpconv`` command (also ``python -m xpconv``): train, eval, predict, info.
+"""The ``xpconv`` command (also ``python -m xpconv``): train, eval, predict, serve, info.
 
     xpconv train                         # SimpleConvNet on the bundled digits, >= 97% in seconds
     xpconv train --dataset mnist --data-dir ~/mnist --device cuda
     xpconv train --config my-recipe.toml # a recipe file (xpconv.recipes); options still win
     xpconv eval runs/20250101-120000/last.safetensors
     xpconv predict runs/.../best.safetensors digit.png more.npy
+    xpconv serve runs/.../best.safetensors  # draw a digit at http://127.0.0.1:8000/, curves at /runs
     xpconv info [--json]
 
 One argparse parser serves every subcommand.  The recipes are data in
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import importlib
 import logging
 import math
 import sys
@@ -40,7 +42,6 @@ from ._version import __version__
 from .recipes import (
     DATASET_NAMES,
     DEFAULT_LR,
-    LR_SCHEDULES,
     MODELS,
     OPTIMIZER_NAMES,
     merged,
@@ -48,6 +49,7 @@ from .recipes import (
     read_config,
     recipe,
 )
+from .settings import LR_SCHEDULES, RULES, SettingError, check_model_config, check_setting, eval_chunk, short
 
 __all__ = ["build_parser", "main", "nonnegative_int", "out_of_memory_message", "positive_float", "positive_int"]
 
@@ -113,6 +115,24 @@ _nonnegative_float = _number_type(float, lambda v: v >= 0 and math.isfinite(v), 
 _shift = _number_type(int, lambda v: v >= 0, "a number of pixels >= 0", "shift", "argparse type: pixels >= 0.")
 
 
+def _setting_type(key: str, convert=int):
+    """An argparse type for the run setting ``key``, by the rule a --config file and a
+    checkpoint's run configuration obey (:data:`xpconv.settings.RULES`)."""
+    test, expected = RULES[key]
+
+    def parse(text: str):
+        try:
+            v = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {short(text)}") from None
+        if not test(v):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text if len(text) <= 40 else text[:37] + '...'}")
+        return v
+
+    parse.__name__ = parse.__qualname__ = f"{key}_setting"
+    return parse
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with errors in one line: ``xpconv train: error: argument --seed: expected
     an integer >= 0, got -1 (see xpconv train --help)``, exit status 2."""
@@ -163,13 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-download", action="store_true", help="never download missing dataset files")
     t.add_argument("--download", action="store_true",
                    help="download missing dataset files into --data-dir too (by default only the cache folder is written)")
-    t.add_argument("--epochs", type=positive_int, default=None, help="number of epochs in total (with --resume: including those done)")
-    t.add_argument("--batch-size", type=positive_int, default=None, help="samples per mini-batch")
+    t.add_argument("--epochs", type=_setting_type("epochs"), default=None, help="number of epochs in total (with --resume: including those done)")
+    t.add_argument("--batch-size", type=_setting_type("batch_size"), default=None, help="samples per mini-batch")
     t.add_argument("--optimizer", choices=OPTIMIZER_NAMES, type=str.lower, default=None, help="update rule")
-    t.add_argument("--lr", type=positive_float, default=None,
+    t.add_argument("--lr", type=_setting_type("lr", float), default=None,
                    help="learning rate (default: the recipe's, or for another optimizer: "
                         + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
-    t.add_argument("--seed", type=nonnegative_int, default=None, help="seed of the initial weights, the sample order and dropout (default: 0)")
+    t.add_argument("--seed", type=_setting_type("seed"), default=None, help="seed of the initial weights, the sample order and dropout (default: 0)")
     t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="'cpu' = NumPy, 'cuda' = CuPy on the GPU, 'auto' = CUDA when it really works, else CPU (default: auto)")
     t.add_argument("--dtype", choices=("float32", "float64"), default=None, help="floating-point type of weights and data (default: float32)")
@@ -213,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--download", action="store_true",
                    help="download missing dataset files into --data-dir too (by default only the cache folder is written)")
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute (default: auto)")
-    e.add_argument("--batch-size", type=positive_int, default=500, help="samples per evaluation chunk (default: 500)")
+    e.add_argument("--batch-size", type=_setting_type("batch_size"), default=500, help="samples per evaluation chunk (default: 500)")
 
     pr = sub.add_parser(
         "predict",
@@ -237,7 +257,24 @@ def build_parser() -> argparse.ArgumentParser:
                                    "NumPy's BLAS and what --device auto picks. Exits with 0 either way.")
     i.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
-    for sp in (t, e, pr):  # --debug also after the command
+    sv = sub.add_parser(
+        "serve",
+        help="a local web page: draw a digit for a checkpoint, watch runs' curves (needs xpconv[serve])",
+        description=(
+            "Serve http://HOST:PORT/: a canvas to draw a digit on, with the checkpoint's class\n"
+            "probabilities and first-layer feature maps, and /runs: the learning curves of the runs\n"
+            "under --runs, updating while they train; and a JSON API (/api/predict, /api/runs).\n"
+            "Binds 127.0.0.1 unless --host names another address. Needs: pip install 'xpconv[serve]'."
+        ),
+        formatter_class=fmt,
+    )
+    sv.add_argument("checkpoint", metavar="CKPT", nargs="?", default=None,
+                    help="a .safetensors checkpoint for the drawing page and /api/predict (without it only /runs works)")
+    sv.add_argument("--runs", metavar="DIR", default="runs", help="folder holding the runs shown on /runs (default: runs)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    sv.add_argument("--port", type=positive_int, default=8000, help="port to listen on (default: 8000)")
+
+    for sp in (t, e, pr, sv):  # --debug also after the command
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the Python traceback of an error")
     return p
 
@@ -343,7 +380,7 @@ def _config_file(args) -> dict:
         return {}
     if args.resume:
         raise UserError("--config with --resume: a resumed run takes the checkpoint's settings; leave --config out")
-    data = read_config(args.config)
+    data = read_config(args.config, model=args.model)
     for key, value in data.items():
         if key != "model_config" and getattr(args, key) is None:
             setattr(args, key, value)
@@ -389,6 +426,7 @@ def _train_settings(args) -> tuple[dict, Any]:
             )
         cfg["resumed_from"] = str(args.resume)
         resume_options(cfg, args, ckpt, note=_note)
+        _check_settings(cfg, args.resume)
         return cfg, ckpt
 
     dataset = args.dataset or "digits"
@@ -417,7 +455,27 @@ def _train_settings(args) -> tuple[dict, Any]:
     cfg.update(new_run_options(args, r, info))
     if args.config:
         cfg["config_file"] = str(args.config)
+    _check_settings(cfg, args.config)
     return cfg, None
+
+
+def _check_settings(cfg: dict, source: Any) -> None:
+    """The run's settings, checked once by the rules a checkpoint is read by
+    (:mod:`xpconv.settings`), so the run never writes a checkpoint that eval, predict or
+    --resume would refuse; UserError naming the setting (and the file it came from)."""
+    where = f"{source}: " if source else ""
+    try:
+        for key in RULES:
+            if cfg.get(key) is not None:
+                check_setting(key, cfg[key])
+        if "model_config" in cfg:
+            itemsize = 8 if cfg.get("dtype") == "float64" else 4
+            try:
+                check_model_config(cfg["model"], cfg["model_config"], itemsize=itemsize)
+            except SettingError as exc:
+                raise SettingError(f"model_{exc}" if str(exc).startswith("config") else str(exc)) from None
+    except SettingError as exc:
+        raise UserError(f"{where}{exc}") from None
 
 
 def _setup_distributed(args):
@@ -455,6 +513,7 @@ def _train(args, cleanup: contextlib.ExitStack) -> int:
         claim_run_folder,
         format_seconds,
     )
+    from .training.runs import remove_run_files
 
     cfg, ckpt = _train_settings(args)
     comm = _setup_distributed(args)
@@ -464,11 +523,14 @@ def _train(args, cleanup: contextlib.ExitStack) -> int:
     tell = log.info if is_root else (lambda *a: None)  # the set-up lines; --quiet keeps only the result
 
     out = Path(args.out) if args.out else (Path(args.resume).parent if ckpt is not None else _default_out())
+    lock = None
     if is_root:  # before the data is read: a folder that cannot be used is said at once
         try:
-            cleanup.callback(claim_run_folder(out, resume=args.resume, overwrite=args.overwrite).release)
+            # an old run that --overwrite replaces is removed only once this one can start
+            lock = claim_run_folder(out, resume=args.resume, overwrite=args.overwrite, remove_now=False)
         except RunFolderError as exc:
             raise UserError(str(exc)) from None
+        cleanup.callback(lock.release)
     (x_train, t_train), (x_test, t_test) = _load_data(cfg["dataset"], cfg.get("data_dir"), _download_choice(args))
     cfg["train_samples"], cfg["test_samples"] = int(x_train.shape[0]), int(x_test.shape[0])
     device = comm.device if comm is not None else cfg["device"]
@@ -489,6 +551,9 @@ def _train(args, cleanup: contextlib.ExitStack) -> int:
 
     if is_root:
         out.mkdir(parents=True, exist_ok=True)
+        if lock is not None and lock.replacing:  # the settings are valid, the data read, the model built
+            removed = remove_run_files(out)
+            logging.getLogger("xpconv").debug(f"--overwrite: removed {', '.join(removed)} of the previous run in {out}")
     n_val = int(round(cfg["val_split"] * cfg["train_samples"]))
     n_batches = (cfg["train_samples"] - n_val) // cfg["batch_size"]
     tell(
@@ -609,15 +674,11 @@ def check_run_config(cfg: Any, path: Any, *, needed: Sequence[str] = ()) -> dict
         if key not in cfg or (cfg[key] is None and key in ("data_dir", "class_names", "input_dim", "ranks", "split_seed", "dtype")):
             continue
         v = cfg[key]
-        integer = isinstance(v, int) and not isinstance(v, bool)
         if isinstance(kind, tuple):
             ok, expected = v in kind, "one of " + ", ".join(kind)
-        elif kind == "count":
-            ok, expected = integer and 1 <= v <= 10**9, "an integer from 1 to 10**9"
-        elif kind == "index":
-            ok, expected = integer and 0 <= v < 2**63, "an integer >= 0"
-        elif kind == "rate":
-            ok, expected = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf, "a positive number"
+        elif kind in ("count", "index", "rate"):  # the rules of the command line and of --config
+            test, expected = RULES[key]
+            ok = test(v)
         elif kind == "dims":
             ok = isinstance(v, list) and len(v) == 3 and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 1 << 20 for d in v)
             expected = "[channels, height, width] of positive integers"
@@ -631,22 +692,37 @@ def check_run_config(cfg: Any, path: Any, *, needed: Sequence[str] = ()) -> dict
     return cfg
 
 
-def _load_for_inference(path: str, device: str):
+def _load_for_inference(path: str, device: str, batch_size: int = 500):
+    """(checkpoint, run configuration, input image shape or None) of a checkpoint to
+    evaluate; the model's ``eval_batch_size`` is lowered, where one sample's arrays are
+    large, so that a pass holds at most ``EVAL_CHUNK_VALUES`` values at once. The input
+    shape is the model's own: a run configuration's ``input_dim`` must agree with it."""
     from .checkpoint import load_checkpoint
+    from .models import MODELS
 
     ckpt = load_checkpoint(path, device=device, require_finite=True)
     cfg = check_run_config(ckpt.extra.get("config") or {}, path)
-    model_cfg = ckpt.metadata["model"].get("config") or {}
-    input_dim = cfg.get("input_dim") or model_cfg.get("input_dim")
+    mmeta = ckpt.metadata["model"]
+    model_cfg = mmeta.get("config") or {}
+    stated = cfg.get("input_dim")
+    input_dim = model_cfg.get("input_dim")
     size = model_cfg.get("input_size")
     if input_dim is None and isinstance(size, int) and not isinstance(size, bool) and size > 0:
-        side = math.isqrt(size)
-        input_dim = [1, side, side] if side * side == size else None
+        if stated is not None and math.prod(stated) == size:
+            input_dim = stated
+        else:
+            side = math.isqrt(size)
+            input_dim = [1, side, side] if side * side == size else None
+    if stated is not None and input_dim is not None and list(stated) != list(input_dim):
+        raise UserError(f"{path}: bad run configuration: config.input_dim {tuple(stated)} does not match the model's "
+                        f"input shape {tuple(input_dim)}")
+    if mmeta.get("name") in MODELS and ckpt.model is not None:
+        ckpt.model.eval_batch_size = eval_chunk(mmeta["name"], model_cfg, batch_size)
     return ckpt, cfg, input_dim
 
 
 def cmd_eval(args) -> int:
-    ckpt, cfg, input_dim = _load_for_inference(args.checkpoint, args.device)
+    ckpt, cfg, input_dim = _load_for_inference(args.checkpoint, args.device, args.batch_size)
     dataset = args.dataset or cfg.get("dataset")
     if dataset is None:
         raise UserError(f"{args.checkpoint} does not say which dataset it was trained on; pass --dataset")
@@ -657,7 +733,7 @@ def cmd_eval(args) -> int:
     # where data is read or written (its stored data_dir is not used)
     _, (x_test, t_test) = _load_data(dataset, args.data_dir, _download_choice(args))
     t0 = time.perf_counter()
-    acc = ckpt.model.accuracy(x_test, t_test, batch_size=args.batch_size)
+    acc = ckpt.model.accuracy(x_test, t_test, batch_size=min(args.batch_size, ckpt.model.eval_batch_size))
     n = int(x_test.shape[0])
     epoch = f", epoch {ckpt.epoch}" if ckpt.epoch is not None else ""
     print(f"{printable(args.checkpoint)} ({type(ckpt.model).__name__}{epoch}) on {dataset} test set: "
@@ -669,14 +745,25 @@ def cmd_predict(args) -> int:
     import numpy as np
 
     from .backend import to_numpy
-    from .images import read_images
+    from .images import read_image
     from .ops import softmax
 
     ckpt, cfg, input_dim = _load_for_inference(args.checkpoint, args.device)
     if input_dim is None:
         raise UserError(f"{args.checkpoint}: cannot tell the model's input image size")
     names = cfg.get("class_names") or None
-    labels, x, notes_of = read_images(args.files, input_dim)
+    labels: list[str] = []
+    images = []
+    notes_of: dict[str, list[str]] = {}
+    for path in args.files:
+        items, notes = read_image(path, input_dim)
+        if not items:  # e.g. a .npy of shape (0, 1, 8, 8): nothing to classify is said, not skipped
+            raise UserError(f"{path}: holds no image to classify (an empty array)")
+        for label, a in items:
+            labels.append(label)
+            images.append(a)
+            notes_of[label] = notes
+    x = np.stack(images).astype(np.float32)
     p = to_numpy(softmax(ckpt.model.predict(x)))  # predict streams through eval_batch_size chunks
     k = min(args.top, p.shape[1])
     for label, row in zip(labels, p):
@@ -687,6 +774,37 @@ def cmd_predict(args) -> int:
             parts.append(f"{name} ({row[c]:.3f})" if k > 1 else f"class {name} (probability {row[c]:.3f})")
         note = f"  [{'; '.join(notes_of[label])}]" if notes_of.get(label) else ""
         print(f"{printable(label)}: {', '.join(parts)}{note}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    missing = []
+    for name in ("starlette", "uvicorn", "python_multipart"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise UserError(f"'xpconv serve' needs {', '.join(missing)}: pip install 'xpconv[serve]'")
+    from .serve.app import Loaded, create_app, run, warm_up
+
+    loaded = None
+    if args.checkpoint is not None:
+        ckpt, cfg, input_dim = _load_for_inference(args.checkpoint, "cpu")
+        if input_dim is None or len(input_dim) != 3:
+            raise UserError(f"{args.checkpoint}: cannot tell the model's input image size")
+        C, H, W = (int(v) for v in input_dim)
+        loaded = Loaded(str(args.checkpoint), ckpt.model, (C, H, W), cfg.get("class_names") or None, cfg.get("dataset"))
+    if args.port > 65535:
+        raise UserError(f"--port: expected a port number 1..65535, got {args.port}")
+    app = create_app(loaded, args.runs)
+    warm_up(app)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        sys.stderr.write(f"{PROG}: warning: listening on {printable(args.host)}: anyone who can reach it there can use "
+                         "the model and read the runs' metrics (no login, no TLS)\n")
+    print(f"xpconv serve: http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}/ "
+          f"(runs from {printable(args.runs)}; Ctrl-C stops)", flush=True)
+    run(app, args.host, args.port)
     return 0
 
 
@@ -713,7 +831,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "info":
         return cmd_info(args)
-    handler = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict}[args.command]
+    handler = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "serve": cmd_serve}[args.command]
     with _one_line_warnings(), _console_logging(args):
         try:
             return handler(args)

@@ -20,7 +20,7 @@ from typing import Any
 from . import _fileformat, bookpickle, kernels
 from . import functions as _functions
 from . import layers as L
-from ._geometry import conv_output_size
+from ._geometry import conv_output_size, pair
 from ._typing import Layer
 from .backend import (
     Generator,
@@ -963,6 +963,53 @@ def param_shapes(name: str, config: Mapping[str, Any]) -> dict[str, tuple[tuple[
     except (TypeError, KeyError) as exc:
         raise ValueError(f"config: {exc}") from None
     return out
+
+
+def sample_work(name: str, config: Mapping[str, Any]) -> tuple[int, int, str]:
+    """(the most values one sample takes in any single array of a forward pass, the
+    multiply-adds of that pass, which array is the largest) of the named model built
+    from ``config``, by arithmetic alone: a padded input, im2col's columns and each
+    layer's output are counted. ``config`` must pass :func:`param_shapes` first."""
+    shapes = param_shapes(name, config)
+    best: dict[str, Any] = {"values": 0, "where": "the input"}
+    macs = 0
+
+    def see(values: int, where: str) -> None:
+        if values > best["values"]:
+            best["values"], best["where"] = values, where
+
+    def conv(C: int, H: int, W: int, cp: Mapping[str, Any], where: str) -> tuple[int, int, int]:
+        nonlocal macs
+        FN, FS = int(cp["filter_num"]), int(cp["filter_size"])
+        SH, SW = pair(cp["stride"], "stride")
+        PH, PW = pair(cp["pad"], "pad")
+        OH, OW = conv_output_size(H, W, FS, FS, (SH, SW), (PH, PW), where=where)
+        see(C * (H + 2 * PH) * (W + 2 * PW), f"{where}'s padded input")
+        see(C * FS * FS * OH * OW, f"{where}'s im2col columns")
+        see(FN * OH * OW, f"{where}'s output")
+        macs += C * FS * FS * OH * OW * FN
+        return FN, OH, OW
+
+    if name in ("simple", "deep"):
+        C, H, W = (int(v) for v in config.get("input_dim", (1, 28, 28)))
+        see(C * H * W, "the input")
+        if name == "simple":
+            cp = {"filter_num": 30, "filter_size": 5, "pad": 0, "stride": 1, **(config.get("conv_param") or {})}
+            C, H, W = conv(C, H, W, cp, "SimpleConvNet's convolution")
+        else:
+            cps = config.get("conv_params")
+            if cps is None:
+                cps = [config.get(f"conv_param_{i}") or {} for i in range(1, 7)]
+            for i, cp in enumerate(cps):
+                f, p = DEEP_CONV_DEFAULTS[i]
+                C, H, W = conv(C, H, W, {"filter_num": f, "filter_size": 3, "pad": p, "stride": 1, **cp}, f"DeepConvNet conv{i + 1}")
+                if i % 2 == 1:
+                    H, W = H // 2, W // 2
+    for key, (shape, _) in shapes.items():
+        if key.startswith("W") and len(shape) == 2:
+            macs += shape[0] * shape[1]
+            see(max(shape), f"affine {key}'s input or output")
+    return int(best["values"]), macs, str(best["where"])
 
 
 def model_from_checkpoint(

@@ -25,12 +25,15 @@ tables too: see :func:`merged`)::
 from __future__ import annotations
 
 import copy
-import math
+import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from ._io import file_kind, stat_regular
+from .settings import MAX_COUNT, RULES, SettingError, check_recipe_model_config, short
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -55,7 +58,6 @@ MODELS = ("simple", "deep", "mlp")
 DATASET_NAMES = ("digits", "mnist", "fashion-mnist")
 OPTIMIZER_NAMES = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam")
 DTYPES = ("float32", "float64")
-LR_SCHEDULES = ("constant", "step", "cosine")
 
 #: learning rate used with an optimizer that is not the recipe's own
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.01, "nesterov": 0.01, "adagrad": 0.05, "rmsprop": 0.001, "adam": 0.001}
@@ -149,70 +151,95 @@ def _choice(options):
     return check
 
 
-def _is_positive_int(v):
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer"
-
-
-def _is_positive_number(v):
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v)
-    return ok, "a positive number"
-
-
-def _is_integer(v):
-    return isinstance(v, int) and not isinstance(v, bool), "an integer"
-
-
-def _is_string(v):
-    return isinstance(v, str), "a string"
-
-
-def _is_fraction(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1
+def _rule(key):
+    test, expected = RULES[key]
+    return lambda v: (test(v), expected)
 
 
 def _is_table(v):
     return isinstance(v, dict), "a table"
 
 
-#: the keys a config file may hold, with their checks
+#: the keys a config file may hold, with their checks (those of the command line's
+#: options and of a checkpoint's run configuration: :data:`xpconv.settings.RULES`)
 CONFIG_KEYS = {
     "model": _choice(MODELS),
     "dataset": _choice(DATASET_NAMES),
-    "epochs": _is_positive_int,
-    "batch_size": _is_positive_int,
+    "epochs": _rule("epochs"),
+    "batch_size": _rule("batch_size"),
     "optimizer": _choice(OPTIMIZER_NAMES),
-    "lr": _is_positive_number,
-    "seed": _is_integer,
-    "dtype": _choice(DTYPES),
-    "data_dir": _is_string,
+    "lr": _rule("lr"),
+    "seed": _rule("seed"),
+    "dtype": _rule("dtype"),
+    "data_dir": _rule("data_dir"),
     "model_config": _is_table,
-    "val_split": lambda v: (_is_fraction(v), "a number from 0 up to (not including) 1"),
-    "lr_schedule": _choice(LR_SCHEDULES),
-    "warmup_epochs": lambda v: (_is_integer(v)[0] and v >= 0, "an integer >= 0"),
-    "augment": lambda v: (isinstance(v, bool) or (_is_integer(v)[0] and v >= 0), "true, false or a number of pixels >= 0"),
-    "early_stop": _is_positive_int,
-    "weight_decay": lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf, "a number >= 0"),
+    "val_split": _rule("val_split"),
+    "lr_schedule": _rule("lr_schedule"),
+    "warmup_epochs": _rule("warmup_epochs"),
+    # true: the default translation for the image size
+    "augment": lambda v: (v is True or v is False or RULES["augment"][0](v), "true, false or " + RULES["augment"][1]),
+    "early_stop": lambda v: (v is not None and RULES["early_stop"][0](v), f"an integer from 1 to {MAX_COUNT:,}"),
+    "weight_decay": _rule("weight_decay"),
 }
 
+#: the largest config file read (a recipe is a few hundred bytes)
+MAX_CONFIG_BYTES = 1 << 20
 
-def read_config(path: str | Path) -> dict[str, Any]:
-    """The settings of a TOML config file, checked (unknown keys and wrong types raise
-    :class:`ConfigError` naming the file, the key, what was expected and what came)."""
-    path = Path(path)
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes: ``stat``-ed first (a folder, FIFO or device is refused by name,
+    never opened for reading), at most :data:`MAX_CONFIG_BYTES`."""
     try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
+        st = stat_regular(path, "config file")
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: a config file of {st.st_size:,} bytes; expected at most {MAX_CONFIG_BYTES:,}")
+    try:  # O_NONBLOCK: a path swapped for a FIFO since the stat does not hang the open
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as fh:
+        kind = file_kind(os.fstat(fh.fileno()).st_mode)
+        if kind is not None:
+            raise ConfigError(f"{path}: is {kind}, not a regular config file")
+        raw = fh.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: a config file of more than {MAX_CONFIG_BYTES:,} bytes")
+    return raw
+
+
+def read_config(path: str | Path, model: str | None = None) -> dict[str, Any]:
+    """The settings of a TOML config file, checked by the rules of
+    :mod:`xpconv.settings` (the command line's and a checkpoint's): unknown keys, wrong
+    types and values out of range raise :class:`ConfigError`, one line naming the file,
+    the key, what was expected and what came. ``model``: the model the run will build
+    (default: the file's ``model``, else 'simple'), whose constructor settings
+    ``[model_config]`` may give."""
+    path = Path(path)
+    raw = _read_bytes(path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a TOML file: byte {exc.start:,} is not UTF-8 text") from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not a valid TOML file ({exc})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not a usable TOML file: arrays or tables nested too deep") from None
     for key, value in data.items():
         check = CONFIG_KEYS.get(key)
         if check is None:
-            raise ConfigError(f"{path}: unknown key {key!r}; expected some of {', '.join(CONFIG_KEYS)}")
+            raise ConfigError(f"{path}: unknown key {short(key)}; expected some of {', '.join(CONFIG_KEYS)}")
         ok, want = check(value)
         if not ok:
-            raise ConfigError(f"{path}: {key} must be {want}, got {value!r}")
+            raise ConfigError(f"{path}: {key} must be {want}, got {short(value)}")
+    if "model_config" in data:
+        try:
+            check_recipe_model_config(model or data.get("model") or "simple", data["model_config"])
+        except SettingError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     if "lr" in data:
         data["lr"] = float(data["lr"])
     return data

@@ -29,10 +29,12 @@ writes everything once.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
 import os
+import stat
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -258,8 +260,20 @@ def append_jsonl(path, record: Mapping[str, Any]) -> Path:
     ``write`` to a file opened for appending: a line is there whole or not at all."""
     path = Path(path)
     data = (json.dumps(_clean(record), separators=(", ", ": ")) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    # never through a link: O_NOFOLLOW refuses a symbolic link, the fstat a FIFO, device or
+    # a file with other hard links (an append there would change a file outside the run)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(f"{path}: is a symbolic link; xpconv does not write through links in a run folder") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+            what = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"a file with {st.st_nlink} hard links"
+            raise OSError(f"{path}: is {what}; xpconv appends only to a file of its own in a run folder")
         os.write(fd, data)
     finally:
         os.close(fd)

@@ -22,18 +22,20 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import json
 import logging
 import math
 import os
 import signal
 import socket
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write, pid_alive, remove_stale_temp_files
+from .._io import atomic_write, file_kind, pid_alive, remove_stale_temp_files
 from ..checkpoint import read_checkpoint
 from .callbacks import append_jsonl, write_metrics
 from .console import LOGGER
@@ -47,7 +49,9 @@ __all__ = [
     "RunLock",
     "Terminated",
     "claim_run_folder",
+    "read_run_file",
     "reconcile_run",
+    "remove_run_files",
     "stop_signals",
 ]
 
@@ -59,6 +63,13 @@ LOCK_NAME = ".xpconv-run.lock"
 #: the files a run writes (what ``overwrite`` removes; other files are left alone)
 RUN_FILES = ("last.safetensors", "best.safetensors", "interrupted.safetensors", "metrics.json", "metrics.jsonl",
              "curves.png", "misclassified.png", "filters.png")
+
+#: the most bytes read from a lock file, metrics.json and metrics.jsonl (a run of a
+#: million epochs writes some 200 MB of metrics; a lock file is one short line)
+LOCK_BYTES = 4096
+METRICS_BYTES = 256 << 20
+#: the most epochs a run counts (as the checkpoint schema)
+MAX_EPOCH = 10**9
 
 #: the signals that stop a run the way Ctrl-C does
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -146,19 +157,14 @@ class RunLock:
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
         self.held = False  # True when this object took the lock (and so releases it)
+        self.replacing = False  # claim_run_folder(overwrite=True, remove_now=False) left an old run to remove
 
     def _me(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "host": socket.gethostname(), "start": process_start(os.getpid()),
                 "since": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}
 
     def _read(self) -> dict | None:
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
+        return self._read_file(self.path)
 
     def _is_mine(self, owner: dict) -> bool:
         return owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname() \
@@ -168,11 +174,11 @@ class RunLock:
         """The owner is gone: a lock of this machine whose process does not exist any more
         (or is another process with a reused pid), or an unreadable lock file."""
         pid = owner.get("pid")
-        if not isinstance(pid, int) or not isinstance(owner.get("host"), str):
+        if not isinstance(pid, int) or isinstance(pid, bool) or not isinstance(owner.get("host"), str):
             return True
         if owner["host"] != socket.gethostname():
             return False  # another machine's process: its state cannot be told from here
-        if not pid_alive(pid):
+        if not pid_alive(pid):  # a pid out of range names no process
             return True
         start = owner.get("start")
         now = process_start(pid)
@@ -221,11 +227,18 @@ class RunLock:
 
     @staticmethod
     def _read_file(path: Path) -> dict | None:
+        """The lock file's owner record; None when there is no lock, {} when it cannot
+        be read as one (judged stale). A link, FIFO, device or folder in its place is
+        refused by name (:class:`RunFolderError`), never read."""
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            raw = read_run_file(path, "lock file", LOCK_BYTES)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):
+        except ValueError:  # larger than any lock file xpconv writes
+            return {}
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError):
             return {}
         return data if isinstance(data, dict) else {}
 
@@ -237,6 +250,88 @@ class RunLock:
         owner = self._read()
         if owner is not None and self._is_mine(owner):
             self.path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- reading a run's files
+
+
+def read_run_file(path: str | os.PathLike[str], what: str, limit: int) -> bytes:
+    """The bytes of a file of a run folder (a lock file, ``metrics.json``,
+    ``metrics.jsonl``), ``stat``-ed before it is opened and never through a link: a
+    symbolic link, FIFO, device or folder in its place is refused by name
+    (:class:`RunFolderError`) without being read; a file over ``limit`` bytes raises
+    ValueError after ``limit`` bytes are read. FileNotFoundError when there is none."""
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such {what}") from None
+    except OSError as exc:
+        raise RunFolderError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
+    _refuse_odd(path, st.st_mode, what)
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)  # O_NOFOLLOW, O_NONBLOCK: swapped for a link or a FIFO since the stat, still not read
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such {what}") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            _refuse_odd(path, stat.S_IFLNK, what)
+        raise RunFolderError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as f:
+        _refuse_odd(path, os.fstat(f.fileno()).st_mode, what)
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path}: a {what} of more than {limit:,} bytes")
+    return data
+
+
+def _refuse_odd(path: Path, mode: int, what: str) -> None:
+    """RunFolderError naming ``path`` unless ``mode`` is a regular file's."""
+    kind = "a symbolic link" if stat.S_ISLNK(mode) else file_kind(mode)
+    if kind is not None:
+        raise RunFolderError(
+            f"{path}: is {kind}, not a {what} xpconv wrote; it is neither read nor written through: "
+            "remove it or choose another --out"
+        )
+
+
+def _check_run_files(folder: Path, names: list[str], *, overwrite: bool) -> None:
+    """Refuse, by name, a run file that is not a regular file of this folder: one a run
+    would write through (a symbolic link, or a ``metrics.jsonl`` with other hard links:
+    appending there writes elsewhere) or could not remove (a folder); with ``overwrite``
+    a link is only removed, never followed, so only folders are refused."""
+    for name in names:
+        if name not in RUN_FILES:
+            continue
+        path = folder / name
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if overwrite:
+            if stat.S_ISDIR(st.st_mode):
+                raise RunFolderError(f"{path}: is a folder, not a file of a run; --overwrite removes only files: remove it yourself")
+            continue
+        _refuse_odd(path, st.st_mode, "file")
+        if name == "metrics.jsonl" and st.st_nlink > 1:
+            raise RunFolderError(
+                f"{path}: has {st.st_nlink} hard links; appending to it would change a file outside the run: "
+                "remove it or choose another --out"
+            )
+
+
+def remove_run_files(folder: str | os.PathLike[str]) -> list[str]:
+    """Remove the files of the run in ``folder`` (:data:`RUN_FILES`; links are removed, not
+    followed; other files are left alone); returns the names removed."""
+    removed = []
+    for name in RUN_FILES:
+        try:
+            os.unlink(Path(folder) / name)
+        except FileNotFoundError:
+            continue
+        removed.append(name)
+    return removed
 
 
 # --------------------------------------------------------------------------- claiming and repairing
@@ -252,7 +347,7 @@ def _contents(folder: Path) -> list[str]:
 
 
 def claim_run_folder(folder: str | os.PathLike[str], *, resume: str | os.PathLike[str] | None = None,
-                     overwrite: bool = False) -> RunLock:
+                     overwrite: bool = False, remove_now: bool = True) -> RunLock:
     """Take ``folder`` for a run and return its held :class:`RunLock` (release it when
     the run ends; a lock left by a killed run is taken over by the next one).
 
@@ -260,8 +355,12 @@ def claim_run_folder(folder: str | os.PathLike[str], *, resume: str | os.PathLik
     * temp files a killed writer left are removed;
     * the folder holds files: with ``resume`` (the checkpoint being resumed) in this
       folder it is repaired after a kill (:func:`reconcile_run`) and reused; with
-      ``overwrite`` the run's files (:data:`RUN_FILES`) are removed; otherwise
-      :class:`RunFolderError` says how to go on.
+      ``overwrite`` the run's files (:data:`RUN_FILES`) are removed (with
+      ``remove_now=False`` not yet: ``lock.replacing`` is set, and the caller removes
+      them with :func:`remove_run_files` once the new run is ready to start); otherwise
+      :class:`RunFolderError` says how to go on;
+    * a run file that is a link, FIFO, device or folder is refused by name, never read
+      or written through.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -273,10 +372,14 @@ def claim_run_folder(folder: str | os.PathLike[str], *, resume: str | os.PathLik
         names = _contents(folder)
         same = resume is not None and _same_folder(Path(resume).parent, folder)
         if names and same:
+            _check_run_files(folder, names, overwrite=False)
             reconcile_run(folder)
         elif names and overwrite:
-            for name in RUN_FILES:
-                (folder / name).unlink(missing_ok=True)
+            _check_run_files(folder, names, overwrite=True)
+            if remove_now:
+                remove_run_files(folder)
+            else:
+                lock.replacing = any(n in RUN_FILES for n in names)
         elif names:
             shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
             cont = f"--resume {folder / 'last.safetensors'} to continue it, " if "last.safetensors" in names else ""
@@ -342,10 +445,21 @@ def reconcile_run(folder: str | os.PathLike[str]) -> dict[str, Any]:
 
     jsonl = folder / "metrics.jsonl"
     seen = 0
-    if jsonl.is_file():
-        for line in jsonl.read_text(encoding="utf-8", errors="replace").splitlines():
-            with contextlib.suppress(ValueError, TypeError, AttributeError):
-                seen = max(seen, int(json.loads(line).get("epoch")))
+    try:
+        text = read_run_file(jsonl, "metrics file", METRICS_BYTES).decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        text = ""
+    except ValueError as exc:
+        raise RunFolderError(f"{exc}; expected the records of at most {MAX_EPOCH:,} epochs: remove it or choose another --out") from None
+    ignored = 0
+    for line in text.splitlines():
+        line_epoch = _record_epoch(line)
+        if line_epoch is None:
+            ignored += bool(line.strip())
+        else:
+            seen = max(seen, line_epoch)
+    if ignored:
+        log.warning(f"{jsonl}: {ignored} line(s) that are not an epoch's record ignored")
     missing = [r for r in history if r["epoch"] > seen]
     for r in missing:
         append_jsonl(jsonl, r)
@@ -354,8 +468,8 @@ def reconcile_run(folder: str | os.PathLike[str]) -> dict[str, Any]:
 
     mpath = folder / "metrics.json"
     try:
-        doc = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        doc = json.loads(read_run_file(mpath, "metrics file", METRICS_BYTES).decode("utf-8"))
+    except (FileNotFoundError, ValueError, RecursionError):  # missing, too large, not JSON: rewritten
         doc = None
     final = (doc or {}).get("final") if isinstance(doc, dict) else None
     want_best = best["epoch"] if best is not None else None
@@ -369,6 +483,21 @@ def reconcile_run(folder: str | os.PathLike[str]) -> dict[str, Any]:
         log.warning(f"{folder}: brought the run's files up to last.safetensors (epoch {epoch}) after an interrupted write: "
                     + ", ".join(sorted(done)))
     return done
+
+
+def _record_epoch(line: str) -> int | None:
+    """The epoch of one line of metrics.jsonl, read as untrusted text: an integer from 1 to
+    :data:`MAX_EPOCH`, else None (``{"epoch": Infinity}``, ``1e400``, ``true``, not JSON)."""
+    if len(line) > 1 << 16:
+        return None
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    epoch = record.get("epoch") if isinstance(record, dict) else None
+    if isinstance(epoch, int) and not isinstance(epoch, bool) and 1 <= epoch <= MAX_EPOCH:
+        return epoch
+    return None
 
 
 def metrics_document(history: list[dict], config: dict, *, stopped: dict | None = None) -> dict[str, Any]:
