@@ -794,3 +794,9 @@ def load_dataset(name, data_dir=None, normalize=True, flatten=False, seed=0, dow
         return load_digits(normalize=normalize, flatten=flatten, seed=seed)
     return _load_idx_dataset(key, normalize, flatten, False, data_dir, download, base_url,
                              allow_test_split=True, seed=seed, keep_uint8=False, verify=verify)
+
+
+# your own data (a folder of class subfolders, or a .npz file): see xpconv.folders
+from .folders import LoadedData, load_folder, load_npz  # noqa: E402
+
+__all__ += ["LoadedData", "load_folder", "load_npz"]
