@@ -289,3 +289,127 @@ def test_cli_eval_data_dir_with_digits_is_refused(tmp_path, capsys):
     # a folder whose classes the checkpoint does not know
     code, _, err = _main(capsys, "eval", tmp_path / "run" / "last.safetensors", "--data", tmp_path / "imgs")
     assert code == 2 and "'class0'" in err and "are not among" in err
+
+
+# --------------------------------------------------------------------------- evaluate, runs, callbacks, curves
+
+
+def _small_net(xp=None, seed=0):
+    from xpconv.models import SimpleConvNet
+
+    return SimpleConvNet(input_dim=(1, 8, 8), conv_param={"filter_num": 4, "filter_size": 3, "pad": 1, "stride": 1},
+                         hidden_size=10, output_size=10, xp=xp, seed=seed)
+
+
+def test_evaluate_is_chunked_inference_on_every_namespace(xp):
+    from xpconv.backend import asarray_in
+
+    (x, t), (xt, tt) = load_digits()
+    net = _small_net(xp)
+    xs, ts = asarray_in(xt[:50], xp), asarray_in(tt[:50], xp)
+    whole = net.evaluate(xs, ts, batch_size=50)
+    chunked = net.evaluate(xs, ts, batch_size=7)
+    assert whole["samples"] == chunked["samples"] == 50
+    assert chunked["loss"] == pytest.approx(float(net.loss(xs, ts, train_flg=False)), rel=1e-5)
+    assert chunked["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    assert chunked["accuracy"] == whole["accuracy"] == net.accuracy(xs, ts)
+    with pytest.raises(ValueError, match="50 samples but 49 labels"):
+        net.evaluate(xs, ts[:49])
+
+
+def test_evaluate_leaves_dropout_off_and_batchnorm_statistics_alone():
+    from xpconv.models import MultiLayerNetExtend
+
+    (x, t), _ = load_digits()
+    net = MultiLayerNetExtend(64, [30, 30], 10, use_dropout=True, dropout_ration=0.5, use_batchnorm=True, seed=0)
+    xf = x[:64].reshape(64, -1)
+    net.loss(xf, t[:64], train_flg=True)  # running statistics move away from their start
+    stats = [np.array(layer.running_mean) for layer in net.layers if hasattr(layer, "running_mean")]
+    assert stats
+    first, second = net.evaluate(xf, t[:64], batch_size=16), net.evaluate(xf, t[:64], batch_size=64)
+    assert first["loss"] == pytest.approx(second["loss"], rel=1e-5) and first["accuracy"] == second["accuracy"]
+    after = [np.array(layer.running_mean) for layer in net.layers if hasattr(layer, "running_mean")]
+    for a, b in zip(stats, after):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_channels_last_input_names_the_layout_and_the_transpose():
+    net = _small_net()
+    x = np.zeros((4, 8, 8, 1), dtype=np.float32)
+    for call in (lambda: net.predict(x), lambda: net.evaluate(x, np.zeros(4, dtype=np.int64)),
+                 lambda: net.loss(x, np.zeros(4, dtype=np.int64))):
+        with pytest.raises(ValueError, match=r"channels last \(N, H, W, C\).*C=1.*x\.transpose\(0, 3, 1, 2\)"):
+            call()
+    assert net.predict(x.transpose(0, 3, 1, 2)).shape == (4, 10)
+
+
+def test_trainer_without_test_data_says_so():
+    from xpconv.training import Trainer
+
+    (x, t), _ = load_digits()
+    with pytest.raises(TypeError, match="x_test, t_test are None; expected arrays"):
+        Trainer(_small_net(), x, t, None, None)
+
+
+def test_callbacks_added_after_construction_run_or_are_refused():
+    from xpconv.training import Trainer
+
+    (x, t), (xt, tt) = load_digits()
+    seen = []
+    tr = Trainer(_small_net(), x[:200], t[:200], xt[:50], tt[:50], epochs=2, mini_batch_size=50, verbose=False)
+    tr.callbacks.append(lambda trainer, record: seen.append(record["epoch"]))
+    tr.train()
+    assert seen == [1, 2]
+    tr = Trainer(_small_net(), x[:200], t[:200], xt[:50], tt[:50], epochs=1, mini_batch_size=50, verbose=False)
+    tr.callbacks.append("save")
+    with pytest.raises(TypeError, match="callback 'save' has none of the hooks"):
+        tr.train()
+
+
+def test_run_out_dir_refuses_a_folder_holding_a_run_as_the_cli_does(tmp_path):
+    from xpconv.checkpoint import load_checkpoint
+    from xpconv.training import Run, RunFolderError, Trainer
+
+    (x, t), (xt, tt) = load_digits()
+    data = (x[:200], t[:200], xt[:50], tt[:50])
+    out = tmp_path / "run"
+    Trainer(_small_net(), *data, epochs=3, mini_batch_size=50, verbose=False, run=Run(out_dir=out)).train()
+    before = (out / "metrics.json").read_text()
+    again = Trainer(_small_net(), *data, epochs=2, mini_batch_size=50, verbose=False, run=Run(out_dir=out))
+    with pytest.raises(RunFolderError, match="holds a run.*overwrite=True"):
+        again.train()
+    assert (out / "metrics.json").read_text() == before  # nothing was replaced
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    # resuming continues the run in place; overwrite replaces it
+    ckpt = load_checkpoint(out / "last.safetensors")
+    more = Trainer(ckpt.model, *data, epochs=4, mini_batch_size=50, verbose=False, optimizer=ckpt.optimizer,
+                   run=Run.resume(ckpt, out_dir=out))
+    assert [r["epoch"] for r in more.train()] == [1, 2, 3, 4]
+    Trainer(_small_net(), *data, epochs=2, mini_batch_size=50, verbose=False, run=Run(out_dir=out, overwrite=True)).train()
+    assert json.loads((out / "metrics.json").read_text())["final"]["epoch"] == 2
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_plot_curves_overlays_several_runs(tmp_path):
+    pytest.importorskip("matplotlib")  # the plot extra; CI installs it
+    from xpconv.plotting import plot_curves
+    from xpconv.training import Run, Trainer
+
+    (x, t), (xt, tt) = load_digits()
+    histories = []
+    for seed in (0, 1):
+        tr = Trainer(_small_net(seed=seed), x[:200], t[:200], xt[:50], tt[:50], epochs=2, mini_batch_size=50,
+                     verbose=False, run=Run(out_dir=tmp_path / f"seed{seed}"))
+        histories.append(tr.train())
+    fig = plot_curves(histories, tmp_path / "both.png")
+    loss_ax, acc_ax = fig.axes[:2]
+    assert len(loss_ax.lines) == 2 and len(acc_ax.lines) == 4
+    np.testing.assert_array_equal(loss_ax.lines[1].get_ydata(), [r["train_loss"] for r in histories[1]])
+    assert (tmp_path / "both.png").stat().st_size > 0
+    fig = plot_curves([tmp_path / "seed0", tmp_path / "seed1"])
+    assert [ln.get_label() for ln in fig.axes[0].lines] == ["seed0", "seed1"]
+    fig = plot_curves(histories, labels=["a", "b"])
+    assert [ln.get_label() for ln in fig.axes[0].lines] == ["a", "b"]
+    with pytest.raises(TypeError, match="run 2 should be per-epoch records"):
+        plot_curves([histories[0], 42])
+    assert len(plot_curves(histories[0]).axes[0].lines) >= 1  # one run: the book's figure as before
