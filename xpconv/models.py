@@ -830,6 +830,10 @@ MODELS = {
 }
 
 
+#: name -> its param_shapes rule, for models registered from other modules (xpconv.specs: "spec")
+SHAPE_RULES: dict[str, Any] = {}
+
+
 def build_model(name: str, config: Mapping[str, Any] | None = None, **kwargs) -> Sequential:
     """A named model (a key of ``MODELS``: 'simple', 'deep', 'mlp', 'multi_layer',
     'multi_layer_extend') from its constructor config."""
@@ -950,6 +954,8 @@ def param_shapes(name: str, config: Mapping[str, Any]) -> dict[str, tuple[tuple[
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
     if not isinstance(config, Mapping):
         raise ValueError(f"config should be an object, got {_fileformat.short(config)}")  # noqa: TRY004 - a bad file's value
+    if name in SHAPE_RULES:
+        return SHAPE_RULES[name](config)
     out: dict[str, tuple[tuple[int, ...], bool]] = {}
 
     def affine(k: int, fan_in: int, fan_out: int) -> None:
