@@ -74,6 +74,10 @@ class _Spec:
         raise NotImplementedError
 
     def __post_init__(self):
+        for f in fields(self):  # (h, w) pairs are kept as tuples: specs compare and hash by value
+            v = getattr(self, f.name)
+            if isinstance(v, list):
+                object.__setattr__(self, f.name, tuple(v))
         self.check()
 
 
@@ -88,9 +92,9 @@ class Conv(_Spec):
     """A convolution of ``filters`` filters of ``size`` (an int or (FH, FW))."""
 
     filters: int
-    size: int | list[int] = 3
-    stride: int | list[int] = 1
-    pad: int | list[int] = 0
+    size: int | tuple[int, int] = 3
+    stride: int | tuple[int, int] = 1
+    pad: int | tuple[int, int] = 0
     init_std: float | None = None
 
     def check(self) -> None:
@@ -142,9 +146,9 @@ class Dense(_Spec):
 
 @dataclass(frozen=True)
 class _Pool(_Spec):
-    size: int | list[int] = 2
-    stride: int | list[int] | None = None
-    pad: int | list[int] = 0
+    size: int | tuple[int, int] = 2
+    stride: int | tuple[int, int] | None = None
+    pad: int | tuple[int, int] = 0
 
     def check(self) -> None:
         _pair_spec(self.size, f"{type(self).__name__} size", 1)
