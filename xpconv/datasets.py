@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._dataerrors import DatasetError, DatasetWarning, _split_indices
+
 __all__ = [
     "DATASETS",
     "IDX_FILES",
@@ -56,14 +58,6 @@ __all__ = [
     "load_mnist",
     "read_idx",
 ]
-
-
-class DatasetError(ValueError):
-    """A dataset file is missing, malformed or fails its checksum (the message names it)."""
-
-
-class DatasetWarning(UserWarning):
-    """The data actually used differs from what was asked for (e.g. a split test set)."""
 
 
 _FASHION_CLASSES = (
@@ -122,16 +116,6 @@ def _read_digits_file(path=None) -> tuple[np.ndarray, np.ndarray]:
     if table.shape != (_DIGITS_ROWS, 65):
         raise DatasetError(f"{source}: table of shape {table.shape}; expected ({_DIGITS_ROWS}, 65)")
     return table[:, :64].astype(np.uint8), table[:, 64].copy()
-
-
-def _split_indices(n: int, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) index arrays: ``p = np.random.default_rng(seed).permutation(n)``,
-    ``k = round(test_size * n)``; test is ``p[:k]``, train ``p[k:]`` (both in shuffled order)."""
-    k = int(round(test_size * n))
-    if not 0 < k < n:
-        raise ValueError(f"test_size={test_size} leaves no train or no test samples out of {n}")
-    p = np.random.default_rng(seed).permutation(n)
-    return p[k:], p[:k]
 
 
 def _images(raw: np.ndarray, scale: float | None, flatten: bool, keep_uint8: bool = False) -> np.ndarray:

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from ._dataerrors import DatasetError, DatasetWarning, _split_indices
 from ._fileformat import short
 
 __all__ = ["MAX_DEPTH", "MAX_FILES", "MAX_FOLDER_BYTES", "LoadedData", "load_folder", "load_npz", "parse_input_size"]
@@ -54,8 +55,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 def _error(message: str) -> Exception:
-    from .datasets import DatasetError
-
     return DatasetError(message)
 
 
@@ -261,8 +260,6 @@ def load_folder(path, input_size=None, *, channels: int | None = None, test_size
     :func:`xpconv.datasets.load_digits`). ``on_error``: ``"skip"`` (warn and leave out a file
     that cannot be read) or ``"raise"``.
     """
-    from .datasets import DatasetWarning, _split_indices
-
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error: expected 'skip' or 'raise', got {short(on_error)}")
     root = Path(path)
