@@ -147,8 +147,10 @@ def test_folder_hostile_entries_are_named_and_skipped(tmp_path, monkeypatch):
 
 def test_folder_caps_files_and_bytes(tmp_path):
     _folder(tmp_path, n=30)
-    with pytest.raises(DatasetError, match="more than 10 image files; expected at most max_files=10"):
-        load_folder(tmp_path, max_files=10)
+    with pytest.raises(DatasetError, match="class0: more than 10 entries; expected at most max_files=10"):
+        load_folder(tmp_path, max_files=10)  # refused while one folder is listed
+    with pytest.raises(DatasetError, match="more than 20 image files; expected at most max_files=20"):
+        load_folder(tmp_path, max_files=20)  # each folder fits, all of them together do not
     with pytest.raises(DatasetError, match="expected at most max_bytes=1,000"):
         load_folder(tmp_path, max_bytes=1000)
     with pytest.raises(DatasetError, match="take 0.11 GiB"):

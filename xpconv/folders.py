@@ -102,12 +102,19 @@ def parse_input_size(text: Any) -> tuple[int, int] | None:
 # --------------------------------------------------------------------------- the walk
 
 
-def _entries(folder: Path) -> list[os.DirEntry]:
+def _entries(folder: Path, limit: int) -> list[os.DirEntry]:
+    """The folder's entries in name order; more than ``limit`` of them is refused while
+    listing (a folder of millions of files is not read into memory first)."""
+    out = []
     try:
         with os.scandir(folder) as it:
-            return sorted(it, key=lambda e: e.name)
+            for e in it:
+                out.append(e)
+                if len(out) > limit:
+                    raise _error(f"{folder}: more than {limit:,} entries; expected at most max_files={limit:,} files")
     except OSError as exc:
         raise _error(f"{folder}: cannot list the folder: {exc.strerror or exc}") from None
+    return sorted(out, key=lambda e: e.name)
 
 
 def _dir_key(path: Path) -> tuple[int, int] | None:
@@ -118,9 +125,9 @@ def _dir_key(path: Path) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
-def _class_folders(root: Path) -> list[tuple[str, Path]]:
+def _class_folders(root: Path, limit: int) -> list[tuple[str, Path]]:
     out = []
-    for e in _entries(root):
+    for e in _entries(root, limit):
         if e.name.startswith("."):
             continue
         if _dir_key(Path(e.path)) is not None:
@@ -138,7 +145,7 @@ def _walk(folder: Path, budget: list[int], max_files: int, seen: set, skipped: l
         return []
     seen.add(key)
     files: list[str] = []
-    for e in _entries(folder):
+    for e in _entries(folder, max_files):
         if e.name.startswith("."):
             continue
         p = Path(e.path)
@@ -160,7 +167,7 @@ def _walk(folder: Path, budget: list[int], max_files: int, seen: set, skipped: l
 
 def _listing(root: Path, max_files: int, skipped: list, seen: set, budget: list[int],
              names: Sequence[str] | None = None) -> tuple[list[str], list[tuple[str, int]]]:
-    classes = _class_folders(root)
+    classes = _class_folders(root, max_files)
     if names is None:
         names = [n for n, _ in classes]
         index = {n: i for i, n in enumerate(names)}
