@@ -19,8 +19,9 @@ NOTEBOOKS = ROOT / "examples" / "notebooks"
 NAMES = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
 
 
-def test_there_are_the_three_notebooks():
-    assert NAMES == ["01_digits_cnn.ipynb", "02_mnist_simpleconvnet.ipynb", "03_twolayernet_inside.ipynb"]
+def test_there_are_the_four_notebooks():
+    assert NAMES == ["01_digits_cnn.ipynb", "02_mnist_simpleconvnet.ipynb", "03_twolayernet_inside.ipynb",
+                     "04_own_data_and_model.ipynb"]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -5,7 +5,7 @@ array namespace (NumPy, CuPy, array-api-strict, PyTorch).
     >>> net = SimpleConvNet(xp="numpy", seed=0)          # or xp="cupy" on a GPU
 """
 
-from . import backend, layers, ops, optim
+from . import backend, layers, ops, optim, specs  # specs registers the "spec" model checkpoints rebuild
 from ._version import __version__
 from .backend import get_namespace, namespace_of, resolve_device
 from .layers import (
@@ -46,4 +46,5 @@ __all__ = [
     "ops",
     "optim",
     "resolve_device",
+    "specs",
 ]

@@ -183,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-download", action="store_true", help="never download missing dataset files")
     t.add_argument("--download", action="store_true",
                    help="download missing dataset files into --data-dir too (by default only the cache folder is written)")
+    # your own data (xpconv.folders): a folder of class subfolders or a .npz file
+    t.add_argument("--data", metavar="DIR|FILE.npz", default=None,
+                   help="train on your own data: a folder with one subfolder of images (PNG/JPEG/.npy) per class "
+                        "(DIR/train and DIR/test when both exist, else a seeded 80/20 split), or a .npz file with "
+                        "x_train, t_train, x_test, t_test; instead of --dataset")
+    t.add_argument("--input-size", metavar="N|HxW", default=None,
+                   help="with --data DIR: resize the images to N x N or H x W (default: the size most images have)")
     t.add_argument("--epochs", type=_setting_type("epochs"), default=None, help="number of epochs in total (with --resume: including those done)")
     t.add_argument("--batch-size", type=_setting_type("batch_size"), default=None, help="samples per mini-batch")
     t.add_argument("--optimizer", choices=OPTIMIZER_NAMES, type=str.lower, default=None, help="update rule")
@@ -232,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-download", action="store_true", help="never download missing dataset files")
     e.add_argument("--download", action="store_true",
                    help="download missing dataset files into --data-dir too (by default only the cache folder is written)")
+    e.add_argument("--data", metavar="DIR|FILE.npz", default=None,
+                   help="your own data (as for train --data): the test part of the folder or .npz file")
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute (default: auto)")
     e.add_argument("--batch-size", type=_setting_type("batch_size"), default=500, help="samples per evaluation chunk (default: 500)")
 
@@ -354,6 +363,103 @@ def _load_data(dataset: str, data_dir, download: bool | None):
     return load_dataset(dataset, data_dir=data_dir, download=download, seed=0)
 
 
+# --------------------------------------------------------------------------- your own data (--data)
+
+
+def _check_data_dir(args, dataset: str | None) -> None:
+    """--data-dir names where MNIST/Fashion-MNIST files are: with digits (bundled) or with
+    --data it would be ignored, so it is refused."""
+    if args.data_dir is None:
+        return
+    if getattr(args, "data", None):
+        raise UserError(f"--data-dir {args.data_dir} is for the MNIST/Fashion-MNIST files; with --data the data come "
+                        f"from {args.data}: leave --data-dir out")
+    if dataset == "digits":
+        raise UserError(f"--data-dir {args.data_dir}: the digits dataset is bundled and reads no folder; pass "
+                        f"--dataset mnist or --dataset fashion-mnist to read IDX files there, or --data "
+                        f"{args.data_dir} for a folder of your own images (one subfolder per class)")
+
+
+def _read_own_data(source, input_size, channels=None, seed: int = 0):
+    from .folders import load_data
+
+    try:
+        return load_data(source, input_size=input_size, channels=channels, seed=seed)
+    except ValueError as exc:  # DatasetError included: one line naming the file
+        raise UserError(str(exc)) from None
+
+
+def _own_data(args):
+    """--data DIR|FILE.npz read (kept on ``args.own_data``), or None without --data."""
+    data = getattr(args, "data", None)
+    if data is None:
+        if getattr(args, "input_size", None) is not None:
+            raise UserError("--input-size resizes the images of --data DIR; without --data it has nothing to do")
+        _check_data_dir(args, args.dataset or "digits")
+        return None
+    if args.dataset is not None:
+        raise UserError(f"--data {data} and --dataset {args.dataset} exclude each other: pass one")
+    _check_data_dir(args, None)
+    args.own_data = _read_own_data(data, args.input_size, seed=0)
+    return args.own_data
+
+
+def _own_data_resumed(args, cfg: dict) -> None:
+    """A run trained on --data resumes on the same data, named again (a checkpoint never
+    chooses where data is read); its classes and image size must match."""
+    if not cfg.get("data"):
+        if getattr(args, "data", None):
+            raise UserError(f"--data {args.data}: {args.resume} was trained on {cfg.get('dataset')}; leave --data out")
+        _check_data_dir(args, cfg.get("dataset"))
+        return
+    if not getattr(args, "data", None):
+        raise UserError(f"{args.resume} was trained on your own data ({cfg['data']}); pass --data again to resume")
+    _check_data_dir(args, None)
+    dim = cfg.get("input_dim") or [1, 1, 1]
+    own = _read_own_data(args.data, None if str(args.data).lower().endswith(".npz") else dim[1:], dim[0],
+                         seed=int(cfg.get("split_seed") or 0))
+    if list(own.input_dim) != list(dim) or list(own.class_names) != list(cfg.get("class_names") or own.class_names):
+        raise UserError(f"--data {args.data}: classes {own.class_names[:10]} of {tuple(own.input_dim)} images; "
+                        f"{args.resume} was trained on {(cfg.get('class_names') or [])[:10]} of {tuple(dim)}")
+    cfg["data"] = str(args.data)
+    args.own_data = own
+
+
+def _own_data_recipe(model: str, own):
+    """Settings for a model on your own data: the MNIST recipe (Adam 0.001, 20 epochs of
+    batches of 100, or of all the training images when there are fewer), with 3x3 padded
+    filters so that images of any size fit the simple model."""
+    import dataclasses
+
+    r = recipe("mnist", model)
+    config = dict(r.model_config)
+    if model == "simple":
+        config["conv_param"] = {"filter_num": 30, "filter_size": 3, "pad": 1, "stride": 1}
+    return dataclasses.replace(r, batch_size=max(1, min(r.batch_size, int(own[0][0].shape[0]))), model_config=config)
+
+
+def _own_test_data(args, cfg: dict, input_dim, checkpoint):
+    """(x_test, t_test, label) of --data for eval, labels mapped onto the checkpoint's classes."""
+    import numpy as np
+
+    dim = list(input_dim) if input_dim is not None else None
+    npz = str(args.data).lower().endswith(".npz")
+    own = _read_own_data(args.data, None if npz or dim is None else dim[1:], None if dim is None else dim[0],
+                         seed=int(cfg.get("split_seed") or 0))
+    if dim is not None and list(own.input_dim) != dim:
+        raise UserError(f"{checkpoint} takes inputs of shape {tuple(dim)}, but {args.data} holds {tuple(own.input_dim)} images")
+    x_test, t_test = own[1]
+    names = list(cfg.get("class_names") or [])
+    if names and list(own.class_names) != names[: len(own.class_names)]:
+        index = {n: i for i, n in enumerate(names)}
+        unknown = [n for n in own.class_names if n not in index]
+        if unknown:
+            raise UserError(f"{args.data}: classes {', '.join(map(repr, unknown[:5]))} are not among {checkpoint}'s "
+                            f"classes ({', '.join(map(repr, names[:10]))})")
+        t_test = np.asarray([index[n] for n in own.class_names], dtype=np.int64)[t_test]
+    return x_test, t_test, str(args.data)
+
+
 def _default_out() -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path("runs") / stamp
@@ -426,18 +532,20 @@ def _train_settings(args) -> tuple[dict, Any]:
             )
         cfg["resumed_from"] = str(args.resume)
         resume_options(cfg, args, ckpt, note=_note)
+        _own_data_resumed(args, cfg)
         _check_settings(cfg, args.resume)
         return cfg, ckpt
 
+    own = _own_data(args)
     dataset = args.dataset or "digits"
     model = args.model or "simple"
-    r = recipe(dataset, model)
+    r = recipe(dataset, model) if own is None else _own_data_recipe(model, own)
     optimizer = args.optimizer or r.optimizer
     lr = args.lr if args.lr is not None else (r.lr if optimizer == r.optimizer else DEFAULT_LR[optimizer])
-    info = _dataset_info(dataset)
+    info = _dataset_info(dataset) if own is None else own.info()
     cfg = {
         "model": model,
-        "dataset": dataset,
+        "dataset": dataset if own is None else None,
         "data_dir": args.data_dir,
         "model_config": model_config(model, info, merged(r.model_config, file_model_config)),
         "input_dim": list(info["input_dim"]),
@@ -455,6 +563,8 @@ def _train_settings(args) -> tuple[dict, Any]:
     cfg.update(new_run_options(args, r, info))
     if args.config:
         cfg["config_file"] = str(args.config)
+    if own is not None:
+        cfg["data"] = str(args.data)
     _check_settings(cfg, args.config)
     return cfg, None
 
@@ -531,7 +641,11 @@ def _train(args, cleanup: contextlib.ExitStack) -> int:
         except RunFolderError as exc:
             raise UserError(str(exc)) from None
         cleanup.callback(lock.release)
-    (x_train, t_train), (x_test, t_test) = _load_data(cfg["dataset"], cfg.get("data_dir"), _download_choice(args))
+    own = getattr(args, "own_data", None)
+    if own is not None:
+        (x_train, t_train), (x_test, t_test) = own
+    else:
+        (x_train, t_train), (x_test, t_test) = _load_data(cfg["dataset"], cfg.get("data_dir"), _download_choice(args))
     cfg["train_samples"], cfg["test_samples"] = int(x_train.shape[0]), int(x_test.shape[0])
     device = comm.device if comm is not None else cfg["device"]
     if ckpt is not None:
@@ -557,7 +671,7 @@ def _train(args, cleanup: contextlib.ExitStack) -> int:
     n_val = int(round(cfg["val_split"] * cfg["train_samples"]))
     n_batches = (cfg["train_samples"] - n_val) // cfg["batch_size"]
     tell(
-        f"{PROG} {__version__}: {type(net).__name__} on {cfg['dataset']} ({cfg['train_samples'] - n_val:,} train / "
+        f"{PROG} {__version__}: {type(net).__name__} on {cfg['dataset'] or cfg.get('data')} ({cfg['train_samples'] - n_val:,} train / "
         + (f"{n_val:,} validation / " if n_val else "") + f"{cfg['test_samples']:,} test), {cfg['backend']} {cfg['dtype']}, {type(optimizer).__name__} lr {cfg['lr']:g}, "
         f"{cfg['epochs']} epoch{'s' if cfg['epochs'] != 1 else ''} x {n_batches} batches of {cfg['batch_size']}, seed {cfg['seed']}"
         + (f"; {comm.size} ranks" if comm is not None else "")
@@ -614,7 +728,7 @@ def _train(args, cleanup: contextlib.ExitStack) -> int:
             out, net, trainer.history, x_test, t_test,
             train_loss_list=trainer.train_loss_list, first_epoch=start_epoch,
             class_names=cfg.get("class_names") or None, input_dim=cfg.get("input_dim"),
-            title=f"{type(net).__name__} on {cfg['dataset']}",
+            title=f"{type(net).__name__} on {cfg['dataset'] or Path(str(cfg.get('data'))).name}",
         )
         for name, note in notes.items():
             if note.startswith("not written"):
@@ -656,6 +770,7 @@ _RUN_CONFIG_KINDS: dict[str, Any] = {
     "input_dim": "dims",
     "class_names": "names",
     "data_dir": "text",
+    "data": "text",
 }
 _RESUME_NEEDS = ("model", "dataset", "epochs", "batch_size", "optimizer", "lr")
 
@@ -671,8 +786,10 @@ def check_run_config(cfg: Any, path: Any, *, needed: Sequence[str] = ()) -> dict
         if key not in cfg:
             raise UserError(f"{path}: bad run configuration: config.{key} is missing")
     for key, kind in _RUN_CONFIG_KINDS.items():
-        if key not in cfg or (cfg[key] is None and key in ("data_dir", "class_names", "input_dim", "ranks", "split_seed", "dtype")):
+        if key not in cfg or (cfg[key] is None and key in ("data_dir", "data", "class_names", "input_dim", "ranks", "split_seed", "dtype")):
             continue
+        if key == "dataset" and cfg[key] is None and cfg.get("data"):
+            continue  # trained on --data (your own folder or .npz file)
         v = cfg[key]
         if isinstance(kind, tuple):
             ok, expected = v in kind, "one of " + ", ".join(kind)
@@ -723,7 +840,16 @@ def _load_for_inference(path: str, device: str, batch_size: int = 500):
 
 def cmd_eval(args) -> int:
     ckpt, cfg, input_dim = _load_for_inference(args.checkpoint, args.device, args.batch_size)
+    if getattr(args, "data", None) or (cfg.get("data") and not args.dataset):
+        if not getattr(args, "data", None):
+            raise UserError(f"{args.checkpoint} was trained on your own data ({cfg['data']}); pass --data DIR|FILE.npz to evaluate it")
+        if args.dataset is not None:
+            raise UserError(f"--data {args.data} and --dataset {args.dataset} exclude each other: pass one")
+        _check_data_dir(args, None)
+        x_test, t_test, dataset = _own_test_data(args, cfg, input_dim, args.checkpoint)
+        return _report_eval(args, ckpt, x_test, t_test, dataset)
     dataset = args.dataset or cfg.get("dataset")
+    _check_data_dir(args, dataset)
     if dataset is None:
         raise UserError(f"{args.checkpoint} does not say which dataset it was trained on; pass --dataset")
     info = _dataset_info(dataset)
@@ -732,11 +858,15 @@ def cmd_eval(args) -> int:
     # the data are read from --data-dir or the default folders: a checkpoint never chooses
     # where data is read or written (its stored data_dir is not used)
     _, (x_test, t_test) = _load_data(dataset, args.data_dir, _download_choice(args))
+    return _report_eval(args, ckpt, x_test, t_test, dataset)
+
+
+def _report_eval(args, ckpt, x_test, t_test, dataset: str) -> int:
     t0 = time.perf_counter()
     acc = ckpt.model.accuracy(x_test, t_test, batch_size=min(args.batch_size, ckpt.model.eval_batch_size))
     n = int(x_test.shape[0])
     epoch = f", epoch {ckpt.epoch}" if ckpt.epoch is not None else ""
-    print(f"{printable(args.checkpoint)} ({type(ckpt.model).__name__}{epoch}) on {dataset} test set: "
+    print(f"{printable(args.checkpoint)} ({type(ckpt.model).__name__}{epoch}) on {printable(dataset)} test set: "
           f"accuracy {acc:.4f} ({round(acc * n):,} of {n:,}) in {time.perf_counter() - t0:.1f} s")
     return 0
 

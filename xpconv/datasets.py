@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._dataerrors import DatasetError, DatasetWarning, _split_indices
 from ._io import open_regular
 
 __all__ = [
@@ -58,14 +59,6 @@ __all__ = [
     "load_mnist",
     "read_idx",
 ]
-
-
-class DatasetError(ValueError):
-    """A dataset file is missing, malformed or fails its checksum (the message names it)."""
-
-
-class DatasetWarning(UserWarning):
-    """The data actually used differs from what was asked for (e.g. a split test set)."""
 
 
 _FASHION_CLASSES = (
@@ -124,16 +117,6 @@ def _read_digits_file(path=None) -> tuple[np.ndarray, np.ndarray]:
     if table.shape != (_DIGITS_ROWS, 65):
         raise DatasetError(f"{source}: table of shape {table.shape}; expected ({_DIGITS_ROWS}, 65)")
     return table[:, :64].astype(np.uint8), table[:, 64].copy()
-
-
-def _split_indices(n: int, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) index arrays: ``p = np.random.default_rng(seed).permutation(n)``,
-    ``k = round(test_size * n)``; test is ``p[:k]``, train ``p[k:]`` (both in shuffled order)."""
-    k = int(round(test_size * n))
-    if not 0 < k < n:
-        raise ValueError(f"test_size={test_size} leaves no train or no test samples out of {n}")
-    p = np.random.default_rng(seed).permutation(n)
-    return p[k:], p[:k]
 
 
 def _images(raw: np.ndarray, scale: float | None, flatten: bool, keep_uint8: bool = False) -> np.ndarray:
@@ -810,3 +793,9 @@ def load_dataset(name, data_dir=None, normalize=True, flatten=False, seed=0, dow
         return load_digits(normalize=normalize, flatten=flatten, seed=seed)
     return _load_idx_dataset(key, normalize, flatten, False, data_dir, download, base_url,
                              allow_test_split=True, seed=seed, keep_uint8=False, verify=verify)
+
+
+# your own data (a folder of class subfolders, or a .npz file): see xpconv.folders
+from .folders import LoadedData, load_folder, load_npz  # noqa: E402
+
+__all__ += ["LoadedData", "load_folder", "load_npz"]

@@ -127,6 +127,17 @@ def _batch_norm(layer: L.BatchNormalization, cx: _Context) -> list:
     return [m.to(device=cx.device, dtype=cx.dtype or m.weight.dtype)]
 
 
+def _channel_batch_norm(layer: L.ChannelBatchNormalization, cx: _Context) -> list:
+    C = int(layer.gamma.shape[0])
+    m = cx.nn.BatchNorm2d(C, eps=L.BN_EPS, momentum=1.0 - layer.momentum)
+    m.weight, m.bias = cx.param(layer.gamma), cx.param(layer.beta)
+    if layer.running_mean is not None:
+        m.running_mean, m.running_var = cx.buffer(layer.running_mean), cx.buffer(layer.running_var)
+    else:
+        m.running_var.zero_()
+    return [m.to(device=cx.device, dtype=cx.dtype or m.weight.dtype)]
+
+
 #: xpconv layer type -> converter ``(layer, context) -> [torch.nn.Module, ...]``
 TO_TORCH: dict[type, Callable[[Any, _Context], list]] = {
     L.Convolution: _convolution,
@@ -137,6 +148,7 @@ TO_TORCH: dict[type, Callable[[Any, _Context], list]] = {
     L.Affine: _affine,
     L.Dropout: _dropout,
     L.BatchNormalization: _batch_norm,
+    L.ChannelBatchNormalization: _channel_batch_norm,
 }
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "Affine",
     "AvgPooling",
     "BatchNormalization",
+    "ChannelBatchNormalization",
     "ConvBlock",
     "Convolution",
     "Dropout",
@@ -376,6 +377,33 @@ class BatchNormalization(LayerBase):
 
     def param_names(self) -> tuple[str, ...]:
         return ("gamma", "beta")
+
+
+class ChannelBatchNormalization(BatchNormalization):
+    """Batch normalization per channel, for convolutions (PyTorch's ``BatchNorm2d``): over
+    an (N, C, H, W) batch each channel is normalized over its N*H*W values, with one gamma
+    and beta per channel: (C,). The book's :class:`BatchNormalization` instead normalizes
+    each of the C*H*W activations on its own. Same momentum, epsilon and running statistics."""
+
+    def forward(self, x: Array, train_flg: bool = True) -> Array:
+        if len(x.shape) != 4:
+            raise ValueError(f"ChannelBatchNormalization: expected an (N, C, H, W) batch, got shape {_shape(x)}")
+        xp = namespace_of(x, self.gamma)
+        N, C, H, W = (int(d) for d in x.shape)
+        if int(self.gamma.shape[0]) != C:
+            raise ValueError(f"ChannelBatchNormalization: expected {int(self.gamma.shape[0])} channels, got input of shape {_shape(x)}")
+        rows = xp.reshape(xp.permute_dims(x, (0, 2, 3, 1)), (N * H * W, C))
+        out = super().forward(rows, train_flg)
+        return xp.permute_dims(xp.reshape(out, (N, H, W, C)), (0, 3, 1, 2))
+
+    def backward(self, dout: Array) -> Array:
+        xp = namespace_of(dout)
+        N, C, H, W = (int(d) for d in dout.shape)
+        dx = super().backward(xp.reshape(xp.permute_dims(dout, (0, 2, 3, 1)), (N * H * W, C)))
+        return xp.permute_dims(xp.reshape(dx, (N, H, W, C)), (0, 3, 1, 2))
+
+    def describe(self) -> str:
+        return f"ChannelBatchNormalization({int(self.gamma.shape[0])} channels)"
 
 
 class SoftmaxWithLoss:

@@ -212,6 +212,7 @@ class Sequential:
                 UserWarning,
                 stacklevel=3,
             )
+        self._check_layout(x)
         try:
             same = namespace_of(x) is self.xp
         except TypeError:
@@ -221,6 +222,22 @@ class Sequential:
         if x.dtype != self.dtype:
             return self.xp.astype(x, self.dtype)
         return x
+
+    def _check_layout(self, x) -> None:
+        """A channels-last batch (N, H, W, C) into a model whose first layer is a
+        convolution over C channels is named for what it is, with the transpose that fixes it."""
+        first = self.layers[0] if len(self.layers) else None
+        W = getattr(first, "W", None)
+        shape = tuple(int(d) for d in getattr(x, "shape", ()))
+        if W is None or len(W.shape) != 4 or len(shape) != 4:
+            return
+        C = int(W.shape[1])
+        if shape[1] != C and shape[3] == C:
+            raise ValueError(
+                f"{type(self).__name__}: got a batch of shape {shape}, channels last (N, H, W, C); the model takes "
+                f"channels first (N, C, H, W) with C={C}: pass x.transpose(0, 3, 1, 2) (NumPy), "
+                f"x.permute(0, 3, 1, 2) (PyTorch), or the namespace's permute_dims(x, (0, 3, 1, 2))"
+            )
 
     def _array(self, x, where: str):
         """x itself when it is an array; a (nested) list or tuple converted to the model's
@@ -247,7 +264,7 @@ class Sequential:
         n = int(x.shape[0])
         with self._scope():
             if not train_flg and n > self.eval_batch_size:
-                outs = [self._forward(self._input(x[i : i + self.eval_batch_size]), False) for i in range(0, n, self.eval_batch_size)]
+                outs = [self._forward(self._input(x[i : min(i + self.eval_batch_size, n), ...]), False) for i in range(0, n, self.eval_batch_size)]
                 return self.xp.concat(outs, axis=0)
             return self._forward(self._input(x), train_flg)
 
@@ -281,14 +298,35 @@ class Sequential:
         xp = self.xp
         for i in range(0, n, batch_size):
             with self._scope():
-                y = self._forward(self._input(x[i : i + batch_size]), False)
-            tt = L.label_indices(self._labels(t[i : i + batch_size]))
+                y = self._forward(self._input(x[i : min(i + batch_size, n), ...]), False)
+            tt = L.label_indices(self._labels(t[i : min(i + batch_size, n), ...]))
             if len(tt.shape) != 1:
                 tt = xp.argmax(tt, axis=1)
             elif bool(xp.any((tt < 0) | (tt >= int(y.shape[1])))):
                 raise ValueError(f"accuracy: expected labels 0 <= t < {int(y.shape[1])}, got min {int(xp.min(tt))}, max {int(xp.max(tt))}")
             correct += int(xp.sum(xp.astype(xp.argmax(y, axis=1) == tt, xp.int64)))
         return correct / n
+
+    def evaluate(self, x, t, batch_size: int | None = None) -> dict[str, float]:
+        """``{"loss": ..., "accuracy": ..., "samples": N}`` over all of ``x`` in inference mode
+        (Dropout off, BatchNorm's running statistics used and left unchanged), in chunks of
+        ``batch_size`` samples (default ``eval_batch_size``), so memory stays bounded. The
+        loss is the sample-weighted mean of the model's ``loss(x, t, train_flg=False)``.
+
+        The book's ``loss(x, t)`` keeps the book's default (for most models training mode,
+        as the gradient needs it); use ``evaluate`` to score a model."""
+        x, t = self._array(x, "evaluate"), self._array(t, "evaluate labels")
+        n = int(x.shape[0])
+        if n == 0:
+            raise ValueError("evaluate: got no samples")
+        if int(t.shape[0]) != n:
+            raise ValueError(f"evaluate: got {n} samples but {int(t.shape[0])} labels")
+        batch_size = max(1, int(batch_size if batch_size is not None else self.eval_batch_size))
+        total = 0.0
+        for i in range(0, n, batch_size):
+            xb, tb = x[i : min(i + batch_size, n), ...], t[i : min(i + batch_size, n), ...]
+            total += float(self.loss(xb, tb, train_flg=False)) * int(xb.shape[0])
+        return {"loss": total / n, "accuracy": self.accuracy(x, t, batch_size=batch_size), "samples": n}
 
     def gradient(self, x, t) -> dict:
         """Gradients of the loss by backpropagation: a dict with the keys of ``params``."""
@@ -792,6 +830,10 @@ MODELS = {
 }
 
 
+#: name -> its param_shapes rule, for models registered from other modules (xpconv.specs: "spec")
+SHAPE_RULES: dict[str, Any] = {}
+
+
 def build_model(name: str, config: Mapping[str, Any] | None = None, **kwargs) -> Sequential:
     """A named model (a key of ``MODELS``: 'simple', 'deep', 'mlp', 'multi_layer',
     'multi_layer_extend') from its constructor config."""
@@ -912,6 +954,8 @@ def param_shapes(name: str, config: Mapping[str, Any]) -> dict[str, tuple[tuple[
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
     if not isinstance(config, Mapping):
         raise ValueError(f"config should be an object, got {_fileformat.short(config)}")  # noqa: TRY004 - a bad file's value
+    if name in SHAPE_RULES:
+        return SHAPE_RULES[name](config)
     out: dict[str, tuple[tuple[int, ...], bool]] = {}
 
     def affine(k: int, fan_in: int, fan_out: int) -> None:

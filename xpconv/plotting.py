@@ -86,14 +86,22 @@ def plot_curves(
     *,
     first_epoch: int | None = None,
     title: str | None = None,
+    labels: Sequence[str] | None = None,
 ):
     """Loss (left) and accuracy (right) by epoch. ``history``: the per-epoch records
     (``epoch``, ``train_loss``, ``train_acc``, ``test_acc``, and when present ``val_acc``
     -- the best validation epoch is starred -- and ``lr``, drawn dashed on its own axis
     beside the loss); ``train_loss_list``: the
     per-iteration losses of epochs ``first_epoch + 1`` to the last one (all epochs by
-    default; a resumed run has only its own), drawn faintly behind the epoch means."""
+    default; a resumed run has only its own), drawn faintly behind the epoch means.
+
+    Several runs overlaid: ``history`` a list of runs, each a list of records, a
+    :class:`~xpconv.training.Trainer` or a run folder (its ``metrics.json``), or one run
+    folder; ``labels`` names them (default: the folder names, else run 1, run 2, ...)."""
     from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    if _is_several_runs(history):
+        return _plot_runs(history, path, labels=labels, title=title)
 
     epochs = [r["epoch"] for r in history]
     fig = _figure(10, 4)
@@ -145,8 +153,8 @@ def plot_curves(
         lo, hi = min(accs), max(accs)
         pad = max(0.01, (0.05 - (hi - lo)) / 2)
         ax2.set_ylim(max(0.0, lo - pad), min(1.0, hi + pad) + 0.002)
-    handles, labels = ax1.get_legend_handles_labels()
-    ax1.legend(handles + extra_handles[0], labels + extra_handles[1])
+    handles, names = ax1.get_legend_handles_labels()
+    ax1.legend(handles + extra_handles[0], names + extra_handles[1])
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("accuracy")
     ax2.set_title("accuracy")
@@ -314,3 +322,89 @@ def save_run_plots(out_dir, model, history, x_test, t_test, *, train_loss_list=N
     fig, what = plot_filters(model, out / "filters.png", input_dim=input_dim)
     notes["filters.png"] = what if fig is not None else f"not written: {what}"
     return notes
+
+
+# --------------------------------------------------------------------------- several runs
+
+#: the largest metrics.json a run folder may hold for plotting
+MAX_METRICS_BYTES = 64 << 20
+
+
+def _is_several_runs(history: Any) -> bool:
+    if isinstance(history, (str, Path)):
+        return True
+    if hasattr(history, "history") and not isinstance(history, Mapping):
+        return True  # a Trainer
+    return isinstance(history, Sequence) and len(history) > 0 and not isinstance(history[0], Mapping)
+
+
+def _run_records(run: Any, k: int) -> tuple[str, list[Mapping[str, Any]]]:
+    """(label, records) of one run: records, a Trainer, or a run folder / metrics.json."""
+    import json
+
+    from ._io import stat_regular
+
+    if isinstance(run, (str, Path)):
+        p = Path(run)
+        f = p / "metrics.json" if p.is_dir() else p
+        try:
+            st = stat_regular(f, "metrics file")
+        except FileNotFoundError:
+            raise ValueError(f"plot_curves: {f} not found (expected a run folder holding metrics.json)") from None
+        if st.st_size > MAX_METRICS_BYTES:
+            raise ValueError(f"plot_curves: {f} holds {st.st_size:,} bytes; expected at most {MAX_METRICS_BYTES:,}")
+        try:
+            doc = json.loads(f.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"plot_curves: {f} is not a metrics.json document ({exc})") from None
+        records = doc.get("epochs") if isinstance(doc, dict) else None
+        label = p.name if p.is_dir() else p.parent.name
+    elif hasattr(run, "history") and not isinstance(run, Mapping):
+        records, label = run.history, f"run {k}"
+    else:
+        records, label = run, f"run {k}"
+    ok = isinstance(records, Sequence) and all(
+        isinstance(r, Mapping) and all(isinstance(r.get(key), (int, float)) for key in ("epoch", "train_loss", "test_acc"))
+        for r in records
+    )
+    if not ok:
+        raise TypeError(f"plot_curves: run {k} should be per-epoch records (epoch, train_loss, train_acc, test_acc), "
+                        f"a Trainer or a run folder; got {type(run).__name__}")
+    return label or f"run {k}", list(records)  # type: ignore[arg-type]
+
+
+def _plot_runs(runs: Any, path=None, *, labels: Sequence[str] | None = None, title: str | None = None):
+    """Training loss and test accuracy of several runs, one colour per run."""
+    from matplotlib.ticker import MaxNLocator
+
+    if isinstance(runs, (str, Path)) or (hasattr(runs, "history") and not isinstance(runs, Mapping)):
+        runs = [runs]
+    loaded = [_run_records(r, k + 1) for k, r in enumerate(runs)]
+    if labels is not None:
+        if len(labels) != len(loaded):
+            raise ValueError(f"plot_curves: {len(loaded)} runs but {len(labels)} labels")
+        loaded = [(str(name), recs) for name, (_, recs) in zip(labels, loaded)]
+    fig = _figure(10, 4)
+    ax1, ax2 = fig.subplots(1, 2)
+    for k, (label, recs) in enumerate(loaded):
+        color = f"C{k % 10}"
+        epochs = [r["epoch"] for r in recs]
+        ax1.plot(epochs, [r["train_loss"] for r in recs], "o-", color=color, label=label)
+        ax2.plot(epochs, [r["test_acc"] for r in recs], "s-", color=color, label=f"{label} test")
+        if all(isinstance(r.get("train_acc"), (int, float)) for r in recs):
+            ax2.plot(epochs, [r["train_acc"] for r in recs], ":", color=color, alpha=0.7, label=f"{label} train")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss")
+    ax1.set_yscale("log")
+    ax1.set_title("training loss")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("accuracy")
+    ax2.set_title("accuracy (solid: test, dotted: train)")
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best", fontsize="small")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -84,6 +84,11 @@ class Run:
     history: list = field(default_factory=list)
     optimizer_state: Mapping[str, Any] | None = None
     lr_schedule: Mapping[str, Any] | None = None
+    #: a folder that already holds a run is refused (as ``xpconv train --out`` does) unless
+    #: ``overwrite`` (its run files are removed) or ``continues`` (this run continues the
+    #: folder's run: implied by ``start_epoch`` > 0 and set by :meth:`resume`)
+    overwrite: bool = False
+    continues: bool = False
 
     @classmethod
     def resume(cls, checkpoint, *, out_dir=None, config: Mapping[str, Any] | None = None) -> Run:
@@ -97,6 +102,7 @@ class Run:
             start_epoch=int(checkpoint.epoch or 0),
             history=list(checkpoint.metrics or []),
             lr_schedule=extra.get("lr_schedule") if isinstance(extra.get("lr_schedule"), Mapping) else None,
+            continues=True,
         )
 
 
@@ -192,6 +198,7 @@ class Trainer:
             raise ValueError(f"Trainer: mini_batch_size must be >= 1, got {mini_batch_size!r}")
         if self.epochs < 0:
             raise ValueError(f"Trainer: epochs must be >= 0, got {epochs!r}")
+        _check_given(x_train=x_train, t_train=t_train, x_test=x_test, t_test=t_test)
         n, nt = int(x_train.shape[0]), int(t_train.shape[0])
         if n != nt:
             raise ValueError(f"Trainer: {n} training samples but {nt} labels")
@@ -474,6 +481,9 @@ class Trainer:
                 results.append(fn(self, *args))
         return results
 
+    def _claim_out_dir(self) -> RunLock:
+        return _claim_out_dir_of(self)
+
     def train(self) -> list[dict]:
         """Train from ``start_epoch + 1`` to ``epochs``; returns the per-epoch records
         (all of them, including those of a resumed run's earlier epochs).
@@ -484,11 +494,10 @@ class Trainer:
         folder's lock is held while training (a second run into it is refused, see
         :class:`~xpconv.training.runs.RunLock`) and temp files a killed write left there
         are removed first."""
+        self.callbacks = _checked_callbacks(self.callbacks)
         lock = None
         if self.out_dir is not None and self.is_root:
-            lock = RunLock(self.out_dir).acquire()
-            for path in remove_stale_temp_files(self.out_dir):
-                log.info(f"removed {path.name}, left by a write that was killed")
+            lock = self._claim_out_dir()
         try:
             with stop_signals():
                 return self._train()
@@ -556,6 +565,62 @@ class Trainer:
         Returns the checkpoint's path, or None when nothing was saved."""
         saved = [p for p in self._call("on_interrupt") if p is not None]
         return saved[0] if saved else None
+
+
+def _claim_out_dir_of(trainer) -> RunLock:
+    """The run folder's lock for ``train()``: a folder this process already holds (the
+    command line claimed it, or this trainer trains again) is used as it is; any other is
+    claimed as ``xpconv train`` claims ``--out``: a folder holding a run is refused unless
+    the Run says ``overwrite`` or ``resume``."""
+    from .runs import RunFolderError, claim_run_folder
+
+    probe = RunLock(trainer.out_dir)
+    owner = probe._read()
+    if (owner and probe._is_mine(owner)) or getattr(trainer, "_claimed", False):
+        lock = probe.acquire()
+        for path in remove_stale_temp_files(trainer.out_dir):
+            log.info(f"removed {path.name}, left by a write that was killed")
+        return lock
+    run = trainer.run
+    resume = trainer.out_dir / "last.safetensors" if (run.continues or trainer.start_epoch > 0) else None
+    try:
+        lock = claim_run_folder(trainer.out_dir, resume=resume, overwrite=run.overwrite)
+    except RunFolderError as exc:
+        text = str(exc).replace("pass --resume", "pass Run.resume(checkpoint, out_dir=...) or Run(..., continues=True) for")
+        text = text.replace("--overwrite", "Run(..., overwrite=True)").replace("choose another --out", "choose another out_dir")
+        raise RunFolderError(text) from None
+    trainer._claimed = True  # training again with this trainer continues its own run
+    return lock
+
+
+def _check_given(**arrays) -> None:
+    missing = [k for k, v in arrays.items() if v is None]
+    if missing:
+        raise TypeError(
+            f"Trainer: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} None; expected arrays: the trainer "
+            "scores held-out data every epoch. Split some off, e.g. "
+            "(x_train, t_train), (x_test, t_test) = xpconv.datasets.load_folder(DIR)"
+        )
+    for k, v in arrays.items():
+        if not hasattr(v, "shape"):
+            raise TypeError(f"Trainer: {k} should be an array, got {type(v).__name__}")
+
+
+def _checked_callbacks(callbacks) -> list:
+    """``trainer.callbacks`` as ``train()`` runs them: a plain function added at any time
+    becomes an on-epoch-end callback; anything neither is refused, named."""
+    out = []
+    for cb in callbacks:
+        if _is_plain_function(cb):
+            cb = OnEpochEnd(cb)
+        elif not any(hasattr(cb, h) for h in _HOOKS):
+            raise TypeError(f"Trainer: callback {cb!r} has none of the hooks {', '.join(_HOOKS)} and is not a function "
+                            "f(trainer, record)")
+        out.append(cb)
+    return out
+
+
+_HOOKS = ("on_train_begin", "on_epoch_begin", "on_losses", "on_epoch_end", "on_train_end", "on_interrupt")
 
 
 def _is_plain_function(cb) -> bool:
