@@ -178,3 +178,36 @@ def test_troubleshooting_quotes_the_messages_xpconv_prints(fake_cupy):
     with pytest.warns(RuntimeWarning) as rec:
         backend.resolve_device("auto")
     assert _quoted(f"RuntimeWarning: {rec[0].message}"), str(rec[0].message)
+
+
+def test_report_names_the_convolution_kernels(capsys):
+    """The kernel section says which convolution kernels run and, compiled, for which target."""
+    pytest.importorskip("numba")
+    from xpconv.kernels import numba_ops
+
+    rc, out = run_info(capsys)
+    assert rc == 0
+    t = numba_ops.TARGET
+    assert "Convolution kernels (NumPy arrays):" in out
+    assert f"compiled (Numba) for 3x3 and 5x5 stride 1: target {t['cpu']} ({t['level']}" in out
+    r = info.collect()["cpu_kernels"]
+    assert r["conv2d"] == "xpconv.kernels.numba_ops.Conv2d"
+    assert r["numba"]["active"] and r["numba"]["block"]["forward_dx"] == f"16 channels x {numba_ops.PB} positions"
+
+
+def test_report_says_why_the_compiled_kernels_are_off():
+    code = "from xpconv import info; print(info.format_report(info.collect()))"
+    out = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "XPCONV_NUMBA": "0"},
+                         capture_output=True, text=True, check=True).stdout
+    assert "Convolution kernels (NumPy arrays):\n  NumPy (im2col + BLAS): off: XPCONV_NUMBA=0\n" in out
+
+
+def test_a_missing_numba_is_explained_with_where_it_is_installed(monkeypatch):
+    import importlib.util
+
+    from xpconv import kernels
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    why = kernels._why_missing("numba", ImportError("No module named 'numba'"))
+    assert why.startswith("numba is not installed: xpconv installs it where Numba publishes wheels (Linux x86_64/aarch64")
+    assert why.endswith(f"Python {sys.version_info[0]}.{sys.version_info[1]}")
