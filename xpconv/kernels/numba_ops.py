@@ -293,6 +293,10 @@ def _conv_sample8(xf, base, cstride, C, Wp, K, wk, Lp, z):
                 z[f + 7, p] = a7[j]
 
 
+
+#: the micro-kernel of this target's block (a global: only it is compiled into the callers)
+_sample = _conv_sample if FB == 16 else _conv_sample8
+
 @_pjit
 def _forward(xf, N, C, Hp, Wp, OH, OW, K, wk, b, relu, out):
     """out (FN, N, OH, OW) = conv(x) + b (ReLU'd if ``relu``) from the flat padded x."""
@@ -301,10 +305,7 @@ def _forward(xf, N, C, Hp, Wp, OH, OW, K, wk, b, relu, out):
     Lp = (L + PB - 1) // PB * PB
     for n in prange(N):
         z = np.empty((wk.shape[0] * FB, Lp), xf.dtype)
-        if FB == 16:
-            _conv_sample(xf, n * Hp * Wp, N * Hp * Wp, C, Wp, K, wk, Lp, z)
-        else:
-            _conv_sample8(xf, n * Hp * Wp, N * Hp * Wp, C, Wp, K, wk, Lp, z)
+        _sample(xf, n * Hp * Wp, N * Hp * Wp, C, Wp, K, wk, Lp, z)
         for f in range(FN):
             bf = b[f]
             for oh in range(OH):
@@ -322,10 +323,7 @@ def _forward_pool(xf, N, C, Hp, Wp, OH, OW, K, wk, b, out, idx, training):
     Lp = (L + PB - 1) // PB * PB
     for n in prange(N):
         z = np.empty((wk.shape[0] * FB, Lp), xf.dtype)
-        if FB == 16:
-            _conv_sample(xf, n * Hp * Wp, N * Hp * Wp, C, Wp, K, wk, Lp, z)
-        else:
-            _conv_sample8(xf, n * Hp * Wp, N * Hp * Wp, C, Wp, K, wk, Lp, z)
+        _sample(xf, n * Hp * Wp, N * Hp * Wp, C, Wp, K, wk, Lp, z)
         for f in range(FN):
             bf = b[f]
             for qy in range(QH):
@@ -390,10 +388,7 @@ def _dx(dzf, N, FN, Hp, Wp, H, W, P, K, B, wd, dx):
     shift = (P - (K - 1) + B) * (Wp + 1)
     for n in prange(N):
         z = np.empty((wd.shape[0] * FB, Lp), dzf.dtype)
-        if FB == 16:
-            _conv_sample(dzf, n * Hp * Wp + shift, N * Hp * Wp, FN, Wp, K, wd, Lp, z)
-        else:
-            _conv_sample8(dzf, n * Hp * Wp + shift, N * Hp * Wp, FN, Wp, K, wd, Lp, z)
+        _sample(dzf, n * Hp * Wp + shift, N * Hp * Wp, FN, Wp, K, wd, Lp, z)
         for c in range(C):
             for y in range(H):
                 for x in range(W):
