@@ -1,4 +1,4 @@
-"""The Numba kernels (xpconv/kernels/numba_ops.py, the optional ``xpconv[numba]`` extra)
+"""The Numba kernels (xpconv/kernels/numba_ops.py, installed with xpconv where Numba publishes wheels)
 give the generic path's results, and take the NumPy kernels' place explicitly.
 
 Skipped only when numba is not installed (the ``test`` extra installs it).  Every
@@ -7,7 +7,10 @@ W, odd output sizes under a 2x2 pool, pads 0-3, one sample), SimpleConvNet's 5x5
 layer and odd 5x5 ones (pads 0-4), float32 and float64,
 forward (training and inference) and backward with and without dL/dx, against the
 reference classes in xpconv.ops (``impl=ops.GENERIC``); the cases the kernels leave to
-the NumPy kernels (stride, no pad, other filters and pools) too; and whole models.
+the NumPy kernels (stride, no pad, other filters and pools) too; and whole models.  Every
+instruction-set variant (AVX2's 8 x 8 blocks, AVX-512's 16 x 16 with and without 512-bit
+vectors) runs the equality tests in a process of its own with Numba's target forced
+(``test_every_isa_variant_equals_generic``; a variant the CPU cannot execute is skipped).
 Tolerances as tests/test_numpy_kernels.py: float32 rtol 2e-4 / atol 2e-5, float64
 rtol 1e-10 / atol 1e-12.
 """

@@ -24,7 +24,8 @@ asked about its namespace.
 
 Optional modules (:data:`OPTIONAL`) load right after a namespace's own module when
 their library imports and their environment switch is not ``"0"``: NumPy's
-:mod:`.numba_ops` (the ``xpconv[numba]`` extra; ``XPCONV_NUMBA=0`` leaves it out).
+:mod:`.numba_ops` (numba is a dependency where Numba publishes wheels,
+:data:`NUMBA_WHEELS`; ``XPCONV_NUMBA=0`` leaves it out).
 Which ones loaded, and why one did not, is :data:`SKIPPED` (``xpconv info``
 reports it).  Their kernels take the place of the namespace's kernels for the same op, and say
 so: ``@register("numpy", "conv2d", replaces=numpy_ops.Conv2d)`` fails unless the
