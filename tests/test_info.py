@@ -211,3 +211,26 @@ def test_a_missing_numba_is_explained_with_where_it_is_installed(monkeypatch):
     why = kernels._why_missing("numba", ImportError("No module named 'numba'"))
     assert why.startswith("numba is not installed: xpconv installs it where Numba publishes wheels (Linux x86_64/aarch64")
     assert why.endswith(f"Python {sys.version_info[0]}.{sys.version_info[1]}")
+
+
+def test_numba_is_a_dependency_exactly_where_numba_publishes_wheels():
+    """pyproject.toml's markers against the platforms and Pythons of kernels.NUMBA_WHEELS (the
+    sentence `xpconv info` shows where numba is missing)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as f:
+        deps = [Requirement(r) for r in tomllib.load(f)["project"]["dependencies"]]
+    numba = [r for r in deps if r.name == "numba"]
+    assert numba and all(str(r.specifier) == ">=0.61" for r in numba)
+
+    def installs(system, machine, py):
+        return any(r.marker.evaluate({"sys_platform": system, "platform_machine": machine, "python_version": py}) for r in numba)
+
+    for py in ("3.10", "3.11", "3.12", "3.13", "3.14"):
+        assert installs("linux", "x86_64", py) and installs("linux", "aarch64", py) and installs("win32", "AMD64", py)
+        assert installs("win32", "ARM64", py) == (py >= "3.12")
+        assert installs("darwin", "arm64", py) == installs("darwin", "x86_64", py) == (py != "3.14")
+        assert not installs("linux", "ppc64le", py) and not installs("linux", "s390x", py)
+    assert not installs("linux", "x86_64", "3.15")
