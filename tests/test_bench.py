@@ -160,3 +160,57 @@ def test_thread_limit_pins_torch_and_numba_and_restores_them():
     with machine.thread_limit(1):
         assert (torch.get_num_threads(), numba.get_num_threads()) == (1, 1)
     assert (torch.get_num_threads(), numba.get_num_threads()) == before
+
+
+# --------------------------------------------------------------------------- benchmarks/isa.py
+
+
+def test_isa_cells_stand_for_the_level_they_name():
+    """Each cell's forced Numba target is the instruction-set level its name says (xpconv's
+    kernels choose their blocks from it), whatever the host."""
+    pytest.importorskip("numba")
+    from benchmarks import isa
+    from xpconv.kernels import numba_ops
+
+    want = {"avx2": ("avx2", False), "skylake-avx512": ("avx512", True), "icelake-server": ("avx512", True),
+            "skylake-avx512-numba": ("avx512", False)}
+    for cell, (level, wide) in want.items():
+        env = isa.CELLS[cell][1]
+        t = numba_ops.choose_target(env["NUMBA_CPU_NAME"], env["NUMBA_CPU_FEATURES"], "znver4", "+avx2,+fma,+avx512f,+avx512bw,+avx512dq,+avx512vl",
+                                    env.get("XPCONV_NUMBA_TARGET", "auto"))
+        assert (t["cpu"], t["level"], t["wide"]) == (env["NUMBA_CPU_NAME"], level, wide), cell
+        assert env["ATEN_CPU_CAPABILITY"] in ("avx2", "avx512") and env["ONEDNN_MAX_CPU_ISA"].startswith(env["ATEN_CPU_CAPABILITY"].upper())
+    assert isa.CELLS["host"][1] == {}
+
+
+def test_isa_training_flops_count_every_layer():
+    """2 x multiply-adds x (forward, dW, dx), less the first layer's dx: DeepConvNet's six 3x3
+    convolutions (output sizes 28, 28, 14, 16, 8, 8) and its two affine layers."""
+    pytest.importorskip("torch")
+    from benchmarks import isa
+
+    convs = [(1, 16, 28), (16, 16, 28), (16, 32, 14), (32, 32, 16), (32, 64, 8), (64, 64, 8)]
+    macs = [c * f * 9 * s * s for c, f, s in convs] + [64 * 4 * 4 * 50, 50 * 10]
+    assert isa.train_flops("deep") == 2 * (3 * sum(macs) - macs[0])
+    simple = [1 * 30 * 25 * 24 * 24, 30 * 12 * 12 * 100, 100 * 10]
+    assert isa.train_flops("simple") == 2 * (3 * sum(simple) - simple[0])
+
+
+def test_isa_table_gives_ratio_rate_and_fraction_of_peak():
+    from benchmarks import isa
+
+    cell = {"cell": "avx2", "results": [
+        {"model": "deep", "batch": 100, "mode": "train", "impl": "xpconv", "samples_per_s": 1000.0, "loadavg_1min": 1.5},
+        {"model": "deep", "batch": 100, "mode": "train", "impl": "torch", "samples_per_s": 800.0, "loadavg_1min": 1.5}],
+        "ratios": [{"model": "deep", "batch": 100, "mode": "train", "a": "xpconv", "b": "torch", "ratio": 1.25,
+                    "per_repeat_min": 1.1, "per_repeat_max": 1.3}]}
+    result = {"sgemm_gflops": {"1 core": 100.0, "all cores": 200.0}, "train_flops_per_sample": {"deep": 50e6}, "cells": [cell]}
+    rows = isa.table(result).splitlines()
+    assert rows[2] == "| deep | 100 | train | avx2 | 1,000 | 800 | 1.25x (1.10-1.30) | 50 | 25% | 1.5 |"
+
+
+def test_isa_refuses_an_unknown_cell(capsys):
+    from benchmarks import isa
+
+    assert isa.main(["--cells", "host,avx3"]) == 2
+    assert "unknown cell(s) ['avx3']" in capsys.readouterr().err

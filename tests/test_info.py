@@ -178,3 +178,59 @@ def test_troubleshooting_quotes_the_messages_xpconv_prints(fake_cupy):
     with pytest.warns(RuntimeWarning) as rec:
         backend.resolve_device("auto")
     assert _quoted(f"RuntimeWarning: {rec[0].message}"), str(rec[0].message)
+
+
+def test_report_names_the_convolution_kernels(capsys):
+    """The kernel section says which convolution kernels run and, compiled, for which target."""
+    pytest.importorskip("numba")
+    from xpconv.kernels import numba_ops
+
+    rc, out = run_info(capsys)
+    assert rc == 0
+    t = numba_ops.TARGET
+    assert "Convolution kernels (NumPy arrays):" in out
+    assert f"compiled (Numba) for 3x3 and 5x5 stride 1: target {t['cpu']} ({t['level']}" in out
+    r = info.collect()["cpu_kernels"]
+    assert r["conv2d"] == "xpconv.kernels.numba_ops.Conv2d"
+    assert r["numba"]["active"] and r["numba"]["block"]["forward_dx"] == f"16 channels x {numba_ops.PB} positions"
+
+
+def test_report_says_why_the_compiled_kernels_are_off():
+    code = "from xpconv import info; print(info.format_report(info.collect()))"
+    out = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "XPCONV_NUMBA": "0"},
+                         capture_output=True, text=True, check=True).stdout
+    assert "Convolution kernels (NumPy arrays):\n  NumPy (im2col + BLAS): off: XPCONV_NUMBA=0\n" in out
+
+
+def test_a_missing_numba_is_explained_with_where_it_is_installed(monkeypatch):
+    import importlib.util
+
+    from xpconv import kernels
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    why = kernels._why_missing("numba", ImportError("No module named 'numba'"))
+    assert why.startswith("numba is not installed: xpconv installs it where Numba publishes wheels (Linux x86_64/aarch64")
+    assert why.endswith(f"Python {sys.version_info[0]}.{sys.version_info[1]}")
+
+
+def test_numba_is_a_dependency_exactly_where_numba_publishes_wheels():
+    """pyproject.toml's markers against the platforms and Pythons of kernels.NUMBA_WHEELS (the
+    sentence `xpconv info` shows where numba is missing)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as f:
+        deps = [Requirement(r) for r in tomllib.load(f)["project"]["dependencies"]]
+    numba = [r for r in deps if r.name == "numba"]
+    assert numba and all(str(r.specifier) == ">=0.61" for r in numba)
+
+    def installs(system, machine, py):
+        return any(r.marker.evaluate({"sys_platform": system, "platform_machine": machine, "python_version": py}) for r in numba)
+
+    for py in ("3.10", "3.11", "3.12", "3.13", "3.14"):
+        assert installs("linux", "x86_64", py) and installs("linux", "aarch64", py) and installs("win32", "AMD64", py)
+        assert installs("win32", "ARM64", py) == (py >= "3.12")
+        assert installs("darwin", "arm64", py) == installs("darwin", "x86_64", py) == (py != "3.14")
+        assert not installs("linux", "ppc64le", py) and not installs("linux", "s390x", py)
+    assert not installs("linux", "x86_64", "3.15")

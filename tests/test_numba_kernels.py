@@ -1,4 +1,4 @@
-"""The Numba kernels (xpconv/kernels/numba_ops.py, the optional ``xpconv[numba]`` extra)
+"""The Numba kernels (xpconv/kernels/numba_ops.py, installed with xpconv where Numba publishes wheels)
 give the generic path's results, and take the NumPy kernels' place explicitly.
 
 Skipped only when numba is not installed (the ``test`` extra installs it).  Every
@@ -7,7 +7,10 @@ W, odd output sizes under a 2x2 pool, pads 0-3, one sample), SimpleConvNet's 5x5
 layer and odd 5x5 ones (pads 0-4), float32 and float64,
 forward (training and inference) and backward with and without dL/dx, against the
 reference classes in xpconv.ops (``impl=ops.GENERIC``); the cases the kernels leave to
-the NumPy kernels (stride, no pad, other filters and pools) too; and whole models.
+the NumPy kernels (stride, no pad, other filters and pools) too; and whole models.  Every
+instruction-set variant (AVX2's 8 x 8 blocks, AVX-512's 16 x 16 with and without 512-bit
+vectors) runs the equality tests in a process of its own with Numba's target forced
+(``test_every_isa_variant_equals_generic``; a variant the CPU cannot execute is skipped).
 Tolerances as tests/test_numpy_kernels.py: float32 rtol 2e-4 / atol 2e-5, float64
 rtol 1e-10 / atol 1e-12.
 """
@@ -324,3 +327,86 @@ def test_step_scope_is_a_no_op_where_no_kernel_module_adds_one():
 
     assert isinstance(kernels.step_scope("array_api_strict"), contextlib.nullcontext)
     assert kernels.SCOPES["numpy"] == [numba_ops.BlasYields]
+
+
+# --------------------------------------------------------------------------- compile targets
+
+HOST_AVX512 = "+avx,+avx2,+fma,+avx512f,+avx512bw,+avx512dq,+avx512vl,+avx512cd,-amx-tile"
+HOST_AVX2 = "+avx,+avx2,+fma,-avx512f,-avx512bw"
+
+
+def test_choose_target_asks_for_512_bit_vectors_on_avx512():
+    t = numba_ops.choose_target(None, None, "rocketlake", HOST_AVX512)
+    assert t == {"cpu": "rocketlake", "features": HOST_AVX512 + ",-prefer-256-bit", "level": "avx512", "wide": True}
+    # a forced target (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES) is what counts, not the host
+    t = numba_ops.choose_target("skylake-avx512", "+avx2,+fma,+avx512f,+avx512bw,+avx512dq,+avx512vl", "znver4", HOST_AVX2)
+    assert (t["cpu"], t["level"], t["wide"]) == ("skylake-avx512", "avx512", True)
+    assert t["features"].endswith(",-prefer-256-bit")
+
+
+def test_choose_target_leaves_what_it_should_alone():
+    # a feature string that names prefer-256-bit, either way, is the user's choice
+    for sign, wide in (("+", False), ("-", True)):
+        t = numba_ops.choose_target(None, HOST_AVX512 + f",{sign}prefer-256-bit", "x", HOST_AVX2)
+        assert (t["features"], t["level"], t["wide"]) == (None, "avx512", wide)
+    # AVX2 (and AVX-512F without BW/DQ/VL) get the AVX2 blocks and no change
+    assert numba_ops.choose_target(None, None, "haswell", HOST_AVX2) == {"cpu": "haswell", "features": None, "level": "avx2", "wide": False}
+    assert numba_ops.choose_target(None, "+avx2,+fma,+avx512f", "x", "")["level"] == "avx2"
+    assert numba_ops.choose_target(None, None, "generic", "+sse2")["level"] == "other"
+    # XPCONV_NUMBA_TARGET=numba: Numba's target as it is
+    t = numba_ops.choose_target(None, None, "rocketlake", HOST_AVX512, "numba")
+    assert (t["features"], t["level"], t["wide"]) == (None, "avx512", False)
+    with pytest.raises(ValueError, match=r"XPCONV_NUMBA_TARGET: expected 'auto' or 'numba', got 'native'"):
+        numba_ops.choose_target(None, None, "x", HOST_AVX2, "native")
+
+
+def test_this_process_compiles_for_the_chosen_target():
+    from numba.core import config, registry
+
+    t = numba_ops.TARGET
+    assert numba_ops.BLOCKS[t["level"]] == (numba_ops.FB, numba_ops.PB, numba_ops.FV, numba_ops._PAIRS)
+    assert t["features"] == config.CPU_FEATURES
+    if "fixed" not in t["mode"] and t["features"] is not None:
+        assert registry.cpu_target.target_context.codegen()._tm_features == t["features"]
+
+
+def _host_runs(features: str) -> bool:
+    import llvmlite.binding as ll
+
+    host = numba_ops._feature_map(ll.get_host_cpu_features().flatten())
+    return all(host.get(f, False) for f, on in numba_ops._feature_map(features).items() if on)
+
+
+# each ISA variant, compiled in a process of its own with Numba's target forced (benchmarks/isa.py's
+# cells), runs the equality tests above: (cell, the level and vector width it must choose)
+VARIANTS = [("avx2", "avx2", False), ("skylake-avx512", "avx512", True), ("skylake-avx512-numba", "avx512", False)]
+
+
+@pytest.mark.parametrize("cell,level,wide", VARIANTS)
+def test_every_isa_variant_equals_generic(cell, level, wide, tmp_path):
+    if os.environ.get("XPCONV_TEST_VARIANT"):
+        pytest.skip("inside a variant's run already")
+    from benchmarks.isa import CELLS
+
+    env = dict(os.environ, **CELLS[cell][1], XPCONV_TEST_VARIANT=f"{level},{int(wide)}", NUMBA_CACHE_DIR=str(tmp_path))
+    env.pop("XPCONV_NUMBA", None)
+    if not _host_runs(env["NUMBA_CPU_FEATURES"]):
+        pytest.skip(f"this CPU cannot execute {cell} code ({env['NUMBA_CPU_FEATURES']})")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
+                        "-k", "equals_generic and not models and not isa_variant or variant_target"],
+                       env=env, cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-1000:]
+
+
+def test_variant_target():
+    """Inside test_every_isa_variant_equals_generic's process: the level and vector width chosen."""
+    want = os.environ.get("XPCONV_TEST_VARIANT")
+    if not want:
+        pytest.skip("runs in test_every_isa_variant_equals_generic's processes")
+    level, wide = want.split(",")
+    t = numba_ops.TARGET
+    assert (t["level"], t["wide"]) == (level, wide == "1"), t
+    assert t["cpu"] == os.environ["NUMBA_CPU_NAME"]

@@ -35,7 +35,7 @@ NAMESPACES = ("numpy", "array_api_strict", "torch", "cupy")
 PACKAGES = ("numpy", "array-api-compat", "array-api-strict", "cupy", "torch", "threadpoolctl", "numba")
 
 #: environment variables that set thread counts or kernel choices (they change speed numbers)
-THREAD_ENV = ("XPCONV_NUM_THREADS", "XPCONV_NUMBA", "XPCONV_COL_MIB", "NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE")
+THREAD_ENV = ("XPCONV_NUM_THREADS", "XPCONV_NUMBA", "XPCONV_NUMBA_TARGET", "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "XPCONV_COL_MIB", "NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE")
 
 #: what is reported of each BLAS library threadpoolctl finds
 BLAS_KEYS = ("internal_api", "version", "threading_layer", "num_threads", "architecture", "filepath")
@@ -168,6 +168,33 @@ def blas() -> dict[str, Any]:
     return {"libraries": libs, "reason": None if libs else "no BLAS library found loaded by NumPy"}
 
 
+def cpu_kernels() -> dict[str, Any]:
+    """The NumPy convolution kernels that run here: the module of each op's kernel, and for
+    the compiled (Numba) ones the target they are compiled for and their register blocks, or
+    why they are not used.  Loads the kernel modules (compiles nothing)."""
+    from . import kernels
+
+    conv = kernels.find("numpy", "conv2d")
+    out: dict[str, Any] = {"conv2d": f"{type(conv).__module__}.{type(conv).__qualname__}" if conv is not None else None}
+    if "numba_ops" in kernels.SKIPPED:
+        out["numba"] = {"active": False, "reason": kernels.SKIPPED["numba_ops"]}
+    elif conv is not None and type(conv).__module__.endswith("numba_ops"):
+        from .kernels import numba_ops
+
+        t = numba_ops.TARGET
+        out["numba"] = {
+            "active": True,
+            "cpu": t["cpu"],
+            "level": t["level"],
+            "vector_bits": 512 if t["wide"] else None,
+            "mode": t["mode"],
+            "features": t["features"] or "the host's",
+            "block": {"forward_dx": f"{numba_ops.FB} channels x {numba_ops.PB} positions", "dw": f"{numba_ops.FV} filters"},
+            "kernel_sizes": list(numba_ops.KERNEL_SIZES),
+        }
+    return out
+
+
 def auto_device() -> dict[str, str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback is reported under "cuda" already
@@ -194,6 +221,7 @@ def collect() -> dict[str, Any]:
         "packages": lambda: {name: package_version(name) for name in PACKAGES},
         "namespaces": namespaces,
         "cuda": cuda,
+        "cpu_kernels": cpu_kernels,
         "auto_device": auto_device,
     }
     for key, fn in sections.items():
@@ -263,6 +291,20 @@ def format_report(r: dict[str, Any]) -> str:
     if env and "error" not in env:
         lines.append("  environment: " + " ".join(f"{k}={v}" for k, v in env.items()))
 
+    k = r.get("cpu_kernels") or {}
+    lines += ["", "Convolution kernels (NumPy arrays):"]
+    if "error" in k:
+        lines.append(f"  could not be queried: {k['error']}")
+    else:
+        nb = k.get("numba") or {}
+        if nb.get("active"):
+            wide = ", 512-bit vectors" if nb["vector_bits"] else ""
+            sizes = " and ".join(f"{s}x{s}" for s in nb["kernel_sizes"])
+            lines.append(f"  compiled (Numba) for {sizes} stride 1: target {nb['cpu']} ({nb['level']}{wide}; {nb['mode']}), "
+                         f"blocks {nb['block']['forward_dx']}, dW {nb['block']['dw']}")
+            lines.append("  other convolutions: NumPy (im2col + BLAS)")
+        else:
+            lines.append(f"  NumPy (im2col + BLAS): {nb.get('reason', 'no compiled kernels')}")
     a = r["auto_device"]
     lines.append("")
     if "error" in a:

@@ -24,8 +24,10 @@ asked about its namespace.
 
 Optional modules (:data:`OPTIONAL`) load right after a namespace's own module when
 their library imports and their environment switch is not ``"0"``: NumPy's
-:mod:`.numba_ops` (the ``xpconv[numba]`` extra; ``XPCONV_NUMBA=0`` leaves it out).
-Their kernels take the place of the namespace's kernels for the same op, and say
+:mod:`.numba_ops` (numba is a dependency where Numba publishes wheels,
+:data:`NUMBA_WHEELS`; ``XPCONV_NUMBA=0`` leaves it out).
+Which ones loaded, and why one did not, is :data:`SKIPPED` (``xpconv info``
+reports it).  Their kernels take the place of the namespace's kernels for the same op, and say
 so: ``@register("numpy", "conv2d", replaces=numpy_ops.Conv2d)`` fails unless the
 kernel registered before it is of that class (a second registration without
 ``replaces`` fails too), and the new instance keeps the old one as ``.replaces``,
@@ -100,7 +102,7 @@ def col_bytes_for(free_bytes: int | None) -> int:
     return max(COL_BYTES, min(COL_BYTES_MAX, int(free_bytes) // COL_FREE_SHARE))
 
 
-__all__ = ["MODULES", "OPTIONAL", "REGISTRY", "SCOPES", "Kernel", "env_count", "find", "register", "register_step_scope", "step_scope"]
+__all__ = ["MODULES", "OPTIONAL", "REGISTRY", "SCOPES", "SKIPPED", "Kernel", "env_count", "find", "register", "register_step_scope", "step_scope"]
 
 
 class Kernel(Protocol):
@@ -122,6 +124,13 @@ MODULES: dict[str, str] = {"numpy": "numpy_ops", "cupy": "cupy_ops"}
 #: namespace -> optional kernel modules loaded after MODULES' one, as (module, the
 #: library it needs, the environment variable whose value "0" leaves it out)
 OPTIONAL: dict[str, tuple[tuple[str, str, str], ...]] = {"numpy": (("numba_ops", "numba", "XPCONV_NUMBA"),)}
+
+#: optional module -> why it did not load (the environment switch, or the library missing)
+SKIPPED: dict[str, str] = {}
+
+#: where the ``numba`` dependency is installed with xpconv: the platforms and Pythons Numba
+#: publishes wheels for (pyproject.toml's markers say the same)
+NUMBA_WHEELS = "Linux x86_64/aarch64 and Windows AMD64 with Python 3.10-3.14, Windows ARM64 with 3.12-3.14, macOS with 3.10-3.13"
 
 #: (namespace name, op) -> the registered kernel instance
 REGISTRY: dict[tuple[str, str], Kernel] = {}
@@ -204,9 +213,24 @@ def _load(namespace: str) -> None:
     importlib.import_module(f"{__name__}.{mod}")
     for opt, library, env in OPTIONAL.get(namespace, ()):
         if os.environ.get(env, "").strip() == "0":
+            SKIPPED[opt] = f"off: {env}=0"
             continue
         try:
             importlib.import_module(library)
-        except ImportError:  # not installed, or not importable with this NumPy: the namespace's own kernels stay
+        except ImportError as exc:  # not installed, or not importable with this NumPy: the namespace's own kernels stay
+            SKIPPED[opt] = _why_missing(library, exc)
             continue
         importlib.import_module(f"{__name__}.{opt}")
+
+
+def _why_missing(library: str, exc: ImportError) -> str:
+    import importlib.util
+    import platform
+    import sys
+
+    if importlib.util.find_spec(library) is not None:
+        return f"{library} is installed but does not import: {exc}"
+    here = f"{platform.system()} {platform.machine()}, Python {sys.version_info[0]}.{sys.version_info[1]}"
+    if library == "numba":
+        return f"numba is not installed: xpconv installs it where Numba publishes wheels ({NUMBA_WHEELS}); here: {here}"
+    return f"{library} is not installed ({here})"

@@ -1,5 +1,5 @@
 """Compiled (Numba) kernels for square KxK stride-1 convolutions (K in KERNEL_SIZES: 3
-and 5) on NumPy arrays: the optional ``xpconv[numba]`` extra.
+and 5) on NumPy arrays: installed with xpconv where Numba publishes wheels.
 
 Imported after :mod:`.numpy_ops` when ``numba`` is importable (``kernels.OPTIONAL``;
 ``XPCONV_NUMBA=0`` in the environment leaves it out).  Its two classes register for the
@@ -8,6 +8,16 @@ those (``self.replaces``) for every case they do not cover: another filter size 
 non-square filter, a stride, unequal pads, a pool that is not 2x2/2, a dtype other than
 float32/float64.  Any equal pad >= 0 is covered, dx included.
 
+**Per machine.**  When this module loads it decides what the kernels are compiled for
+(:func:`choose_target`, :data:`TARGET`; ``xpconv info`` prints it): the instruction-set level
+of Numba's target (the host's, or ``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES``) picks the
+register blocks (:data:`BLOCKS`), and on an AVX-512 target LLVM's preference for 256-bit
+vectors (its tuning for Intel's AVX-512 cores) is switched off, so that the 16 x 16 block is 16
+512-bit registers instead of 32 256-bit ones, which spill.  Numba compiles for one target per
+process: the feature string set here holds for all Numba code of the process, and each
+target is cached apart (the feature string is part of Numba's cache key).
+``XPCONV_NUMBA_TARGET=numba`` leaves Numba's target as Numba sets it.
+
 How they are fast (benchmarks/README.md, candidates 12 and 13, has the measurements):
 
 * **The flat-row layout.**  The input is padded and stored channel-major, (C, N, Hp, Wp),
@@ -15,9 +25,9 @@ How they are fast (benchmarks/README.md, candidates 12 and 13, has the measureme
   p = oh*Wp + ow, so filter tap (ky, kx) of channel c reads the *contiguous* run
   x[c, n, ky*Wp + kx + p]; the Wp - OW positions per row with ow >= OW are junk, computed
   and thrown away (7-36% extra work on DeepConvNet's layers, no index arithmetic).
-* **Register blocking.**  The micro-kernel keeps a block of FB = 16 output channels x
-  PB = 16 positions in 16 accumulators (one AVX-512 register each for float32: the
-  positions are the vector lanes) over the whole reduction (C x 3 x 3), broadcasting
+* **Register blocking.**  The micro-kernel keeps a block of FB output channels x PB
+  positions in FB accumulators (AVX-512: 16 x 16, one 512-bit register each for float32,
+  the positions being the vector lanes; AVX2: 8 x 8, one 256-bit register each) over the whole reduction (C x 3 x 3), broadcasting
   one weight per FMA; the input run is loaded once per tap for all 16 channels.  The
   accumulators are stack arrays indexed by constants only, so LLVM turns them into
   registers; the 16 output channels are written out one line each (no loop over them,
@@ -29,8 +39,8 @@ How they are fast (benchmarks/README.md, candidates 12 and 13, has the measureme
   input with a border of max(0, K-1-pad) rows and columns (:func:`_border`; pad 0 works
   too), so dx is the same micro-kernel over dz with the flipped, transposed weights, and
   dW = sum_q dz[f, q] x[c, q + tap] is a blocked reduction over the flat positions q of
-  the whole batch (16 filters as the vector lanes, a channel's taps in groups of 9
-  accumulators; float32 two blocks of 16 filters at a time).  A pooled layer whose dx is
+  the whole batch (FV filters as the vector lanes, a channel's taps in groups of 9
+  accumulators; float32 on AVX-512 two blocks of 16 filters at a time).  A pooled layer whose dx is
   not needed (a net's first) writes no full dz: dW's tiles (whole samples) are filled
   straight from the pool's routing (:func:`_dw_pool`), which halves SimpleConvNet's
   backward.
@@ -42,6 +52,7 @@ Every result equals the reference class in :mod:`xpconv.ops` (tests/test_numba_k
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numba
@@ -55,9 +66,88 @@ from . import numpy_ops, register, register_step_scope
 
 __all__ = ["BlasYields", "Conv2d", "Conv2dReluMaxPool2d", "covers"]
 
-FB = 16  # output channels per register block (one accumulator each)
-PB = 16  # positions per register block (the vector lanes)
-FV = 16  # filters per dW block (the vector lanes)
+def _feature_map(features: str) -> dict[str, bool]:
+    """An LLVM feature string ("+avx2,-avx512f,...") as name -> on/off (the last mention wins)."""
+    out: dict[str, bool] = {}
+    for tok in features.split(","):
+        tok = tok.strip()
+        if len(tok) > 1 and tok[0] in "+-":
+            out[tok[1:]] = tok[0] == "+"
+    return out
+
+
+#: ISA level -> (FB output channels x PB positions per forward/dx register block: FB accumulators
+#: of PB lanes; FV filters per dW block: 9 accumulators of FV lanes; whether float32 dW runs two
+#: filter blocks at a time: 18 accumulators).  avx512 (32 registers of 16 float32): 16 x 16 and
+#: 18 x 16.  avx2 (16 registers of 8 float32): 8 x 8 and 9 x 8; the 16 x 16 blocks spill there
+#: (DeepConvNet's layers, forced to haswell on a Zen 4, 1 thread: forward 13 -> 25-32 GFLOP/s,
+#: dW 9-10 -> 15-43).  other (SSE, NEON: not measured): as avx2.
+BLOCKS: dict[str, tuple[int, int, int, bool]] = {"avx512": (16, 16, 16, True), "avx2": (8, 8, 8, False), "other": (8, 8, 8, False)}
+AVX512 = ("avx512f", "avx512bw", "avx512dq", "avx512vl")
+
+
+def choose_target(cpu_name: str | None, features: str | None, host_name: str, host_features: str, mode: str = "auto") -> dict[str, Any]:
+    """The compile target these kernels use, from Numba's settings (``cpu_name`` and
+    ``features``: ``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES``, None for the host's) and the
+    host's: {"cpu": LLVM CPU name, "features": the feature string to set on Numba (None: leave
+    Numba's as it is), "level": a key of :data:`BLOCKS`, "wide": whether 512-bit vectors are
+    asked for}.
+
+    ``mode`` "auto" (``XPCONV_NUMBA_TARGET`` unset): on an AVX-512 target, the LLVM tuning
+    that prefers 256-bit vectors (Intel's cores from Skylake-X on) is switched off with
+    ``-prefer-256-bit``: with it the 16 x 16 block spills (measured: 2-3x slower training);
+    a feature string that already names ``prefer-256-bit`` is left alone.  "numba": Numba's
+    target as it is."""
+    if mode not in ("auto", "numba"):
+        raise ValueError(f"XPCONV_NUMBA_TARGET: expected 'auto' or 'numba', got {mode!r}")
+    name = cpu_name or host_name
+    feats = host_features if features is None else features
+    fm = _feature_map(feats)
+    if all(fm.get(f) for f in AVX512):
+        level = "avx512"
+    elif fm.get("avx2") and fm.get("fma"):
+        level = "avx2"
+    else:
+        level = "other"
+    new = None
+    if mode == "auto" and level == "avx512" and "prefer-256-bit" not in fm:
+        new = feats + ",-prefer-256-bit"
+        fm["prefer-256-bit"] = False
+    return {"cpu": name, "features": new, "level": level, "wide": level == "avx512" and fm.get("prefer-256-bit") is False}
+
+
+def _set_target() -> dict[str, Any]:
+    """Apply :func:`choose_target` to Numba before anything here is compiled (Numba's CPU
+    target is one per process: set here, it holds for all Numba code of the process, each
+    setting cached apart, the feature string being part of Numba's cache key).  When
+    Numba compiled something before this module loaded its target is fixed, and left as it is."""
+    import llvmlite.binding as ll
+    from numba.core import config as _config
+    from numba.core import registry
+
+    config: Any = _config  # its settings are set at run time (numba.core.config.reload_config)
+
+    mode = os.environ.get("XPCONV_NUMBA_TARGET", "").strip() or "auto"
+    started = "_toplevel_target_context" in registry.cpu_target.__dict__
+    t = choose_target(config.CPU_NAME, config.CPU_FEATURES, ll.get_host_cpu_name(), ll.get_host_cpu_features().flatten(), mode)
+    t["mode"] = mode
+    if started:
+        cg = registry.cpu_target.target_context.codegen()
+        feats = cg._tm_features
+        t = choose_target(config.CPU_NAME, feats, ll.get_host_cpu_name(), feats, "numba")
+        t["mode"] = "fixed: Numba compiled before xpconv's kernels loaded"
+    elif t["features"] is not None:
+        config.CPU_FEATURES = t["features"]
+    t["features"] = config.CPU_FEATURES  # what Numba compiles for (None: the host's)
+    return t
+
+
+#: the compile target in use (:func:`choose_target`), set when this module loads
+TARGET = _set_target()
+
+#: output channels (accumulators) and positions (vector lanes) per forward/dx register block,
+#: filters per dW block (its lanes), whether float32 dW pairs filter blocks
+FB, PB, FV, _PAIRS = BLOCKS[TARGET["level"]]
 QB = 2048  # positions per dW sub-chunk (its dz transpose stays in L1/L2)
 #: pooled, no dx: dW's tiles straight from the pool's routing (SimpleConvNet's backward
 #: 4.96 -> 2.78 ms at batch 100).  Equal to the reference; its db and dW sums are chunked by
@@ -89,22 +179,22 @@ def _stack(typingctx, like, size):
 def _conv_sample(xf, base, cstride, C, Wp, K, wk, Lp, z):
     """z[:, :Lp] = the KxK correlation of one sample: z[f, p] = sum_{c,ky,kx}
     wk[f // FB, c, K*ky + kx, f % FB] * xf[base + c*cstride + ky*Wp + kx + p]."""
-    a0 = numba.carray(_stack(xf, 16), (PB,))
-    a1 = numba.carray(_stack(xf, 16), (PB,))
-    a2 = numba.carray(_stack(xf, 16), (PB,))
-    a3 = numba.carray(_stack(xf, 16), (PB,))
-    a4 = numba.carray(_stack(xf, 16), (PB,))
-    a5 = numba.carray(_stack(xf, 16), (PB,))
-    a6 = numba.carray(_stack(xf, 16), (PB,))
-    a7 = numba.carray(_stack(xf, 16), (PB,))
-    a8 = numba.carray(_stack(xf, 16), (PB,))
-    a9 = numba.carray(_stack(xf, 16), (PB,))
-    a10 = numba.carray(_stack(xf, 16), (PB,))
-    a11 = numba.carray(_stack(xf, 16), (PB,))
-    a12 = numba.carray(_stack(xf, 16), (PB,))
-    a13 = numba.carray(_stack(xf, 16), (PB,))
-    a14 = numba.carray(_stack(xf, 16), (PB,))
-    a15 = numba.carray(_stack(xf, 16), (PB,))
+    a0 = numba.carray(_stack(xf, PB), (PB,))
+    a1 = numba.carray(_stack(xf, PB), (PB,))
+    a2 = numba.carray(_stack(xf, PB), (PB,))
+    a3 = numba.carray(_stack(xf, PB), (PB,))
+    a4 = numba.carray(_stack(xf, PB), (PB,))
+    a5 = numba.carray(_stack(xf, PB), (PB,))
+    a6 = numba.carray(_stack(xf, PB), (PB,))
+    a7 = numba.carray(_stack(xf, PB), (PB,))
+    a8 = numba.carray(_stack(xf, PB), (PB,))
+    a9 = numba.carray(_stack(xf, PB), (PB,))
+    a10 = numba.carray(_stack(xf, PB), (PB,))
+    a11 = numba.carray(_stack(xf, PB), (PB,))
+    a12 = numba.carray(_stack(xf, PB), (PB,))
+    a13 = numba.carray(_stack(xf, PB), (PB,))
+    a14 = numba.carray(_stack(xf, PB), (PB,))
+    a15 = numba.carray(_stack(xf, PB), (PB,))
     for fb in range(wk.shape[0]):
         for p0 in range(0, Lp, PB):
             for j in range(PB):
@@ -157,6 +247,56 @@ def _conv_sample(xf, base, cstride, C, Wp, K, wk, Lp, z):
                 z[f + 15, p] = a15[j]
 
 
+@_jit
+def _conv_sample8(xf, base, cstride, C, Wp, K, wk, Lp, z):
+    """:func:`_conv_sample` with blocks of 8 output channels (8 accumulators: AVX2's 16
+    registers hold them with the input vector and the broadcast weight)."""
+    a0 = numba.carray(_stack(xf, PB), (PB,))
+    a1 = numba.carray(_stack(xf, PB), (PB,))
+    a2 = numba.carray(_stack(xf, PB), (PB,))
+    a3 = numba.carray(_stack(xf, PB), (PB,))
+    a4 = numba.carray(_stack(xf, PB), (PB,))
+    a5 = numba.carray(_stack(xf, PB), (PB,))
+    a6 = numba.carray(_stack(xf, PB), (PB,))
+    a7 = numba.carray(_stack(xf, PB), (PB,))
+    for fb in range(wk.shape[0]):
+        for p0 in range(0, Lp, PB):
+            for j in range(PB):
+                a0[j] = a1[j] = a2[j] = a3[j] = a4[j] = a5[j] = a6[j] = a7[j] = 0.0
+            for c in range(C):
+                cb = base + c * cstride + p0
+                for ky in range(K):
+                    for kx in range(K):
+                        off = np.uint64(cb + ky * Wp + kx)
+                        w = wk[fb, c, ky * K + kx]
+                        w0, w1, w2, w3, w4, w5, w6, w7 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]
+                        for j in range(PB):
+                            v = xf[off + np.uint64(j)]
+                            a0[j] += w0 * v
+                            a1[j] += w1 * v
+                            a2[j] += w2 * v
+                            a3[j] += w3 * v
+                            a4[j] += w4 * v
+                            a5[j] += w5 * v
+                            a6[j] += w6 * v
+                            a7[j] += w7 * v
+            f = fb * 8
+            for j in range(PB):
+                p = p0 + j
+                z[f, p] = a0[j]
+                z[f + 1, p] = a1[j]
+                z[f + 2, p] = a2[j]
+                z[f + 3, p] = a3[j]
+                z[f + 4, p] = a4[j]
+                z[f + 5, p] = a5[j]
+                z[f + 6, p] = a6[j]
+                z[f + 7, p] = a7[j]
+
+
+
+#: the micro-kernel of this target's block (a global: only it is compiled into the callers)
+_sample = _conv_sample if FB == 16 else _conv_sample8
+
 @_pjit
 def _forward(xf, N, C, Hp, Wp, OH, OW, K, wk, b, relu, out):
     """out (FN, N, OH, OW) = conv(x) + b (ReLU'd if ``relu``) from the flat padded x."""
@@ -165,7 +305,7 @@ def _forward(xf, N, C, Hp, Wp, OH, OW, K, wk, b, relu, out):
     Lp = (L + PB - 1) // PB * PB
     for n in prange(N):
         z = np.empty((wk.shape[0] * FB, Lp), xf.dtype)
-        _conv_sample(xf, n * Hp * Wp, N * Hp * Wp, C, Wp, K, wk, Lp, z)
+        _sample(xf, n * Hp * Wp, N * Hp * Wp, C, Wp, K, wk, Lp, z)
         for f in range(FN):
             bf = b[f]
             for oh in range(OH):
@@ -183,7 +323,7 @@ def _forward_pool(xf, N, C, Hp, Wp, OH, OW, K, wk, b, out, idx, training):
     Lp = (L + PB - 1) // PB * PB
     for n in prange(N):
         z = np.empty((wk.shape[0] * FB, Lp), xf.dtype)
-        _conv_sample(xf, n * Hp * Wp, N * Hp * Wp, C, Wp, K, wk, Lp, z)
+        _sample(xf, n * Hp * Wp, N * Hp * Wp, C, Wp, K, wk, Lp, z)
         for f in range(FN):
             bf = b[f]
             for qy in range(QH):
@@ -248,7 +388,7 @@ def _dx(dzf, N, FN, Hp, Wp, H, W, P, K, B, wd, dx):
     shift = (P - (K - 1) + B) * (Wp + 1)
     for n in prange(N):
         z = np.empty((wd.shape[0] * FB, Lp), dzf.dtype)
-        _conv_sample(dzf, n * Hp * Wp + shift, N * Hp * Wp, FN, Wp, K, wd, Lp, z)
+        _sample(dzf, n * Hp * Wp + shift, N * Hp * Wp, FN, Wp, K, wd, Lp, z)
         for c in range(C):
             for y in range(H):
                 for x in range(W):
@@ -259,24 +399,24 @@ def _dx(dzf, N, FN, Hp, Wp, H, W, P, K, B, wd, dx):
 def _dw_tile(dT, s0, s1, xf, C, Q, offs, pairs, nfb, part, k):
     """part[k, f, c, t] += sum_{s0 <= q < s1} dT[q - s0, f] x[c, q + offs[t]] for the nfb
     blocks of FV filters (the first ``pairs`` pairs of them two blocks at a time)."""
-    a0 = numba.carray(_stack(dT, 16), (FV,))
-    a1 = numba.carray(_stack(dT, 16), (FV,))
-    a2 = numba.carray(_stack(dT, 16), (FV,))
-    a3 = numba.carray(_stack(dT, 16), (FV,))
-    a4 = numba.carray(_stack(dT, 16), (FV,))
-    a5 = numba.carray(_stack(dT, 16), (FV,))
-    a6 = numba.carray(_stack(dT, 16), (FV,))
-    a7 = numba.carray(_stack(dT, 16), (FV,))
-    a8 = numba.carray(_stack(dT, 16), (FV,))
-    b0 = numba.carray(_stack(dT, 16), (FV,))
-    b1 = numba.carray(_stack(dT, 16), (FV,))
-    b2 = numba.carray(_stack(dT, 16), (FV,))
-    b3 = numba.carray(_stack(dT, 16), (FV,))
-    b4 = numba.carray(_stack(dT, 16), (FV,))
-    b5 = numba.carray(_stack(dT, 16), (FV,))
-    b6 = numba.carray(_stack(dT, 16), (FV,))
-    b7 = numba.carray(_stack(dT, 16), (FV,))
-    b8 = numba.carray(_stack(dT, 16), (FV,))
+    a0 = numba.carray(_stack(dT, FV), (FV,))
+    a1 = numba.carray(_stack(dT, FV), (FV,))
+    a2 = numba.carray(_stack(dT, FV), (FV,))
+    a3 = numba.carray(_stack(dT, FV), (FV,))
+    a4 = numba.carray(_stack(dT, FV), (FV,))
+    a5 = numba.carray(_stack(dT, FV), (FV,))
+    a6 = numba.carray(_stack(dT, FV), (FV,))
+    a7 = numba.carray(_stack(dT, FV), (FV,))
+    a8 = numba.carray(_stack(dT, FV), (FV,))
+    b0 = numba.carray(_stack(dT, FV), (FV,))
+    b1 = numba.carray(_stack(dT, FV), (FV,))
+    b2 = numba.carray(_stack(dT, FV), (FV,))
+    b3 = numba.carray(_stack(dT, FV), (FV,))
+    b4 = numba.carray(_stack(dT, FV), (FV,))
+    b5 = numba.carray(_stack(dT, FV), (FV,))
+    b6 = numba.carray(_stack(dT, FV), (FV,))
+    b7 = numba.carray(_stack(dT, FV), (FV,))
+    b8 = numba.carray(_stack(dT, FV), (FV,))
     for fp in range(pairs):
         for c in range(C):
             for t0 in range(0, offs.shape[0], 9):
@@ -573,7 +713,7 @@ def _backward(dout, st: _State, need_dx: bool):
     B = _border(K, PH)
     FNp = -(-FN // FV) * FV
     offs = _taps(K, Wp)
-    pairs = FNp // (2 * FV) if dt == np.float32 else 0  # dW: two filter blocks at a time
+    pairs = FNp // (2 * FV) if dt == np.float32 and _PAIRS else 0  # dW: two filter blocks at a time
     part = np.zeros((max(1, min(_threads(), N)), FNp, C, offs.shape[0]), dt)
     if st.pool and not need_dx and DIRECT_POOL:  # no full dz: straight from the pool's routing
         pdb = np.zeros((part.shape[0], FN), dt)
