@@ -209,8 +209,8 @@ def test_a_checkpoints_bad_training_options_are_refused_on_resume(tmp_path, monk
     config = {"model": "simple", "dataset": "digits", "epochs": 3, "batch_size": 50, "optimizer": "adagrad", "lr": 0.05,
               "seed": 0, "input_dim": [1, 8, 8]}
     for key, value, want in [("lr_schedule", "linear", "config.lr_schedule should be one of constant, step, cosine"),
-                             ("val_split", 1.5, "config.val_split should be a number in [0, 1)"),
-                             ("augment", -2, "config.augment should be a number of pixels >= 0")]:
+                             ("val_split", 1.5, "config.val_split should be a number from 0 up to (not including) 1, got 1.5"),
+                             ("augment", -2, "config.augment should be a number of pixels from 0 to")]:
         path = tmp_path / f"{key}.safetensors"
         save_checkpoint(path, _net(), AdaGrad(lr=0.05), epoch=1, metrics=[], extra={"config": {**config, key: value}})
         assert main(["train", "--resume", str(path), "--out", str(tmp_path / key)]) == 2

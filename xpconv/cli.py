@@ -427,15 +427,16 @@ def _own_data_resumed(args, cfg: dict) -> None:
 
 def _own_data_recipe(model: str, own):
     """Settings for a model on your own data: the MNIST recipe (Adam 0.001, 20 epochs of
-    batches of 100, or of all the training images when there are fewer), with 3x3 padded
-    filters so that images of any size fit the simple model."""
+    batches of 100, or of all the training images when there are fewer: see
+    :func:`_train_settings`), with 3x3 padded filters so that images of any size fit the
+    simple model."""
     import dataclasses
 
     r = recipe("mnist", model)
     config = dict(r.model_config)
     if model == "simple":
         config["conv_param"] = {"filter_num": 30, "filter_size": 3, "pad": 1, "stride": 1}
-    return dataclasses.replace(r, batch_size=max(1, min(r.batch_size, int(own[0][0].shape[0]))), model_config=config)
+    return dataclasses.replace(r, model_config=config)
 
 
 def _own_test_data(args, cfg: dict, input_dim, checkpoint):
@@ -561,6 +562,9 @@ def _train_settings(args) -> tuple[dict, Any]:
         "xpconv_version": __version__,
     }
     cfg.update(new_run_options(args, r, info))
+    if own is not None and args.batch_size is None:  # fewer images than a batch: one batch of all those trained on
+        n = int(own[0][0].shape[0])
+        cfg["batch_size"] = max(1, min(cfg["batch_size"], n - int(round(cfg["val_split"] * n))))
     if args.config:
         cfg["config_file"] = str(args.config)
     if own is not None:
