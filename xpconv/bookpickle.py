@@ -678,9 +678,12 @@ def load_params(path, *, max_bytes: int = MAX_FILE_BYTES) -> dict[str, np.ndarra
     return obj
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an error's message, at most ``limit`` characters (pickle's own
+    errors quote the bytes they failed on, which may be the whole file)."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else "(no message)"
+    line = text.splitlines()[0] if text else "(no message)"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _short(value, limit: int = 80) -> str:
