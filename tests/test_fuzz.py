@@ -63,13 +63,16 @@ def fuzz_settings(target: str) -> settings:
 class Worker:
     """One worker process for one target, restarted when it dies or hangs."""
 
-    def __init__(self, target: str):
+    def __init__(self, target: str, tmp: Path | None = None):
         self.target = target
+        self.tmp = tmp  # the worker's TMPDIR (its scratch files), one of pytest's temp folders
         self.proc: subprocess.Popen | None = None
         self.counts = {"ok": 0, "refused": 0, "finding": 0}
 
     def start(self) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        if self.tmp is not None:
+            env["TMPDIR"] = str(self.tmp)
         self.proc = subprocess.Popen([sys.executable, str(WORKER), self.target], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, env=env)
         ready = self._read(120.0)
@@ -121,12 +124,12 @@ class Worker:
 
 
 @pytest.fixture(scope="module")
-def workers():
+def workers(tmp_path_factory):
     made: dict[str, Worker] = {}
 
     def get(target: str) -> Worker:
         if target not in made:
-            made[target] = Worker(target)
+            made[target] = Worker(target, tmp_path_factory.mktemp(f"fuzz-{target}"))
         return made[target]
 
     yield get
