@@ -20,6 +20,7 @@ A crash or a hang is seen by the parent (the pipe closes, or no answer comes in 
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import resource
@@ -208,6 +209,202 @@ def make_tensor(torch, spec):
     return t
 
 
+# ----------------------------------------------------------------------------- run folders on --resume
+
+
+class RunFolder:
+    """A run folder after one epoch (built once), damaged and resumed step by step as
+    ``xpconv train --resume DIR/last.safetensors`` does, next to an ``outside`` folder
+    (a sentinel file, the targets of links) that nothing may change."""
+
+    def __init__(self):
+        import shutil
+
+        from xpconv.datasets import load_digits
+        from xpconv.models import SimpleConvNet
+        from xpconv.training import Run, Trainer
+
+        self.shutil = shutil
+        self.base = Path(tempfile.mkdtemp(prefix="xpconv-fuzz-run-"))
+        self.folder = self.base / "run-fuzzed"
+        self.template = self.base / "template"
+        self.outside = self.base / "outside"
+        (x, t), (xt, tt) = load_digits()
+        self.data = (x[:40], t[:40], xt[:20], tt[:20])
+        net = SimpleConvNet(input_dim=(1, 8, 8), conv_param={"filter_num": 2, "filter_size": 3, "pad": 1, "stride": 1},
+                            hidden_size=4, output_size=10, xp="numpy", seed=0)
+        Trainer(net, *self.data, epochs=1, mini_batch_size=20, verbose=False, seed=0,
+                run=Run(out_dir=self.template, config={"model": "simple", "dataset": "digits"})).train()
+        self.reset()
+
+    def reset(self) -> None:
+        for p in (self.folder, self.outside):
+            if p.exists() or p.is_symlink():
+                self.shutil.rmtree(p)
+        self.shutil.copytree(self.template, self.folder)
+        self.outside.mkdir()
+        (self.outside / "sentinel.txt").write_bytes(b"outside the run folder\n")
+        (self.outside / "folder").mkdir()
+        self.epoch = 1
+
+    def snapshot(self) -> dict:
+        """Everything under ``outside`` and the base folder's names: what must not change."""
+        seen: dict = {"base": sorted(p.name for p in self.base.iterdir())}
+        for p in sorted(self.outside.rglob("*")):
+            st = os.lstat(p)
+            seen[str(p.relative_to(self.outside))] = (st.st_mode, st.st_size, st.st_mtime_ns,
+                                                      p.read_bytes() if p.is_file() and not p.is_symlink() else None)
+        return seen
+
+    def content(self, spec) -> bytes:
+        kind, value = spec
+        if kind == "bytes":
+            return value
+        if kind == "repeat":  # (unit, count, tail): a long file without a long message
+            unit, count, tail = value
+            return unit * count + tail
+        raise ValueError(f"unknown content {kind}")
+
+    def damage(self, name: str, kind: str, spec) -> None:
+        path = self.folder / name.replace("{pid}", str(os.getpid()))
+        if path.is_symlink() or path.exists():
+            (self.shutil.rmtree if path.is_dir() and not path.is_symlink() else os.unlink)(path)
+        if kind == "delete":
+            return
+        if kind == "file":
+            path.write_bytes(self.content(spec))
+        elif kind == "sparse":  # a file of ``spec`` bytes that takes no disk
+            with open(path, "wb") as f:
+                f.truncate(spec)
+        elif kind == "symlink":
+            path.symlink_to(spec if spec.startswith("/dev/") else self.outside / spec)
+        elif kind == "hardlink":
+            os.link(self.outside / "sentinel.txt", path)
+        elif kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "folder":
+            path.mkdir()
+            (path / "inside.txt").write_bytes(b"x")
+        else:
+            raise ValueError(f"unknown damage {kind}")
+
+    def resume(self):
+        """What --resume runs on the folder: claim it (temp files, the lock, the run files'
+        checks, reconcile_run), train one more epoch (the lock taken again, the epoch's
+        files written), release. None when the folder is right afterwards, else what is wrong."""
+        from xpconv.checkpoint import load_checkpoint
+        from xpconv.training import Run, Trainer, claim_run_folder
+
+        before = self.snapshot()
+        last = self.folder / "last.safetensors"
+        jsonl = self.folder / "metrics.jsonl"
+        self.jsonl_before = digest(jsonl) if jsonl.is_file() and not jsonl.is_symlink() else None
+        try:
+            ckpt = load_checkpoint(last)
+            lock = claim_run_folder(self.folder, resume=last, overwrite=False, remove_now=False)
+            try:
+                run = Run.resume(ckpt, out_dir=self.folder)
+                Trainer(ckpt.model, *self.data, epochs=ckpt.epoch + 1, mini_batch_size=20, verbose=False, seed=0,
+                        optimizer=ckpt.optimizer, run=run).train()
+            finally:
+                lock.release()
+        except MemoryError:
+            raise
+        except Exception as exc:
+            wrong = self.outside_changed(before)
+            if wrong:
+                return f"{wrong} (and the resume raised {type(exc).__name__}: {str(exc)[:200]})"
+            text = str(exc)
+            if str(self.folder) not in text:
+                return f"{type(exc).__name__} without the run folder's name: {text[:300]}"
+            raise
+        wrong = self.outside_changed(before)
+        if wrong:
+            return wrong
+        self.epoch += 1
+        return self.check_resumed()
+
+    def outside_changed(self, before: dict) -> str | None:
+        after = self.snapshot()
+        if after != before:
+            changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+            return f"something outside the run folder changed: {changed}"
+        return None
+
+    def check_resumed(self) -> str | None:
+        from xpconv.checkpoint import read_checkpoint
+        from xpconv.training.runs import LOCK_NAME
+
+        e = self.epoch
+        got = read_checkpoint(self.folder / "last.safetensors")[1].get("epoch")
+        if got != e:
+            return f"last.safetensors holds epoch {got} after resuming to epoch {e}"
+        try:
+            doc = json.loads((self.folder / "metrics.json").read_bytes())
+        except (OSError, ValueError) as exc:
+            return f"metrics.json cannot be read after a resume: {exc}"
+        final = doc.get("final") if isinstance(doc, dict) else None
+        if not isinstance(final, dict) or final.get("epoch") != e or [r.get("epoch") for r in doc.get("epochs", [])] != list(range(1, e + 1)):
+            return f"metrics.json does not hold epochs 1..{e}: {str(doc)[:200]}"
+        jsonl = self.folder / "metrics.jsonl"
+        size, end, sha = self.jsonl_before or (0, b"", None)
+        if sha is not None and digest(jsonl, size)[2] != sha:
+            return f"metrics.jsonl lost what it held (its first {size:,} bytes changed)"
+        with open(jsonl, "rb") as f:
+            f.seek(size)
+            new = f.read(1 << 20)
+        if size and end != b"\n" and not new.startswith(b"\n"):  # appended: lines of their own
+            return f"metrics.jsonl's records were appended to its unfinished last line (ending {end!r})"
+        try:
+            added = [json.loads(line) for line in new.split(b"\n") if line.strip()]
+        except ValueError:
+            added = []
+        if not added or not all(isinstance(r, dict) for r in added) or added[-1].get("epoch") != e:
+            return f"the records appended to metrics.jsonl do not end with epoch {e}: {new[-200:]!r}"
+        if (self.folder / LOCK_NAME).exists() or (self.folder / LOCK_NAME).is_symlink():
+            owner = (self.folder / LOCK_NAME).read_bytes()[:200] if (self.folder / LOCK_NAME).is_file() else b"(not a file)"
+            if str(os.getpid()).encode() in owner:
+                return f"the lock is left behind after the run: {owner!r}"
+        mine = [p.name for p in self.folder.iterdir() if p.name.endswith(".tmp") and f".{os.getpid()}." in p.name and p.is_file()
+                and not p.is_symlink() and p.stat().st_mtime > self.started]
+        if mine:
+            return f"temp files of this process left behind: {mine}"
+        return None
+
+
+def digest(path: Path, size: int | None = None) -> tuple[int, bytes, str]:
+    """(size, last byte, SHA-256) of a file's first ``size`` bytes (all of it): of their
+    first and last MiB, so that a 1 TiB sparse file is not read whole."""
+    import hashlib
+
+    n = os.path.getsize(path) if size is None else size
+    with open(path, "rb") as f:
+        head = f.read(min(n, 1 << 20))
+        f.seek(max(n - (1 << 20), 0))
+        tail = f.read(min(n, 1 << 20))
+    return n, tail[-1:], hashlib.sha256(head + tail).hexdigest()
+
+
+_RUN: RunFolder | None = None
+
+
+def target_run_folder(path: Path, payload):
+    global _RUN
+    import time
+
+    if _RUN is None:
+        _RUN = RunFolder()
+    op, *args = payload
+    if op == "reset":
+        _RUN.reset()
+        return None
+    if op == "damage":
+        _RUN.damage(*args)
+        return None
+    _RUN.started = time.time()
+    return _RUN.resume()
+
+
 import numpy as np  # noqa: E402 - make_tensor's product
 
 TARGETS = {
@@ -217,6 +414,7 @@ TARGETS = {
     "image": (target_image, "image.png", "xpconv.images", "ImageError"),
     "toml": (target_toml, "recipe.toml", "xpconv.recipes", "ConfigError"),
     "from_torch": (target_from_torch, "", "xpconv.interop", None),
+    "run_folder": (target_run_folder, "", "xpconv.training.runs", "RunFolderError"),
 }
 
 
@@ -227,10 +425,17 @@ def main() -> None:
     func, filename, module, error = TARGETS[name]
     mod = importlib.import_module(module)
     own = getattr(mod, error) if error else ValueError
+    if name == "run_folder":  # a run folder's files, or its checkpoints
+        from xpconv.checkpoint import CheckpointError
+
+        own = (own, CheckpointError)
     for extra in ("xpconv.images", "xpconv.checkpoint", "PIL.Image", "PIL.PngImagePlugin"):
         importlib.import_module(extra)
     if name == "from_torch":
         importlib.import_module("torch")
+    if name == "run_folder":
+        for extra in ("xpconv.training", "xpconv.datasets", "xpconv.models"):
+            importlib.import_module(extra)
     from xpconv._io import proc_status
 
     size = proc_status("VmSize") or "0 kB"

@@ -1,6 +1,7 @@
 """Property-based fuzzing of xpconv's readers: the book's pickles (bookpickle), checkpoint
 files (safetensors header and metadata), IDX files, ``predict``'s inputs (PNG, ICO, JPEG,
-... and .npy), TOML recipes and state dicts for ``from_torch``.
+... and .npy), TOML recipes, state dicts for ``from_torch`` and the files of a run folder
+that ``xpconv train --resume`` reads and writes (lock file, metrics, temp files).
 
 Every example is handed to a long-lived worker process (tests/fuzz_worker.py) whose
 address space is capped at what its imports took plus 700 MB, with a deadline per example;
@@ -33,6 +34,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("fuzz_worker.py")
@@ -40,7 +42,7 @@ WORKER = Path(__file__).with_name("fuzz_worker.py")
 pytestmark = pytest.mark.fuzz
 
 #: examples per target in the short profile (every test run: about two minutes in all)
-SHORT = {"pickle": 1500, "checkpoint": 500, "idx": 1000, "image": 800, "toml": 800, "from_torch": 150}
+SHORT = {"pickle": 1500, "checkpoint": 500, "idx": 1000, "image": 800, "toml": 800, "from_torch": 150, "run_folder": 60}
 #: seconds an example may take before it counts as a hang
 DEADLINE_S = 30.0
 
@@ -61,13 +63,16 @@ def fuzz_settings(target: str) -> settings:
 class Worker:
     """One worker process for one target, restarted when it dies or hangs."""
 
-    def __init__(self, target: str):
+    def __init__(self, target: str, tmp: Path | None = None):
         self.target = target
+        self.tmp = tmp  # the worker's TMPDIR (its scratch files), one of pytest's temp folders
         self.proc: subprocess.Popen | None = None
         self.counts = {"ok": 0, "refused": 0, "finding": 0}
 
     def start(self) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        if self.tmp is not None:
+            env["TMPDIR"] = str(self.tmp)
         self.proc = subprocess.Popen([sys.executable, str(WORKER), self.target], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, env=env)
         ready = self._read(120.0)
@@ -119,12 +124,12 @@ class Worker:
 
 
 @pytest.fixture(scope="module")
-def workers():
+def workers(tmp_path_factory):
     made: dict[str, Worker] = {}
 
     def get(target: str) -> Worker:
         if target not in made:
-            made[target] = Worker(target)
+            made[target] = Worker(target, tmp_path_factory.mktemp(f"fuzz-{target}"))
         return made[target]
 
     yield get
@@ -469,3 +474,125 @@ def state_dicts(draw) -> dict:
 @given(state=state_dicts())
 def test_fuzz_from_torch_state_dicts(workers, state):
     check(workers("from_torch"), state)
+
+
+
+# ----------------------------------------------------------------------------- run folders on --resume
+
+LOCK = ".xpconv-run.lock"
+#: numbers as a file may hold them: JSON's own, and what Python's json reads beyond it
+NUMBERS = ["1", "2", "0", "-1", "1.0", "1.5", "-0", "true", "false", "null", '"1"', "Infinity", "-Infinity", "NaN", "1e400", "-1e400",
+           "1e9", "1000000000", "1000000001", str(2**31 - 1), str(2**31), str(2**63), str(2**64), "1" + "0" * 30, "9" * 5000]
+#: pids of temp-file names: this worker's own ({pid}), init's, past any pid_t, 20 digits
+PIDS = ["{pid}", "1", "0", "00000000001", str(2**22 + 1), str(2**31 - 1), str(2**31), str(2**32), str(2**64), "9" * 20, "9" * 200]
+TEMP_OF = ["metrics.json", "metrics.jsonl", "last.safetensors", "best.safetensors", LOCK, "notes.txt"]
+
+number = st.one_of(st.sampled_from(NUMBERS), st.integers(-2**70, 2**70).map(str), st.floats().map(json.dumps))
+json_leaf = st.one_of(number, st.text(max_size=8).map(json.dumps), st.sampled_from(['"simple"', '"digits"', '"epoch"', '{}', '[]']))
+
+
+def _obj(items) -> str:
+    return "{" + ", ".join(f"{json.dumps(k)}: {v}" for k, v in items) + "}"
+
+
+json_text = st.recursive(json_leaf, lambda inner: st.one_of(
+    st.lists(inner, max_size=4).map(lambda xs: "[" + ", ".join(xs) + "]"),
+    st.lists(st.tuples(st.sampled_from(["epoch", "final", "epochs", "pid", "host", "start", "best_epoch", "test_acc", "config", "x"]), inner),
+             max_size=4).map(_obj)), max_leaves=10)
+
+
+@st.composite
+def records(draw) -> str:
+    """One line as metrics.jsonl holds, its numbers hostile."""
+    keys = draw(st.lists(st.sampled_from(["epoch", "train_loss", "train_acc", "test_acc", "val_acc", "seconds"]), min_size=1, max_size=4, unique=True))
+    return _obj((k, draw(st.one_of(number, json_text) if draw(st.integers(0, 3)) else json_text)) for k in keys)
+
+
+@st.composite
+def lock_records(draw) -> str:
+    import socket
+
+    fields = {"pid": draw(st.one_of(number, st.sampled_from(["{pid}", "1", str(os.getpid())]))),
+              "host": draw(st.sampled_from([json.dumps(socket.gethostname()), '"elsewhere"', '""', "5", "null"])),
+              "start": draw(st.sampled_from(["null", '"x"', '"1:2"', "7"])), "since": '"2026-01-01T00:00:00"'}
+    keys = draw(st.lists(st.sampled_from(list(fields)), unique=True, max_size=4))
+    return _obj((k, fields[k]) for k in keys).replace('"{pid}"', "{pid}")
+
+
+def _cut(draw, text: str) -> str:
+    """``text``, with its end cut off at some point half the time (a write cut short)."""
+    return text[:draw(st.integers(0, len(text)))] if draw(st.booleans()) else text
+
+
+@st.composite
+def contents(draw, name: str):
+    """What the damaged file holds: ("bytes", data) or ("repeat", (unit, count, tail)), a
+    large file made in the worker."""
+    kind = draw(st.sampled_from(["binary", "json", "records", "deep", "huge string", "many lines"]))
+    if kind == "binary":
+        return "bytes", draw(st.binary(max_size=300))
+    if kind == "json":
+        text = draw(lock_records()) if name == LOCK and draw(st.booleans()) else draw(json_text)
+        if name == "metrics.json" and draw(st.booleans()):
+            text = _obj([("epochs", "[" + ", ".join(draw(st.lists(records(), max_size=3))) + "]"),
+                         ("final", _obj([("epoch", draw(number)), ("best_epoch", draw(number))])), ("config", draw(json_text))])
+        return "bytes", _cut(draw, text).encode()
+    if kind == "records":
+        lines = draw(st.lists(records(), max_size=5))
+        return "bytes", _cut(draw, "".join(line + "\n" for line in lines)).encode()
+    if kind == "deep":
+        return "repeat", (draw(st.sampled_from([b"[", b"{\"a\":", b"[{\"epoch\":"])), draw(st.integers(1, 200_000)), b"")
+    if kind == "huge string":
+        return "repeat", (b"x", draw(st.integers(1, 5_000_000)), b'"}\n')
+    return "repeat", (draw(st.sampled_from([b"\n", b"{}\n", b'{"epoch": 1}\n', b"\r", b'{"epoch": 1e400}\n'])), draw(st.integers(1, 1_000_000)), b"")
+
+
+@st.composite
+def damages(draw) -> tuple:
+    """One file of the run folder replaced: (name, how, what)."""
+    name = draw(st.one_of(
+        st.sampled_from([LOCK, "metrics.json", "metrics.jsonl", "best.safetensors"]),
+        st.builds(lambda of, pid, tail: f".{of}.{pid}.{tail}.tmp", st.sampled_from(TEMP_OF), st.sampled_from(PIDS),
+                  st.text("abcdefghijklmnopqrstuvwxyz0123456789_", min_size=8, max_size=8)),
+        st.sampled_from([f"{LOCK}.{{pid}}", f"{LOCK}.stale.{{pid}}", f".{LOCK}.{{pid}}.{{pid}}.abcdefgh.tmp"])))
+    how = draw(st.sampled_from(["file", "file", "file", "sparse", "symlink", "hardlink", "fifo", "folder", "delete"]))
+    if how == "file":
+        return name, how, draw(contents(name))
+    if how == "sparse":  # around the readers' limits (a lock file: 4 KiB; metrics: 256 MiB), and far past them
+        return name, how, draw(st.sampled_from([4096, 4097, 256 << 20, (256 << 20) + 1, 1 << 40]))
+    if how == "symlink":
+        return name, how, draw(st.sampled_from(["sentinel.txt", "folder", "missing", "/dev/zero", "/dev/null"]))
+    return name, how, None
+
+
+def test_fuzz_run_folder(workers):
+    """Damage steps (a file of the run folder replaced by hostile content or a link, FIFO or
+    folder) and resume steps (what ``xpconv train --resume`` runs: claim the folder, repair
+    it, train an epoch, release the lock) in any order: each resume ends in one line naming
+    the folder, or in a folder whose last.safetensors, metrics.json and metrics.jsonl agree
+    on the new epoch; nothing outside the folder changes.
+
+    A state machine rather than one example per folder: a resume changes the folder (it
+    repairs files, takes over or refuses the lock, removes temp files, adds an epoch), and
+    what the next damage and resume meet is that state, as for someone resuming a damaged
+    folder again and again."""
+    worker = workers("run_folder")
+
+    class RunFolderSteps(RuleBasedStateMachine):
+        @initialize()
+        def fresh_run(self):
+            check(worker, ("reset",))
+
+        @rule(damage=damages())
+        def damage(self, damage):
+            check(worker, ("damage", *damage))
+
+        @rule()
+        def resume(self):
+            check(worker, ("resume",))
+
+        def teardown(self):
+            if worker.proc is not None:
+                check(worker, ("resume",))
+
+    run_state_machine_as_test(RunFolderSteps, settings=settings(fuzz_settings("run_folder"), stateful_step_count=6))

@@ -15,6 +15,8 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -234,3 +236,69 @@ def test_metrics_jsonl_lines_are_untrusted_text(tmp_path, run_dir, caplog):
         done = reconcile_run(run_dir)
     assert done["metrics.jsonl"] == [1]
     assert "4 line(s) that are not an epoch's record ignored" in caplog.text
+
+
+def test_a_record_is_appended_on_a_line_of_its_own(tmp_path, run_dir):
+    """A metrics.jsonl whose last line is unfinished (a cut copy, an edit): the records a
+    resume appends start a line of their own instead of joining that line."""
+    jsonl = run_dir / "metrics.jsonl"
+    jsonl.write_text('{"epoch": 1, "train_loss": 2.3, "train_acc": 0.1, "test_acc": 0.1}\n{"epoch": 2, "tra')
+    append_jsonl(jsonl, {"epoch": 2, "test_acc": 0.5})
+    append_jsonl(jsonl, {"epoch": 3, "test_acc": 0.6})
+    lines = jsonl.read_text().splitlines()
+    assert lines[1] == '{"epoch": 2, "tra'
+    assert [json.loads(line)["epoch"] for line in lines[2:]] == [2, 3]
+
+
+_CAPPED_RESUME = r"""
+import resource, sys
+from pathlib import Path
+from xpconv._io import proc_status
+from xpconv.training import claim_run_folder
+limit = int(proc_status("VmSize").split()[0]) * 1024 + (700 << 20)
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+folder = Path(sys.argv[1])
+claim_run_folder(folder, resume=folder / "last.safetensors").release()
+"""
+
+
+def _sparse(path: Path, size: int) -> None:
+    path.unlink(missing_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+@pytest.mark.parametrize("name, content", [
+    ("metrics.json", "[" + "[]," * 13_000_000 + "[]]"),  # 39 MB whose objects take some 800 MB
+    ("metrics.jsonl", "{}\n" * 13_000_000),  # 39 MB of lines: some 800 MB as a list of strings
+    ("metrics.jsonl", 1 << 40),  # a sparse terabyte
+])
+def test_resume_reads_huge_metrics_files_within_the_memory_budget(tmp_path, run_dir, name, content):
+    """metrics.json is parsed only up to a size whose objects fit the budget (a larger one is
+    written anew from last.safetensors, which holds the same records); of metrics.jsonl only
+    the end is read: the repair on resume runs in 700 MB of address space beyond its imports."""
+    if isinstance(content, int):
+        _sparse(run_dir / name, content)
+    else:
+        (run_dir / name).write_text(content)
+    proc = subprocess.run([sys.executable, "-c", _CAPPED_RESUME, str(run_dir)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(_checkpoints.ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((run_dir / "metrics.json").read_text())
+    assert doc["final"]["epoch"] == 1 and [r["epoch"] for r in doc["epochs"]] == [1]
+
+
+def test_resume_goes_on_after_a_metrics_jsonl_of_a_terabyte(tmp_path, run_dir):
+    """A metrics.jsonl larger than any run writes is no reason to refuse the run: its end
+    is read (it holds no record here), the records are appended on lines of their own."""
+    path = run_dir / "metrics.jsonl"
+    _sparse(path, 1 << 40)
+    rc, out, err, rss = _checkpoints.xpconv("train", "--resume", run_dir / "last.safetensors", "--no-plots", cwd=tmp_path, timeout=120)
+    assert rc == 0, err
+    assert rss < _checkpoints.RSS_LIMIT_MB, f"peak RSS {rss:.0f} MB"
+    doc = json.loads((run_dir / "metrics.json").read_text())
+    assert doc["final"]["epoch"] == 3 and [r["epoch"] for r in doc["epochs"]] == [1, 2, 3]
+    with open(path, "rb") as f:
+        f.seek(1 << 40)
+        added = [json.loads(line) for line in f.read().splitlines() if line.strip()]
+    assert [r["epoch"] for r in added] == [1, 2, 3]  # its end holds no record: all of them are appended

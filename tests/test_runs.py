@@ -329,6 +329,24 @@ def test_lock_is_taken_and_released_and_reentrant(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("make", ["folder", "fifo", "link"])
+def test_the_lock_is_taken_whatever_holds_the_names_it_is_staged_under(tmp_path, make):
+    """The lock file is written aside under a name of its own before it is linked in, and a
+    stale one is moved aside the same way: a folder, FIFO or link left at the names a
+    process of this pid once used is neither written through nor in the way."""
+    _write_lock(tmp_path)
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.txt"
+    outside.write_text("mine")
+    names = [f"{LOCK_NAME}.{os.getpid()}", f"{LOCK_NAME}.stale.{os.getpid()}"]
+    for name in names:
+        path = tmp_path / name
+        {"folder": path.mkdir, "fifo": lambda p=path: os.mkfifo(p), "link": lambda p=path: p.symlink_to(outside)}[make]()
+    lock = RunLock(tmp_path).acquire()
+    assert lock.held and json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names) and outside.read_text() == "mine"
+
+
 def test_lock_of_a_live_process_is_refused(tmp_path):
     parent = os.getppid()
     _write_lock(tmp_path, pid=parent, start=process_start(parent))

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["atomic_write", "file_kind", "open_regular", "pid_alive", "proc_status", "read_regular", "remove_stale_temp_files", "stat_regular"]
+__all__ = ["atomic_write", "chmod_new_file", "file_kind", "open_regular", "pid_alive", "proc_status", "read_regular", "remove_stale_temp_files", "stat_regular"]
 
 #: the signals held back while a file is written (those that end a run the way Ctrl-C does)
 DEFERRED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -184,6 +184,15 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def chmod_new_file(fd: int) -> None:
+    """Give a file created by mkstemp (0600) the mode ``open(path, 'w')`` would give
+    (0666 less the umask, usually 0644)."""
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    except (AttributeError, OSError):  # no fchmod (Windows) or a file system without modes
+        pass
 
 
 def _chmod_like_new_file(fd: int, path: Path) -> None:

@@ -257,12 +257,13 @@ def write_metrics(path, metrics: Mapping[str, Any]) -> Path:
 
 def append_jsonl(path, record: Mapping[str, Any]) -> Path:
     """Append ``record`` as one JSON line to ``path`` (created when missing), in one
-    ``write`` to a file opened for appending: a line is there whole or not at all."""
+    ``write`` to a file opened for appending: a line is there whole or not at all, and on
+    a line of its own (after a newline when the file's last line is unfinished)."""
     path = Path(path)
     data = (json.dumps(_clean(record), separators=(", ", ": ")) + "\n").encode()
     # never through a link: O_NOFOLLOW refuses a symbolic link, the fstat a FIFO, device or
     # a file with other hard links (an append there would change a file outside the run)
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags, 0o666)
     except OSError as exc:
@@ -274,6 +275,8 @@ def append_jsonl(path, record: Mapping[str, Any]) -> Path:
         if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
             what = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"a file with {st.st_nlink} hard links"
             raise OSError(f"{path}: is {what}; xpconv appends only to a file of its own in a run folder")
+        if st.st_size and os.pread(fd, 1, st.st_size - 1) not in (b"\n", b""):
+            data = b"\n" + data  # a last line left unfinished (a cut copy, an edit) stays a line of its own
         os.write(fd, data)
     finally:
         os.close(fd)

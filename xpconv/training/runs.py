@@ -27,15 +27,17 @@ import json
 import logging
 import math
 import os
+import secrets
 import signal
 import socket
 import stat
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write, file_kind, pid_alive, remove_stale_temp_files
+from .._io import atomic_write, chmod_new_file, file_kind, pid_alive, remove_stale_temp_files
 from ..checkpoint import read_checkpoint
 from .callbacks import append_jsonl, write_metrics
 from .console import LOGGER
@@ -64,10 +66,14 @@ LOCK_NAME = ".xpconv-run.lock"
 RUN_FILES = ("last.safetensors", "best.safetensors", "interrupted.safetensors", "metrics.json", "metrics.jsonl",
              "curves.png", "misclassified.png", "filters.png")
 
-#: the most bytes read from a lock file, metrics.json and metrics.jsonl (a run of a
-#: million epochs writes some 200 MB of metrics; a lock file is one short line)
+#: the most bytes read from a lock file (one short line) and from metrics.json (the
+#: records of some 20,000 epochs: a larger one is written anew from last.safetensors,
+#: which holds the same records, rather than parsed, whose objects can take 20 times
+#: its size); of metrics.jsonl only the end is read (records are appended in order, the
+#: last epoch recorded is at its end)
 LOCK_BYTES = 4096
-METRICS_BYTES = 256 << 20
+METRICS_BYTES = 8 << 20
+JSONL_TAIL_BYTES = 1 << 20
 #: the most epochs a run counts (as the checkpoint schema)
 MAX_EPOCH = 10**9
 
@@ -191,7 +197,7 @@ class RunLock:
         for _ in range(3):
             # the lock file appears whole (written aside, then linked under its name: a
             # link fails when the name exists, so two runs cannot both take it)
-            tmp = atomic_write(self.folder / f"{LOCK_NAME}.{os.getpid()}", me)
+            tmp = self._staged(me)
             try:
                 os.link(tmp, self.path)
                 self.held = True
@@ -211,7 +217,9 @@ class RunLock:
                     f"choose another --out (if that run is gone, delete {self.path})"
                 )
             # take it over: move the stale lock aside (atomic), check it is the one judged stale
-            aside = self.folder / f"{LOCK_NAME}.stale.{os.getpid()}"
+            # a name no other file has (whatever was left in the folder), and one that
+            # remove_stale_temp_files clears if this process is killed right here
+            aside = self.folder / f"{LOCK_NAME}.stale.{os.getpid()}.{secrets.token_hex(4)}.tmp"
             try:
                 os.replace(self.path, aside)
             except FileNotFoundError:
@@ -224,6 +232,22 @@ class RunLock:
             if moved == owner:
                 log.warning(f"{self.folder}: taking over the lock of a run that is gone ({_describe(owner) if owner else 'unreadable lock file'})")
         raise RunFolderError(f"{self.folder}: could not take the lock {self.path}; another run is starting there")
+
+    def _staged(self, text: str) -> Path:
+        """A new file of this folder holding ``text``, under a name created for it (never
+        an existing file, link or folder; a temp file's name, so that one left by a kill
+        is removed by :func:`remove_stale_temp_files`)."""
+        fd, name = tempfile.mkstemp(prefix=f"{LOCK_NAME}.{os.getpid()}.", suffix=".tmp", dir=self.folder)
+        try:
+            chmod_new_file(fd)
+            os.write(fd, text.encode("utf-8"))
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(name)
+            raise
+        os.close(fd)
+        return Path(name)
 
     @staticmethod
     def _read_file(path: Path) -> dict | None:
@@ -255,12 +279,15 @@ class RunLock:
 # --------------------------------------------------------------------------- reading a run's files
 
 
-def read_run_file(path: str | os.PathLike[str], what: str, limit: int) -> bytes:
+def read_run_file(path: str | os.PathLike[str], what: str, limit: int, *, tail: bool = False) -> bytes:
     """The bytes of a file of a run folder (a lock file, ``metrics.json``,
     ``metrics.jsonl``), ``stat``-ed before it is opened and never through a link: a
     symbolic link, FIFO, device or folder in its place is refused by name
     (:class:`RunFolderError`) without being read; a file over ``limit`` bytes raises
-    ValueError after ``limit`` bytes are read. FileNotFoundError when there is none."""
+    ValueError after ``limit`` bytes are read, or with ``tail`` gives its last ``limit``
+    bytes after the byte before them (``limit + 1`` bytes: more than ``limit`` when the
+    file is longer, so a line cut at the start can be told). FileNotFoundError when there
+    is none."""
     path = Path(path)
     try:
         st = os.lstat(path)
@@ -279,7 +306,11 @@ def read_run_file(path: str | os.PathLike[str], what: str, limit: int) -> bytes:
             _refuse_odd(path, stat.S_IFLNK, what)
         raise RunFolderError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
     with os.fdopen(fd, "rb") as f:
-        _refuse_odd(path, os.fstat(f.fileno()).st_mode, what)
+        st = os.fstat(f.fileno())
+        _refuse_odd(path, st.st_mode, what)
+        if tail and st.st_size > limit:
+            f.seek(st.st_size - limit - 1)
+            return f.read(limit + 1)
         data = f.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"{path}: a {what} of more than {limit:,} bytes")
@@ -446,11 +477,12 @@ def reconcile_run(folder: str | os.PathLike[str]) -> dict[str, Any]:
     jsonl = folder / "metrics.jsonl"
     seen = 0
     try:
-        text = read_run_file(jsonl, "metrics file", METRICS_BYTES).decode("utf-8", errors="replace")
+        raw = read_run_file(jsonl, "metrics file", JSONL_TAIL_BYTES, tail=True)
     except FileNotFoundError:
-        text = ""
-    except ValueError as exc:
-        raise RunFolderError(f"{exc}; expected the records of at most {MAX_EPOCH:,} epochs: remove it or choose another --out") from None
+        raw = b""
+    if len(raw) > JSONL_TAIL_BYTES:  # the end of a longer file: drop the line cut at its start
+        raw = raw.partition(b"\n")[2]
+    text = raw.decode("utf-8", errors="replace")
     ignored = 0
     for line in text.splitlines():
         line_epoch = _record_epoch(line)
