@@ -91,7 +91,10 @@ _BOOK_SIMPLE = Recipe(
 
 #: Default recipe per (dataset, model). digits/simple is tuned to pass 97% test accuracy with
 #: margin on any seed (98.3-99.2% over seeds 0-4) in about a second of training on a 2-core
-#: CPU; the MNIST recipes are the book's; Fashion-MNIST takes MNIST's.
+#: CPU; the MNIST recipes are the book's, and mnist/simple adds a random translation of up to
+#: 2 pixels (measured on the 8,000/2,000 split of the MNIST test images, 20 epochs, seeds
+#: 0-2: test accuracy of the validation-chosen checkpoint 0.9763 on average with it, 0.9702
+#: without; README "Training options"); Fashion-MNIST takes the book's MNIST recipes.
 RECIPES: dict[tuple[str, str], Recipe] = {
     ("digits", "simple"): Recipe(
         "adagrad", 0.05, 20, 50,
@@ -99,12 +102,12 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     ),
     ("digits", "deep"): Recipe("adam", 0.001, 30, 50, {"hidden_size": 50}),
     ("digits", "mlp"): Recipe("adagrad", 0.05, 30, 50, {"hidden_size": 100, "weight_init_std": 0.1}),
-    ("mnist", "simple"): _BOOK_SIMPLE,
+    ("mnist", "simple"): replace(_BOOK_SIMPLE, augment=2),
     ("mnist", "deep"): Recipe("adam", 0.001, 20, 100, {"hidden_size": 50}),
     ("mnist", "mlp"): Recipe("adam", 0.001, 20, 100, {"hidden_size": 100, "weight_init_std": 0.01}),
 }
 for _m in MODELS:
-    RECIPES[("fashion-mnist", _m)] = RECIPES[("mnist", _m)]
+    RECIPES[("fashion-mnist", _m)] = _BOOK_SIMPLE if _m == "simple" else RECIPES[("mnist", _m)]
 
 
 def recipe(dataset: str, model: str) -> Recipe:
