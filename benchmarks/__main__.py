@@ -1,8 +1,8 @@
 """``python -m benchmarks [options]``: the comparison suite of benchmarks/harness.py, with the
 JSON written to benchmarks/results/<device>-<suite|scaling>[-quick].json unless ``--json``
 says otherwise.  ``python -m benchmarks --help`` lists the options; benchmarks/README.md
-records the machine, the command and the results.  (``xpconv bench`` runs :func:`run`
-when started from a checkout's root.)"""
+records the machine, the command and the results.  The harness is not part of the installed
+package: run it from a checkout's root."""
 
 from __future__ import annotations
 

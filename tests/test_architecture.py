@@ -263,3 +263,47 @@ def test_the_core_never_imports_the_shell():
         if not allowed(target)
     ]
     assert not bad, "the core imports the shell: " + "; ".join(bad)
+
+
+def _outside_imports(path: Path, outside: str) -> list[int]:
+    """Lines of ``path`` that import ``outside`` or a submodule of it: ``import``, ``from ...
+    import`` and ``import_module``/``__import__`` calls whose name the source spells."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    lines = []
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""]
+        elif isinstance(node, ast.Call):
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+            if called in ("import_module", "__import__") and node.args:
+                arg = node.args[0]
+                parts = arg.values if isinstance(arg, ast.JoinedStr) else [arg]
+                first = parts[0] if parts else None
+                if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                    names = [first.value]
+        if any(n == outside or n.startswith(outside + ".") for n in names):
+            lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_the_outside_import_reader_sees_every_spelling(tmp_path):
+    source = (
+        "import os\nimport benchmarks\nfrom benchmarks.harness import run\nimport benchmarks_other\n\n\n"
+        "def f():\n    import benchmarks.__main__ as m\n    return importlib.import_module('benchmarks.__main__'), __import__(f'benchmarks.{m}')\n"
+    )
+    (tmp_path / "m.py").write_text(source)
+    assert _outside_imports(tmp_path / "m.py", "benchmarks") == [2, 3, 8, 9, 9]
+
+
+def test_the_package_never_imports_the_benchmarks():
+    """benchmarks/ is a checkout's harness, not part of the installed package (it is run as
+    ``python -m benchmarks``): nothing in xpconv/ may import it, which would also close a
+    circle, since the harness imports xpconv."""
+    modules = _modules()
+    assert "xpconv.cli" in modules
+    bad = [f"{path.relative_to(PACKAGE.parent)}:{line}" for path in modules.values() for line in _outside_imports(path, "benchmarks")]
+    assert not bad, "xpconv/ imports benchmarks/: " + ", ".join(bad)

@@ -3,7 +3,7 @@ xpconv ports, run by the SAME case code against both, with the same float64 inpu
 weights, equal to 1e-6 relative.
 
 A case receives ``m``, a :class:`Side`: its attributes are the book modules
-(``m.layers`` = ``common.layers``, ...) or the xpconv modules that the README's import
+(``m.layers`` = ``common.layers``, ...) or the xpconv modules that docs/porting.md's import
 table maps them to.  So each case is also a proof that the book's calls port by changing
 imports only; ``m.kw`` holds the one xpconv addition a case needs (``dtype="float64"``:
 xpconv builds float32 by default).
@@ -34,7 +34,7 @@ REFERENCE = Path(SHARED).resolve() / "reference" / "deep-learning-from-scratch"
 GOLDEN = Path(__file__).with_name("data") / "book_golden.npz"
 RTOL = 1e-6
 
-# book module -> xpconv module (the README's import table); the key is the attribute of Side
+# book module -> xpconv module (docs/porting.md's import table); the key is the attribute of Side
 MODULES = {
     "layers": ("common.layers", "xpconv.layers"),
     "optimizer": ("common.optimizer", "xpconv.optim"),
@@ -51,7 +51,7 @@ MODULES = {
 BOOK_DIRS = ("", "ch05", "ch07", "ch08")
 # a chapter's module whose name another chapter's module takes (ch04/two_layer_net.py and
 # ch05/two_layer_net.py): the book's file is loaded by its path, and xpconv's side is
-# the README's import for that chapter, ``from xpconv.models import SigmoidTwoLayerNet as
+# docs/porting.md's import for that chapter, ``from xpconv.models import SigmoidTwoLayerNet as
 # TwoLayerNet`` (Side attribute -> (book file, xpconv module, {book name: xpconv name}))
 RENAMED_MODULES = {
     "two_layer_net_ch04": ("ch04/two_layer_net.py", "xpconv.models", {"TwoLayerNet": "SigmoidTwoLayerNet"}),

@@ -3,7 +3,7 @@ after changing its import lines only.
 
 Each such script of ``../shared/reference/deep-learning-from-scratch/ch03``-``ch08`` is copied
 into a scratch folder with its book imports rewritten mechanically by :data:`IMPORT_TABLE`
-(the table the README shows): ``from common.layers import *`` becomes ``from xpconv.layers
+(the table docs/porting.md shows): ``from common.layers import *`` becomes ``from xpconv.layers
 import *``, ``from simple_convnet import SimpleConvNet`` becomes ``from xpconv.models import
 SimpleConvNet``, and so on; where a chapter's module shares its name with another chapter's
 (:data:`CHAPTER_IMPORTS`: ch04's and ch05's ``two_layer_net``), the import names xpconv's
@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BOOK = Path(SHARED).resolve() / "reference" / "deep-learning-from-scratch"
 CHAPTERS = ("ch03", "ch04", "ch05", "ch06", "ch07", "ch08")
 
-#: book module -> the xpconv module that holds its names (the README's import table)
+#: book module -> the xpconv module that holds its names (the import table of docs/porting.md)
 IMPORT_TABLE = {
     "common.functions": "xpconv.functions",
     "common.gradient": "xpconv.gradient",
@@ -66,7 +66,7 @@ IMPORT_TABLE = {
 }
 
 #: chapter -> {book module: (xpconv module, {book name: xpconv name})}: a chapter's module
-#: whose name another chapter's module also takes (the README's table names both)
+#: whose name another chapter's module also takes (docs/porting.md's table names both)
 CHAPTER_IMPORTS = {
     "ch04": {"two_layer_net": ("xpconv.models", {"TwoLayerNet": "SigmoidTwoLayerNet"})},
 }
@@ -498,15 +498,15 @@ def test_port_rewrites_the_books_import_forms():
     )
 
 
-def test_readme_shows_the_import_table():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    rows = [line for line in readme.splitlines() if line.lstrip().startswith("|")]
+def test_the_docs_show_the_import_table():
+    page = (ROOT / "docs" / "porting.md").read_text(encoding="utf-8")
+    rows = [line for line in page.splitlines() if line.lstrip().startswith("|")]
     for book_module, xpconv_module in IMPORT_TABLE.items():
         pattern = re.compile(rf"(?<![\w.]){re.escape(book_module)}(?![\w])")
         assert any(pattern.search(row) and re.search(rf"\b{re.escape(xpconv_module)}\b", row) for row in rows), (
-            f"README.md has no table row mapping `{book_module}` to `{xpconv_module}`"
+            f"docs/porting.md has no table row mapping `{book_module}` to `{xpconv_module}`"
         )
     for chapter, modules in CHAPTER_IMPORTS.items():
         for book_module, (xpconv_module, names) in modules.items():
             needed = [f"{chapter}/{book_module}", xpconv_module, *(f"{ours} as {book}" for book, ours in names.items())]
-            assert any(all(n in row for n in needed) for row in rows), f"README.md has no table row with {needed}"
+            assert any(all(n in row for n in needed) for row in rows), f"docs/porting.md has no table row with {needed}"

@@ -157,7 +157,7 @@ def test_python_dash_m_works(argv):
 
 def _docs() -> str:
     root = Path(__file__).resolve().parents[1]
-    text = "".join(p.read_text(encoding="utf-8") for p in (root / "README.md",))
+    text = "".join(p.read_text(encoding="utf-8") for p in (root / "README.md", root / "docs" / "install.md"))
     return " ".join(text.split())
 
 
@@ -166,7 +166,7 @@ def _quoted(message: str) -> bool:
 
 
 def test_troubleshooting_quotes_the_messages_xpconv_prints(fake_cupy):
-    """The install guide's troubleshooting quotes these messages verbatim; keep them in step."""
+    """The install guide's troubleshooting (docs/install.md) quotes these messages verbatim; keep them in step."""
     assert _quoted(f"CuPy is not installed; to use a GPU: {backend._EXTRAS['cupy']}")
     for driver in (0, 12040):  # no driver; a CUDA 12.4 driver under cupy-cuda13x
         fake_cupy(driver=driver, runtime=13000)

@@ -11,8 +11,8 @@ README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
 
 
-def test_readme_has_python_examples():
-    assert len(BLOCKS) >= 2
+def test_readme_has_a_python_example():
+    assert len(BLOCKS) >= 1  # the site's pages hold the rest (tests/test_docs.py runs them)
 
 
 @pytest.mark.parametrize("i", range(len(BLOCKS)))

@@ -1,4 +1,4 @@
-"""The ``xpconv`` command (also ``python -m xpconv``): train, eval, predict, serve, info, bench.
+"""The ``xpconv`` command (also ``python -m xpconv``): train, eval, predict, serve, info.
 
     xpconv train                         # SimpleConvNet on the bundled digits, >= 97% in seconds
     xpconv train --dataset mnist --data-dir ~/mnist --device cuda
@@ -7,7 +7,6 @@
     xpconv predict runs/.../best.safetensors digit.png more.npy
     xpconv serve runs/.../best.safetensors  # draw a digit at http://127.0.0.1:8000/, curves at /runs
     xpconv info [--json]
-    xpconv bench ...                     # from a source checkout: python -m benchmarks ...
 
 One argparse parser serves every subcommand.  The recipes are data in
 :mod:`xpconv.recipes`, image decoding is :mod:`xpconv.images`, the machine report is
@@ -286,12 +285,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     for sp in (t, e, pr, sv):  # --debug also after the command
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the Python traceback of an error")
-    sub.add_parser(
-        "bench", add_help=False,
-        help="the speed benchmarks: from a source checkout's root, the same as 'python -m benchmarks'",
-        description="Runs the comparison harness of a source checkout (benchmarks/, not installed with "
-                    "the package); its options are those of 'python -m benchmarks --help'.",
-    )
     return p
 
 
@@ -949,27 +942,13 @@ def cmd_serve(args) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- info / bench
+# --------------------------------------------------------------------------- info
 
 
 def cmd_info(args) -> int:
     from .info import print_report
 
     return print_report(as_json=args.json)
-
-
-def cmd_bench(args, rest: Sequence[str]) -> int:
-    """``xpconv bench ...`` = ``python -m benchmarks ...`` run from a checkout's root (the
-    harness is not part of the installed package); elsewhere, one line saying so."""
-    root = Path.cwd()
-    if not (root / "benchmarks" / "harness.py").is_file():
-        _err("'xpconv bench' runs the benchmark harness of a source checkout, which is not installed with the "
-             "package: from the root of a checkout run 'python -m benchmarks' (the same options)")
-        return 2
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    harness = importlib.import_module("benchmarks.__main__")
-    return int(harness.run(list(rest), prog=f"{PROG} bench") or 0)
 
 
 # --------------------------------------------------------------------------- main
@@ -979,8 +958,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command == "bench":
-        return cmd_bench(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command is None:

@@ -42,7 +42,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from benchmarks.harness import CupyPeak  # noqa: E402  (one definition: `xpconv bench` measures alike)
+from benchmarks.harness import CupyPeak  # noqa: E402  (one definition: `python -m benchmarks` measures alike)
 
 EPOCH_SAMPLES = 60_000
 INPUT_DIM = (1, 28, 28)
