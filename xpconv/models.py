@@ -637,28 +637,33 @@ class DeepConvNet(Sequential):
         }
 
 
+def _two_layers(net: Sequential, activation, input_size, hidden_size, output_size, weight_init_std, xp, device, dtype, seed) -> None:
+    """Build ``net`` as affine - ``activation`` - affine: weights ``weight_init_std`` times
+    standard normal draws of the seeded host generator, biases zero (chapters 4 and 5)."""
+    ns, _, dn, rng, device = _setup(xp, device, dtype, seed)
+    std = float(weight_init_std)
+    Sequential.__init__(net, [
+        L.Affine(rng.normal((input_size, hidden_size), xp=ns, dtype=dn, device=device, scale=std),
+                 zeros((hidden_size,), xp=ns, dtype=dn, device=device)),
+        activation,
+        L.Affine(rng.normal((hidden_size, output_size), xp=ns, dtype=dn, device=device, scale=std),
+                 zeros((output_size,), xp=ns, dtype=dn, device=device)),
+    ])
+    net.config = {
+        "input_size": int(input_size),
+        "hidden_size": int(hidden_size),
+        "output_size": int(output_size),
+        "weight_init_std": std,
+    }
+
+
 class TwoLayerNet(Sequential):
     """affine - relu - affine - softmax (inputs of any shape are flattened)."""
 
     name = "mlp"
 
     def __init__(self, input_size, hidden_size, output_size, weight_init_std=0.01, *, xp=None, device=None, dtype="float32", seed=None):
-        ns, dt, dn, rng, device = _setup(xp, device, dtype, seed)
-        std = float(weight_init_std)
-        layers = [
-            L.Affine(rng.normal((input_size, hidden_size), xp=ns, dtype=dn, device=device, scale=std),
-                     zeros((hidden_size,), xp=ns, dtype=dn, device=device)),
-            L.Relu(),
-            L.Affine(rng.normal((hidden_size, output_size), xp=ns, dtype=dn, device=device, scale=std),
-                     zeros((output_size,), xp=ns, dtype=dn, device=device)),
-        ]
-        super().__init__(layers)
-        self.config = {
-            "input_size": int(input_size),
-            "hidden_size": int(hidden_size),
-            "output_size": int(output_size),
-            "weight_init_std": std,
-        }
+        _two_layers(self, L.Relu(), input_size, hidden_size, output_size, weight_init_std, xp, device, dtype, seed)
 
 
 class SigmoidTwoLayerNet(Sequential):
@@ -676,22 +681,7 @@ class SigmoidTwoLayerNet(Sequential):
     name = "sigmoid_two_layer"
 
     def __init__(self, input_size, hidden_size, output_size, weight_init_std=0.01, *, xp=None, device=None, dtype="float32", seed=None):
-        ns, _, dn, rng, device = _setup(xp, device, dtype, seed)
-        std = float(weight_init_std)
-        layers = [
-            L.Affine(rng.normal((input_size, hidden_size), xp=ns, dtype=dn, device=device, scale=std),
-                     zeros((hidden_size,), xp=ns, dtype=dn, device=device)),
-            L.Sigmoid(),
-            L.Affine(rng.normal((hidden_size, output_size), xp=ns, dtype=dn, device=device, scale=std),
-                     zeros((output_size,), xp=ns, dtype=dn, device=device)),
-        ]
-        super().__init__(layers)
-        self.config = {
-            "input_size": int(input_size),
-            "hidden_size": int(hidden_size),
-            "output_size": int(output_size),
-            "weight_init_std": std,
-        }
+        _two_layers(self, L.Sigmoid(), input_size, hidden_size, output_size, weight_init_std, xp, device, dtype, seed)
 
     def predict(self, x, train_flg: bool = False):
         """Softmax probabilities (N, K) for inputs x (chapter 4's predict)."""
