@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import os
 import re
 import shutil
@@ -46,6 +45,7 @@ from ..backend import asarray_in, to_numpy
 from ..images import ImageError, read_image
 from ..layers import Convolution, Relu
 from ..ops import softmax
+from ..training.callbacks import _clean  # JSON with NaN/inf as None, as metrics.json is written
 
 __all__ = ["MAX_UPLOAD", "Loaded", "create_app", "run", "warm_up"]
 
@@ -330,17 +330,6 @@ class Server:
             except ValueError:
                 pass
         return {"name": name, "records": records, "config": config, "writing": (folder / ".xpconv-run.lock").exists()}
-
-
-def _clean(obj):
-    """JSON-able with NaN/inf as None (a diverged run's loss)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
 
 
 def create_app(loaded: Loaded | None, runs_dir: str | os.PathLike[str] = "runs") -> Starlette:
