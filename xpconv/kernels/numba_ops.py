@@ -38,9 +38,11 @@ How they are fast (benchmarks/README.md, candidates 12 and 13, has the measureme
 * **Backward.**  dz (the ReLU mask and pool routing applied) is laid out like the padded
   input with a border of max(0, K-1-pad) rows and columns (:func:`_border`; pad 0 works
   too), so dx is the same micro-kernel over dz with the flipped, transposed weights, and
-  dW = sum_q dz[f, q] x[c, q + tap] is a blocked reduction over the flat positions q of
-  the whole batch (FV filters as the vector lanes, a channel's taps in groups of 9
-  accumulators; float32 on AVX-512 two blocks of 16 filters at a time).  A pooled layer whose dx is
+  dW = sum_q dz[f, q] x[c, q + tap] is a blocked reduction over the batch's output positions
+  q, gathered into tiles of real positions only (each tile row carries its flat offset, so
+  the junk columns and border rows, 13-36% of DeepConvNet's flat positions, cost nothing;
+  FV filters as the vector lanes, a channel's taps in groups of 9 accumulators; float32 on
+  AVX-512 two blocks of 16 filters at a time).  A pooled layer whose dx is
   not needed (a net's first) writes no full dz: dW's tiles (whole samples) are filled
   straight from the pool's routing (:func:`_dw_pool`), which halves SimpleConvNet's
   backward.
@@ -396,9 +398,11 @@ def _dx(dzf, N, FN, Hp, Wp, H, W, P, K, B, wd, dx):
 
 
 @_jit
-def _dw_tile(dT, s0, s1, xf, C, Q, offs, pairs, nfb, part, k):
-    """part[k, f, c, t] += sum_{s0 <= q < s1} dT[q - s0, f] x[c, q + offs[t]] for the nfb
-    blocks of FV filters (the first ``pairs`` pairs of them two blocks at a time)."""
+def _dw_tile(dT, m, qi, xf, C, Q, offs, pairs, nfb, part, k):
+    """part[k, f, c, t] += sum_{i < m} dT[i, f] x[c, qi[i] + offs[t]] for the nfb blocks of
+    FV filters (the first ``pairs`` pairs of them two blocks at a time): row i of the tile is
+    the output position qi[i] (flat, in x's padded layout), so only real positions are
+    summed, none of the flat layout's junk columns and border rows."""
     a0 = numba.carray(_stack(dT, FV), (FV,))
     a1 = numba.carray(_stack(dT, FV), (FV,))
     a2 = numba.carray(_stack(dT, FV), (FV,))
@@ -425,11 +429,11 @@ def _dw_tile(dT, s0, s1, xf, C, Q, offs, pairs, nfb, part, k):
                     b0[j] = b1[j] = b2[j] = b3[j] = b4[j] = b5[j] = b6[j] = b7[j] = b8[j] = 0.0
                 o0, o1, o2, o3, o4 = offs[t0], offs[t0 + 1], offs[t0 + 2], offs[t0 + 3], offs[t0 + 4]
                 o5, o6, o7, o8 = offs[t0 + 5], offs[t0 + 6], offs[t0 + 7], offs[t0 + 8]
-                xb = c * Q
-                for q in range(s0, s1):
-                    dq = dT[q - s0, 2 * fp * FV : 2 * fp * FV + FV]
-                    dr = dT[q - s0, 2 * fp * FV + FV : 2 * fp * FV + 2 * FV]
-                    o = np.uint64(xb + q)
+                xb = np.uint64(c * Q)
+                for i in range(m):
+                    dq = dT[i, 2 * fp * FV : 2 * fp * FV + FV]
+                    dr = dT[i, 2 * fp * FV + FV : 2 * fp * FV + 2 * FV]
+                    o = xb + qi[i]
                     x0 = xf[o + o0]
                     x1 = xf[o + o1]
                     x2 = xf[o + o2]
@@ -488,10 +492,10 @@ def _dw_tile(dT, s0, s1, xf, C, Q, offs, pairs, nfb, part, k):
                     a0[j] = a1[j] = a2[j] = a3[j] = a4[j] = a5[j] = a6[j] = a7[j] = a8[j] = 0.0
                 o0, o1, o2, o3, o4 = offs[t0], offs[t0 + 1], offs[t0 + 2], offs[t0 + 3], offs[t0 + 4]
                 o5, o6, o7, o8 = offs[t0 + 5], offs[t0 + 6], offs[t0 + 7], offs[t0 + 8]
-                xb = c * Q
-                for q in range(s0, s1):
-                    dq = dT[q - s0, fb * FV : fb * FV + FV]
-                    o = np.uint64(xb + q)
+                xb = np.uint64(c * Q)
+                for i in range(m):
+                    dq = dT[i, fb * FV : fb * FV + FV]
+                    o = xb + qi[i]
                     x0 = xf[o + o0]
                     x1 = xf[o + o1]
                     x2 = xf[o + o2]
@@ -526,62 +530,88 @@ def _dw_tile(dT, s0, s1, xf, C, Q, offs, pairs, nfb, part, k):
 
 
 @_pjit
-def _dw(dzf, xf, N, C, FN, Hp, Wp, B, offs, pairs, part):
+def _dw(dzf, xf, N, C, FN, Hp, Wp, OH, OW, B, offs, pairs, part):
     """part[k] (FNp, C, T9) = chunk k's share of dW[f, c, t] = sum_q dz[f, q] x[c, q + offs[t]]
-    over the flat positions q of the whole batch (junk positions have dz = 0), the taps
-    in groups of 9 (T9 = 9 * groups; the offsets past the last tap are 0 and their sums
-    dropped by the caller).  The first ``pairs`` pairs of filter blocks run two blocks
-    at a time (18 accumulators: each tap's x broadcast serves 32 filters, 11 loads per 18
-    FMAs instead of 10 per 9; float32 only, float64's would not fit in the registers)."""
+    over the batch's N * OH output rows of OW positions each (the flat layout's junk columns
+    and border rows, where dz = 0, are skipped: 13-36% of the flat positions on DeepConvNet's
+    layers), the taps in groups of 9 (T9 = 9 * groups; the offsets past the last tap are 0
+    and their sums dropped by the caller).  The first ``pairs`` pairs of filter blocks run two
+    blocks at a time (18 accumulators: each tap's x broadcast serves 32 filters, 11 loads per
+    18 FMAs instead of 10 per 9; float32 only, float64's would not fit in the registers)."""
     K = part.shape[0]
     FNp = part.shape[1]
-    Q = N * Hp * Wp
-    step = (Q + K - 1) // K
+    S = Hp * Wp
+    Q = N * S
+    R = N * OH
+    rt = max(1, QB // OW)  # output rows per tile
+    step = (R + K - 1) // K
     for k in prange(K):
-        q0 = k * step
-        q1 = min(Q, q0 + step)
-        dT = np.zeros((QB, FNp), dzf.dtype)
-        for s0 in range(q0, q1, QB):
-            s1 = min(q1, s0 + QB)
+        r0 = k * step
+        r1 = min(R, r0 + step)
+        dT = np.zeros((rt * OW, FNp), dzf.dtype)
+        qi = np.empty(rt * OW, np.uint64)
+        for t0 in range(r0, r1, rt):
+            t1 = min(r1, t0 + rt)
+            m = 0
+            for r in range(t0, t1):
+                q = (r // OH) * S + (r % OH) * Wp
+                for ow in range(OW):
+                    qi[m] = q + ow
+                    m += 1
             for f in range(FN):
                 src = f * Q + B * (Wp + 1)
-                for q in range(s0, s1):
-                    dT[q - s0, f] = dzf[src + q]
-            _dw_tile(dT, s0, s1, xf, C, Q, offs, pairs, FNp // FV, part, k)
+                i = 0
+                for r in range(t0, t1):
+                    q = src + (r // OH) * S + (r % OH) * Wp
+                    for ow in range(OW):
+                        dT[i, f] = dzf[q + ow]
+                        i += 1
+            _dw_tile(dT, m, qi, xf, C, Q, offs, pairs, FNp // FV, part, k)
 
 
 @_pjit
 def _dw_pool(d, out, idx, xf, N, C, Hp, Wp, offs, pairs, part, pdb):
     """:func:`_dw` and db for a pooled ReLU conv without dx, dz built straight into each
     chunk's transposed tile from the pool's gradient, routing and mask (no full dz
-    buffer): chunks of whole samples; pdb[k, f] chunk k's share of db."""
+    buffer): chunks of whole samples, each sample's 2*QH x 2*QW pooled window only (the
+    positions the pool can route to); pdb[k, f] chunk k's share of db."""
     K = part.shape[0]
     FNp = part.shape[1]
     FN, QH, QW = d.shape[0], d.shape[2], d.shape[3]
     S = Hp * Wp
     Q = N * S
-    nc = max(1, QB // S)  # samples per tile
+    PW2 = 2 * QW
+    S2 = 2 * QH * PW2  # routed-to positions per sample
+    nc = max(1, QB // S2)  # samples per tile
     step = (N + K - 1) // K
     for k in prange(K):
         n0 = k * step
         n1 = min(N, n0 + step)
-        dT = np.empty((nc * S, FNp), d.dtype)
+        dT = np.empty((nc * S2, FNp), d.dtype)
+        qi = np.empty(nc * S2, np.uint64)
         for m0 in range(n0, n1, nc):
             m1 = min(n1, m0 + nc)
-            dT[: (m1 - m0) * S] = 0.0
+            M = (m1 - m0) * S2
+            dT[:M] = 0.0
+            i = 0
+            for n in range(m0, m1):
+                for y in range(2 * QH):
+                    for x in range(PW2):
+                        qi[i] = n * S + y * Wp + x
+                        i += 1
             for f in range(FN):
                 s = 0.0
                 for n in range(m0, m1):
-                    o = (n - m0) * S
+                    o = (n - m0) * S2
                     for qy in range(QH):
                         for qx in range(QW):
                             if out[f, n, qy, qx] > 0:
                                 g = d[f, n, qy, qx]
                                 kk = idx[f, n, qy, qx]
-                                dT[o + (2 * qy + kk // 2) * Wp + 2 * qx + kk % 2, f] = g
+                                dT[o + (2 * qy + kk // 2) * PW2 + 2 * qx + kk % 2, f] = g
                                 s += g
                 pdb[k, f] += s
-            _dw_tile(dT, m0 * S, m1 * S, xf, C, Q, offs, pairs, FNp // FV, part, k)
+            _dw_tile(dT, M, qi, xf, C, Q, offs, pairs, FNp // FV, part, k)
 
 
 # --------------------------------------------------------------------------- host side
@@ -723,7 +753,7 @@ def _backward(dout, st: _State, need_dx: bool):
     db = np.empty(FN, dt)
     idx = st.idx if st.pool else np.zeros((1, 1, 1, 1), np.uint8)
     _dz(d, st.out, idx, st.relu, st.pool, Hp, Wp, B, dzf, db)
-    _dw(dzf, st.xf, N, C, FN, Hp, Wp, B, offs, pairs, part)
+    _dw(dzf, st.xf, N, C, FN, Hp, Wp, Hp - K + 1, Wp - K + 1, B, offs, pairs, part)
     dW = np.ascontiguousarray(part.sum(0)[:FN, :, : K * K]).reshape(st.W4.shape)
     if not need_dx:
         return None, dW, db
