@@ -416,3 +416,30 @@ if os.environ.get("XPCONV_TEST_VARIANT"):  # collected only in those processes, 
         t = numba_ops.TARGET
         assert (t["level"], t["wide"]) == (level, wide == "1"), t
         assert t["cpu"] == os.environ["NUMBA_CPU_NAME"]
+
+
+def test_scratch_buffers_are_reused_only_when_nothing_refers_to_them():
+    """The kernels' working buffers come back once free, never while a view of them lives,
+    only for requests of at least half their size, and at most KEEP are kept."""
+    pool = numba_ops._Scratch()
+    a = pool.zeros(1 << 20, np.float32)
+    assert a.dtype == np.float32 and a.shape == (1 << 20,) and not a.any()
+    a[:] = 7
+    v = a[10:20]  # a view keeps the buffer taken
+    del a
+    b = pool.zeros(1 << 20, np.float32)
+    assert not np.shares_memory(b, v) and not b.any()
+    assert (v == 7).all()
+    base = id(v.base)  # the id only: holding the base would keep it taken
+    del v
+    c = pool.zeros(1 << 20, np.float32)  # the first buffer is free again: reused, and zeroed
+    assert id(c.base) == base and not c.any()
+    del c
+    assert id(pool.empty(1 << 18, np.float32).base) != base  # under half its size: not reused
+    d = pool.empty(1 << 19, np.float64)  # another dtype of the same bytes: reused
+    assert d.dtype == np.float64 and d.shape == (1 << 19,) and id(d.base) == base and len(pool._bufs) == 3
+    held = [pool.empty((1 << 18) + i, np.float32) for i in range(pool.KEEP + 4)]
+    assert len(pool._bufs) <= pool.KEEP and all(h.flags.writeable for h in held)
+    assert len({h.__array_interface__["data"][0] for h in held}) == len(held)  # none shared
+    small, huge = pool.empty(10, np.float32), pool.empty((pool.LIMIT >> 2) + 1, np.uint8)
+    assert small.base is None and huge.size == (pool.LIMIT >> 2) + 1
