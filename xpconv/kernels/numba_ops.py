@@ -24,7 +24,10 @@ How they are fast (benchmarks/README.md, candidates 12 and 13, has the measureme
   with some slack at the end.  Output position (oh, ow) of a sample is numbered
   p = oh*Wp + ow, so filter tap (ky, kx) of channel c reads the *contiguous* run
   x[c, n, ky*Wp + kx + p]; the Wp - OW positions per row with ow >= OW are junk, computed
-  and thrown away (7-36% extra work on DeepConvNet's layers, no index arithmetic).
+  and thrown away (7-25% extra work on DeepConvNet's layers, no index arithmetic).  Where
+  rows are a multiple of the block's PB positions, blocks start at each row instead
+  (:func:`_block_starts`) and no junk is computed: DeepConvNet's 16 x 16 layer on every
+  target, its 8 x 8 layers with AVX2's 8-position blocks.
 * **Register blocking.**  The micro-kernel keeps a block of FB output channels x PB
   positions in FB accumulators (AVX-512: 16 x 16, one 512-bit register each for float32,
   the positions being the vector lanes; AVX2: 8 x 8, one 256-bit register each) over the whole reduction (C x 3 x 3), broadcasting
@@ -180,8 +183,9 @@ def _stack(typingctx, like, size):
 
 
 @_jit
-def _conv_sample(xf, base, cstride, C, Wp, K, wk, Lp, z):
-    """z[:, :Lp] = the KxK correlation of one sample: z[f, p] = sum_{c,ky,kx}
+def _conv_sample(xf, base, cstride, C, Wp, K, wk, starts, z):
+    """z[:, p0 : p0 + PB] for each block start p0 in ``starts`` (:func:`_block_starts`) = the
+    KxK correlation of one sample: z[f, p] = sum_{c,ky,kx}
     wk[f // FB, c, K*ky + kx, f % FB] * xf[base + c*cstride + ky*Wp + kx + p]."""
     a0 = numba.carray(_stack(xf, PB), (PB,))
     a1 = numba.carray(_stack(xf, PB), (PB,))
@@ -200,7 +204,8 @@ def _conv_sample(xf, base, cstride, C, Wp, K, wk, Lp, z):
     a14 = numba.carray(_stack(xf, PB), (PB,))
     a15 = numba.carray(_stack(xf, PB), (PB,))
     for fb in range(wk.shape[0]):
-        for p0 in range(0, Lp, PB):
+        for bi in range(starts.shape[0]):
+            p0 = starts[bi]
             for j in range(PB):
                 a0[j] = a1[j] = a2[j] = a3[j] = a4[j] = a5[j] = a6[j] = a7[j] = 0.0
                 a8[j] = a9[j] = a10[j] = a11[j] = a12[j] = a13[j] = a14[j] = a15[j] = 0.0
@@ -252,7 +257,7 @@ def _conv_sample(xf, base, cstride, C, Wp, K, wk, Lp, z):
 
 
 @_jit
-def _conv_sample8(xf, base, cstride, C, Wp, K, wk, Lp, z):
+def _conv_sample8(xf, base, cstride, C, Wp, K, wk, starts, z):
     """:func:`_conv_sample` with blocks of 8 output channels (8 accumulators: AVX2's 16
     registers hold them with the input vector and the broadcast weight)."""
     a0 = numba.carray(_stack(xf, PB), (PB,))
@@ -264,7 +269,8 @@ def _conv_sample8(xf, base, cstride, C, Wp, K, wk, Lp, z):
     a6 = numba.carray(_stack(xf, PB), (PB,))
     a7 = numba.carray(_stack(xf, PB), (PB,))
     for fb in range(wk.shape[0]):
-        for p0 in range(0, Lp, PB):
+        for bi in range(starts.shape[0]):
+            p0 = starts[bi]
             for j in range(PB):
                 a0[j] = a1[j] = a2[j] = a3[j] = a4[j] = a5[j] = a6[j] = a7[j] = 0.0
             for c in range(C):
@@ -298,6 +304,28 @@ def _conv_sample8(xf, base, cstride, C, Wp, K, wk, Lp, z):
 
 
 
+@_jit
+def _block_starts(R, Wc, Wp):
+    """The starts of the PB-position blocks that cover R rows of Wc positions at row stride Wp
+    (position p = r * Wp + col): the flat run 0, PB, 2*PB, ... over (R-1)*Wp + Wc positions, or
+    blocks aligned to each row (r*Wp, r*Wp + PB, ...), whichever is fewer.  Rows of a
+    multiple of PB are then computed without the flat run's junk columns: a 16 x 16 output of
+    row stride 18 takes 16 blocks instead of 18, an 8 x 8 one of stride 10 with 8-lane blocks 8
+    instead of 10."""
+    nflat = ((R - 1) * Wp + Wc + PB - 1) // PB
+    per_row = (Wc + PB - 1) // PB
+    if R * per_row < nflat:
+        st = np.empty(R * per_row, np.int64)
+        for r in range(R):
+            for k in range(per_row):
+                st[r * per_row + k] = r * Wp + k * PB
+    else:
+        st = np.empty(nflat, np.int64)
+        for i in range(nflat):
+            st[i] = i * PB
+    return st
+
+
 #: the micro-kernel of this target's block (a global: only it is compiled into the callers)
 _sample = _conv_sample if FB == 16 else _conv_sample8
 
@@ -305,11 +333,11 @@ _sample = _conv_sample if FB == 16 else _conv_sample8
 def _forward(xf, N, C, Hp, Wp, OH, OW, K, wk, b, relu, out):
     """out (FN, N, OH, OW) = conv(x) + b (ReLU'd if ``relu``) from the flat padded x."""
     FN = out.shape[0]
-    L = (OH - 1) * Wp + OW
-    Lp = (L + PB - 1) // PB * PB
+    starts = _block_starts(OH, OW, Wp)
+    Lp = starts[-1] + PB
     for n in prange(N):
         z = np.empty((wk.shape[0] * FB, Lp), xf.dtype)
-        _sample(xf, n * Hp * Wp, N * Hp * Wp, C, Wp, K, wk, Lp, z)
+        _sample(xf, n * Hp * Wp, N * Hp * Wp, C, Wp, K, wk, starts, z)
         for f in range(FN):
             bf = b[f]
             for oh in range(OH):
@@ -323,11 +351,11 @@ def _forward_pool(xf, N, C, Hp, Wp, OH, OW, K, wk, b, out, idx, training):
     """out (FN, N, OH//2, OW//2) = relu(max-pool 2x2/2(conv(x) + b)); idx the first
     arg-max in the window (0..3, row-major) when ``training``."""
     FN, QH, QW = out.shape[0], out.shape[2], out.shape[3]
-    L = (OH - 1) * Wp + OW
-    Lp = (L + PB - 1) // PB * PB
+    starts = _block_starts(OH, OW, Wp)
+    Lp = starts[-1] + PB
     for n in prange(N):
         z = np.empty((wk.shape[0] * FB, Lp), xf.dtype)
-        _sample(xf, n * Hp * Wp, N * Hp * Wp, C, Wp, K, wk, Lp, z)
+        _sample(xf, n * Hp * Wp, N * Hp * Wp, C, Wp, K, wk, starts, z)
         for f in range(FN):
             bf = b[f]
             for qy in range(QH):
@@ -387,12 +415,12 @@ def _dx(dzf, N, FN, Hp, Wp, H, W, P, K, B, wd, dx):
     dx[y, x] = sum_{ky,kx} dz[y + P - (K-1) + ky, x + P - (K-1) + kx] wflip[ky, kx],
     which starts at flat offset (P - (K-1) + B) * (Wp + 1) >= 0."""
     C = dx.shape[0]
-    L = (H - 1) * Wp + W
-    Lp = (L + PB - 1) // PB * PB
+    starts = _block_starts(H, W, Wp)
+    Lp = starts[-1] + PB
     shift = (P - (K - 1) + B) * (Wp + 1)
     for n in prange(N):
         z = np.empty((wd.shape[0] * FB, Lp), dzf.dtype)
-        _sample(dzf, n * Hp * Wp + shift, N * Hp * Wp, FN, Wp, K, wd, Lp, z)
+        _sample(dzf, n * Hp * Wp + shift, N * Hp * Wp, FN, Wp, K, wd, starts, z)
         for c in range(C):
             for y in range(H):
                 for x in range(W):
