@@ -372,7 +372,7 @@ def test_this_process_compiles_for_the_chosen_target():
     from numba.core import config, registry
 
     t = numba_ops.TARGET
-    assert numba_ops.BLOCKS[t["level"]] == (numba_ops.FB, numba_ops.PB, numba_ops.FV, numba_ops._PAIRS)
+    assert numba_ops.BLOCKS[t["level"]] == (numba_ops.FB, numba_ops.PB, numba_ops.FV, numba_ops._PAIRS, numba_ops.TG)
     assert t["features"] == config.CPU_FEATURES
     if "fixed" not in t["mode"] and t["features"] is not None:
         assert registry.cpu_target.target_context.codegen()._tm_features == t["features"]

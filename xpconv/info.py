@@ -189,7 +189,7 @@ def cpu_kernels() -> dict[str, Any]:
             "vector_bits": 512 if t["wide"] else None,
             "mode": t["mode"],
             "features": t["features"] or "the host's",
-            "block": {"forward_dx": f"{numba_ops.FB} channels x {numba_ops.PB} positions", "dw": f"{numba_ops.FV} filters"},
+            "block": {"forward_dx": f"{numba_ops.FB} channels x {numba_ops.PB} positions", "dw": f"{numba_ops.FV} filters x {numba_ops.TG} taps"},
             "kernel_sizes": list(numba_ops.KERNEL_SIZES),
         }
     return out

@@ -84,12 +84,14 @@ def _feature_map(features: str) -> dict[str, bool]:
 
 
 #: ISA level -> (FB output channels x PB positions per forward/dx register block: FB accumulators
-#: of PB lanes; FV filters per dW block: 9 accumulators of FV lanes; whether float32 dW runs two
-#: filter blocks at a time: 18 accumulators).  avx512 (32 registers of 16 float32): 16 x 16 and
-#: 18 x 16.  avx2 (16 registers of 8 float32): 8 x 8 and 9 x 8; the 16 x 16 blocks spill there
-#: (DeepConvNet's layers, forced to haswell on a Zen 4, 1 thread: forward 13 -> 25-32 GFLOP/s,
-#: dW 9-10 -> 15-43).  other (SSE, NEON: not measured): as avx2.
-BLOCKS: dict[str, tuple[int, int, int, bool]] = {"avx512": (16, 16, 16, True), "avx2": (8, 8, 8, False), "other": (8, 8, 8, False)}
+#: of PB lanes; FV filters per dW block; whether float32 dW runs two filter blocks at a time;
+#: TG taps per dW accumulator group).  avx512 (32 registers of 16 float32): 16 x 16, and dW
+#: 2 blocks x 9 taps = 18 accumulators of 16 lanes.  avx2 (16 registers of 8 float32): 8 x 8,
+#: and dW 2 blocks x 5 taps = 10 accumulators of 8 lanes (a 3x3 filter's 9 taps padded to 10;
+#: 5x5 fills 5 groups); the 16 x 16 blocks spill there (DeepConvNet's layers, forced to haswell
+#: on a Zen 4, 1 thread: forward 13 -> 25-32 GFLOP/s, dW 9-10 -> 15-43).  other (SSE, NEON:
+#: not measured): as avx2.
+BLOCKS: dict[str, tuple[int, int, int, bool, int]] = {"avx512": (16, 16, 16, True, 9), "avx2": (8, 8, 8, True, 5), "other": (8, 8, 8, True, 5)}
 AVX512 = ("avx512f", "avx512bw", "avx512dq", "avx512vl")
 
 
@@ -154,7 +156,7 @@ TARGET = _set_target()
 
 #: output channels (accumulators) and positions (vector lanes) per forward/dx register block,
 #: filters per dW block (its lanes), whether float32 dW pairs filter blocks
-FB, PB, FV, _PAIRS = BLOCKS[TARGET["level"]]
+FB, PB, FV, _PAIRS, TG = BLOCKS[TARGET["level"]]
 QB = 2048  # positions per dW sub-chunk (its dz transpose stays in L1/L2)
 #: pooled, no dx: dW's tiles straight from the pool's routing (SimpleConvNet's backward
 #: 4.96 -> 2.78 ms at batch 100).  Equal to the reference; its db and dW sums are chunked by
@@ -567,6 +569,100 @@ def _dw_tile(dT, m, qi, xf, C, Q, offs, pairs, nfb, part, k):
                     part[k, f, c, t0 + 8] += a8[j]
 
 
+@_jit
+def _dw_tile5(dT, m, qi, xf, C, Q, offs, pairs, nfb, part, k):
+    """:func:`_dw_tile` for 16-register targets (AVX2): the taps in groups of 5, the first
+    ``pairs`` pairs of FV-filter blocks two at a time (10 accumulators, 7 loads per 10 FMAs
+    against 10 loads per 9 FMAs for one block of 9 taps: 18 accumulators would not fit)."""
+    a0 = numba.carray(_stack(dT, FV), (FV,))
+    a1 = numba.carray(_stack(dT, FV), (FV,))
+    a2 = numba.carray(_stack(dT, FV), (FV,))
+    a3 = numba.carray(_stack(dT, FV), (FV,))
+    a4 = numba.carray(_stack(dT, FV), (FV,))
+    b0 = numba.carray(_stack(dT, FV), (FV,))
+    b1 = numba.carray(_stack(dT, FV), (FV,))
+    b2 = numba.carray(_stack(dT, FV), (FV,))
+    b3 = numba.carray(_stack(dT, FV), (FV,))
+    b4 = numba.carray(_stack(dT, FV), (FV,))
+    for fp in range(pairs):
+        f0 = 2 * fp * FV
+        for c in range(C):
+            for t0 in range(0, offs.shape[0], 5):
+                for j in range(FV):
+                    a0[j] = a1[j] = a2[j] = a3[j] = a4[j] = 0.0
+                    b0[j] = b1[j] = b2[j] = b3[j] = b4[j] = 0.0
+                o0, o1, o2, o3, o4 = offs[t0], offs[t0 + 1], offs[t0 + 2], offs[t0 + 3], offs[t0 + 4]
+                xb = np.uint64(c * Q)
+                for i in range(m):
+                    dq = dT[i, f0 : f0 + FV]
+                    dr = dT[i, f0 + FV : f0 + 2 * FV]
+                    o = xb + qi[i]
+                    x0 = xf[o + o0]
+                    x1 = xf[o + o1]
+                    x2 = xf[o + o2]
+                    x3 = xf[o + o3]
+                    x4 = xf[o + o4]
+                    for j in range(FV):
+                        g = dq[j]
+                        h = dr[j]
+                        a0[j] += x0 * g
+                        a1[j] += x1 * g
+                        a2[j] += x2 * g
+                        a3[j] += x3 * g
+                        a4[j] += x4 * g
+                        b0[j] += x0 * h
+                        b1[j] += x1 * h
+                        b2[j] += x2 * h
+                        b3[j] += x3 * h
+                        b4[j] += x4 * h
+                for j in range(FV):
+                    f = f0 + j
+                    part[k, f, c, t0] += a0[j]
+                    part[k, f, c, t0 + 1] += a1[j]
+                    part[k, f, c, t0 + 2] += a2[j]
+                    part[k, f, c, t0 + 3] += a3[j]
+                    part[k, f, c, t0 + 4] += a4[j]
+                    f += FV
+                    part[k, f, c, t0] += b0[j]
+                    part[k, f, c, t0 + 1] += b1[j]
+                    part[k, f, c, t0 + 2] += b2[j]
+                    part[k, f, c, t0 + 3] += b3[j]
+                    part[k, f, c, t0 + 4] += b4[j]
+    for fb in range(2 * pairs, nfb):
+        for c in range(C):
+            for t0 in range(0, offs.shape[0], 5):
+                for j in range(FV):
+                    a0[j] = a1[j] = a2[j] = a3[j] = a4[j] = 0.0
+                o0, o1, o2, o3, o4 = offs[t0], offs[t0 + 1], offs[t0 + 2], offs[t0 + 3], offs[t0 + 4]
+                xb = np.uint64(c * Q)
+                for i in range(m):
+                    dq = dT[i, fb * FV : fb * FV + FV]
+                    o = xb + qi[i]
+                    x0 = xf[o + o0]
+                    x1 = xf[o + o1]
+                    x2 = xf[o + o2]
+                    x3 = xf[o + o3]
+                    x4 = xf[o + o4]
+                    for j in range(FV):
+                        g = dq[j]
+                        a0[j] += x0 * g
+                        a1[j] += x1 * g
+                        a2[j] += x2 * g
+                        a3[j] += x3 * g
+                        a4[j] += x4 * g
+                for j in range(FV):
+                    f = fb * FV + j
+                    part[k, f, c, t0] += a0[j]
+                    part[k, f, c, t0 + 1] += a1[j]
+                    part[k, f, c, t0 + 2] += a2[j]
+                    part[k, f, c, t0 + 3] += a3[j]
+                    part[k, f, c, t0 + 4] += a4[j]
+
+
+#: this target's dW tile (a global: only it is compiled into the callers) and its tap group
+_tile = _dw_tile if TG == 9 else _dw_tile5
+
+
 @_pjit
 def _dw(dzf, xf, N, C, FN, Hp, Wp, OH, OW, B, offs, pairs, part):
     """part[k] (FNp, C, T9) = chunk k's share of dW[f, c, t] = sum_q dz[f, q] x[c, q + offs[t]]
@@ -604,7 +700,7 @@ def _dw(dzf, xf, N, C, FN, Hp, Wp, OH, OW, B, offs, pairs, part):
                     for ow in range(OW):
                         dT[i, f] = dzf[q + ow]
                         i += 1
-            _dw_tile(dT, m, qi, xf, C, Q, offs, pairs, FNp // FV, part, k)
+            _tile(dT, m, qi, xf, C, Q, offs, pairs, FNp // FV, part, k)
 
 
 @_pjit
@@ -649,7 +745,7 @@ def _dw_pool(d, out, idx, xf, N, C, Hp, Wp, offs, pairs, part, pdb):
                             dT[o + (2 * qy + kk // 2) * PW2 + 2 * qx + kk % 2, f] = g
                             s += g
                 pdb[k, f] += s
-            _dw_tile(dT, M, qi, xf, C, Q, offs, pairs, FNp // FV, part, k)
+            _tile(dT, M, qi, xf, C, Q, offs, pairs, FNp // FV, part, k)
 
 
 # --------------------------------------------------------------------------- host side
@@ -729,8 +825,9 @@ def _border(K: int, P: int) -> int:
 
 
 def _taps(K: int, Wp: int) -> np.ndarray:
-    """The flat offsets ky*Wp + kx of a KxK filter's taps, zeros to a multiple of 9."""
-    offs = np.zeros(-(-K * K // 9) * 9, np.uint64)
+    """The flat offsets ky*Wp + kx of a KxK filter's taps, zeros to a multiple of dW's tap
+    group TG (9, or 5 on 16-register targets)."""
+    offs = np.zeros(-(-K * K // TG) * TG, np.uint64)
     offs[: K * K] = (np.arange(K)[:, None] * Wp + np.arange(K)).ravel()
     return offs
 
