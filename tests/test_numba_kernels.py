@@ -102,8 +102,8 @@ def by_numba(cache):
 
 
 def test_numba_kernels_replace_the_numpy_ones():
-    """find() gives the Numba kernel for the two ops it covers, which keeps the NumPy
-    kernel it replaced; every other op keeps its NumPy kernel."""
+    """find() gives the Numba kernel for the two convolution ops it covers, which keeps the
+    NumPy kernel it replaced, and Adam's fused update; every other op keeps its NumPy kernel."""
     for op, cls, old in (
         ("conv2d", numba_ops.Conv2d, numpy_ops.Conv2d),
         ("conv2d_relu_max_pool2d", numba_ops.Conv2dReluMaxPool2d, numpy_ops.Conv2dReluMaxPool2d),
@@ -112,6 +112,7 @@ def test_numba_kernels_replace_the_numpy_ones():
         assert type(k) is cls and type(k.replaces) is old and (k.namespace, k.op) == ("numpy", op)
     for op in ("im2col", "max_pool2d", "avg_pool2d"):
         assert type(kernels.find("numpy", op)).__module__ == numpy_ops.__name__
+    assert type(kernels.find("numpy", "adam_update")) is numba_ops.AdamUpdate
 
 
 def test_register_says_what_it_replaces(monkeypatch):
@@ -443,3 +444,39 @@ def test_scratch_buffers_are_reused_only_when_nothing_refers_to_them():
     assert len({h.__array_interface__["data"][0] for h in held}) == len(held)  # none shared
     small, huge = pool.empty(10, np.float32), pool.empty((pool.LIMIT >> 2) + 1, np.uint8)
     assert small.base is None and huge.size == (pool.LIMIT >> 2) + 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+@pytest.mark.parametrize("n", [7, (1 << 16) + 3])  # one pass, and split over Numba's threads
+def test_adam_update_equals_the_reference_bit_for_bit(rng, dtype, weight_decay, n):
+    """Adam's fused update (parameter, m and v after five steps) equals Adam._step's NumPy
+    operations exactly, weight decay included; an infinite parameter stays as the reference has it."""
+    from xpconv.optim import Adam
+
+    p0 = rng.standard_normal((n,)).astype(dtype)
+    p0[3] = np.inf
+    fused, ref = Adam(lr=0.01, weight_decay=weight_decay), Adam(lr=0.01, weight_decay=weight_decay)
+    ref._fast_kernel = lambda xp: None  # the generic _step
+    pf, pr = {"W": p0.copy()}, {"W": p0.copy()}
+    for _ in range(5):
+        g = rng.standard_normal((n,)).astype(dtype)
+        fused.update(pf, {"W": g})
+        with np.errstate(invalid="ignore"):  # inf * decay: inf / inf in the reference, as in the kernel
+            ref.update(pr, {"W": g})
+    for got, want in ((pf["W"], pr["W"]), (fused.state["m"]["W"], ref.state["m"]["W"]), (fused.state["v"]["W"], ref.state["v"]["W"])):
+        assert got.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(got, want)
+    assert (pf["W"] != p0).sum() >= n - 1
+
+
+def test_adam_update_leaves_what_it_does_not_cover_to_the_reference():
+    k = numba_ops.AdamUpdate()
+    a = np.zeros((4, 4), np.float32)
+    assert k.accepts(a, a.copy(), a.copy(), a.copy())
+    assert not k.accepts(a, a.copy()[::-1], a.copy(), a.copy())  # not C-contiguous
+    assert not k.accepts(a, a.astype(np.float64), a.copy(), a.copy())  # mixed dtypes
+    assert not k.accepts(a.astype(np.float16), *(a.astype(np.float16) for _ in range(3)))
+    ro = a.copy()
+    ro.flags.writeable = False
+    assert not k.accepts(ro, a.copy(), a.copy(), a.copy())

@@ -71,7 +71,7 @@ from numba.extending import intrinsic
 from .._geometry import conv_output_size, pair
 from . import numpy_ops, register, register_step_scope
 
-__all__ = ["BlasYields", "Conv2d", "Conv2dReluMaxPool2d", "covers"]
+__all__ = ["AdamUpdate", "BlasYields", "Conv2d", "Conv2dReluMaxPool2d", "covers"]
 
 def _feature_map(features: str) -> dict[str, bool]:
     """An LLVM feature string ("+avx2,-avx512f,...") as name -> on/off (the last mention wins)."""
@@ -1018,3 +1018,66 @@ class Conv2dReluMaxPool2d:
         if not isinstance(state, _State):
             return self.replaces.backward(dout, state, need_dx=need_dx)
         return _backward(dout, state, need_dx)
+
+
+# no fastmath: the update is rounded as the reference's float32 (or float64) NumPy operations
+_ejit = njit(cache=True, error_model="numpy", boundscheck=False)
+_epjit = njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
+_PAR_UPDATE = 1 << 16  # elements from which the update runs on Numba's threads
+
+
+@_ejit
+def _adam_body(p, g, m, v, i0, i1, wd, lr_t, omb1, omb2, eps):
+    for i in range(i0, i1):
+        gi = g[i] + wd * p[i] if wd != 0 else g[i]
+        mi = m[i] + omb1 * (gi - m[i])
+        vi = v[i] + omb2 * (gi * gi - v[i])
+        m[i] = mi
+        v[i] = vi
+        p[i] = p[i] - (lr_t * mi) / (np.sqrt(vi) + eps)
+
+
+@_ejit
+def _adam(p, g, m, v, wd, lr_t, omb1, omb2, eps):
+    _adam_body(p, g, m, v, 0, p.shape[0], wd, lr_t, omb1, omb2, eps)
+
+
+@_epjit
+def _adam_par(p, g, m, v, wd, lr_t, omb1, omb2, eps, K):
+    n = p.shape[0]
+    step = (n + K - 1) // K
+    for k in prange(K):
+        _adam_body(p, g, m, v, k * step, min(n, (k + 1) * step), wd, lr_t, omb1, omb2, eps)
+
+
+@register("numpy", "adam_update")
+class AdamUpdate:
+    """:class:`xpconv.optim.Adam`'s update of one parameter in one compiled pass over it (the
+    reference, ``Adam._step``, makes about ten NumPy passes: 1.8 ms of SimpleConvNet's 9 ms
+    step at batch 100); the same float32/float64 operations in the same order, so the same
+    numbers.  Parameters of 2^16 elements and more are split over Numba's threads."""
+
+    def accepts(self, p, g, *slots) -> bool:
+        arrays = (p, g, *slots)
+        return (
+            all(type(a) is np.ndarray for a in arrays)
+            and p.dtype in (np.float32, np.float64)
+            and all(a.dtype == p.dtype and a.shape == p.shape and a.flags.c_contiguous for a in arrays)
+            and all(a.flags.writeable for a in (p, *slots))
+        )
+
+    def forward(self, *args, **kwargs):  # the registry's protocol: an update has one direction
+        return self.step(*args, **kwargs), None
+
+    def backward(self, *args, **kwargs):
+        raise TypeError(f"{type(self).__name__}: an optimizer update has no backward")
+
+    def step(self, p, g, slots, weight_decay=0.0, *, lr_t, beta1, beta2):
+        t = p.dtype.type
+        args = (p.reshape(-1), g.reshape(-1), slots["m"].reshape(-1), slots["v"].reshape(-1),
+                t(weight_decay), t(lr_t), t(1.0 - beta1), t(1.0 - beta2), t(1e-7))
+        K = _threads()
+        if p.size >= _PAR_UPDATE and K > 1:
+            _adam_par(*args, K)
+        else:
+            _adam(*args)
