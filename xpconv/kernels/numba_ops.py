@@ -44,8 +44,8 @@ How they are fast (benchmarks/README.md, candidates 12 and 13, has the measureme
   dW = sum_q dz[f, q] x[c, q + tap] is a blocked reduction over the batch's output positions
   q, gathered into tiles of real positions only (each tile row carries its flat offset, so
   the junk columns and border rows, 13-36% of DeepConvNet's flat positions, cost nothing;
-  FV filters as the vector lanes, a channel's taps in groups of 9 accumulators; float32 on
-  AVX-512 two blocks of 16 filters at a time).  A pooled layer whose dx is
+  FV filters as the vector lanes, a channel's taps in groups of TG accumulators: 9 on AVX-512,
+  where float32 runs two blocks of 16 filters at a time, and 5 on AVX2, two blocks of 8).  A pooled layer whose dx is
   not needed (a net's first) writes no full dz: dW's tiles (whole samples) are filled
   straight from the pool's routing (:func:`_dw_pool`), which halves SimpleConvNet's
   backward.
@@ -1053,9 +1053,10 @@ def _adam_par(p, g, m, v, wd, lr_t, omb1, omb2, eps, K):
 @register("numpy", "adam_update")
 class AdamUpdate:
     """:class:`xpconv.optim.Adam`'s update of one parameter in one compiled pass over it (the
-    reference, ``Adam._step``, makes about ten NumPy passes: 1.8 ms of SimpleConvNet's 9 ms
-    step at batch 100); the same float32/float64 operations in the same order, so the same
-    numbers.  Parameters of 2^16 elements and more are split over Numba's threads."""
+    reference, ``Adam._step``, makes about ten NumPy passes; SimpleConvNet's training step at
+    batch 100 on 2 threads: 9.5 -> 9.2 ms); the same float32/float64 operations in the same
+    order, so the same numbers.  Parameters of 2^16 elements and more are split over Numba's
+    threads."""
 
     def accepts(self, p, g, *slots) -> bool:
         arrays = (p, g, *slots)
