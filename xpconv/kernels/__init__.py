@@ -102,7 +102,7 @@ def col_bytes_for(free_bytes: int | None) -> int:
     return max(COL_BYTES, min(COL_BYTES_MAX, int(free_bytes) // COL_FREE_SHARE))
 
 
-__all__ = ["MODULES", "OPTIONAL", "REGISTRY", "SCOPES", "SKIPPED", "Kernel", "env_count", "find", "register", "register_step_scope", "step_scope"]
+__all__ = ["MODULES", "OPTIONAL", "REGISTRY", "SCOPES", "SKIPPED", "Kernel", "UpdateKernel", "env_count", "find", "register", "register_step_scope", "step_scope"]
 
 
 class Kernel(Protocol):
@@ -116,6 +116,26 @@ class Kernel(Protocol):
     def forward(self, *args: Any, **kwargs: Any) -> tuple[Any, Any]: ...
 
     def backward(self, *args: Any, **kwargs: Any) -> Any: ...  # (dout, state, ...); im2col's: col2im's
+
+
+class UpdateKernel:
+    """Base of an optimizer's fused update kernel (op ``"<name>_update"``): ``xpconv.optim``
+    calls ``step(p, g, slots, weight_decay, **scalars)`` for the arrays it ``accepts``, and the
+    optimizer's generic ``_step`` is the reference.  Under the registry's protocol its forward
+    is that step; an update has no backward."""
+
+    def accepts(self, *arrays: Any) -> bool:  # pragma: no cover - each subclass says what it covers
+        raise NotImplementedError
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        self.step(*args, **kwargs)  # in place: nothing to return
+        return None, None
+
+    def backward(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"{type(self).__name__}: an optimizer update has no backward")
+
+    def step(self, p: Any, g: Any, slots: dict[str, Any], weight_decay: float = 0.0, **hyper: float) -> None:  # pragma: no cover
+        raise NotImplementedError
 
 
 #: the module holding each namespace's kernels (imported on first use)

@@ -40,7 +40,7 @@ from __future__ import annotations
 import cupy
 
 from .._geometry import window
-from . import col_bytes_for, cuda_source, register
+from . import UpdateKernel, col_bytes_for, cuda_source, register
 
 _THREADS = 256
 _MAX_BLOCKS = 1 << 16  # grid-stride loops cover larger launches
@@ -530,10 +530,8 @@ def _as_int32(v: int) -> int:
 # --------------------------------------------------------------------------- optimizer updates
 
 
-class _Update:
-    """One optimizer's update of one parameter in one kernel (``xpconv.optim`` calls
-    ``step(p, g, slots, weight_decay, **scalars)`` for the arrays it ``accepts``); the
-    generic ``_step`` of the optimizer is the reference."""
+class _Update(UpdateKernel):
+    """One optimizer's update of one parameter in one kernel launch."""
 
     slots: tuple[str, ...] = ()
 
@@ -543,15 +541,6 @@ class _Update:
             _flat_ok(*arrays) is not None and all(a.flags.c_contiguous and a.shape == p.shape for a in arrays)
             and p.size < _INDEX_LIMIT
         )
-
-    def forward(self, *args, **kwargs):  # the registry's protocol: an update has one direction
-        return self.step(*args, **kwargs), None
-
-    def backward(self, *args, **kwargs):
-        raise TypeError(f"{type(self).__name__}: an optimizer update has no backward")
-
-    def step(self, p, g, slots, weight_decay=0.0, **hyper):  # pragma: no cover - each subclass launches its kernel
-        raise NotImplementedError
 
     def tail(self, dtype, weight_decay=0.0, **hyper) -> tuple:  # pragma: no cover - each subclass has its own
         """The kernel's trailing scalars (of ``dtype``'s type) for these hyper-parameters."""

@@ -69,7 +69,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .._geometry import conv_output_size, pair
-from . import numpy_ops, register, register_step_scope
+from . import UpdateKernel, numpy_ops, register, register_step_scope
 
 __all__ = ["AdamUpdate", "BlasYields", "Conv2d", "Conv2dReluMaxPool2d", "covers"]
 
@@ -1051,7 +1051,7 @@ def _adam_par(p, g, m, v, wd, lr_t, omb1, omb2, eps, K):
 
 
 @register("numpy", "adam_update")
-class AdamUpdate:
+class AdamUpdate(UpdateKernel):
     """:class:`xpconv.optim.Adam`'s update of one parameter in one compiled pass over it (the
     reference, ``Adam._step``, makes about ten NumPy passes; SimpleConvNet's training step at
     batch 100 on 2 threads: 9.5 -> 9.2 ms); the same float32/float64 operations in the same
@@ -1066,12 +1066,6 @@ class AdamUpdate:
             and all(a.dtype == p.dtype and a.shape == p.shape and a.flags.c_contiguous for a in arrays)
             and all(a.flags.writeable for a in (p, *slots))
         )
-
-    def forward(self, *args, **kwargs):  # the registry's protocol: an update has one direction
-        return self.step(*args, **kwargs), None
-
-    def backward(self, *args, **kwargs):
-        raise TypeError(f"{type(self).__name__}: an optimizer update has no backward")
 
     def step(self, p, g, slots, weight_decay=0.0, *, lr_t, beta1, beta2):
         t = p.dtype.type
