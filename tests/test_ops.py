@@ -311,7 +311,7 @@ def test_geometry_is_a_leaf_that_ops_and_the_kernels_share():
                                   "xpconv._geometry.window", "xpconv.kernels", "xpconv.kernels.register",
                                   "xpconv.kernels.cuda_source", "xpconv.kernels.COL_BYTES",
                                   "xpconv.kernels.col_bytes_for", "xpconv.kernels.register_step_scope",
-                                  "xpconv.kernels.env_count"} | replaced, (path.name, xpconv_imports)
+                                  "xpconv.kernels.env_count", "xpconv.kernels.UpdateKernel"} | replaced, (path.name, xpconv_imports)
 
 
 def test_window_names_the_geometry():
