@@ -54,11 +54,12 @@ def layers(N: int) -> None:
         db, idx = np.empty(FN, np.float32), np.zeros((1, 1, 1, 1), np.uint8)
         part = np.zeros((1, FNp, C, offs.shape[0]), np.float32)
         wd = nb._pack(np.ascontiguousarray(st.W4[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)), np.float32)
-        dx = np.empty((C, N, H, W), np.float32)
+        Cp, Rs = wd.shape[0] * nb.FB, nb._rows(H, W, Wp)
+        dxb, zb = np.empty(Cp * N * Rs * Wp, np.float32), np.zeros(Cp, np.float32)
         t = {"fwd": best(lambda: nb.Conv2d().forward(x, Wt, b, 1, P, relu=True)),
              "dz": best(lambda: nb._dz(d, st.out, idx, True, False, Hp, Wp, B, dzf, db)),
              "dW": best(lambda: nb._dw(dzf, st.xf, N, C, FN, Hp, Wp, Hp - 2, Wp - 2, B, offs, pairs, part)),
-             "dx": best(lambda: nb._dx(dzf, N, FN, Hp, Wp, H, W, P, K, B, wd, dx))}
+             "dx": best(lambda: nb._dx(dzf, N, FN, Hp, Wp, H, W, P, K, B, wd, zb, dxb, Rs * Wp))}
         tx, tw = torch.from_numpy(x).requires_grad_(True), torch.from_numpy(Wt).requires_grad_(True)
         tb = torch.zeros(FN, requires_grad=True)
         to = torch.nn.functional.conv2d(tx, tw, tb, padding=P)

@@ -36,8 +36,12 @@ How they are fast (benchmarks/README.md, candidates 12 and 13, has the measureme
   registers; the 16 output channels are written out one line each (no loop over them,
   which LLVM would vectorise the wrong way).  The K*K taps are a runtime loop around
   the 16 FMAs.
-* **Epilogues in the same pass.**  bias + ReLU, or bias + 2x2 max-pool (first arg-max,
-  as the reference) + ReLU, read the block's sample scratch while it is in L1.
+* **Epilogues in the same pass.**  bias + ReLU is applied as the accumulators are written
+  out, straight into the output: rows of Wp positions, junk columns included, which the
+  returned view (``[:FN, :, :OH, :OW]``, strided) leaves out; dx is written the same way.
+  Measured on DeepConvNet, batch 100, one thread: forward 7.1 -> 5.9 ms and dx 19.9 -> 18.2 ms
+  per step, against a separate pass over a per-sample scratch.  The pooled forward keeps that
+  scratch: bias + 2x2 max-pool (first arg-max, as the reference) + ReLU read it per sample.
 * **Backward.**  dz (the ReLU mask and pool routing applied) is laid out like the padded
   input with a border of max(0, K-1-pad) rows and columns (:func:`_border`; pad 0 works
   too), so dx is the same micro-kernel over dz with the flipped, transposed weights, and
@@ -184,11 +188,19 @@ def _stack(typingctx, like, size):
     return types.CPointer(dt)(like, size), impl
 
 
+@njit(inline="always", fastmath=True, cache=True)
+def _act(v, relu):
+    """v, ReLU'd if ``relu`` (loop-invariant: LLVM takes the test out of the loop)."""
+    return max(v, 0.0) if relu else v
+
+
 @_jit
-def _conv_sample(xf, base, cstride, C, Wp, K, wk, starts, z):
-    """z[:, p0 : p0 + PB] for each block start p0 in ``starts`` (:func:`_block_starts`) = the
-    KxK correlation of one sample: z[f, p] = sum_{c,ky,kx}
-    wk[f // FB, c, K*ky + kx, f % FB] * xf[base + c*cstride + ky*Wp + kx + p]."""
+def _conv_sample(xf, base, cstride, C, Wp, K, wk, starts, zf, zb, zs, b, relu):
+    """The KxK correlation of one sample, for each block start p0 in ``starts``
+    (:func:`_block_starts`) and p in p0 .. p0 + PB - 1, plus the bias and ReLU'd if ``relu``,
+    written straight from the accumulators to the flat zf[zb + f*zs + p]:
+    conv[f, p] = sum_{c,ky,kx} wk[f // FB, c, K*ky + kx, f % FB] * xf[base + c*cstride + ky*Wp + kx + p],
+    zf[zb + f*zs + p] = _act(conv[f, p] + b[f], relu) (b: one entry per packed filter)."""
     a0 = numba.carray(_stack(xf, PB), (PB,))
     a1 = numba.carray(_stack(xf, PB), (PB,))
     a2 = numba.carray(_stack(xf, PB), (PB,))
@@ -238,28 +250,31 @@ def _conv_sample(xf, base, cstride, C, Wp, K, wk, starts, z):
                             a14[j] += w14 * v
                             a15[j] += w15 * v
             f = fb * FB
+            b0, b1, b2, b3, b4, b5, b6, b7 = b[f], b[f + 1], b[f + 2], b[f + 3], b[f + 4], b[f + 5], b[f + 6], b[f + 7]
+            b8, b9, b10, b11, b12, b13, b14, b15 = b[f + 8], b[f + 9], b[f + 10], b[f + 11], b[f + 12], b[f + 13], b[f + 14], b[f + 15]
+            q0 = zb + f * zs + p0
             for j in range(PB):
-                p = p0 + j
-                z[f, p] = a0[j]
-                z[f + 1, p] = a1[j]
-                z[f + 2, p] = a2[j]
-                z[f + 3, p] = a3[j]
-                z[f + 4, p] = a4[j]
-                z[f + 5, p] = a5[j]
-                z[f + 6, p] = a6[j]
-                z[f + 7, p] = a7[j]
-                z[f + 8, p] = a8[j]
-                z[f + 9, p] = a9[j]
-                z[f + 10, p] = a10[j]
-                z[f + 11, p] = a11[j]
-                z[f + 12, p] = a12[j]
-                z[f + 13, p] = a13[j]
-                z[f + 14, p] = a14[j]
-                z[f + 15, p] = a15[j]
+                q = q0 + j
+                zf[q] = _act(a0[j] + b0, relu)
+                zf[q + zs] = _act(a1[j] + b1, relu)
+                zf[q + 2 * zs] = _act(a2[j] + b2, relu)
+                zf[q + 3 * zs] = _act(a3[j] + b3, relu)
+                zf[q + 4 * zs] = _act(a4[j] + b4, relu)
+                zf[q + 5 * zs] = _act(a5[j] + b5, relu)
+                zf[q + 6 * zs] = _act(a6[j] + b6, relu)
+                zf[q + 7 * zs] = _act(a7[j] + b7, relu)
+                zf[q + 8 * zs] = _act(a8[j] + b8, relu)
+                zf[q + 9 * zs] = _act(a9[j] + b9, relu)
+                zf[q + 10 * zs] = _act(a10[j] + b10, relu)
+                zf[q + 11 * zs] = _act(a11[j] + b11, relu)
+                zf[q + 12 * zs] = _act(a12[j] + b12, relu)
+                zf[q + 13 * zs] = _act(a13[j] + b13, relu)
+                zf[q + 14 * zs] = _act(a14[j] + b14, relu)
+                zf[q + 15 * zs] = _act(a15[j] + b15, relu)
 
 
 @_jit
-def _conv_sample8(xf, base, cstride, C, Wp, K, wk, starts, z):
+def _conv_sample8(xf, base, cstride, C, Wp, K, wk, starts, zf, zb, zs, b, relu):
     """:func:`_conv_sample` with blocks of 8 output channels (8 accumulators: AVX2's 16
     registers hold them with the input vector and the broadcast weight)."""
     a0 = numba.carray(_stack(xf, PB), (PB,))
@@ -293,16 +308,18 @@ def _conv_sample8(xf, base, cstride, C, Wp, K, wk, starts, z):
                             a6[j] += w6 * v
                             a7[j] += w7 * v
             f = fb * 8
+            b0, b1, b2, b3, b4, b5, b6, b7 = b[f], b[f + 1], b[f + 2], b[f + 3], b[f + 4], b[f + 5], b[f + 6], b[f + 7]
+            q0 = zb + f * zs + p0
             for j in range(PB):
-                p = p0 + j
-                z[f, p] = a0[j]
-                z[f + 1, p] = a1[j]
-                z[f + 2, p] = a2[j]
-                z[f + 3, p] = a3[j]
-                z[f + 4, p] = a4[j]
-                z[f + 5, p] = a5[j]
-                z[f + 6, p] = a6[j]
-                z[f + 7, p] = a7[j]
+                q = q0 + j
+                zf[q] = _act(a0[j] + b0, relu)
+                zf[q + zs] = _act(a1[j] + b1, relu)
+                zf[q + 2 * zs] = _act(a2[j] + b2, relu)
+                zf[q + 3 * zs] = _act(a3[j] + b3, relu)
+                zf[q + 4 * zs] = _act(a4[j] + b4, relu)
+                zf[q + 5 * zs] = _act(a5[j] + b5, relu)
+                zf[q + 6 * zs] = _act(a6[j] + b6, relu)
+                zf[q + 7 * zs] = _act(a7[j] + b7, relu)
 
 
 
@@ -332,20 +349,14 @@ def _block_starts(R, Wc, Wp):
 _sample = _conv_sample if FB == 16 else _conv_sample8
 
 @_pjit
-def _forward(xf, N, C, Hp, Wp, OH, OW, K, wk, b, relu, out):
-    """out (FN, N, OH, OW) = conv(x) + b (ReLU'd if ``relu``) from the flat padded x."""
-    FN = out.shape[0]
+def _forward(xf, N, C, Hp, Wp, OH, OW, K, wk, b, relu, of, S):
+    """conv(x) + b (ReLU'd if ``relu``) from the flat padded x, written by the micro-kernel
+    straight into ``of``, the flat (FNp, N, S // Wp, Wp) output: sample n's position
+    p = oh*Wp + ow of filter f at f*N*S + n*S + p (S >= the blocks' extent; the columns
+    ow >= OW and the rows past OH hold junk, left out of the caller's view)."""
     starts = _block_starts(OH, OW, Wp)
-    Lp = starts[-1] + PB
     for n in prange(N):
-        z = np.empty((wk.shape[0] * FB, Lp), xf.dtype)
-        _sample(xf, n * Hp * Wp, N * Hp * Wp, C, Wp, K, wk, starts, z)
-        for f in range(FN):
-            bf = b[f]
-            for oh in range(OH):
-                for ow in range(OW):
-                    v = z[f, oh * Wp + ow] + bf
-                    out[f, n, oh, ow] = max(v, 0.0) if relu else v
+        _sample(xf, n * Hp * Wp, N * Hp * Wp, C, Wp, K, wk, starts, of, n * S, N * S, b, relu)
 
 
 @_pjit
@@ -356,22 +367,21 @@ def _forward_pool(xf, N, C, Hp, Wp, OH, OW, K, wk, b, out, idx, training):
     starts = _block_starts(OH, OW, Wp)
     Lp = starts[-1] + PB
     for n in prange(N):
-        z = np.empty((wk.shape[0] * FB, Lp), xf.dtype)
-        _sample(xf, n * Hp * Wp, N * Hp * Wp, C, Wp, K, wk, starts, z)
+        z = np.empty(wk.shape[0] * FB * Lp, xf.dtype)
+        _sample(xf, n * Hp * Wp, N * Hp * Wp, C, Wp, K, wk, starts, z, 0, Lp, b, False)
         for f in range(FN):
-            bf = b[f]
             for qy in range(QH):
                 for qx in range(QW):
-                    p = 2 * qy * Wp + 2 * qx
-                    m = z[f, p] + bf
+                    p = f * Lp + 2 * qy * Wp + 2 * qx
+                    m = z[p]
                     k = 0
-                    v = z[f, p + 1] + bf
+                    v = z[p + 1]
                     if v > m:
                         m, k = v, 1
-                    v = z[f, p + Wp] + bf
+                    v = z[p + Wp]
                     if v > m:
                         m, k = v, 2
-                    v = z[f, p + Wp + 1] + bf
+                    v = z[p + Wp + 1]
                     if v > m:
                         m, k = v, 3
                     out[f, n, qy, qx] = max(m, 0.0)
@@ -419,22 +429,16 @@ def _dz(d, out, idx, relu, pool, Hp, Wp, B, dzf, db):
 
 
 @_pjit
-def _dx(dzf, N, FN, Hp, Wp, H, W, P, K, B, wd, dx):
-    """dx (C, N, H, W) = the full correlation of dz (layout of :func:`_dz`, border B)
-    with the flipped KxK filters wd (packed as :func:`_pack`), for pad P on both sides:
+def _dx(dzf, N, FN, Hp, Wp, H, W, P, K, B, wd, zb, dxf, S):
+    """dx = the full correlation of dz (layout of :func:`_dz`, border B) with the flipped
+    KxK filters wd (packed as :func:`_pack`), for pad P on both sides:
     dx[y, x] = sum_{ky,kx} dz[y + P - (K-1) + ky, x + P - (K-1) + kx] wflip[ky, kx],
-    which starts at flat offset (P - (K-1) + B) * (Wp + 1) >= 0."""
-    C = dx.shape[0]
+    which starts at flat offset (P - (K-1) + B) * (Wp + 1) >= 0; written as :func:`_forward`
+    writes (zb: zeros, one per packed channel) into the flat (Cp, N, S // Wp, Wp) dxf."""
     starts = _block_starts(H, W, Wp)
-    Lp = starts[-1] + PB
     shift = (P - (K - 1) + B) * (Wp + 1)
     for n in prange(N):
-        z = np.empty((wd.shape[0] * FB, Lp), dzf.dtype)
-        _sample(dzf, n * Hp * Wp + shift, N * Hp * Wp, FN, Wp, K, wd, starts, z)
-        for c in range(C):
-            for y in range(H):
-                for x in range(W):
-                    dx[c, n, y, x] = z[c, y * Wp + x]
+        _sample(dzf, n * Hp * Wp + shift, N * Hp * Wp, FN, Wp, K, wd, starts, dxf, n * S, N * S, zb, False)
 
 
 @_jit
@@ -842,6 +846,19 @@ def _flat(x: np.ndarray, PH: int, PW: int, K: int, dt) -> tuple[np.ndarray, np.n
     return flat, view
 
 
+def _rows(R: int, Wc: int, Wp: int) -> int:
+    """Rows of Wp positions per sample in a flat output written by the micro-kernel
+    (:func:`_forward`, :func:`_dx`): enough for every block that covers R x Wc outputs."""
+    return -(-(int(_block_starts(R, Wc, Wp)[-1]) + PB) // Wp)
+
+
+def _padded(v: np.ndarray, n: int, dt) -> np.ndarray:
+    """v (1-D) in dtype dt, zeros after it to n entries (one per packed filter)."""
+    out = np.zeros(n, dt)
+    out[: v.shape[0]] = v
+    return out
+
+
 def _threads() -> int:
     return numba.get_num_threads()
 
@@ -906,7 +923,8 @@ class BlasYields:
 
 class _State:
     """What the backward needs: the flat padded input, the filters, the forward's output
-    (ReLU mask), the pool arg-max."""
+    (the ReLU mask: the pooled output, or the micro-kernel's whole (FNp, N, rows, Wp) buffer,
+    indexed [f, n, oh, ow] alike), the pool arg-max."""
 
     __slots__ = ("xf", "N", "C", "H", "W", "PH", "PW", "W4", "out", "idx", "relu", "pool", "dtype")
 
@@ -943,9 +961,10 @@ def _backward(dout, st: _State, need_dx: bool):
     if not need_dx:
         return None, dW, db
     wd = _pack(np.ascontiguousarray(st.W4[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)), dt)
-    dx = np.empty((C, N, H, W), dt)
-    _dx(dzf, N, FN, Hp, Wp, H, W, PH, K, B, wd, dx)
-    return dx.transpose(1, 0, 2, 3), dW, db
+    Cp, Rs = wd.shape[0] * FB, _rows(H, W, Wp)
+    dxb = np.empty((Cp, N, Rs, Wp), dt)
+    _dx(dzf, N, FN, Hp, Wp, H, W, PH, K, B, wd, np.zeros(Cp, dt), dxb.reshape(-1), Rs * Wp)
+    return dxb[:C, :, :H, :W].transpose(1, 0, 2, 3), dW, db
 
 
 @register("numpy", "conv2d", replaces=numpy_ops.Conv2d)
@@ -969,11 +988,13 @@ class Conv2d:
         K = W.shape[2]
         OH, OW = conv_output_size(H, Wd, K, K, (1, 1), (P, P), where="Convolution")
         xf, _ = _flat(x, P, P, K, dt)
-        FN = W.shape[0]
-        out = np.empty((FN, N, OH, OW), dt)
-        _forward(xf, N, C, H + 2 * P, Wd + 2 * P, OH, OW, K, _pack(np.asarray(W), dt), np.asarray(b, dt), relu, out)
-        st = _State(xf, (N, C, H, Wd), P, P, np.array(W, dt), out, None, relu, False, dt)
-        return out.transpose(1, 0, 2, 3), st
+        FN, Wp = W.shape[0], Wd + 2 * P
+        wk = _pack(np.asarray(W), dt)
+        FNp, Rs = wk.shape[0] * FB, _rows(OH, OW, Wp)
+        full = np.empty((FNp, N, Rs, Wp), dt)  # the micro-kernel's rows, junk columns included
+        _forward(xf, N, C, H + 2 * P, Wp, OH, OW, K, wk, _padded(np.asarray(b), FNp, dt), relu, full.reshape(-1), Rs * Wp)
+        st = _State(xf, (N, C, H, Wd), P, P, np.array(W, dt), full, None, relu, False, dt)
+        return full[:FN, :, :OH, :OW].transpose(1, 0, 2, 3), st
 
     def backward(self, dout, state, *, need_dx=True):
         """ops.conv2d_backward for a state of :meth:`forward`."""
@@ -1009,7 +1030,8 @@ class Conv2dReluMaxPool2d:
         FN = W.shape[0]
         out = np.empty((FN, N, QH, QW), dt)
         idx = np.empty((FN, N, QH, QW), np.uint8) if training else np.empty((1, 1, 1, 1), np.uint8)
-        _forward_pool(xf, N, C, H + 2 * P, Wd + 2 * P, OH, OW, K, _pack(np.asarray(W), dt), np.asarray(b, dt), out, idx, training)
+        wk = _pack(np.asarray(W), dt)
+        _forward_pool(xf, N, C, H + 2 * P, Wd + 2 * P, OH, OW, K, wk, _padded(np.asarray(b), wk.shape[0] * FB, dt), out, idx, training)
         st = _State(xf, (N, C, H, Wd), P, P, np.array(W, dt), out, idx, True, True, dt) if training else None
         return out.transpose(1, 0, 2, 3), st
 
