@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from ._io import atomic_write, file_kind, stat_regular
+from ._io import atomic_write, file_kind, short, stat_regular
 from ._version import __version__
 from .backend import to_numpy
 
@@ -175,13 +175,6 @@ _ST_DTYPES = {
 _ITEMSIZE = {"bool": 1, "uint8": 1, "int8": 1, "uint16": 2, "int16": 2, "uint32": 4, "int32": 4, "uint64": 8,
              "int64": 8, "float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-
-
-def short(value: Any, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters (control characters escaped): how a
-    message shows a value that came from a file."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def json_depth(text: str) -> int:

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["atomic_write", "chmod_new_file", "file_kind", "open_regular", "pid_alive", "proc_status", "read_regular", "remove_stale_temp_files", "stat_regular"]
+__all__ = ["atomic_write", "chmod_new_file", "file_kind", "open_regular", "pid_alive", "proc_status", "read_regular", "remove_stale_temp_files", "short", "stat_regular"]
 
 #: the signals held back while a file is written (those that end a run the way Ctrl-C does)
 DEFERRED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -310,3 +310,14 @@ def read_regular(path: str | os.PathLike[str], what: str, *, max_bytes: int) -> 
     if len(data) != st.st_size:
         raise ValueError(f"{path}: the {what} changed while being read ({st.st_size:,} bytes, then {len(data):,})")
     return data
+
+
+def short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters (control characters escaped): how a
+    message shows a value that came from a file or a user (a value nested too deep for
+    ``repr`` is named by its type)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"<a {type(value).__name__} nested too deep>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -29,6 +29,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from . import _io
+
 __all__ = [
     "EVAL_CHUNK_VALUES",
     "MAX_SAMPLE_MACS",
@@ -57,12 +59,8 @@ MAX_SEED = 2**63 - 1
 
 
 def short(value: Any, limit: int = 80) -> str:
-    """``repr(value)``, cut to ``limit`` characters (a value from a file may be huge)."""
-    try:
-        text = repr(value)
-    except RecursionError:
-        text = f"<a {type(value).__name__} nested too deep>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """:func:`xpconv._io.short` with the settings' limit: a setting's value, up to 80 characters."""
+    return _io.short(value, limit)
 
 
 class SettingError(ValueError):
