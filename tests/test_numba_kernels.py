@@ -375,6 +375,10 @@ def test_this_process_compiles_for_the_chosen_target():
     t = numba_ops.TARGET
     assert numba_ops.BLOCKS[t["level"]] == (numba_ops.FB, numba_ops.PB, numba_ops.FV, numba_ops._PAIRS, numba_ops.TG)
     assert t["features"] == config.CPU_FEATURES
+    # the SLP vectorizer (the micro-kernel's vector write-out) is on unless asked otherwise
+    assert t["slp"] == bool(config.SLP_VECTORIZE)
+    if t["mode"] == "auto" and "NUMBA_SLP_VECTORIZE" not in os.environ:
+        assert t["slp"]
     if "fixed" not in t["mode"] and t["features"] is not None:
         assert registry.cpu_target.target_context.codegen()._tm_features == t["features"]
 
@@ -417,6 +421,7 @@ if os.environ.get("XPCONV_TEST_VARIANT"):  # collected only in those processes, 
         t = numba_ops.TARGET
         assert (t["level"], t["wide"]) == (level, wide == "1"), t
         assert t["cpu"] == os.environ["NUMBA_CPU_NAME"]
+        assert t["slp"] == (os.environ.get("XPCONV_NUMBA_TARGET") != "numba"), t
 
 
 def test_scratch_buffers_are_reused_only_when_nothing_refers_to_them():

@@ -189,6 +189,7 @@ def cpu_kernels() -> dict[str, Any]:
             "vector_bits": 512 if t["wide"] else None,
             "mode": t["mode"],
             "features": t["features"] or "the host's",
+            "slp_vectorize": t["slp"],
             "block": {"forward_dx": f"{numba_ops.FB} channels x {numba_ops.PB} positions", "dw": f"{numba_ops.FV} filters x {numba_ops.TG} taps"},
             "kernel_sizes": list(numba_ops.KERNEL_SIZES),
         }
@@ -298,7 +299,7 @@ def format_report(r: dict[str, Any]) -> str:
     else:
         nb = k.get("numba") or {}
         if nb.get("active"):
-            wide = ", 512-bit vectors" if nb["vector_bits"] else ""
+            wide = (", 512-bit vectors" if nb["vector_bits"] else "") + (", SLP vectorizer" if nb.get("slp_vectorize") else "")
             sizes = " and ".join(f"{s}x{s}" for s in nb["kernel_sizes"])
             lines.append(f"  compiled (Numba) for {sizes} stride 1: target {nb['cpu']} ({nb['level']}{wide}; {nb['mode']}), "
                          f"blocks {nb['block']['forward_dx']}, dW {nb['block']['dw']}")

@@ -16,7 +16,11 @@ vectors (its tuning for Intel's AVX-512 cores) is switched off, so that the 16 x
 512-bit registers instead of 32 256-bit ones, which spill.  Numba compiles for one target per
 process: the feature string set here holds for all Numba code of the process, and each
 target is cached apart (the feature string is part of Numba's cache key).
-``XPCONV_NUMBA_TARGET=numba`` leaves Numba's target as Numba sets it.
+It also switches on LLVM's SLP vectorizer (off in Numba by default), which the micro-kernel's
+write-out needs (below).  ``XPCONV_NUMBA_TARGET=numba`` leaves Numba's target and vectorizer
+settings as Numba sets them.  Numba's cache key holds the feature string but not the vectorizer
+setting: where both modes compile for the same features (a target without AVX-512), a kernel
+cached in one mode is reused in the other.
 
 How they are fast (benchmarks/README.md, candidates 12 and 13, has the measurements):
 
@@ -152,6 +156,13 @@ def _set_target() -> dict[str, Any]:
     elif t["features"] is not None:
         config.CPU_FEATURES = t["features"]
     t["features"] = config.CPU_FEATURES  # what Numba compiles for (None: the host's)
+    # LLVM's SLP vectorizer, off in Numba by default: it turns the micro-kernel's write-out of
+    # its accumulators into vector stores (forward and dx 12% faster on DeepConvNet).  Numba reads
+    # the setting at each compilation, so it holds for the code compiled from here on;
+    # NUMBA_SLP_VECTORIZE in the environment, or XPCONV_NUMBA_TARGET=numba, leaves it as it is.
+    if mode == "auto" and "NUMBA_SLP_VECTORIZE" not in os.environ:
+        config.SLP_VECTORIZE = 1
+    t["slp"] = bool(config.SLP_VECTORIZE)
     return t
 
 
@@ -252,25 +263,44 @@ def _conv_sample(xf, base, cstride, C, Wp, K, wk, starts, zf, zb, zs, b, relu):
             f = fb * FB
             b0, b1, b2, b3, b4, b5, b6, b7 = b[f], b[f + 1], b[f + 2], b[f + 3], b[f + 4], b[f + 5], b[f + 6], b[f + 7]
             b8, b9, b10, b11, b12, b13, b14, b15 = b[f + 8], b[f + 9], b[f + 10], b[f + 11], b[f + 12], b[f + 13], b[f + 14], b[f + 15]
-            q0 = zb + f * zs + p0
+            q = np.uint64(zb + f * zs + p0)  # unsigned, as the loads: no wraparound test per store
+            us = np.uint64(zs)
+            # LLVM unrolls these loops; its SLP vectorizer (switched on: TARGET["slp"]) makes each
+            # one vector add (+ max) and store.  Without it, or with a signed index (Numba's test
+            # for a negative index per element), the write-out is 256 scalar stores per block:
+            # ~15% of a 16-channel layer's forward and dx.
             for j in range(PB):
-                q = q0 + j
-                zf[q] = _act(a0[j] + b0, relu)
-                zf[q + zs] = _act(a1[j] + b1, relu)
-                zf[q + 2 * zs] = _act(a2[j] + b2, relu)
-                zf[q + 3 * zs] = _act(a3[j] + b3, relu)
-                zf[q + 4 * zs] = _act(a4[j] + b4, relu)
-                zf[q + 5 * zs] = _act(a5[j] + b5, relu)
-                zf[q + 6 * zs] = _act(a6[j] + b6, relu)
-                zf[q + 7 * zs] = _act(a7[j] + b7, relu)
-                zf[q + 8 * zs] = _act(a8[j] + b8, relu)
-                zf[q + 9 * zs] = _act(a9[j] + b9, relu)
-                zf[q + 10 * zs] = _act(a10[j] + b10, relu)
-                zf[q + 11 * zs] = _act(a11[j] + b11, relu)
-                zf[q + 12 * zs] = _act(a12[j] + b12, relu)
-                zf[q + 13 * zs] = _act(a13[j] + b13, relu)
-                zf[q + 14 * zs] = _act(a14[j] + b14, relu)
-                zf[q + 15 * zs] = _act(a15[j] + b15, relu)
+                zf[q + np.uint64(j)] = _act(a0[j] + b0, relu)
+            for j in range(PB):
+                zf[q + us + np.uint64(j)] = _act(a1[j] + b1, relu)
+            for j in range(PB):
+                zf[q + np.uint64(2) * us + np.uint64(j)] = _act(a2[j] + b2, relu)
+            for j in range(PB):
+                zf[q + np.uint64(3) * us + np.uint64(j)] = _act(a3[j] + b3, relu)
+            for j in range(PB):
+                zf[q + np.uint64(4) * us + np.uint64(j)] = _act(a4[j] + b4, relu)
+            for j in range(PB):
+                zf[q + np.uint64(5) * us + np.uint64(j)] = _act(a5[j] + b5, relu)
+            for j in range(PB):
+                zf[q + np.uint64(6) * us + np.uint64(j)] = _act(a6[j] + b6, relu)
+            for j in range(PB):
+                zf[q + np.uint64(7) * us + np.uint64(j)] = _act(a7[j] + b7, relu)
+            for j in range(PB):
+                zf[q + np.uint64(8) * us + np.uint64(j)] = _act(a8[j] + b8, relu)
+            for j in range(PB):
+                zf[q + np.uint64(9) * us + np.uint64(j)] = _act(a9[j] + b9, relu)
+            for j in range(PB):
+                zf[q + np.uint64(10) * us + np.uint64(j)] = _act(a10[j] + b10, relu)
+            for j in range(PB):
+                zf[q + np.uint64(11) * us + np.uint64(j)] = _act(a11[j] + b11, relu)
+            for j in range(PB):
+                zf[q + np.uint64(12) * us + np.uint64(j)] = _act(a12[j] + b12, relu)
+            for j in range(PB):
+                zf[q + np.uint64(13) * us + np.uint64(j)] = _act(a13[j] + b13, relu)
+            for j in range(PB):
+                zf[q + np.uint64(14) * us + np.uint64(j)] = _act(a14[j] + b14, relu)
+            for j in range(PB):
+                zf[q + np.uint64(15) * us + np.uint64(j)] = _act(a15[j] + b15, relu)
 
 
 @_jit
@@ -309,17 +339,24 @@ def _conv_sample8(xf, base, cstride, C, Wp, K, wk, starts, zf, zb, zs, b, relu):
                             a7[j] += w7 * v
             f = fb * 8
             b0, b1, b2, b3, b4, b5, b6, b7 = b[f], b[f + 1], b[f + 2], b[f + 3], b[f + 4], b[f + 5], b[f + 6], b[f + 7]
-            q0 = zb + f * zs + p0
+            q = np.uint64(zb + f * zs + p0)  # unsigned, as the loads: no wraparound test per store
+            us = np.uint64(zs)
             for j in range(PB):
-                q = q0 + j
-                zf[q] = _act(a0[j] + b0, relu)
-                zf[q + zs] = _act(a1[j] + b1, relu)
-                zf[q + 2 * zs] = _act(a2[j] + b2, relu)
-                zf[q + 3 * zs] = _act(a3[j] + b3, relu)
-                zf[q + 4 * zs] = _act(a4[j] + b4, relu)
-                zf[q + 5 * zs] = _act(a5[j] + b5, relu)
-                zf[q + 6 * zs] = _act(a6[j] + b6, relu)
-                zf[q + 7 * zs] = _act(a7[j] + b7, relu)
+                zf[q + np.uint64(j)] = _act(a0[j] + b0, relu)
+            for j in range(PB):
+                zf[q + us + np.uint64(j)] = _act(a1[j] + b1, relu)
+            for j in range(PB):
+                zf[q + np.uint64(2) * us + np.uint64(j)] = _act(a2[j] + b2, relu)
+            for j in range(PB):
+                zf[q + np.uint64(3) * us + np.uint64(j)] = _act(a3[j] + b3, relu)
+            for j in range(PB):
+                zf[q + np.uint64(4) * us + np.uint64(j)] = _act(a4[j] + b4, relu)
+            for j in range(PB):
+                zf[q + np.uint64(5) * us + np.uint64(j)] = _act(a5[j] + b5, relu)
+            for j in range(PB):
+                zf[q + np.uint64(6) * us + np.uint64(j)] = _act(a6[j] + b6, relu)
+            for j in range(PB):
+                zf[q + np.uint64(7) * us + np.uint64(j)] = _act(a7[j] + b7, relu)
 
 
 
