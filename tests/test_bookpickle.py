@@ -417,6 +417,16 @@ def test_huge_shapes_are_refused_before_allocating(protocol, shape, tmp_path):
     assert f"{np.prod(shape, dtype=object) * 8:,} bytes" in msg
 
 
+@pytest.mark.parametrize("protocol,shape", [(p, s) for p in PROTOCOLS for s in ((0, 2**30, 2**30, 2**30), (10**200, 10**200))]
+                         + [(p, (10**5000,)) for p in PROTOCOLS if p >= 2])  # protocols 0 and 1 write integers as text
+def test_empty_or_astronomic_shapes_are_refused_in_one_line(protocol, shape, tmp_path):
+    """A size of 0 beside sizes NumPy cannot hold ("array is too big" escaped before), and sizes
+    past the 4,300 digits Python prints: refused, the shape cut short."""
+    obj = _Call(RECONSTRUCT, (NDARRAY, (0,), b"b"), _array_state(shape, "f8", b""))
+    msg = _assert_refused(_dumps(obj, protocol), tmp_path / "never", "expected sizes multiplying to at most 134,217,728, even counting a size of 0 as 1")
+    assert len(msg) < 400, msg
+
+
 def test_huge_shapes_through_frombuffer_are_refused(tmp_path):
     obj = _Call(_Global("numpy._core.numeric", "_frombuffer"), (bytearray(8), np.dtype("f8"), (10**12,), "C"))
     _assert_refused(_dumps(obj, 5), tmp_path / "never", "more than the whole file")

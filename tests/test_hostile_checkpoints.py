@@ -163,6 +163,25 @@ def test_sparse_giant_files_are_refused_by_size_or_header(tmp_path):
     fails("eval", lying, cwd=tmp_path, expect=("header of 1,073,741,824 bytes; expected a JSON header of at most 16,777,216",))
 
 
+@pytest.mark.parametrize("shape,expect", [
+    ("[0, 1099511627776, 1099511627776]", "expected at most 4,294,967,296 bytes, even counting a size of 0 as 1"),
+    ("[0, 1" + "0" * 5000 + "]", "corrupt safetensors header: 'Exceeds the limit (4300 digits)"),  # json.loads refuses it
+])
+def test_an_empty_tensor_with_sizes_no_array_can_have_is_one_line(tmp_path, shape, expect):
+    """A size of 0 beside sizes NumPy cannot hold (its "array is too big" came through before),
+    also sizes of thousands of digits: refused in one line, the shape cut short."""
+    from xpconv.checkpoint import load_params
+
+    header = ('{"W1": {"dtype": "F32", "shape": ' + shape + ', "data_offsets": [0, 0]}}').encode()
+    p = tmp_path / "empty-but-huge.safetensors"
+    p.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(CheckpointError) as err:
+        load_params(p)
+    msg = str(err.value)
+    assert "empty-but-huge.safetensors" in msg and expect in msg, msg
+    assert len(msg) < 300 and "\n" not in msg, msg
+
+
 # ----------------------------------------------------------------------------- header and metadata
 
 

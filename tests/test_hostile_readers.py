@@ -292,6 +292,22 @@ def test_a_large_float64_npy_is_refused_within_budget(tmp_path):
     refused(out, rss, str(huge), "(40,000,000 values); expected at most 16,000,000 values and 134,217,728 bytes")
 
 
+@pytest.mark.parametrize("shape,values", [((0, 1320807, 1321124, 1321438), "0 values"), ((10**3000, 10**3000), "more than 10^18 values")])
+def test_an_empty_or_astronomic_npy_shape_numpy_cannot_hold_is_refused(tmp_path, shape, values):
+    """A size of 0 beside sizes multiplying past NumPy's largest array (found by the fuzzer:
+    NumPy's "array is too big" escaped), and sizes of thousands of digits, which Python will
+    not print: refused in one line, the shape cut short."""
+    p = tmp_path / "empty-but-huge.npy"
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': " + repr(shape) + "}"
+    header += " " * (-(len(header) + 11) % 64) + "\n"
+    p.write_bytes(b"\x93NUMPY\x02\x00" + struct.pack("<I", len(header)) + header.encode())
+    with pytest.raises(ImageError) as err:
+        read_images([p], (1, 8, 8))
+    msg = str(err.value)
+    assert f"empty-but-huge.npy: an array of shape ({str(shape[0])[:20]}" in msg and f"({values}); expected at most 16,000,000" in msg, msg
+    assert len(msg) < 400 and "\n" not in msg, msg
+
+
 def test_npy_arrays_read_through_the_opened_file(tmp_path):
     a = np.asfortranarray(np.arange(2 * 8 * 8, dtype=np.float32).reshape(2, 8, 8) / 128)
     p = tmp_path / "two.npy"

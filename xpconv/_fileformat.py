@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from ._io import atomic_write, file_kind, short, stat_regular
+from ._io import atomic_write, file_kind, short, span_within, stat_regular
 from ._version import __version__
 from .backend import to_numpy
 
@@ -327,6 +327,8 @@ def _tensor_index(path: Path, header: Mapping[str, Any], data_bytes: int) -> dic
             raise CheckpointError(f"{where}: shape should be a list of at most 8 integers >= 0, got {short(shape)}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)):
             raise CheckpointError(f"{where}: data_offsets should be [begin, end], got {short(offsets)}")
+        if not span_within(shape, MAX_FILE_BYTES // _ITEMSIZE[dtype]):  # also a size of 0 beside sizes no array can have
+            raise CheckpointError(f"{where}: shape {short(shape)} of {dtype}: expected at most {MAX_FILE_BYTES:,} bytes, even counting a size of 0 as 1")
         nbytes = math.prod(shape) * _ITEMSIZE[dtype]
         begin, end = offsets
         if end - begin != nbytes or end > data_bytes:

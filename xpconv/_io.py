@@ -29,11 +29,11 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["atomic_write", "chmod_new_file", "file_kind", "open_regular", "pid_alive", "proc_status", "read_regular", "remove_stale_temp_files", "short", "stat_regular"]
+__all__ = ["atomic_write", "chmod_new_file", "file_kind", "open_regular", "pid_alive", "proc_status", "read_regular", "remove_stale_temp_files", "short", "span_within", "stat_regular"]
 
 #: the signals held back while a file is written (those that end a run the way Ctrl-C does)
 DEFERRED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -312,6 +312,20 @@ def read_regular(path: str | os.PathLike[str], what: str, *, max_bytes: int) -> 
     return data
 
 
+def span_within(shape: Iterable[int], cap: int) -> bool:
+    """Whether a stored shape's non-zero sizes multiply to at most ``cap`` (stopping at the first
+    partial product past it, so a size of a million digits costs nothing).  An array with a size
+    of 0 holds nothing, but NumPy still refuses a shape whose other sizes multiply past its
+    largest array ("array is too big"): a reader checks this beside its element count."""
+    n = 1
+    for d in shape:
+        if d:
+            n *= d
+            if n > cap:
+                return False
+    return True
+
+
 def short(value: Any, limit: int = 60) -> str:
     """``repr(value)`` cut to ``limit`` characters (control characters escaped): how a
     message shows a value that came from a file or a user (a value nested too deep for
@@ -320,4 +334,6 @@ def short(value: Any, limit: int = 60) -> str:
         text = repr(value)
     except RecursionError:
         text = f"<a {type(value).__name__} nested too deep>"
+    except ValueError:  # an integer past Python's 4,300 digits for str()
+        text = f"<a {type(value).__name__} too large to show>"
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from ._io import open_regular, read_regular
+from ._io import open_regular, read_regular, span_within
 
 __all__ = [
     "ALLOWED_GLOBALS",
@@ -374,6 +374,10 @@ def _flag(value, what: str) -> bool:
 def _shape(value, what: str) -> tuple[int, ...]:
     if type(value) is not tuple or len(value) > _MAX_NDIM or any(type(s) is not int or s < 0 for s in value):
         raise UnsafePickleError(f"{what} must be a tuple of at most {_MAX_NDIM} non-negative ints, got {_short(value)}")
+    # a size of 0 beside sizes no array in such a file can have, or sizes too long to print; other
+    # shapes too large are refused with their byte count against the data that comes with them
+    if not span_within(value, MAX_FILE_BYTES) and (0 in value or not span_within(value, 10**100)):
+        raise UnsafePickleError(f"{what} {_short(value)}: expected sizes multiplying to at most {MAX_FILE_BYTES:,}, even counting a size of 0 as 1")
     return value
 
 

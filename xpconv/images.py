@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ._fileformat import short
-from ._io import open_regular
+from ._io import open_regular, span_within
 
 __all__ = ["ImageError", "read_image", "read_images"]
 
@@ -93,12 +93,13 @@ def _read_npy(path: Path, f) -> np.ndarray:
         raise ImageError(f"{path}: not a plain .npy array: expected integers or floats, got dtype {dtype}")
     if any(d < 0 for d in shape):
         raise ImageError(f"{path}: an array of shape {short(shape, 80)}; expected sizes of 0 or more")
-    count = math.prod(shape)
-    if count > MAX_NPY_VALUES or count * dtype.itemsize > MAX_NPY_BYTES:
+    if not span_within(shape, min(MAX_NPY_VALUES, MAX_NPY_BYTES // dtype.itemsize)):  # a size of 0 counts as 1 here
+        count_text = f"{math.prod(shape):,} values" if 0 in shape or span_within(shape, 10**18) else "more than 10^18 values"
         raise ImageError(
-            f"{path}: an array of shape {short(shape, 80)} and dtype {dtype} ({count:,} values); expected at most "
-            f"{MAX_NPY_VALUES:,} values and {MAX_NPY_BYTES:,} bytes"
+            f"{path}: an array of shape {short(shape, 80)} and dtype {dtype} ({count_text}); expected at most "
+            f"{MAX_NPY_VALUES:,} values and {MAX_NPY_BYTES:,} bytes, even counting a size of 0 as 1"
         )
+    count = math.prod(shape)
     size = os.fstat(f.fileno()).st_size
     if size - data_start != count * dtype.itemsize:
         raise ImageError(f"{path}: the header promises {count * dtype.itemsize:,} bytes of {dtype} {shape}, the file holds {size - data_start:,} (truncated?)")
