@@ -193,6 +193,8 @@ def test_report_names_the_convolution_kernels(capsys):
     r = info.collect()["cpu_kernels"]
     assert r["conv2d"] == "xpconv.kernels.numba_ops.Conv2d"
     assert r["numba"]["active"] and r["numba"]["block"]["forward_dx"] == f"16 channels x {numba_ops.PB} positions"
+    assert r["numba"]["products"]["split"], r["numba"]["products"]
+    assert "Affine products in a pass: one single-threaded gemm per Numba thread (" in out
 
 
 def test_report_says_why_the_compiled_kernels_are_off():

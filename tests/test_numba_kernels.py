@@ -338,6 +338,131 @@ def test_step_scope_is_a_no_op_where_no_kernel_module_adds_one():
     assert kernels.SCOPES["numpy"] == [numba_ops.BlasYields]
 
 
+# ====================================================================== products on Numba's threads
+
+
+@pytest.fixture
+def two_threads_blas_held(monkeypatch):
+    """Numba on two threads and BLAS held to one, as inside a pass after one that ran the kernels."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.fail("these tests need two Numba threads (NUMBA_NUM_THREADS >= 2)")
+    monkeypatch.setattr(numba_ops.BlasYields, "limited", True)
+    old = numba.get_num_threads()
+    numba.set_num_threads(2)
+    yield
+    numba.set_num_threads(old)
+
+
+def _counting_gemm(monkeypatch):
+    calls = []
+    real = numba_ops._gemm
+
+    def spy(*args):
+        calls.append(args[6:9])  # M, N, K
+        return real(*args)
+
+    monkeypatch.setattr(numba_ops, "_gemm", spy)
+    return calls
+
+
+def _product_close(got, a, b):
+    """got equals a @ b to the rounding of its terms: |got - a@b| <= eps * (|a| @ |b|) elementwise."""
+    want = a @ b
+    bound = (np.abs(a) @ np.abs(b)) * (1e-5 if a.dtype == np.float32 else 1e-13)
+    assert got.dtype == want.dtype and got.shape == want.shape and got.flags.c_contiguous
+    assert np.all(np.abs(got - want) <= bound), float(np.max(np.abs(got - want) - bound))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N", [(100, 4320, 100), (100, 100, 4320), (4320, 100, 100), (37, 3001, 61), (61, 3001, 37), (1, 40000, 60), (60, 40000, 1)])
+@pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)])
+def test_matmul_equals_the_product_split_over_numba_threads(rng, dtype, M, K, N, ta, tb, two_threads_blas_held, monkeypatch):
+    """Affine's three products of SimpleConvNet (x @ W, dout @ W.T, x.T @ dout), odd sizes
+    that split unevenly, one row or one column, each operand contiguous or a transpose of a
+    contiguous one: ops.matmul runs the split kernel and gives a @ b."""
+    a = rng.standard_normal((K, M) if ta else (M, K)).astype(dtype)
+    b = rng.standard_normal((N, K) if tb else (K, N)).astype(dtype)
+    a, b = (a.T if ta else a), (b.T if tb else b)
+    calls = _counting_gemm(monkeypatch)
+    got = ops.matmul(a, b)
+    assert calls == [(M, N, K)]
+    _product_close(got, a, b)
+
+
+class Sub(np.ndarray):
+    pass
+
+
+def test_matmul_leaves_what_it_does_not_cover_to_numpy(rng, two_threads_blas_held, monkeypatch):
+    """Small products, mixed or other dtypes, strided operands, subclasses, other namespaces,
+    BLAS not held or one Numba thread: ``a @ b`` (and numpy's own errors for bad shapes)."""
+    import numba
+
+    calls = _counting_gemm(monkeypatch)
+    a = rng.standard_normal((64, 512)).astype("float32")
+    b = rng.standard_normal((512, 64)).astype("float32")
+    assert numba_ops.Matmul().accepts(a, b)
+    cases = [
+        (a[:, :32], b[:32]),  # 2^16 multiply-adds
+        (a, b.astype("float64")),
+        (a.astype("float16"), b.astype("float16")),
+        (a.astype("int64"), b.astype("int64")),
+        (a[:, ::2], b[::2]),  # strided
+        (np.asfortranarray(rng.standard_normal((256, 512)).astype("float32"))[::2], b),  # neither order
+        (a.view(Sub), b),
+    ]
+    for x, y in cases:
+        assert not numba_ops.Matmul().accepts(x, y), (x.dtype, x.shape, x.strides)
+        np.testing.assert_array_equal(ops.matmul(x, y), x @ y)
+    with pytest.raises(ValueError, match="matmul"):
+        ops.matmul(a, a)
+    monkeypatch.setattr(numba_ops.BlasYields, "limited", False)
+    np.testing.assert_array_equal(ops.matmul(a, b), a @ b)
+    monkeypatch.setattr(numba_ops.BlasYields, "limited", True)
+    numba.set_num_threads(1)
+    np.testing.assert_array_equal(ops.matmul(a, b), a @ b)
+    assert calls == []
+
+
+def test_matmul_finds_numpy_blas():
+    """The NumPy wheel's OpenBLAS exports CBLAS gemm: found, with its integer width."""
+    numba_ops.Matmul._gemm = None
+    found = numba_ops._blas_gemm()
+    assert not isinstance(found, str), found
+    sgemm, dgemm, what = found
+    assert sgemm.argtypes[6].__name__ == "c_float" and dgemm.argtypes[6].__name__ == "c_double"
+    assert "sgemm" in what and "dgemm" in what and "openblas" in what.lower()
+
+
+def test_simple_convnet_pass_splits_its_affine_products(rng, monkeypatch):
+    """SimpleConvNet (4320 x 100 Affine) at batch 64 on two Numba threads: the second pass holds
+    BLAS to one thread and runs Affine's three 4320-wide products split; the gradients equal the
+    first pass's (BLAS on its own threads)."""
+    import numba
+
+    from xpconv.models import SimpleConvNet
+
+    monkeypatch.setattr(numba_ops.BlasYields, "_used_last", False)
+    net = SimpleConvNet(seed=0)
+    x = rng.random((64, 1, 28, 28)).astype("float32")
+    t = np.arange(64) % 10
+    old = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        calls = _counting_gemm(monkeypatch)
+        first = net.gradient(x, t)
+        assert calls == []
+        second = net.gradient(x, t)
+    finally:
+        numba.set_num_threads(old)
+    assert sorted(calls) == sorted([(64, 100, 4320), (64, 4320, 100), (4320, 100, 64)])
+    assert not numba_ops.BlasYields.limited
+    for k in first:
+        close(second[k], first[k], "float32", k)
+
+
 # --------------------------------------------------------------------------- compile targets
 
 HOST_AVX512 = "+avx,+avx2,+fma,+avx512f,+avx512bw,+avx512dq,+avx512vl,+avx512cd,-amx-tile"

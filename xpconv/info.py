@@ -193,6 +193,8 @@ def cpu_kernels() -> dict[str, Any]:
             "block": {"forward_dx": f"{numba_ops.FB} channels x {numba_ops.PB} positions", "dw": f"{numba_ops.FV} filters x {numba_ops.TG} taps"},
             "kernel_sizes": list(numba_ops.KERNEL_SIZES),
         }
+        gemm = numba_ops.Matmul.blas()
+        out["numba"]["products"] = {"split": False, "reason": gemm} if isinstance(gemm, str) else {"split": True, "gemm": gemm[2]}
     return out
 
 
@@ -304,6 +306,11 @@ def format_report(r: dict[str, Any]) -> str:
             lines.append(f"  compiled (Numba) for {sizes} stride 1: target {nb['cpu']} ({nb['level']}{wide}; {nb['mode']}), "
                          f"blocks {nb['block']['forward_dx']}, dW {nb['block']['dw']}")
             lines.append("  other convolutions: NumPy (im2col + BLAS)")
+            pr = nb.get("products") or {}
+            if pr.get("split"):
+                lines.append(f"  Affine products in a pass: one single-threaded gemm per Numba thread ({pr['gemm']})")
+            elif pr:
+                lines.append(f"  Affine products: NumPy (BLAS's own threads): {pr['reason']}")
         else:
             lines.append(f"  NumPy (im2col + BLAS): {nb.get('reason', 'no compiled kernels')}")
     a = r["auto_device"]

@@ -229,12 +229,12 @@ class Affine(LayerBase):
         self.original_x_shape = _shape(x)
         x = _as_param_dtype("Affine", xp.reshape(x, (int(x.shape[0]), D)), self.W)
         self.x = x
-        return x @ self.W + self.b
+        return ops.matmul(x, self.W) + self.b
 
     def backward(self, dout: Array) -> Array:
         xp = namespace_of(dout)
-        dx = dout @ self.W.T
-        self.dW = self.x.T @ dout
+        dx = ops.matmul(dout, self.W.T)
+        self.dW = ops.matmul(self.x.T, dout)
         self.db = xp.sum(dout, axis=0)
         return xp.reshape(dx, self.original_x_shape)
 

@@ -53,6 +53,7 @@ __all__ = [
     "conv_output_size",
     "cross_entropy_error",
     "im2col",
+    "matmul",
     "max_pool2d_backward",
     "max_pool2d_forward",
     "pair",
@@ -589,6 +590,16 @@ def relu_backward(dout: Array, cache: Cache) -> Array:
 
 
 REFERENCE.update({k.op: k for k in (SoftmaxCrossEntropy(), Relu())})
+
+
+def matmul(a: Array, b: Array) -> Array:
+    """``a @ b`` of 2-D arrays (the reference); a ``"matmul"`` kernel of their namespace runs the
+    products it ``accepts`` (NumPy with the compiled kernels: a pass's large products split over
+    Numba's threads, :class:`xpconv.kernels.numba_ops.Matmul`).  Layer: :class:`xpconv.layers.Affine`."""
+    kernel = kernels.find(backend.namespace_name(namespace_of(a, b)), "matmul")
+    if kernel is not None and kernel.accepts(a, b):
+        return kernel.forward(a, b)[0]
+    return a @ b
 
 
 def cross_entropy_error(y, t):

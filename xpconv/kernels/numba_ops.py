@@ -2,7 +2,7 @@
 and 5) on NumPy arrays: installed with xpconv where Numba publishes wheels.
 
 Imported after :mod:`.numpy_ops` when ``numba`` is importable (``kernels.OPTIONAL``;
-``XPCONV_NUMBA=0`` in the environment leaves it out).  Its two classes register for the
+``XPCONV_NUMBA=0`` in the environment leaves it out).  Its two convolution classes register for the
 ``"numpy"`` namespace with ``replaces=`` the NumPy kernels of the same ops, and run
 those (``self.replaces``) for every case they do not cover: another filter size or a
 non-square filter, a stride, unequal pads, a pool that is not 2x2/2, a dtype other than
@@ -58,7 +58,10 @@ How they are fast (benchmarks/README.md, candidates 12 and 13, has the measureme
   straight from the pool's routing (:func:`_dw_pool`), which halves SimpleConvNet's
   backward.
 * **Threads.**  Samples (forward, dx) and position chunks (dW) run in ``prange``; Numba's
-  thread count (``numba.set_num_threads``, ``NUMBA_NUM_THREADS``) sets how many.
+  thread count (``numba.set_num_threads``, ``NUMBA_NUM_THREADS``) sets how many.  During a
+  pass after one that ran these kernels, BLAS keeps one thread (:class:`BlasYields`), and the
+  pass's large products (``xpconv.ops.matmul``: Affine's) run as one single-threaded gemm of
+  NumPy's OpenBLAS per Numba thread (:class:`Matmul`), so one pool of threads does all the work.
 
 Every result equals the reference class in :mod:`xpconv.ops` (tests/test_numba_kernels.py).
 """
@@ -79,7 +82,7 @@ from numba.extending import intrinsic
 from .._geometry import conv_output_size, pair
 from . import UpdateKernel, numpy_ops, register, register_step_scope
 
-__all__ = ["AdamUpdate", "BlasYields", "Conv2d", "Conv2dReluMaxPool2d", "covers"]
+__all__ = ["AdamUpdate", "BlasYields", "Conv2d", "Conv2dReluMaxPool2d", "Matmul", "covers"]
 
 def _feature_map(features: str) -> dict[str, bool]:
     """An LLVM feature string ("+avx2,-avx512f,...") as name -> on/off (the last mention wins)."""
@@ -942,6 +945,8 @@ class BlasYields:
     so a net of 7x7 convolutions keeps its im2col products' threads.  Nested passes act once."""
 
     ran = False  # set by the kernels when they compute a convolution themselves
+    #: whether BLAS is held to one thread now (:class:`Matmul` then splits a pass's products)
+    limited = False
     _used_last = False
     _depth = 0
     _controller: Any = None
@@ -958,6 +963,7 @@ class BlasYields:
 
                     cls._controller = ThreadpoolController()
                 self._limiter = cls._controller.limit(limits=1, user_api="blas")
+                cls.limited = True
         return self
 
     def __exit__(self, *exc):
@@ -965,6 +971,7 @@ class BlasYields:
         cls._depth -= 1
         if self._limiter is not None:
             self._limiter.restore_original_limits()
+            cls.limited = False
         if cls._depth == 0:
             cls._used_last = cls.ran
         return False
@@ -1147,3 +1154,111 @@ class AdamUpdate(UpdateKernel):
             _adam_par(*args, K)
         else:
             _adam(*args)
+
+
+# --------------------------------------------------------------------------- products
+
+_NOTRANS, _TRANS = 111, 112  # CBLAS_TRANSPOSE
+_PAR_GEMM = 1 << 21  # multiply-adds from which a product is split over Numba's threads
+
+
+def _blas_gemm() -> tuple[Any, Any, str] | str:
+    """(sgemm, dgemm, what they are): CBLAS's ``?gemm`` of the OpenBLAS NumPy uses, as ctypes
+    functions, or a string saying why there are none (another BLAS, several OpenBLAS libraries
+    loaded)."""
+    import ctypes
+
+    from threadpoolctl import ThreadpoolController
+
+    blas = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+    mine = [lib for lib in blas if lib.internal_api == "openblas" and "numpy" in lib.filepath]
+    if len(mine) != 1:
+        if len(blas) != 1 or blas[0].internal_api != "openblas":
+            return f"NumPy's BLAS is not one OpenBLAS library: {sorted(lib.internal_api for lib in blas)}"
+        mine = blas
+    lib = ctypes.CDLL(mine[0].filepath)
+    for prefix in ("", "scipy_"):
+        for suffix in ("", "64_", "_64"):
+            names = (f"{prefix}cblas_sgemm{suffix}", f"{prefix}cblas_dgemm{suffix}", f"{prefix}openblas_get_config{suffix}")
+            if all(hasattr(lib, n) for n in names):
+                config = getattr(lib, names[2])
+                config.restype = ctypes.c_char_p
+                I = ctypes.c_int64 if b"USE64BITINT" in (config() or b"") else ctypes.c_int32  # noqa: E741
+                P, E = ctypes.c_void_p, ctypes.c_int
+                s, d = (ctypes.CFUNCTYPE(None, E, E, E, I, I, I, ct, P, I, P, I, ct, P, I)((n, lib)) for n, ct in zip(names[:2], (ctypes.c_float, ctypes.c_double)))
+                return s, d, f"{names[0]}/{names[1]} of {os.path.basename(mine[0].filepath)}, {8 * ctypes.sizeof(I)}-bit integers"
+    return f"no CBLAS gemm in {mine[0].filepath}"
+
+
+@njit(parallel=True, cache=True, boundscheck=False)
+def _gemm(f, ta, tb, a, b, c, M, N, K, T):
+    """c (M x N, row-major, flat) = op(a) @ op(b) (flat row-major operands; op: transposed
+    when ta / tb is _TRANS) as T calls of CBLAS gemm ``f``, one per thread, each a band of
+    columns of c (or of rows, when c is taller than wide).  Each element is one call's own
+    reduction over K, as in one call for the whole product."""
+    lda = M if ta == _TRANS else K
+    ldb = K if tb == _TRANS else N
+    one, zero = c.dtype.type(1), c.dtype.type(0)
+    wide = N >= M
+    step = ((N if wide else M) + T - 1) // T
+    for t in prange(T):
+        s = t * step
+        if wide:
+            n = min(N, s + step) - s
+            if n > 0:
+                f(101, ta, tb, M, n, K, one, a.ctypes, lda, b[s * K if tb == _TRANS else s :].ctypes, ldb, zero, c[s:].ctypes, N)
+        else:
+            m = min(M, s + step) - s
+            if m > 0:
+                f(101, ta, tb, m, N, K, one, a[s if ta == _TRANS else s * K :].ctypes, lda, b.ctypes, ldb, zero, c[s * N :].ctypes, N)
+
+
+def _operand(a: np.ndarray) -> tuple[int, np.ndarray] | None:
+    """(CBLAS transpose flag, flat row-major storage) of a 2-D operand, or None for other layouts."""
+    if a.flags.c_contiguous:
+        return _NOTRANS, a.reshape(-1)
+    if a.T.flags.c_contiguous:
+        return _TRANS, a.T.reshape(-1)
+    return None
+
+
+@register("numpy", "matmul")
+class Matmul:
+    """A 2-D product ``a @ b`` of a model's pass, split over Numba's threads when BLAS is held
+    to one thread (:class:`BlasYields`): one single-threaded gemm per Numba thread, on the same
+    pool as the convolutions, so neither library's idle workers take the cores of the other.
+    Measured on SimpleConvNet's 4320 x 100 Affine, batch 100, 2 cores: 0.91 -> 0.51 ms per
+    product (BLAS on both threads: 0.70).  Covers float32/float64 NumPy arrays, each
+    contiguous or the transpose of a contiguous one, of at least 2^21 multiply-adds, where
+    NumPy's BLAS is one OpenBLAS library; ``a @ b`` (``xpconv.ops.matmul``) is the reference."""
+
+    _gemm: tuple[Any, Any, str] | str | None = None  # (sgemm, dgemm, what), or why not; found at first use
+
+    def accepts(self, a, b) -> bool:
+        if not BlasYields.limited or type(a) is not np.ndarray or type(b) is not np.ndarray:
+            return False
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0] or a.dtype != b.dtype or a.dtype not in (np.float32, np.float64):
+            return False
+        if a.shape[0] * b.shape[1] * a.shape[1] < _PAR_GEMM or _threads() < 2:
+            return False
+        return not isinstance(Matmul.blas(), str) and _operand(a) is not None and _operand(b) is not None
+
+    @staticmethod
+    def blas() -> tuple[Any, Any, str] | str:
+        """(sgemm, dgemm, what they are) the split products call, or why there are none (found once)."""
+        if Matmul._gemm is None:
+            Matmul._gemm = _blas_gemm()
+        return Matmul._gemm
+
+    def forward(self, a, b):
+        """(a @ b, None)."""
+        (ta, A), (tb, B) = _operand(a), _operand(b)
+        M, K, N = a.shape[0], a.shape[1], b.shape[1]
+        c = np.empty((M, N), a.dtype)
+        f = Matmul._gemm[a.dtype == np.float64]
+        _gemm(f, ta, tb, A, B, c.reshape(-1), M, N, K, _threads())
+        return c, None
+
+    def backward(self, *args, **kwargs):
+        raise TypeError("Matmul: a product has no backward of its own (Affine's backward is two products)")
+
