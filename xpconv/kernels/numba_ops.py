@@ -1213,13 +1213,10 @@ def _gemm(f, ta, tb, a, b, c, M, N, K, T):
                 f(101, ta, tb, m, N, K, one, a[s if ta == _TRANS else s * K :].ctypes, lda, b.ctypes, ldb, zero, c[s * N :].ctypes, N)
 
 
-def _operand(a: np.ndarray) -> tuple[int, np.ndarray] | None:
-    """(CBLAS transpose flag, flat row-major storage) of a 2-D operand, or None for other layouts."""
-    if a.flags.c_contiguous:
-        return _NOTRANS, a.reshape(-1)
-    if a.T.flags.c_contiguous:
-        return _TRANS, a.T.reshape(-1)
-    return None
+def _operand(a: np.ndarray) -> tuple[int, np.ndarray]:
+    """(CBLAS transpose flag, flat row-major storage) of a 2-D operand that is contiguous in
+    either order (a transpose of a C-contiguous array is F-contiguous)."""
+    return (_NOTRANS, a.reshape(-1)) if a.flags.c_contiguous else (_TRANS, a.T.reshape(-1))
 
 
 @register("numpy", "matmul")
@@ -1241,7 +1238,9 @@ class Matmul:
             return False
         if a.shape[0] * b.shape[1] * a.shape[1] < _PAR_GEMM or _threads() < 2:
             return False
-        return not isinstance(Matmul.blas(), str) and _operand(a) is not None and _operand(b) is not None
+        # each operand contiguous, or the transpose of a contiguous one (:func:`_operand`)
+        layouts = (a.flags.c_contiguous or a.flags.f_contiguous) and (b.flags.c_contiguous or b.flags.f_contiguous)
+        return layouts and not isinstance(Matmul.blas(), str)
 
     @staticmethod
     def blas() -> tuple[Any, Any, str] | str:
