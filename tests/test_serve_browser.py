@@ -227,11 +227,15 @@ def test_runs_page_curves_gain_points_while_training(browser, tmp_path):
         assert len(during) >= 2, f"the page showed {during} epochs while training ran"  # it grew while training ran
         assert seen[-1][0] == epochs
         lines = [json.loads(line) for line in (runs / "live" / "metrics.jsonl").read_text().splitlines()]
-        for cls, key in (("loss", "train_loss"), ("acc", "test_acc")):
-            svg = browser.find_element(By.CSS_SELECTOR, f"[data-run='live'] svg.{cls}")
-            poly = svg.find_element(By.CSS_SELECTOR, f"polyline[data-key='{key}']")
-            assert len(poly.get_attribute("points").split()) == len(lines) == epochs
-        lr = browser.find_element(By.CSS_SELECTOR, "[data-run='live'] svg.lr polyline")
-        assert len(lr.get_attribute("points").split()) == epochs
-        assert f"{epochs} of {epochs} epochs" in browser.find_element(By.CSS_SELECTOR, "[data-run='live'] p").text
+        # read in one script: the page redraws the run's card at every poll, so an element found
+        # by one WebDriver call can be replaced before the next call reads it
+        page = browser.execute_script(
+            "const run = document.querySelector('[data-run=\"live\"]');"
+            "const pts = (sel) => { const e = run.querySelector(sel); return e ? e.getAttribute('points') : null; };"
+            "return {loss: pts(\"svg.loss polyline[data-key='train_loss']\"), acc: pts(\"svg.acc polyline[data-key='test_acc']\"),"
+            " lr: pts('svg.lr polyline'), text: run.querySelector('p').innerText};")
+        for key in ("loss", "acc"):
+            assert len(page[key].split()) == len(lines) == epochs, (key, page[key])
+        assert len(page["lr"].split()) == epochs
+        assert f"{epochs} of {epochs} epochs" in page["text"]
 
