@@ -199,11 +199,11 @@ def test_draw_digits_on_an_mnist_model(browser, tmp_path):
 def test_runs_page_curves_gain_points_while_training(browser, tmp_path):
     runs = tmp_path / "runs"
     runs.mkdir()
-    epochs = 12
+    epochs = 40  # an epoch of the digits takes well under the page's 200 ms poll on a fast core: enough of them to see it grow
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     with _Server(None, runs) as url:
-        browser.get(url + "/runs?poll=250")
+        browser.get(url + "/runs?poll=200")
         WebDriverWait(browser, 20).until(lambda d: "no runs in" in d.find_element(By.ID, "status").text)
         proc = subprocess.Popen([sys.executable, "-m", "xpconv", "train", "--epochs", str(epochs), "--out", str(runs / "live"),
                                  "--no-plots", "--quiet"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
