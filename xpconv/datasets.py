@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from ._dataerrors import DatasetError, DatasetWarning, _split_indices
-from ._io import open_regular
+from ._io import open_regular, span_within
 
 __all__ = [
     "DATASETS",
@@ -277,7 +277,7 @@ class _IdxFile:
     def check_size(self, max_bytes: int = MAX_IDX_BYTES) -> None:
         # the dimensions other than 0 are bounded too: (0, 2**32-1, 2**32-1) holds nothing,
         # but no array of that shape can be made
-        if self.size > max_bytes or math.prod(d for d in self.dims if d) > max_bytes:
+        if self.size > max_bytes or not span_within(self.dims, max_bytes):
             raise DatasetError(
                 f"{self.path}: header promises {' x '.join(map(str, self.dims))} = {self.size:,} bytes; "
                 f"expected at most {max_bytes:,} (max_bytes)"
